@@ -1,0 +1,147 @@
+"""ClientWorker: trains and evaluates cohorts of virtual clients; the Ray actor is a thin wrapper.
+
+One worker holds one model architecture, one dataset generator and one algorithm; per call it
+regenerates its clients' data from (seed, client id), trains the whole cohort (vectorized with
+torch.func or as a loop) and returns ONE message: the weighted sum of its clients' updates. Data
+never leaves the worker; only sums of updates (local minus global parameters) do.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import numpy as np
+import ray
+import torch
+
+from sim.algorithms import SGDClient, build_algorithm
+from sim.algorithms.local import accuracies_stacked, accuracy_flat
+from sim.config import AlgorithmConfig, ExperimentConfig, from_dict
+from sim.data import build_dataset
+from sim.models import build_model, num_params
+from sim.seeding import np_rng
+
+# Measured on the 2-core dev machine (README, `fedmeta bench`): vmap trains an MLP cohort several
+# times faster than a loop, while for a CNN on CPU vmap becomes grouped convolutions and loses.
+AUTO_PATH = {"mlp": "vmap", "cnn": "loop"}
+# Bound on clients trained in lockstep: (clients x n_params) floats of parameters and grads.
+VMAP_FLOATS = 1 << 25
+
+
+@dataclass
+class UpdateMessage:
+    """What a worker sends the aggregator for one round: sums over its clients, never data."""
+
+    round: int
+    worker: int
+    weighted_sum: np.ndarray        # (n_params,) float32: sum_i w_i * (local_i - global)
+    weight: float                   # sum_i w_i
+    num_clients: int
+    client_ids: list[int]
+    train_loss_sum: float           # sum over clients of their mean local loss
+    compute_s: float
+    metrics: dict = field(default_factory=dict)
+
+
+def resolve_path(path: str, model_kind: str) -> Literal["vmap", "loop"]:
+    return AUTO_PATH[model_kind] if path == "auto" else path  # type: ignore[return-value]
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class ClientWorker:
+    """Plain class (testable without Ray): the cohort engine of one worker."""
+
+    def __init__(self, cfg: ExperimentConfig | dict, worker_id: int = 0, device: str | None = None):
+        self.cfg = cfg if isinstance(cfg, ExperimentConfig) else from_dict(cfg)
+        self.worker_id = worker_id
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.data = build_dataset(self.cfg.data, self.cfg.seed)
+        self.model = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
+        self.algorithm = build_algorithm(self.cfg.algorithm)
+        self.path = resolve_path(self.cfg.ray.path, self.cfg.model.kind)
+        self.n_params = num_params(self.model)
+        ev = self.cfg.eval
+        self.finetuner = SGDClient(AlgorithmConfig(local_steps=max(ev.finetune_steps, 1), lr=ev.finetune_lr,
+                                                   batch_size=ev.batch_size))
+
+    def info(self) -> dict:
+        return {"worker": self.worker_id, "device": str(self.device), "path": self.path,
+                "n_params": self.n_params, "num_threads": torch.get_num_threads()}
+
+    def _chunks(self, cids: Sequence[int]) -> list[Sequence[int]]:
+        size = len(cids) if self.path == "loop" else max(1, VMAP_FLOATS // (4 * self.n_params))
+        return [cids[i:i + size] for i in range(0, len(cids), size)]
+
+    def _global(self, global_params: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(global_params, dtype=np.float32)).to(self.device)
+
+    # ------------------------------------------------------------ training
+    def train(self, rnd: int, global_params: np.ndarray, cids: Sequence[int]) -> UpdateMessage:
+        """Run the algorithm's client rule for every client in `cids`; sum their weighted updates."""
+        t0 = time.perf_counter()
+        g = self._global(global_params)
+        total = torch.zeros_like(g)
+        weight, loss_sum = 0.0, 0.0
+        for chunk in self._chunks(list(cids)):
+            clients = self.data.clients(chunk)
+            xs = [c.x_train for c in clients]
+            ys = [c.y_train for c in clients]
+            gens = [np_rng(self.cfg.seed, "local-batches", rnd, c) for c in chunk]
+            updates, met = self.algorithm.client_update(self.model, g, xs, ys, gens, self.path)  # (clients, n_params)
+            w = torch.tensor([self.algorithm.client_weight(len(y)) for y in ys], device=g.device)
+            total += w @ updates
+            weight += float(w.sum())
+            loss_sum += float(met["train_loss"].sum())
+        return UpdateMessage(round=rnd, worker=self.worker_id, weighted_sum=total.cpu().numpy(), weight=weight,
+                             num_clients=len(cids), client_ids=[int(c) for c in cids], train_loss_sum=loss_sum,
+                             compute_s=time.perf_counter() - t0, metrics={"peak_rss_mib": peak_rss_mib()})
+
+    # ------------------------------------------------------------ evaluation
+    def evaluate(self, global_params: np.ndarray, cids: Sequence[int], rnd: int = 0) -> dict:
+        """acc(D_I) of the global model and of each individual's personalized model (the global
+        model fine-tuned `eval.finetune_steps` SGD steps on the individual's train split)."""
+        g = self._global(global_params)
+        out_ids, acc_g, acc_p = [], [], []
+        vectorized = self.path == "vmap"
+        for chunk in self._chunks(list(cids)):
+            clients = self.data.clients(chunk)
+            xs_te = [c.x_test for c in clients]
+            ys_te = [c.y_test for c in clients]
+            glob = g.expand(len(chunk), -1)                                             # (clients, n_params)
+            acc_g.append(accuracies_stacked(self.model, glob, xs_te, ys_te, vectorized))
+            if self.cfg.eval.finetune_steps > 0:
+                gens = [np_rng(self.cfg.seed, "finetune-batches", rnd, c) for c in chunk]
+                upd, _ = self.finetuner.client_update(self.model, g, [c.x_train for c in clients],
+                                                      [c.y_train for c in clients], gens, self.path)
+                acc_p.append(accuracies_stacked(self.model, g + upd, xs_te, ys_te, vectorized))
+            else:
+                acc_p.append(acc_g[-1])
+            out_ids += [int(c) for c in chunk]
+        return {"client_ids": out_ids, "acc_global_DI": torch.cat(acc_g).numpy(),
+                "acc_personalized_DI": torch.cat(acc_p).numpy()}
+
+    def evaluate_global(self, global_params: np.ndarray, shard: int = 0, num_shards: int = 1) -> dict:
+        """Correct predictions of the global model on shard `shard` of D_G (workers split D_G)."""
+        x, y = self.data.global_data()
+        n = len(y)
+        lo, hi = n * shard // num_shards, n * (shard + 1) // num_shards
+        acc = accuracy_flat(self.model, self._global(global_params), x[lo:hi], y[lo:hi])
+        return {"correct": 0 if hi == lo else round(acc * (hi - lo)), "total": hi - lo}
+
+    def peak_rss_mib(self) -> float:
+        return peak_rss_mib()
+
+
+@ray.remote
+class ClientWorkerActor(ClientWorker):
+    """Ray actor over ClientWorker. Torch math runs with as many threads as CPUs the actor asked
+    for (at least one), so N single-CPU actors use N cores without oversubscription."""
+
+    def __init__(self, cfg: dict, worker_id: int, num_threads: int = 1):
+        torch.set_num_threads(max(1, num_threads))
+        super().__init__(cfg, worker_id)

@@ -1,0 +1,72 @@
+"""An algorithm = a client rule (what a client does with the global model and its data) plus a
+server rule (what the server does with the aggregate). Each stage returns `(result, metrics)`.
+
+The client rule is written for ONE client on a parameter dict (`step`); `client_update` runs it
+over a whole cohort, vectorized with `torch.func.vmap` or as a loop, and returns only updates
+(local minus global parameters), never data.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from sim.algorithms.local import GradFn, batch_schedule, sgd, train_loop, train_vmap
+from sim.config import AlgorithmConfig
+from sim.models import Params
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x, y, mask)
+
+
+class Algorithm(ABC):
+    name = "base"
+    weighted_default = True
+    batches_per_step = 1  # how many batch streams one local step consumes
+
+    def __init__(self, cfg: AlgorithmConfig):
+        self.cfg = cfg
+        self.weighted = cfg.weighted if cfg.weighted is not None else self.weighted_default
+
+    # ------------------------------------------------------------ client rule
+    @abstractmethod
+    def step(self, grad_fn: GradFn, params: Params, batches: Sequence[Batch]) -> tuple[Params, torch.Tensor]:
+        """One local step of one client; pure, so it can run under vmap."""
+
+    def schedules(self, n_train: int, gen: np.random.Generator) -> list[list[np.ndarray]]:
+        kw = {"steps": self.cfg.local_steps} if self.cfg.local_steps else {"epochs": self.cfg.local_epochs}
+        return [batch_schedule(n_train, self.cfg.batch_size, gen, **kw) for _ in range(self.batches_per_step)]
+
+    def client_weight(self, n_train: int) -> float:
+        return float(n_train) if self.weighted else 1.0
+
+    def client_update(self, model: nn.Module, global_flat: torch.Tensor, xs: Sequence[torch.Tensor],
+                      ys: Sequence[torch.Tensor], gens: Sequence[np.random.Generator],
+                      path: Literal["vmap", "loop"]) -> tuple[torch.Tensor, dict]:
+        """Updates (clients, n_params) = local - global for a cohort, and metrics."""
+        per_client = [self.schedules(len(y), g) for y, g in zip(ys, gens)]
+        streams = [[pc[k] for pc in per_client] for k in range(self.batches_per_step)]
+        train = train_vmap if path == "vmap" else train_loop
+        local, loss = train(model, self.step, global_flat, xs, ys, streams, self.cfg.batch_size)
+        return local - global_flat, {"train_loss": loss}
+
+    # ------------------------------------------------------------ server rule
+    def server_update(self, global_flat: torch.Tensor, mean_update: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """New global model from the (weighted) mean update of the cohort."""
+        new = global_flat + self.cfg.server_lr * mean_update
+        return new, {"update_norm": float(mean_update.norm())}
+
+
+class SGDClient(Algorithm):
+    """Local SGD: one gradient step per batch."""
+
+    def __init__(self, cfg: AlgorithmConfig, lr: float | None = None):
+        super().__init__(cfg)
+        self.lr = cfg.lr if lr is None else lr
+
+    def step(self, grad_fn, params, batches):
+        (x, y, m), = batches
+        g, loss = grad_fn(params, x, y, m)
+        return sgd(params, g, self.lr), loss

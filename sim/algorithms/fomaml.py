@@ -1,0 +1,22 @@
+"""First-order MAML / Per-FedAvg (Finn et al. 2017; Fallah, Mokhtari & Ozdaglar 2020,
+"Personalized Federated Learning with Theoretical Guarantees: A Model-Agnostic Meta-Learning
+Approach", first-order variant). Each local step samples two independent batches D and D':
+    tmp   = theta - alpha * grad L_D(theta)        (inner adaptation, alpha = inner_lr)
+    theta = theta - beta  * grad L_D'(tmp)         (first-order meta step, beta = lr)
+so the global model learns an initialisation that adapts well in one step; the server averages
+updates as FedAvg does."""
+from sim.algorithms.base import Algorithm
+from sim.algorithms.local import sgd
+
+
+class FOMAML(Algorithm):
+    name = "fomaml"
+    weighted_default = True
+    batches_per_step = 2
+
+    def step(self, grad_fn, params, batches):
+        (x1, y1, m1), (x2, y2, m2) = batches
+        g_inner, _ = grad_fn(params, x1, y1, m1)
+        adapted = sgd(params, g_inner, self.cfg.inner_lr)
+        g_outer, loss = grad_fn(adapted, x2, y2, m2)
+        return sgd(params, g_outer, self.cfg.lr), loss

@@ -1,0 +1,201 @@
+"""Local training of a cohort of clients on parameter dicts, two ways with identical maths.
+
+* `train_vmap`: all clients at once. Each client's train set is padded to the cohort's largest,
+  batches are index tensors (clients, steps, batch) with a 0/1 mask, and one
+  `vmap(grad(loss))` call per step trains every client. A padded (all-zero-mask) batch has zero
+  gradient, so a client with fewer batches simply stops moving: results equal the loop's.
+* `train_loop`: one client after the other through the same step function, with exact-size
+  batches and plain autograd on one shared module (cheaper than torch.func transforms for
+  convolutions, which vmap turns into slow grouped convolutions on CPU).
+
+Both return the same thing: the clients' parameters after local training, flattened.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from sim.models import Params, flatten, unflatten, param_shapes
+
+# A step takes (grad_fn, params, [(x, y, mask), ...]) and returns (new params, loss of the step).
+GradFn = Callable[[Params, torch.Tensor, torch.Tensor, torch.Tensor], tuple[Params, torch.Tensor]]
+StepFn = Callable[[GradFn, Params, Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
+                  tuple[Params, torch.Tensor]]
+
+
+# ---------------------------------------------------------------- batch schedules
+def batch_schedule(n: int, batch_size: int, gen: np.random.Generator, *,
+                   epochs: int | None = None, steps: int | None = None) -> list[np.ndarray]:
+    """Index batches over a set of n samples: `epochs` full passes, or the first `steps` batches of
+    repeated passes. Each pass is a fresh permutation; batches never straddle passes (as a
+    DataLoader with shuffle=True, drop_last=False)."""
+    if (epochs is None) == (steps is None):
+        raise ValueError("give exactly one of epochs or steps")
+    if n < 1:
+        raise ValueError("a client needs at least one training sample")
+    per_pass = -(-n // batch_size)
+    passes = epochs if epochs is not None else -(-steps // per_pass)
+    out: list[np.ndarray] = []
+    for _ in range(passes):
+        perm = gen.permutation(n)
+        out += [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    return out if steps is None else out[:steps]
+
+
+def pad_schedules(schedules: Sequence[Sequence[np.ndarray]], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged per-client schedules -> idx (clients, steps, batch) int64 and mask (clients, steps, batch)."""
+    c, s = len(schedules), max(len(x) for x in schedules)
+    idx = np.zeros((c, s, batch_size), dtype=np.int64)
+    mask = np.zeros((c, s, batch_size), dtype=np.float32)
+    for i, sched in enumerate(schedules):
+        for j, b in enumerate(sched):
+            idx[i, j, :len(b)] = b
+            mask[i, j, :len(b)] = 1.0
+    return torch.from_numpy(idx), torch.from_numpy(mask)
+
+
+# ---------------------------------------------------------------- loss and grads
+def masked_ce(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the unmasked samples (0 for an all-masked batch)."""
+    logits = functional_call(model, params, (x,))
+    ce = F.cross_entropy(logits, y, reduction="none")
+    return (ce * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def func_grad(model: nn.Module) -> GradFn:
+    """torch.func gradient: composable with vmap."""
+    g = grad_and_value(lambda p, x, y, m: masked_ce(model, p, x, y, m))
+    return g
+
+
+def module_grad(model: nn.Module) -> GradFn:
+    """Plain-autograd gradient for the per-client loop: the given tensors are swapped into the one
+    module as its parameters' storage (no copy), so a single model serves every client of an actor
+    and PyTorch's fast eager kernels (channels_last convolutions) are used as-is."""
+    plist = list(model.parameters())
+
+    def g(params: Params, x, y, m):
+        for p, t in zip(plist, params.values()):
+            p.data = t
+        ce = F.cross_entropy(model(x), y, reduction="none")
+        loss = (ce * m).sum() / m.sum().clamp_min(1.0)
+        grads = torch.autograd.grad(loss, plist)
+        return dict(zip(params, grads)), loss.detach()
+    return g
+
+
+def sgd(params: Params, grads: Params, lr: float) -> Params:
+    return {k: p - lr * grads[k] for k, p in params.items()}
+
+
+# ---------------------------------------------------------------- cohort trainers
+def train_vmap(model: nn.Module, step: StepFn, global_flat: torch.Tensor,
+               xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor],
+               schedules: Sequence[Sequence[Sequence[np.ndarray]]], batch_size: int,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train a cohort in lockstep. `schedules[k][i]` is client i's k-th schedule (a step function
+    uses one batch from each of its k schedules). Returns (params (clients, n_params), mean loss (clients,))."""
+    device = global_flat.device
+    c = len(xs)
+    x_pad, y_pad = _pad_data(xs, ys, device)                 # (clients, n_max, *in), (clients, n_max)
+    padded = [pad_schedules(s, batch_size) for s in schedules]
+    idx = [p[0].to(device) for p in padded]                  # each (clients, steps, batch)
+    mask = [p[1].to(device) for p in padded]
+    n_steps = idx[0].shape[1]
+    rows = torch.arange(c, device=device)[:, None]           # (clients, 1)
+
+    shapes = param_shapes(model)
+    params = {k: v.expand(c, *v.shape).clone() for k, v in unflatten(global_flat, shapes).items()}
+    gfn = func_grad(model)
+    vstep = vmap(lambda p, *b: step(gfn, p, [b[i:i + 3] for i in range(0, len(b), 3)]))
+    loss_sum = torch.zeros(c, device=device)
+    live_steps = torch.zeros(c, device=device)
+    for s in range(n_steps):
+        batches = []
+        for k in range(len(schedules)):
+            bi = idx[k][:, s]                                 # (clients, batch)
+            batches += [x_pad[rows, bi], y_pad[rows, bi], mask[k][:, s]]
+        params, loss = vstep(params, *batches)
+        live = (mask[0][:, s].sum(1) > 0).float()            # clients still training at step s
+        loss_sum += loss * live
+        live_steps += live
+    return flatten(params, batch_dims=1).detach(), loss_sum / live_steps.clamp_min(1)
+
+
+def train_loop(model: nn.Module, step: StepFn, global_flat: torch.Tensor,
+               xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor],
+               schedules: Sequence[Sequence[Sequence[np.ndarray]]], batch_size: int,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `train_vmap`, one client at a time with exact-size batches."""
+    device = global_flat.device
+    shapes = param_shapes(model)
+    gfn = module_grad(model)
+    out, losses = [], []
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        x, y = _fast_layout(x.to(device)), y.to(device)
+        params = {k: _fast_layout(v.clone()) for k, v in unflatten(global_flat, shapes).items()}
+        total, count = 0.0, 0
+        for batch_idx in zip(*(sched[i] for sched in schedules)):
+            batches = []
+            for b in batch_idx:
+                bt = torch.from_numpy(b).to(device)
+                batches.append((x[bt], y[bt], torch.ones(len(b), device=device)))
+            params, loss = step(gfn, params, batches)
+            total += float(loss)
+            count += 1
+        out.append(flatten(params).detach())
+        losses.append(total / max(count, 1))
+    return torch.stack(out), torch.tensor(losses, device=device)
+
+
+def _fast_layout(t: torch.Tensor) -> torch.Tensor:
+    # NHWC convolutions are ~1.5x faster than NCHW on CPU (oneDNN) for these small CNNs.
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+
+def _pad_data(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    n_max = max(len(x) for x in xs)
+    if all(len(x) == n_max for x in xs):
+        return torch.stack(list(xs)).to(device), torch.stack(list(ys)).to(device)
+    x_pad = xs[0].new_zeros((len(xs), n_max, *xs[0].shape[1:]))
+    y_pad = ys[0].new_zeros((len(ys), n_max))
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        x_pad[i, :len(x)] = x
+        y_pad[i, :len(y)] = y
+    return x_pad.to(device), y_pad.to(device)
+
+
+# ---------------------------------------------------------------- evaluation
+@torch.no_grad()
+def accuracy_flat(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                  chunk: int = 4096) -> float:
+    """Accuracy of the parameters `flat` on (x, y), in chunks to bound memory."""
+    if len(y) == 0:
+        return float("nan")
+    params = unflatten(flat, param_shapes(model))
+    correct = 0
+    for i in range(0, len(y), chunk):
+        logits = functional_call(model, params, (x[i:i + chunk].to(flat.device),))
+        correct += int((logits.argmax(-1) == y[i:i + chunk].to(flat.device)).sum())
+    return correct / len(y)
+
+
+@torch.no_grad()
+def accuracies_stacked(model: nn.Module, flats: torch.Tensor, xs: Sequence[torch.Tensor],
+                       ys: Sequence[torch.Tensor], vectorized: bool) -> torch.Tensor:
+    """Per-client accuracy of client-specific parameters flats (clients, n_params) on each client's data."""
+    if not vectorized:
+        return torch.tensor([accuracy_flat(model, f, x, y) for f, x, y in zip(flats, xs, ys)])
+    device = flats.device
+    x_pad, y_pad = _pad_data(xs, ys, device)
+    n = torch.tensor([len(y) for y in ys], device=device)
+    valid = torch.arange(x_pad.shape[1], device=device)[None, :] < n[:, None]   # (clients, n_max)
+    params = unflatten(flats, param_shapes(model))
+    logits = vmap(lambda p, x: functional_call(model, p, (x,)))(params, x_pad)  # (clients, n_max, classes)
+    hits = ((logits.argmax(-1) == y_pad) & valid).sum(1).float()
+    return (hits / n.clamp_min(1)).where(n > 0, torch.full_like(hits, float("nan"))).cpu()

@@ -1,0 +1,57 @@
+"""`fedmeta bench`: throughput of the actor pool on fixed workloads (numbers, not timed tests).
+
+W1 (FEMNIST-shaped): LEAF's CNN on 1x28x28 inputs, 62 classes, 1,000 clients x 64 samples,
+    100 clients per round, 1 local epoch, batch 16, SGD lr 0.05, weighted FedAvg.
+W2 (many small clients): MLP 64-128-30 on the writers data, 10,000 clients x 64 samples,
+    1,000 clients per round, same local training.
+One warm-up round, then timed rounds; training runs on the same Federation (actor pool +
+aggregator) as `fedmeta run`, evaluation is off.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from sim.config import ExperimentConfig, load
+from sim.runner import Federation, init_ray
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+WORKLOADS = {"w1": "bench_w1.yaml", "w2": "bench_w2.yaml"}
+
+
+def workload_config(workload: str, overrides: list[str]) -> ExperimentConfig:
+    path = CONFIG_DIR / WORKLOADS[workload]
+    if not path.is_file():
+        from importlib.resources import files
+
+        path = Path(str(files("configs") / WORKLOADS[workload]))
+    return load(path, overrides)
+
+
+def run_bench(cfg: ExperimentConfig, rounds: int = 5, warmup: int = 1, workload: str = "") -> dict:
+    started = init_ray(cfg.ray.address)
+    fed = Federation(cfg)
+    try:
+        g = fed.init_params
+        for r in range(warmup):
+            g = fed.train_round(r, g).global_params
+        times, clients = [], 0
+        t0 = time.perf_counter()
+        for r in range(warmup, warmup + rounds):
+            res = fed.train_round(r, g)
+            g = res.global_params
+            times.append(res.seconds)
+            clients += res.clients
+        total = time.perf_counter() - t0
+        return {"workload": workload, "path": fed.infos[0]["path"], "device": fed.infos[0]["device"],
+                "num_workers": cfg.ray.num_workers, "clients_per_round": cfg.federation.clients_per_round,
+                "rounds": rounds, "s_per_round": float(np.mean(times)), "s_per_round_min": float(np.min(times)),
+                "clients_per_s": clients / total, "peak_rss_mib": fed.peak_rss_mib(),
+                "n_params": fed.n_params, "cluster_cpus": ray.cluster_resources().get("CPU", 0.0)}
+    finally:
+        fed.shutdown()
+        if started:
+            ray.shutdown()

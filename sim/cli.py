@@ -1,0 +1,148 @@
+"""The `fedmeta` command line: run, report, bench."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sim.config import ConfigError, load
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Simulate privacy-preserving federations with meta-learning on Ray.")
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+SetOpt = Annotated[list[str], typer.Option("--set", help="override a config key: --set federation.rounds=3")]
+
+
+def summary_table(summary: dict) -> Table:
+    t = Table(title=f"fedmeta: {summary.get('algorithm')} on {summary.get('data')} "
+                    f"({summary.get('num_clients')} clients, {summary.get('rounds')} rounds)")
+    t.add_column("metric")
+    for s in ("mean", "sd", "min", "max"):
+        t.add_column(s, justify="right")
+    labels = {"acc_global_DG": "acc(D_G), global model", "acc_global_DI": "acc(D_I), global model",
+              "acc_personalized_DI": "acc(D_I), personalized"}
+    for key, label in labels.items():
+        stats = summary.get(key) or {}
+        t.add_row(label, *(_fmt(stats.get(s)) for s in ("mean", "sd", "min", "max")))
+    gain = summary.get("personalization_gain")
+    cps = summary.get("clients_per_s")
+    t.caption = (f"personalization gain {_fmt(gain, '+.4f')} | {_fmt(cps, '.1f')} clients/s | "
+                 f"peak RSS {_fmt(summary.get('peak_rss_mib'), '.0f')} MiB | dropouts {summary.get('dropouts')}")
+    return t
+
+
+def _fmt(v, spec: str = ".4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+class _Bar:
+    """Rich progress bar on stderr: round, accuracy, clients/s."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.p = Progress(TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
+                          TimeElapsedColumn(), console=err, disable=not enabled)
+        self.task = self.p.add_task("train", total=total, completed=start, info="")
+        self.last: dict = {}
+
+    def __call__(self, done: int, total: int, shown: dict) -> None:
+        self.last.update(shown)
+        parts = [f"{self.last['clients_per_s']:.0f} clients/s"]
+        for k, label in (("acc_global_DG", "acc D_G"), ("acc_personalized_DI", "pers D_I")):
+            if k in self.last:
+                parts.insert(0, f"{label} {self.last[k]:.3f}")
+        self.p.update(self.task, completed=done, info=" | ".join(parts))
+
+
+@app.command()
+def run(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (default: configs/quickstart.yaml)")] = None,
+        set_: SetOpt = [],  # noqa: B006 (typer reads the default)
+        resume: Annotated[Optional[Path], typer.Option(help="resume the run in this directory")] = None,
+        address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start local Ray)")] = None,
+        progress: Annotated[bool, typer.Option(help="show a progress bar")] = True) -> None:
+    """Run an experiment; prints a summary table and, last, the run directory."""
+    from sim.runner import resume_config, run_experiment
+
+    if resume is not None:
+        if config is not None or set_:
+            raise ConfigError("--resume: takes the run directory's own config; drop the CONFIG argument and --set")
+        cfg = resume_config(resume)
+        if not (resume / "checkpoint.pt").is_file():
+            raise ConfigError(f"--resume: {resume} has no checkpoint.pt (the run never finished a checkpoint)")
+    else:
+        cfg = load(config, set_)
+    if address:
+        cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": address})})
+    start = 0
+    if resume is not None:
+        from sim.checkpoint import load as load_ckpt
+
+        start = load_ckpt(resume).round
+    bar = _Bar(cfg.federation.rounds, start, progress and cfg.run.progress)
+    try:
+        with bar.p:
+            run_dir, summary = run_experiment(cfg, run_dir=resume, resume=resume is not None, progress=bar)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]: the last completed round is checkpointed; "
+                  "continue with `fedmeta run --resume RUN_DIR`")
+        raise typer.Exit(130)
+    out.print(summary_table(summary))
+    print(run_dir)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """Print the summary table of a finished run."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no summary.json (not a finished run directory)")
+    out.print(summary_table(json.loads(path.read_text())))
+
+
+@app.command()
+def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped) or w2 (MLP, 10k clients)")] = "w1",
+          path: Annotated[str, typer.Option(help="cohort path: vmap, loop or auto")] = "auto",
+          rounds: Annotated[int, typer.Option(min=1, help="timed rounds (after one warm-up round)")] = 5,
+          workers: Annotated[Optional[int], typer.Option(min=1, help="worker actors (default: the workload's)")] = None,
+          set_: SetOpt = [],  # noqa: B006
+          as_json: Annotated[bool, typer.Option("--json", help="last line: one JSON object")] = False) -> None:
+    """Throughput of the actor pool on a fixed workload."""
+    from sim.bench import WORKLOADS, run_bench, workload_config
+
+    if workload not in WORKLOADS:
+        raise ConfigError(f"--workload: expected one of {', '.join(WORKLOADS)}, got {workload!r}")
+    if path not in ("vmap", "loop", "auto"):
+        raise ConfigError(f"--path: expected vmap, loop or auto, got {path!r}")
+    extra = [f"ray.path={path}"] + ([f"ray.num_workers={workers}"] if workers else []) + list(set_)
+    cfg = workload_config(workload, extra)
+    res = run_bench(cfg, rounds=rounds, workload=workload)
+    if as_json:
+        print(json.dumps(res))
+    else:
+        t = Table(title=f"fedmeta bench {workload} ({res['path']} path, {res['num_workers']} workers)")
+        t.add_column("s/round", justify="right")
+        t.add_column("clients/s", justify="right")
+        t.add_column("peak RSS MiB", justify="right")
+        t.add_row(f"{res['s_per_round']:.3f}", f"{res['clients_per_s']:.1f}", f"{res['peak_rss_mib']:.0f}")
+        out.print(t)
+
+
+def main() -> None:
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    try:
+        app()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

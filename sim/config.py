@@ -1,0 +1,238 @@
+"""Typed experiment configuration: one validated model per component, loaded in one place.
+
+Unknown keys, wrong types and out-of-range values are rejected with a `ConfigError` whose message
+names the key path (e.g. ``federation.rounds``) and what was expected. The CLI turns that into a
+one-line message and exit status 2.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key path and the expectation."""
+
+
+class Section(BaseModel):
+    # strict: a YAML string "5" for an int field is an error, not silently coerced.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+# ---------------------------------------------------------------- data
+class WritersConfig(Section):
+    """Federated handwriting from scikit-learn's digits with per-individual hidden factors."""
+
+    image_size: int = Field(8, ge=8, le=32, description="side of the square images")
+    flips: bool = Field(False, description="add horizontally/vertically flipped digits as classes 10-29")
+    alpha: float | None = Field(None, gt=0, description="Dirichlet label skew; null = uniform classes")
+    style_strength: float = Field(1.0, ge=0, description="scales every hidden factor (0 = no style)")
+
+
+class SyntheticConfig(Section):
+    """Synthetic(alpha, beta) of the FedProx paper (Li et al. 2020)."""
+
+    alpha: float = Field(1.0, ge=0, description="model heterogeneity across devices")
+    beta: float = Field(1.0, ge=0, description="feature heterogeneity across devices")
+    dim: int = Field(60, ge=1)
+    num_classes: int = Field(10, ge=2)
+
+
+class FemnistConfig(Section):
+    """LEAF-format FEMNIST JSON files (a file, or a directory searched recursively for *.json)."""
+
+    path: str | None = None
+
+
+class PrototypesConfig(Section):
+    """Class prototypes plus noise: cheap FEMNIST-shaped data for benchmarks."""
+
+    input_shape: list[int] = Field(default_factory=lambda: [1, 28, 28], min_length=1, max_length=3)
+    num_classes: int = Field(62, ge=2)
+    noise: float = Field(1.0, ge=0)
+
+
+class DataConfig(Section):
+    kind: Literal["writers", "synthetic", "femnist", "prototypes"] = "writers"
+    num_clients: int = Field(1000, ge=1, description="individuals in the federation")
+    samples_per_client: int = Field(64, ge=2)
+    train_fraction: float = Field(0.7, gt=0, le=1, description="share of D_I used for training")
+    global_clients: int = Field(50, ge=1, description="individuals outside the federation forming D_G")
+    writers: WritersConfig = WritersConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+    femnist: FemnistConfig = FemnistConfig()
+    prototypes: PrototypesConfig = PrototypesConfig()
+
+    @model_validator(mode="after")
+    def _femnist_needs_path(self) -> "DataConfig":
+        if self.kind == "femnist" and not self.femnist.path:
+            raise ValueError("femnist.path: required when kind is 'femnist'")
+        return self
+
+
+# ---------------------------------------------------------------- model + algorithm
+class ModelConfig(Section):
+    kind: Literal["mlp", "cnn"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [128], description="MLP hidden widths")
+    channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1, description="CNN conv widths")
+    kernel_size: int = Field(5, ge=1)
+    padding: int = Field(0, ge=0)
+    cnn_hidden: int = Field(128, ge=1)
+
+
+class AlgorithmConfig(Section):
+    name: Literal["fedavg", "reptile", "fomaml"] = "fedavg"
+    local_epochs: int = Field(1, ge=1)
+    local_steps: int | None = Field(None, ge=1, description="if set, overrides local_epochs")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(0.05, gt=0, description="client SGD learning rate (outer beta for fomaml)")
+    inner_lr: float = Field(0.02, gt=0, description="fomaml inner (adaptation) learning rate alpha")
+    server_lr: float = Field(1.0, gt=0, description="server step on the aggregated update")
+    weighted: bool | None = Field(None, description="weight updates by train size; null = algorithm default")
+
+
+class FederationConfig(Section):
+    rounds: int = Field(20, ge=1)
+    clients_per_round: int = Field(100, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="probability a sampled client drops out")
+
+
+class EvalConfig(Section):
+    every: int = Field(5, ge=1, description="evaluate every N rounds (and after the last)")
+    num_individuals: int = Field(100, ge=1, description="individuals evaluated for acc(D_I)")
+    finetune_steps: int = Field(20, ge=0, description="personalization: SGD steps on the individual's train split")
+    finetune_lr: float = Field(0.05, gt=0)
+    batch_size: int = Field(16, ge=1)
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="existing cluster address; null = start local Ray")
+    num_workers: int = Field(2, ge=1, description="ClientWorker actors in the pool")
+    num_cpus_per_worker: float = Field(1.0, ge=0)
+    num_gpus_per_worker: float | None = Field(None, ge=0, description="null = share GPUs if present")
+    path: Literal["auto", "vmap", "loop"] = "auto"
+
+
+class RunConfig(Section):
+    name: str = "run"
+    out_dir: str = "runs"
+    checkpoint_every: int = Field(5, ge=1)
+    progress: bool = True
+
+
+class ExperimentConfig(Section):
+    seed: int = Field(0, ge=0)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    federation: FederationConfig = FederationConfig()
+    eval: EvalConfig = EvalConfig()
+    ray: RayConfig = RayConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "ExperimentConfig":
+        if self.data.kind != "femnist":
+            if self.federation.clients_per_round > self.data.num_clients:
+                raise ValueError(
+                    f"federation.clients_per_round: must be <= data.num_clients ({self.data.num_clients})")
+            if self.eval.num_individuals > self.data.num_clients:
+                raise ValueError(f"eval.num_individuals: must be <= data.num_clients ({self.data.num_clients})")
+        return self
+
+
+# ---------------------------------------------------------------- loading
+def _describe(err: dict[str, Any], prefix: tuple[str, ...] = ()) -> str:
+    loc = ".".join(str(p) for p in (*prefix, *err["loc"]))
+    msg = err["msg"]
+    if err["type"] == "value_error":
+        # our validators start their message with the key path relative to the section they check
+        msg = msg.removeprefix("Value error, ")
+        head, sep, rest = msg.partition(": ")
+        if sep and " " not in head:
+            return f"{loc + '.' if loc else ''}{head}: {rest}"
+        return f"{loc or '<root>'}: {msg}"
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    got = err.get("input")
+    shown = repr(got) if not isinstance(got, dict) else "a mapping"
+    return f"{loc}: {msg} (got {shown})"
+
+
+def from_dict(raw: Any, source: str = "config") -> ExperimentConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        errs = e.errors()
+        first = _describe(errs[0])
+        more = f" (and {len(errs) - 1} more error(s))" if len(errs) > 1 else ""
+        raise ConfigError(f"{source}: {first}{more}") from None
+
+
+def _set_path(raw: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = raw
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """`key.path=value` strings; values are parsed as YAML scalars (3 -> int, null -> None)."""
+    out = []
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        try:
+            out.append((key.strip(), yaml.safe_load(val)))
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key}: value {val!r} is not valid YAML") from None
+    return out
+
+
+def load_raw(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{where}") from None
+    return raw if raw is not None else {}
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML experiment (default: the built-in quickstart) with optional `key=value` overrides."""
+    src = Path(path) if path else default_config_path()
+    raw = load_raw(src)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src}: expected a mapping of sections at the top level")
+    for key, val in parse_overrides(overrides or []):
+        _set_path(raw, key, val)
+    return from_dict(raw, source=str(src))
+
+
+def default_config_path() -> Path:
+    """configs/quickstart.yaml, from a checkout or from the installed package data."""
+    here = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+    if here.is_file():
+        return here
+    from importlib.resources import files
+
+    return Path(str(files("configs") / "quickstart.yaml"))
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

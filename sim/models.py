@@ -1,0 +1,98 @@
+"""Small models and the parameter-dict / flat-vector helpers the algorithms work with.
+
+Models are plain `nn.Module`s used as *architectures*: their weights travel as a flat float32
+vector (the wire format between driver, workers and aggregator) and are trained as dicts of
+tensors with `torch.func.functional_call`, so one module instance serves any number of clients.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sim.config import ModelConfig
+
+Params = dict[str, torch.Tensor]
+
+
+def mlp(in_features: int, hidden: list[int], num_classes: int) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def cnn(input_shape: tuple[int, ...], channels: list[int], kernel_size: int, padding: int,
+        hidden: int, num_classes: int) -> nn.Module:
+    """Conv(k)-ReLU-MaxPool2 blocks, then Linear-ReLU-Linear (the FEMNIST CNN of LEAF for 28x28).
+
+    Built as Conv-MaxPool-ReLU: ReLU and max-pooling commute (both monotone), so the function is
+    the same, and the ReLU (and its backward) runs on a 4x smaller tensor."""
+    in_ch, h, w = input_shape
+    layers: list[nn.Module] = []
+    for out_ch in channels:
+        layers += [nn.Conv2d(in_ch, out_ch, kernel_size, padding=padding), nn.MaxPool2d(2), nn.ReLU()]
+        h = (h + 2 * padding - kernel_size + 1) // 2
+        w = (w + 2 * padding - kernel_size + 1) // 2
+        if h < 1 or w < 1:
+            raise ValueError(
+                f"model.channels: {len(channels)} conv blocks with kernel {kernel_size} and padding {padding} "
+                f"shrink a {input_shape[1]}x{input_shape[2]} input to nothing; use fewer blocks or more padding")
+        in_ch = out_ch
+    layers += [nn.Flatten(), nn.Linear(in_ch * h * w, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if cfg.kind == "mlp":
+        return mlp(math.prod(input_shape), list(cfg.hidden), num_classes)
+    if len(input_shape) == 2:  # (h, w) -> one channel
+        input_shape = (1, *input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(f"model.kind: 'cnn' needs image inputs (channels, h, w), got shape {input_shape}")
+    return cnn(input_shape, list(cfg.channels), cfg.kernel_size, cfg.padding, cfg.cnn_hidden, num_classes)
+
+
+def init_params(model: nn.Module, gen: torch.Generator) -> torch.Tensor:
+    """A seeded initialisation (PyTorch's default scheme, drawn from `gen`) as a flat vector."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            fan_in = m.weight[0].numel()
+            bound = 1.0 / math.sqrt(fan_in)
+            # kaiming_uniform(a=sqrt(5)) as in torch's reset_parameters gives the same bound for weights
+            out.append((torch.rand(m.weight.shape, generator=gen) * 2 - 1).mul_(bound).flatten())
+            out.append((torch.rand(m.bias.shape, generator=gen) * 2 - 1).mul_(bound).flatten())
+    flat = torch.cat(out)
+    if flat.numel() != num_params(model):
+        raise ValueError("init_params supports Linear and Conv2d layers only")
+    return flat
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def param_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    return {k: p.shape for k, p in model.named_parameters()}
+
+
+def unflatten(flat: torch.Tensor, shapes: dict[str, torch.Size]) -> Params:
+    """Flat (..., n_params) -> {name: (..., *shape)} views; leading batch dims are kept."""
+    out, i = {}, 0
+    lead = flat.shape[:-1]
+    for k, s in shapes.items():
+        n = math.prod(s)
+        out[k] = flat[..., i:i + n].reshape(*lead, *s)
+        i += n
+    return out
+
+
+def flatten(params: Params, batch_dims: int = 0) -> torch.Tensor:
+    """{name: (*batch, *shape)} -> (*batch, n_params), in dict order."""
+    parts = [p.reshape(*p.shape[:batch_dims], -1) for p in params.values()]
+    return torch.cat(parts, dim=-1)

@@ -1,0 +1,256 @@
+"""The driver: a pool of ClientWorker actors + an Aggregator actor, and the round loop around them.
+
+One round: sample a cohort (seeded by (seed, round)), drop some clients (simulated dropout),
+split the survivors evenly over the workers, put the global model in the object store once,
+and let every worker train its shard; the workers' messages go straight to the aggregator,
+which returns the new global model. The driver only ever holds the global model and metrics.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import ray
+import torch
+
+from actors.aggregator import AggregatorActor
+from actors.client_worker import ClientWorkerActor, peak_rss_mib
+from sim import checkpoint as ckpt
+from sim.config import ConfigError, ExperimentConfig, from_dict, to_yaml
+from sim.data import build_dataset
+from sim.metrics import MetricsLog, describe, finite_or_none
+from sim.models import build_model, init_params, num_params
+from sim.sampling import apply_dropout, eval_individuals, sample_cohort, split_even
+from sim.seeding import torch_gen
+
+
+def init_ray(address: str | None) -> bool:
+    """Connect to `address` (an existing cluster) or start local Ray. True if we started it."""
+    if ray.is_initialized():
+        return False
+    kwargs = dict(address=address, include_dashboard=False, logging_level="ERROR",
+                  log_to_driver=True, configure_logging=True)
+    ray.init(**kwargs)
+    return True
+
+
+def worker_resources(cfg: ExperimentConfig) -> tuple[float, float]:
+    """(num_cpus, num_gpus) per worker actor; refuse pools the cluster can never place."""
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    n = cfg.ray.num_workers
+    want_cpu = cfg.ray.num_cpus_per_worker
+    if n * want_cpu > cpus + 1e-9:
+        raise ConfigError(f"ray.num_cpus_per_worker: {n} workers x {want_cpu:g} CPUs needs {n * want_cpu:g} CPUs but "
+                          f"the Ray cluster has {cpus:g}; use fractional CPUs (e.g. {cpus / n:g}) or fewer workers")
+    want_gpu = cfg.ray.num_gpus_per_worker
+    if want_gpu is None:  # use the GPUs when present, shared evenly
+        want_gpu = min(1.0, gpus / n) if gpus > 0 else 0.0
+    if n * want_gpu > gpus + 1e-9:
+        raise ConfigError(f"ray.num_gpus_per_worker: {n} workers x {want_gpu} GPUs needs more than the {gpus:g} available")
+    return want_cpu, want_gpu
+
+
+@dataclass
+class RoundResult:
+    global_params: np.ndarray
+    clients: int
+    dropped: int
+    seconds: float
+    metrics: dict
+
+
+class Federation:
+    """The actor pool for one experiment config."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        cpus, gpus = worker_resources(cfg)
+        raw = cfg.model_dump(mode="json")
+        threads = max(1, int(cpus))
+        self.workers = [ClientWorkerActor.options(num_cpus=cpus, num_gpus=gpus).remote(raw, i, threads)
+                        for i in range(cfg.ray.num_workers)]
+        # Probe the data on the driver once: shapes, and the number of clients (FEMNIST decides it).
+        data = build_dataset(cfg.data, cfg.seed)
+        self.num_clients = data.num_clients
+        model = build_model(cfg.model, data.input_shape, data.num_classes)
+        self.n_params = num_params(model)
+        self.init_params = init_params(model, torch_gen(cfg.seed, "init")).numpy()
+        self.aggregator = AggregatorActor.remote(cfg.algorithm.model_dump(), self.n_params)
+        self.infos = ray.get([w.info.remote() for w in self.workers])  # fail fast if an actor cannot start
+        self.eval_ids = eval_individuals(cfg.seed, self.num_clients, cfg.eval.num_individuals)
+        if cfg.federation.clients_per_round > self.num_clients:
+            raise ConfigError(f"federation.clients_per_round: {cfg.federation.clients_per_round} exceeds the "
+                              f"{self.num_clients} clients in the data")
+
+    def train_round(self, rnd: int, global_params: np.ndarray) -> RoundResult:
+        t0 = time.perf_counter()
+        cohort = sample_cohort(self.cfg.seed, rnd, self.num_clients, self.cfg.federation.clients_per_round)
+        alive, dropped = apply_dropout(self.cfg.seed, rnd, cohort, self.cfg.federation.dropout)
+        g_ref = ray.put(global_params)
+        shards = split_even(alive, len(self.workers))
+        msgs = [w.train.remote(rnd, g_ref, shard) for w, shard in zip(self.workers, shards)]
+        new, metrics = ray.get(self.aggregator.aggregate.remote(rnd, g_ref, *msgs))
+        return RoundResult(new, len(alive), len(dropped), time.perf_counter() - t0, metrics)
+
+    def evaluate(self, rnd: int, global_params: np.ndarray) -> dict:
+        g_ref = ray.put(global_params)
+        n = len(self.workers)
+        shards = split_even(self.eval_ids, n)
+        ind = [w.evaluate.remote(g_ref, s, rnd) for w, s in zip(self.workers, shards)]
+        dg = ray.get([w.evaluate_global.remote(g_ref, i, n) for i, w in enumerate(self.workers)])
+        parts = ray.get(ind)
+        total = sum(d["total"] for d in dg)
+        acc_dg = sum(d["correct"] for d in dg) / max(total, 1)
+        return {"acc_DG": acc_dg,
+                "client_ids": [c for p in parts for c in p["client_ids"]],
+                "acc_global_DI": np.concatenate([p["acc_global_DI"] for p in parts]),
+                "acc_personalized_DI": np.concatenate([p["acc_personalized_DI"] for p in parts])}
+
+    def peak_rss_mib(self) -> float:
+        """Sum of peak RSS of the driver and every actor: an upper bound on the simulation's memory."""
+        actors = ray.get([w.peak_rss_mib.remote() for w in self.workers])
+        return peak_rss_mib() + sum(actors)
+
+    def shutdown(self) -> None:
+        for a in (*self.workers, self.aggregator):
+            ray.kill(a)
+
+
+# ---------------------------------------------------------------- run directories
+def new_run_dir(cfg: ExperimentConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.run.out_dir) / f"{cfg.run.name}-{stamp}"
+    path, i = base, 1
+    while path.exists():
+        path, i = base.with_name(f"{base.name}-{i}"), i + 1
+    path.mkdir(parents=True)
+    return path
+
+
+def model_card(cfg: ExperimentConfig, fed: Federation) -> dict:
+    a, e = cfg.algorithm, cfg.eval
+    return {"supports_federated_meta_learning": True, "algorithm": a.name, "model": cfg.model.model_dump(),
+            "n_params": fed.n_params, "data_kind": cfg.data.kind,
+            "adaptation": {"local_lr": a.lr, "local_epochs": a.local_epochs, "local_steps": a.local_steps,
+                           "batch_size": a.batch_size, "finetune_steps": e.finetune_steps, "finetune_lr": e.finetune_lr},
+            "privacy": {"secure_aggregation": False, "differential_privacy": False}}
+
+
+ProgressFn = Callable[[int, int, dict], None]
+
+
+def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = False,
+                   progress: ProgressFn | None = None) -> tuple[Path, dict]:
+    """Run (or resume) an experiment; returns (run_dir, summary). Ctrl-C saves a checkpoint of the
+    last completed round and re-raises KeyboardInterrupt."""
+    if resume:
+        if run_dir is None:
+            raise ValueError("resume needs a run directory")
+        state = ckpt.load(run_dir)
+    else:
+        run_dir = run_dir or new_run_dir(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        state = None
+
+    started = init_ray(cfg.ray.address)
+    fed = Federation(cfg)
+    try:
+        return run_dir, _loop(cfg, fed, run_dir, state, progress)
+    finally:
+        fed.shutdown()
+        if started:
+            ray.shutdown()
+
+
+def _loop(cfg: ExperimentConfig, fed: Federation, run_dir: Path, state: ckpt.Checkpoint | None,
+          progress: ProgressFn | None) -> dict:
+    card = model_card(cfg, fed)
+    if state is None:
+        state = ckpt.Checkpoint(round=0, global_params=fed.init_params, model_card=card)
+    log = MetricsLog(state.metrics_rows, state.individuals_rows)
+    g = state.global_params
+    done, clients, secs, dropouts = state.round, state.train_clients, state.train_seconds, state.dropouts
+    rounds, every = cfg.federation.rounds, cfg.eval.every
+
+    def checkpoint() -> None:
+        ckpt.save(run_dir, ckpt.Checkpoint(done, g, log.rows, log.individuals, clients, secs, dropouts, card))
+        log.save(run_dir)
+
+    try:
+        while done < rounds:
+            res = fed.train_round(done, g)
+            g, done = res.global_params, done + 1          # the model advances only on success
+            clients, secs, dropouts = clients + res.clients, secs + res.seconds, dropouts + res.dropped
+            cps = res.clients / res.seconds if res.seconds > 0 else float("nan")
+            log.add_many(done, {"train_loss": res.metrics.get("train_loss", float("nan")),
+                                "update_norm": res.metrics.get("update_norm", 0.0), "clients": res.clients,
+                                "dropped": res.dropped, "round_s": res.seconds, "clients_per_s": cps})
+            shown = {"clients_per_s": cps}
+            if done % every == 0 or done == rounds:
+                ev = fed.evaluate(done, g)
+                stats = log.add_eval(done, describe_dg(ev["acc_DG"]), ev["client_ids"],
+                                     ev["acc_global_DI"], ev["acc_personalized_DI"])
+                shown.update({k: v["mean"] for k, v in stats.items()})
+            if done % cfg.run.checkpoint_every == 0 or done == rounds:
+                checkpoint()
+            if progress:
+                progress(done, rounds, shown)
+    except KeyboardInterrupt:
+        checkpoint()  # g is the model after the last *completed* round
+        raise
+
+    summary = build_summary(cfg, fed, log, done, clients, secs, dropouts, run_dir)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    from sim.plots import plot_run  # matplotlib only when a run finishes
+    plot_run(log, run_dir)
+    return summary
+
+
+def describe_dg(acc: float) -> dict[str, float]:
+    """acc(D_G) of the one global model: a single value, written in the same four-stat shape."""
+    return {"mean": acc, "sd": 0.0, "min": acc, "max": acc}
+
+
+def build_summary(cfg: ExperimentConfig, fed: Federation, log: MetricsLog, rounds: int, clients: int,
+                  secs: float, dropouts: int, run_dir: Path) -> dict:
+    ev = log.latest_eval()
+    clean = lambda d: {k: finite_or_none(v) for k, v in d.items()}  # noqa: E731
+    pers, glob = ev.get("acc_personalized_DI", {}), ev.get("acc_global_DI", {})
+    return {
+        "rounds": rounds,
+        "num_clients": fed.num_clients,
+        "clients_per_round": cfg.federation.clients_per_round,
+        "algorithm": cfg.algorithm.name,
+        "model": cfg.model.kind,
+        "data": cfg.data.kind,
+        "seed": cfg.seed,
+        "path": fed.infos[0]["path"],
+        "num_workers": cfg.ray.num_workers,
+        "acc_global_DG": clean(ev.get("acc_global_DG", describe([]))),
+        "acc_global_DI": clean(glob or describe([])),
+        "acc_personalized_DI": clean(pers or describe([])),
+        "personalization_gain": finite_or_none(pers.get("mean", math.nan) - glob.get("mean", math.nan)),
+        "eval_individuals": len(fed.eval_ids),
+        "dropouts": dropouts,
+        "clients_per_s": clients / secs if secs > 0 else None,
+        "s_per_round": secs / rounds if rounds else None,
+        "peak_rss_mib": fed.peak_rss_mib(),
+        "run_dir": str(run_dir),
+    }
+
+
+def resume_config(run_dir: Path) -> ExperimentConfig:
+    """The config a run was started with (its run dir's config.yaml)."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    return from_dict(yaml.safe_load(path.read_text()), source=str(path))

@@ -1,0 +1,31 @@
+"""Which clients take part in a round: seeded cohort sampling and simulated dropout (pure)."""
+from __future__ import annotations
+
+import numpy as np
+
+from sim.seeding import np_rng
+
+
+def sample_cohort(seed: int, rnd: int, num_clients: int, k: int) -> np.ndarray:
+    """k distinct client ids drawn uniformly for round `rnd` (sorted, so work splits are stable)."""
+    if not 1 <= k <= num_clients:
+        raise ValueError(f"cohort size {k} must be in [1, {num_clients}]")
+    return np.sort(np_rng(seed, "cohort", rnd).choice(num_clients, size=k, replace=False))
+
+
+def apply_dropout(seed: int, rnd: int, cohort: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray]:
+    """(survivors, dropped): each sampled client independently fails to report with probability p."""
+    if p <= 0:
+        return cohort, cohort[:0]
+    drop = np_rng(seed, "dropout", rnd).random(len(cohort)) < p
+    return cohort[~drop], cohort[drop]
+
+
+def eval_individuals(seed: int, num_clients: int, k: int) -> np.ndarray:
+    """The fixed panel of individuals evaluated every evaluation round."""
+    return np.sort(np_rng(seed, "eval-individuals").choice(num_clients, size=min(k, num_clients), replace=False))
+
+
+def split_even(ids: np.ndarray, parts: int) -> list[list[int]]:
+    """Contiguous, near-equal shards (one per worker, empty shards dropped)."""
+    return [s.tolist() for s in np.array_split(ids, parts) if len(s)]

@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+
+from actors.aggregator import AggregationError, Aggregator
+from actors.client_worker import UpdateMessage
+from sim.config import AlgorithmConfig
+
+
+def msg(rnd, worker, vec, weight, ids):
+    return UpdateMessage(round=rnd, worker=worker, weighted_sum=np.asarray(vec, dtype=np.float32), weight=weight,
+                         num_clients=len(ids), client_ids=ids, train_loss_sum=1.0 * len(ids), compute_s=0.0)
+
+
+def test_weighted_mean_and_server_lr():
+    agg = Aggregator(AlgorithmConfig(server_lr=0.5), 3)
+    g = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    # worker 0: two clients, weights 1 and 3, updates (1,1,1) and (2,0,0) -> sum (7,1,1), weight 4
+    new, met = agg.aggregate(0, g, msg(0, 0, [7, 1, 1], 4.0, [0, 1]), msg(0, 1, [1, 3, 3], 4.0, [5]))
+    np.testing.assert_allclose(new, g + 0.5 * np.array([8, 4, 4]) / 8.0, rtol=1e-6)
+    assert met["clients"] == 3 and met["train_loss"] == pytest.approx(1.0) and not met["skipped"]
+
+
+def test_no_survivors_keeps_model():
+    agg = Aggregator(AlgorithmConfig(), 2)
+    g = np.array([1.0, -1.0], dtype=np.float32)
+    new, met = agg.aggregate(3, g)
+    assert met["skipped"] and np.array_equal(new, g)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: msg(1, 0, [0, 0], 1.0, [0]), "is for round 1"),
+    (lambda: msg(0, 0, [0, 0, 0], 1.0, [0]), "sent 3 parameters, expected 2"),
+    (lambda: msg(0, 0, [np.nan, 0], 1.0, [0]), "non-finite"),
+])
+def test_bad_messages_abort_without_change(bad, match):
+    agg = Aggregator(AlgorithmConfig(), 2)
+    with pytest.raises(AggregationError, match=match):
+        agg.aggregate(0, np.zeros(2, np.float32), bad())
+    assert agg.rounds_done == 0
+
+
+def test_duplicate_clients_rejected():
+    agg = Aggregator(AlgorithmConfig(), 1)
+    with pytest.raises(AggregationError, match="reported twice"):
+        agg.aggregate(0, np.zeros(1, np.float32), msg(0, 0, [1], 1.0, [4]), msg(0, 1, [1], 1.0, [4]))

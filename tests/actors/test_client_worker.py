@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+import torch
+
+from actors.client_worker import ClientWorker
+from sim.config import from_dict
+from sim.seeding import np_rng
+from tests.conftest import tiny_raw
+
+
+@pytest.fixture(scope="module")
+def worker():
+    return ClientWorker(from_dict(tiny_raw()))
+
+
+def test_message_is_the_weighted_sum_of_client_updates(worker):
+    g = torch.as_tensor(np.random.default_rng(0).normal(0, 0.1, worker.n_params), dtype=torch.float32)
+    ids = [3, 11, 25]
+    m = worker.train(5, g.numpy(), ids)
+    assert m.round == 5 and m.client_ids == ids and m.num_clients == 3
+    expected = torch.zeros_like(g)
+    weight = 0.0
+    for c in ids:  # one client at a time, the way a reader would compute it
+        d = worker.data.client(c)
+        u, _ = worker.algorithm.client_update(worker.model, g, [d.x_train], [d.y_train],
+                                              [np_rng(worker.cfg.seed, "local-batches", 5, c)], "loop")
+        w = worker.algorithm.client_weight(len(d.y_train))
+        expected += w * u[0]
+        weight += w
+    np.testing.assert_allclose(m.weighted_sum, expected.numpy(), atol=1e-5)
+    assert m.weight == weight
+
+
+def test_vmap_and_loop_workers_agree():
+    raw = tiny_raw()
+    msgs = []
+    for path in ("vmap", "loop"):
+        raw["ray"] = {**raw["ray"], "path": path}
+        w = ClientWorker(from_dict(raw))
+        assert w.path == path
+        g = np.zeros(w.n_params, np.float32) + 0.01
+        msgs.append(w.train(0, g, [0, 1, 2, 3, 4]))
+    np.testing.assert_allclose(msgs[0].weighted_sum, msgs[1].weighted_sum, atol=1e-5)
+
+
+def test_evaluate_and_global_shards(worker):
+    g = np.zeros(worker.n_params, np.float32)
+    ev = worker.evaluate(g, [1, 2, 3, 4])
+    assert ev["client_ids"] == [1, 2, 3, 4]
+    for k in ("acc_global_DI", "acc_personalized_DI"):
+        assert ev[k].shape == (4,) and ((ev[k] >= 0) & (ev[k] <= 1)).all()
+    whole = worker.evaluate_global(g)
+    parts = [worker.evaluate_global(g, i, 3) for i in range(3)]
+    assert sum(p["total"] for p in parts) == whole["total"] == len(worker.data.global_data()[1])
+    assert sum(p["correct"] for p in parts) == whole["correct"]

@@ -1,0 +1,36 @@
+"""Shared fixtures: one local Ray for the whole test session, tiny configs."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def tiny_raw(tmp_path=None, **sections) -> dict:
+    """A small writers experiment (seconds to run) as a raw dict; `sections` override per section."""
+    raw = {
+        "seed": 3,
+        "data": {"kind": "writers", "num_clients": 40, "samples_per_client": 30, "global_clients": 4,
+                 "writers": {"alpha": 0.5}},
+        "model": {"kind": "mlp", "hidden": [32]},
+        "algorithm": {"name": "fedavg", "batch_size": 8, "lr": 0.1},
+        "federation": {"rounds": 4, "clients_per_round": 10},
+        "eval": {"every": 2, "num_individuals": 8, "finetune_steps": 5},
+        "ray": {"num_workers": 2, "num_cpus_per_worker": 0.5},
+        "run": {"name": "t", "out_dir": str(tmp_path or "runs"), "checkpoint_every": 1, "progress": False},
+    }
+    for k, v in sections.items():
+        raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
+    return raw

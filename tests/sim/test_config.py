@@ -1,0 +1,70 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sim import config as C
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def err(raw) -> str:
+    with pytest.raises(C.ConfigError) as e:
+        C.from_dict(raw)
+    return str(e.value)
+
+
+def test_defaults_and_quickstart_load():
+    cfg = C.load()  # the built-in quickstart
+    assert cfg.data.kind == "writers" and cfg.federation.rounds >= 1
+    for name in ("bench_w1.yaml", "bench_w2.yaml"):
+        C.load(ROOT / "configs" / name)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"federation": {"roundz": 3}}, "federation.roundz: unknown key"),
+    ({"federation": {"rounds": "3"}}, "federation.rounds: Input should be a valid integer"),
+    ({"federation": {"rounds": 0}}, "federation.rounds: Input should be greater than or equal to 1"),
+    ({"algorithm": {"name": "sgd"}}, "algorithm.name:"),
+    ({"data": {"kind": "femnist"}}, "data.femnist.path: required"),
+    ({"data": {"num_clients": 5}, "federation": {"clients_per_round": 6}}, "federation.clients_per_round: must be <="),
+    ({"data": {"writers": {"alpha": -1}}}, "data.writers.alpha: Input should be greater than 0"),
+    ({"nonsense": 1}, "nonsense: unknown key"),
+    ([1, 2], "expected a mapping"),
+])
+def test_bad_values_name_the_key(raw, expected):
+    assert expected in err(raw)
+
+
+def test_overrides_and_yaml_errors(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("federation:\n  rounds: 2\n")
+    assert C.load(p, ["federation.rounds=5", "data.writers.flips=true"]).federation.rounds == 5
+    with pytest.raises(C.ConfigError, match="expected key.path=value"):
+        C.load(p, ["federation.rounds"])
+    p.write_text("federation: [unclosed\n")
+    with pytest.raises(C.ConfigError, match=r"not valid YAML \(line"):
+        C.load(p)
+    with pytest.raises(C.ConfigError, match="config file not found"):
+        C.load(tmp_path / "missing.yaml")
+
+
+def test_cli_exits_2_with_one_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("federation:\n  rounds: many\n")
+    r = subprocess.run([sys.executable, "-m", "sim.cli", "run", str(p)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "federation.rounds" in lines[0] and "Traceback" not in r.stderr
+    assert "integer" in lines[0]
+
+
+def test_cli_missing_femnist_path(tmp_path):
+    p = tmp_path / "f.yaml"
+    p.write_text(f"data:\n  kind: femnist\n  femnist:\n    path: {tmp_path / 'nope'}\n")
+    r = subprocess.run([sys.executable, "-m", "sim.cli", "run", str(p), "--no-progress"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "data.femnist.path" in lines[0]
