@@ -73,7 +73,7 @@ class Aggregator:
             # every sampled client dropped out: the round completes and the model stays
             metrics.update(skipped=True, update_norm=0.0)
             return np.asarray(global_params, dtype=np.float32).copy(), metrics
-        g = torch.as_tensor(np.asarray(global_params, dtype=np.float32))
+        g = torch.tensor(global_params, dtype=torch.float32)
         mean = torch.as_tensor(total / weight, dtype=torch.float32)
         new, server_metrics = self.algorithm.server_update(g, mean)
         if not torch.isfinite(new).all():

@@ -78,7 +78,7 @@ class ClientWorker:
         return [cids[i:i + size] for i in range(0, len(cids), size)]
 
     def _global(self, global_params: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(global_params, dtype=np.float32)).to(self.device)
+        return torch.tensor(global_params, dtype=torch.float32, device=self.device)
 
     # ------------------------------------------------------------ training
     def train(self, rnd: int, global_params: np.ndarray, cids: Sequence[int]) -> UpdateMessage:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sim.algorithms.local import GradFn, batch_schedule, sgd, train_loop, train_vmap
+from sim.algorithms.local import Ops, batch_schedule, train_loop, train_vmap
 from sim.config import AlgorithmConfig
 from sim.models import Params
 
@@ -32,7 +32,7 @@ class Algorithm(ABC):
 
     # ------------------------------------------------------------ client rule
     @abstractmethod
-    def step(self, grad_fn: GradFn, params: Params, batches: Sequence[Batch]) -> tuple[Params, torch.Tensor]:
+    def step(self, ops: Ops, params: Params, batches: Sequence[Batch]) -> tuple[Params, torch.Tensor]:
         """One local step of one client; pure, so it can run under vmap."""
 
     def schedules(self, n_train: int, gen: np.random.Generator) -> list[list[np.ndarray]]:
@@ -66,7 +66,7 @@ class SGDClient(Algorithm):
         super().__init__(cfg)
         self.lr = cfg.lr if lr is None else lr
 
-    def step(self, grad_fn, params, batches):
+    def step(self, ops, params, batches):
         (x, y, m), = batches
-        g, loss = grad_fn(params, x, y, m)
-        return sgd(params, g, self.lr), loss
+        g, loss = ops.grad(params, x, y, m)
+        return ops.descend(params, g, self.lr), loss

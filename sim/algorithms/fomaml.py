@@ -14,9 +14,9 @@ class FOMAML(Algorithm):
     weighted_default = True
     batches_per_step = 2
 
-    def step(self, grad_fn, params, batches):
+    def step(self, ops, params, batches):
         (x1, y1, m1), (x2, y2, m2) = batches
-        g_inner, _ = grad_fn(params, x1, y1, m1)
-        adapted = sgd(params, g_inner, self.cfg.inner_lr)
-        g_outer, loss = grad_fn(adapted, x2, y2, m2)
-        return sgd(params, g_outer, self.cfg.lr), loss
+        g_inner, _ = ops.grad(params, x1, y1, m1)
+        adapted = sgd(params, g_inner, self.cfg.inner_lr)       # a copy: theta itself must not move yet
+        g_outer, loss = ops.grad(adapted, x2, y2, m2)
+        return ops.descend(params, g_outer, self.cfg.lr), loss

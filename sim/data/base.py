@@ -89,4 +89,4 @@ def split_clients(cids: Sequence[int], x: torch.Tensor, y: torch.Tensor, n_train
     xs = [t.clone() for t in x.unbind(0)]
     ys = [t.clone() for t in y.unbind(0)]
     return [ClientData(cid=cid, x_train=xi[:n_train], y_train=yi[:n_train], x_test=xi[n_train:], y_test=yi[n_train:])
-            for cid, xi, yi in zip(cids, xs, ys)]
+            for cid, xi, yi in zip(cids, xs, ys, strict=True)]

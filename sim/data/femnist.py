@@ -28,11 +28,11 @@ LEAF_CLASSES = 62  # digits, upper- and lower-case letters
 
 class FemnistDataset(FederatedDataset):
     def __init__(self, cfg: DataConfig, seed: int):
-        users = load_leaf(cfg.femnist.path)  # sorted uid -> (x (n, 784), y (n,))
+        users = load_leaf(cfg.femnist.path)  # uid -> (x (n, 784), y (n,))
         if len(users) <= cfg.global_clients:
             raise ConfigError(
-                f"data.global_clients: {cfg.global_clients} writers are held out for D_G, but "
-                f"{cfg.femnist.path} has only {len(users)} writers with samples; need at least "
+                f"data.global_clients: {cfg.global_clients} users are held out for D_G, but "
+                f"{cfg.femnist.path} has only {len(users)} users with samples; need at least "
                 f"{cfg.global_clients + 1} to leave one for the federation")
         uids = sorted(users)
         federation = uids[:len(uids) - cfg.global_clients][:cfg.num_clients]
@@ -120,7 +120,7 @@ def _user_arrays(f: Path, uid: str, data: object) -> tuple[np.ndarray, np.ndarra
         x = np.asarray(data["x"], dtype=np.float32)
         y = np.asarray(data["y"], dtype=np.int64)
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: 'x' must be a list of {PIXELS}-value images, 'y' a list of integer labels") from None
+        raise ConfigError(f"{where}: 'x' must be a list of {PIXELS}-value images, 'y' a list of labels") from None
     if x.size == 0:
         x = x.reshape(0, PIXELS)  # a writer with no samples; dropped after merging
     if x.ndim != 2 or x.shape[1] != PIXELS:

@@ -7,7 +7,7 @@ shapes (62 classes, 1x28x28) without FEMNIST's download and parsing.
 
 Speed: fresh Gaussian pixels would dominate generation (100 clients x 64 samples x 784 pixels), so eps
 is the normalised sum of two rows of a seeded N(0, I) bank picked per sample. Each sample's eps is still
-exactly N(0, I); samples only share noise with the few others that pick the same pair of rows.
+exactly N(0, I); two samples' noises are correlated only when they happen to pick a common row.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class PrototypesDataset(FederatedDataset):
         rows = self._draw(FED_STREAM, cids)  # (C, n, 3)
         k = self.n_train
         out = []
-        for cid, r in zip(cids, rows.unbind(0)):
+        for cid, r in zip(cids, rows.unbind(0), strict=True):
             # one embedding_bag per client: each client owns its storage, so pickling it ships no batch
             x = F.embedding_bag(r, self.table, mode="sum").view(-1, *self.input_shape)  # (n, *input_shape)
             y = r[:, 0].clone()  # the label is the prototype row

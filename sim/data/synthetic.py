@@ -24,7 +24,7 @@ from sim.data.base import ClientData, FederatedDataset, check_cids, split_client
 from sim.seeding import np_rng
 
 FED_STREAM, GLOBAL_STREAM = "synthetic-device", "synthetic-global-device"
-CHUNK = 1024  # devices generated per batch, bounding the temporaries of huge requests
+CHUNK = 256  # devices generated per batch, bounding the temporaries of huge requests
 
 
 class SyntheticDataset(FederatedDataset):
