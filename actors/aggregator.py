@@ -19,7 +19,7 @@ import torch
 from sim.algorithms import build_algorithm
 from sim.config import AlgorithmConfig
 
-from actors.client_worker import UpdateMessage
+from actors.client_worker import UpdateMessage, peak_rss_mib
 
 
 class AggregationError(RuntimeError):
@@ -81,6 +81,9 @@ class Aggregator:
         self.rounds_done += 1
         metrics.update(server_metrics, skipped=False)
         return new.numpy(), metrics
+
+    def peak_rss_mib(self) -> float:
+        return peak_rss_mib()
 
 
 # Thin actor wrapper: the aggregator needs no CPU reservation of its own (it only adds vectors).

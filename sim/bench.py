@@ -16,6 +16,7 @@ import numpy as np
 import ray
 
 from sim.config import ExperimentConfig, load
+from sim.data import build_dataset
 from sim.runner import Federation, init_ray
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -32,9 +33,11 @@ def workload_config(workload: str, overrides: list[str]) -> ExperimentConfig:
 
 
 def run_bench(cfg: ExperimentConfig, rounds: int = 5, warmup: int = 1, workload: str = "") -> dict:
+    data = build_dataset(cfg.data, cfg.seed)
     started = init_ray(cfg.ray.address)
-    fed = Federation(cfg)
+    fed = None
     try:
+        fed = Federation(cfg, data)
         g = fed.init_params
         for r in range(warmup):
             g = fed.train_round(r, g).global_params
@@ -52,6 +55,7 @@ def run_bench(cfg: ExperimentConfig, rounds: int = 5, warmup: int = 1, workload:
                 "clients_per_s": clients / total, "peak_rss_mib": fed.peak_rss_mib(),
                 "n_params": fed.n_params, "cluster_cpus": ray.cluster_resources().get("CPU", 0.0)}
     finally:
-        fed.shutdown()
+        if fed is not None:
+            fed.shutdown()
         if started:
             ray.shutdown()

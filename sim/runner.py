@@ -22,7 +22,7 @@ from actors.aggregator import AggregatorActor
 from actors.client_worker import ClientWorkerActor, peak_rss_mib
 from sim import checkpoint as ckpt
 from sim.config import ConfigError, ExperimentConfig, from_dict, to_yaml
-from sim.data import build_dataset
+from sim.data import FederatedDataset, build_dataset
 from sim.metrics import MetricsLog, describe, finite_or_none
 from sim.models import build_model, init_params, num_params
 from sim.sampling import apply_dropout, eval_individuals, sample_cohort, split_even
@@ -68,15 +68,16 @@ class RoundResult:
 class Federation:
     """The actor pool for one experiment config."""
 
-    def __init__(self, cfg: ExperimentConfig):
+    def __init__(self, cfg: ExperimentConfig, data: FederatedDataset | None = None):
         self.cfg = cfg
+        # Probe the data on the driver first: bad paths fail before any actor starts; the shapes
+        # and the number of clients (FEMNIST decides it) come from here.
+        data = data or build_dataset(cfg.data, cfg.seed)
         cpus, gpus = worker_resources(cfg)
         raw = cfg.model_dump(mode="json")
         threads = max(1, int(cpus))
         self.workers = [ClientWorkerActor.options(num_cpus=cpus, num_gpus=gpus).remote(raw, i, threads)
                         for i in range(cfg.ray.num_workers)]
-        # Probe the data on the driver once: shapes, and the number of clients (FEMNIST decides it).
-        data = build_dataset(cfg.data, cfg.seed)
         self.num_clients = data.num_clients
         model = build_model(cfg.model, data.input_shape, data.num_classes)
         self.n_params = num_params(model)
@@ -113,8 +114,9 @@ class Federation:
                 "acc_personalized_DI": np.concatenate([p["acc_personalized_DI"] for p in parts])}
 
     def peak_rss_mib(self) -> float:
-        """Sum of peak RSS of the driver and every actor: an upper bound on the simulation's memory."""
-        actors = ray.get([w.peak_rss_mib.remote() for w in self.workers])
+        """Sum of the peak RSS of the driver and of every actor (workers and aggregator): an upper
+        bound on the simulation's memory. Ray's own daemons (raylet, GCS) are not counted."""
+        actors = ray.get([a.peak_rss_mib.remote() for a in (*self.workers, self.aggregator)])
         return peak_rss_mib() + sum(actors)
 
     def shutdown(self) -> None:
@@ -149,6 +151,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, resume: b
                    progress: ProgressFn | None = None) -> tuple[Path, dict]:
     """Run (or resume) an experiment; returns (run_dir, summary). Ctrl-C saves a checkpoint of the
     last completed round and re-raises KeyboardInterrupt."""
+    data = build_dataset(cfg.data, cfg.seed)  # errors in the data config surface before any side effect
     if resume:
         if run_dir is None:
             raise ValueError("resume needs a run directory")
@@ -160,11 +163,13 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, resume: b
         state = None
 
     started = init_ray(cfg.ray.address)
-    fed = Federation(cfg)
     try:
-        return run_dir, _loop(cfg, fed, run_dir, state, progress)
+        fed = Federation(cfg, data)
+        try:
+            return run_dir, _loop(cfg, fed, run_dir, state, progress)
+        finally:
+            fed.shutdown()
     finally:
-        fed.shutdown()
         if started:
             ray.shutdown()
 

@@ -140,3 +140,14 @@ def test_a_cohort_of_1000_writers_renders_fast():
     finally:
         torch.set_num_threads(threads)
     assert elapsed < 1.0  # ~0.1 s on one core; the bound only catches a lost vectorization
+
+
+def test_digits_table_matches_sklearn_load_digits():
+    from sklearn.datasets import load_digits
+
+    from sim.data.writers import _digits
+
+    images, labels = _digits()
+    ref = load_digits()
+    np.testing.assert_allclose(images.numpy(), ref.images / 16.0, rtol=1e-6)
+    np.testing.assert_array_equal(labels, ref.target)
