@@ -1,0 +1,69 @@
+"""The typer app in-process (on the session's Ray), and the notebook against a real run dir."""
+import json
+from pathlib import Path
+
+import matplotlib
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from sim.cli import app
+from tests.conftest import tiny_raw
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    cfg = tmp / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_raw(tmp)))
+    res = CliRunner().invoke(app, ["run", str(cfg), "--no-progress", "--set", "federation.rounds=2"])
+    assert res.exit_code == 0, res.output
+    return Path(res.output.strip().splitlines()[-1]), res.output
+
+
+def test_run_prints_table_then_run_dir(finished_run):
+    run_dir, output = finished_run
+    assert (run_dir / "summary.json").is_file()
+    assert "acc(D_I), personalized" in output and "acc(D_G), global model" in output
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 2
+
+
+def test_report(finished_run):
+    run_dir, _ = finished_run
+    res = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert res.exit_code == 0 and "acc(D_I), global model" in res.output
+
+
+def test_resume_of_a_finished_run_is_a_no_op(finished_run):
+    run_dir, _ = finished_run
+    before = json.loads((run_dir / "summary.json").read_text())
+    res = CliRunner().invoke(app, ["run", "--resume", str(run_dir), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    after = json.loads((run_dir / "summary.json").read_text())
+    assert after["acc_personalized_DI"] == before["acc_personalized_DI"]
+
+
+def test_bench_json_last_line(ray_session):
+    res = CliRunner().invoke(app, ["bench", "--workload", "w2", "--rounds", "1", "--json",
+                                   "--set", "data.num_clients=60", "--set", "federation.clients_per_round=20",
+                                   "--set", "ray.num_cpus_per_worker=0.5"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert out["path"] == "vmap" and out["clients_per_s"] > 0 and out["s_per_round"] > 0 and out["peak_rss_mib"] > 0
+
+
+def test_notebook_runs_on_a_run_dir(finished_run, monkeypatch):
+    run_dir, _ = finished_run
+    matplotlib.use("Agg")
+    monkeypatch.setattr("matplotlib.pyplot.show", lambda *a, **k: None)
+    nb = json.loads((ROOT / "notebooks" / "explore_run.ipynb").read_text())
+    scope: dict = {}
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        src = "".join(cell["source"]).replace("run_dir = runs[-1].parent", f"run_dir = Path({str(run_dir)!r})")
+        exec(compile(src, "explore_run.ipynb", "exec"), scope)
+    assert scope["summary"]["rounds"] == 2 and len(scope["last"]) == 8
