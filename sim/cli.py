@@ -69,6 +69,9 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (
         address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start local Ray)")] = None,
         progress: Annotated[bool, typer.Option(help="show a progress bar")] = True) -> None:
     """Run an experiment; prints a summary table and, last, the run directory."""
+    from ray.exceptions import RayTaskError
+
+    from actors.aggregator import AggregationError
     from sim.runner import resume_config, run_experiment
 
     if resume is not None:
@@ -94,6 +97,13 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (
         err.print("[yellow]interrupted[/]: the last completed round is checkpointed; "
                   "continue with `fedmeta run --resume RUN_DIR`")
         raise typer.Exit(130)
+    except RayTaskError as e:
+        cause = e.as_instanceof_cause()
+        if not isinstance(cause, AggregationError):
+            raise
+        print(f"error: {cause.args[0] if cause.args else cause}; the global model was not changed and the last "
+              "completed round is checkpointed", file=sys.stderr)
+        raise typer.Exit(1)
     out.print(summary_table(summary))
     print(run_dir)
 

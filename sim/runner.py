@@ -149,8 +149,8 @@ ProgressFn = Callable[[int, int, dict], None]
 
 def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = False,
                    progress: ProgressFn | None = None) -> tuple[Path, dict]:
-    """Run (or resume) an experiment; returns (run_dir, summary). Ctrl-C saves a checkpoint of the
-    last completed round and re-raises KeyboardInterrupt."""
+    """Run (or resume) an experiment; returns (run_dir, summary). Ctrl-C or a failing round saves a
+    checkpoint of the last completed round and re-raises."""
     data = build_dataset(cfg.data, cfg.seed)  # errors in the data config surface before any side effect
     if resume:
         if run_dir is None:
@@ -207,8 +207,10 @@ def _loop(cfg: ExperimentConfig, fed: Federation, run_dir: Path, state: ckpt.Che
                 checkpoint()
             if progress:
                 progress(done, rounds, shown)
-    except KeyboardInterrupt:
-        checkpoint()  # g is the model after the last *completed* round
+    except BaseException:
+        # Ctrl-C or a failed round (e.g. the aggregator refused non-finite updates): keep what is
+        # good. g is the model after the last *completed* round, so `--resume` continues from there.
+        checkpoint()
         raise
 
     summary = build_summary(cfg, fed, log, done, clients, secs, dropouts, run_dir)

@@ -70,3 +70,18 @@ def test_impossible_pool_is_a_clear_error(ray_session, tmp_path):
     cfg = from_dict(tiny_raw(tmp_path, ray={"num_workers": 4, "num_cpus_per_worker": 1.0}))
     with pytest.raises(ConfigError, match="ray.num_cpus_per_worker: 4 workers x 1 CPUs needs 4"):
         run_experiment(cfg)
+
+
+def test_a_failing_round_leaves_the_last_good_checkpoint(ray_session, tmp_path):
+    from ray.exceptions import RayTaskError
+
+    from actors.aggregator import AggregationError
+
+    raw = tiny_raw(tmp_path, algorithm={"lr": 1e30})  # diverges at once: non-finite updates
+    cfg = from_dict(raw)
+    run_dir = tmp_path / "diverged"
+    with pytest.raises(RayTaskError) as e:
+        run_experiment(cfg, run_dir=run_dir)
+    assert isinstance(e.value.as_instanceof_cause(), AggregationError)
+    ck = ckpt.load(run_dir)
+    assert ck.round == 0 and np.isfinite(ck.global_params).all()
