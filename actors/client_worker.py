@@ -17,7 +17,7 @@ import ray
 import torch
 
 from sim.algorithms import SGDClient, build_algorithm
-from sim.algorithms.local import accuracies_stacked, accuracy_flat
+from sim.algorithms.local import accuracies_stacked, predictions_hit
 from sim.config import AlgorithmConfig, ExperimentConfig, from_dict
 from sim.data import build_dataset
 from sim.models import build_model, num_params
@@ -125,13 +125,12 @@ class ClientWorker:
         return {"client_ids": out_ids, "acc_global_DI": torch.cat(acc_g).numpy(),
                 "acc_personalized_DI": torch.cat(acc_p).numpy()}
 
-    def evaluate_global(self, global_params: np.ndarray, shard: int = 0, num_shards: int = 1) -> dict:
-        """Correct predictions of the global model on shard `shard` of D_G (workers split D_G)."""
+    def evaluate_global(self, global_params: np.ndarray, shard: int = 0, num_shards: int = 1) -> np.ndarray:
+        """Per-sample hits (bool) of the global model on shard `shard` of D_G (workers split D_G)."""
         x, y = self.data.global_data()
         n = len(y)
         lo, hi = n * shard // num_shards, n * (shard + 1) // num_shards
-        acc = accuracy_flat(self.model, self._global(global_params), x[lo:hi], y[lo:hi])
-        return {"correct": 0 if hi == lo else round(acc * (hi - lo)), "total": hi - lo}
+        return predictions_hit(self.model, self._global(global_params), x[lo:hi], y[lo:hi]).numpy()
 
     def peak_rss_mib(self) -> float:
         return peak_rss_mib()

@@ -23,8 +23,7 @@ def plot_run(log: MetricsLog, run_dir: Path) -> list[Path]:
         if d.empty:
             continue
         ax.plot(d.index, d["mean"], marker="o", label=label)
-        if metric != "acc_global_DG":
-            ax.fill_between(d.index, d["mean"] - d["sd"], d["mean"] + d["sd"], alpha=0.15)
+        ax.fill_between(d.index, d["mean"] - d["sd"], d["mean"] + d["sd"], alpha=0.15)
     ax.set(xlabel="round", ylabel="accuracy", title="Accuracy over rounds (band: ±1 sd across individuals)")
     ax.legend()
     ax.grid(alpha=0.3)

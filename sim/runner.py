@@ -84,6 +84,7 @@ class Federation:
         self.init_params = init_params(model, torch_gen(cfg.seed, "init")).numpy()
         self.aggregator = AggregatorActor.remote(cfg.algorithm.model_dump(), self.n_params)
         self.infos = ray.get([w.info.remote() for w in self.workers])  # fail fast if an actor cannot start
+        self.global_sizes = data.global_sizes()
         self.eval_ids = eval_individuals(cfg.seed, self.num_clients, cfg.eval.num_individuals)
         if cfg.federation.clients_per_round > self.num_clients:
             raise ConfigError(f"federation.clients_per_round: {cfg.federation.clients_per_round} exceeds the "
@@ -104,11 +105,11 @@ class Federation:
         n = len(self.workers)
         shards = split_even(self.eval_ids, n)
         ind = [w.evaluate.remote(g_ref, s, rnd) for w, s in zip(self.workers, shards)]
-        dg = ray.get([w.evaluate_global.remote(g_ref, i, n) for i, w in enumerate(self.workers)])
+        hits = np.concatenate(ray.get([w.evaluate_global.remote(g_ref, i, n) for i, w in enumerate(self.workers)]))
         parts = ray.get(ind)
-        total = sum(d["total"] for d in dg)
-        acc_dg = sum(d["correct"] for d in dg) / max(total, 1)
-        return {"acc_DG": acc_dg,
+        # D_G is laid out one block per individual: accuracy per D_G individual (the fairness view)
+        blocks = np.split(hits, np.cumsum(self.global_sizes)[:-1])
+        return {"acc_DG": np.array([b.mean() if len(b) else np.nan for b in blocks]),
                 "client_ids": [c for p in parts for c in p["client_ids"]],
                 "acc_global_DI": np.concatenate([p["acc_global_DI"] for p in parts]),
                 "acc_personalized_DI": np.concatenate([p["acc_personalized_DI"] for p in parts])}
@@ -200,7 +201,7 @@ def _loop(cfg: ExperimentConfig, fed: Federation, run_dir: Path, state: ckpt.Che
             shown = {"clients_per_s": cps}
             if done % every == 0 or done == rounds:
                 ev = fed.evaluate(done, g)
-                stats = log.add_eval(done, describe_dg(ev["acc_DG"]), ev["client_ids"],
+                stats = log.add_eval(done, describe(ev["acc_DG"]), ev["client_ids"],
                                      ev["acc_global_DI"], ev["acc_personalized_DI"])
                 shown.update({k: v["mean"] for k, v in stats.items()})
             if done % cfg.run.checkpoint_every == 0 or done == rounds:
@@ -218,11 +219,6 @@ def _loop(cfg: ExperimentConfig, fed: Federation, run_dir: Path, state: ckpt.Che
     from sim.plots import plot_run  # matplotlib only when a run finishes
     plot_run(log, run_dir)
     return summary
-
-
-def describe_dg(acc: float) -> dict[str, float]:
-    """acc(D_G) of the one global model: a single value, written in the same four-stat shape."""
-    return {"mean": acc, "sd": 0.0, "min": acc, "max": acc}
 
 
 def build_summary(cfg: ExperimentConfig, fed: Federation, log: MetricsLog, rounds: int, clients: int,

@@ -196,17 +196,18 @@ def _pad_data(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], device) ->
 
 # ---------------------------------------------------------------- evaluation
 @torch.no_grad()
-def accuracy_flat(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                  chunk: int = 4096) -> float:
-    """Accuracy of the parameters `flat` on (x, y), in chunks to bound memory."""
-    if len(y) == 0:
-        return float("nan")
+def predictions_hit(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                    chunk: int = 4096) -> torch.Tensor:
+    """(n,) bool: does the model with parameters `flat` classify each sample right? In chunks to bound memory."""
     params = unflatten(flat, param_shapes(model))
-    correct = 0
-    for i in range(0, len(y), chunk):
-        logits = functional_call(model, params, (x[i:i + chunk].to(flat.device),))
-        correct += int((logits.argmax(-1) == y[i:i + chunk].to(flat.device)).sum())
-    return correct / len(y)
+    hits = [functional_call(model, params, (x[i:i + chunk].to(flat.device),)).argmax(-1).cpu() == y[i:i + chunk]
+            for i in range(0, len(y), chunk)]
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+
+
+def accuracy_flat(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Accuracy of the parameters `flat` on (x, y); NaN without samples."""
+    return float(predictions_hit(model, flat, x, y).float().mean()) if len(y) else float("nan")
 
 
 @torch.no_grad()

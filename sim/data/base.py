@@ -36,6 +36,7 @@ class FederatedDataset(ABC):
     num_clients: int
     num_classes: int
     input_shape: tuple[int, ...]
+    global_clients: int  # individuals behind D_G
 
     @abstractmethod
     def clients(self, cids: Sequence[int]) -> list[ClientData]:
@@ -47,6 +48,12 @@ class FederatedDataset(ABC):
     @abstractmethod
     def global_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         """D_G as (x, y); computed once and cached."""
+
+    def global_sizes(self) -> list[int]:
+        """Samples of each D_G individual, in the order `global_data()` lays them out (one block
+        each), so accuracy on D_G can be reported per individual (mean/sd/min/max)."""
+        n, k = len(self.global_data()[1]), self.global_clients
+        return [n // k] * k
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(num_clients={self.num_clients}, num_classes={self.num_classes}, "

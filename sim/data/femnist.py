@@ -58,6 +58,9 @@ class FemnistDataset(FederatedDataset):
             self._global = self._images(x), torch.from_numpy(y)
         return self._global
 
+    def global_sizes(self) -> list[int]:
+        return [len(y) for _, y in self._global_users]
+
     def _client(self, cid: int) -> ClientData:
         x, y = self._users[cid]
         perm = np_rng(self.seed, "femnist-split", cid).permutation(len(y))

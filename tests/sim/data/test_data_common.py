@@ -187,3 +187,12 @@ def test_split_sizes_follow_train_fraction(n, fraction):
 def test_check_cids_returns_plain_ints():
     assert check_cids(range(3), 3) == [0, 1, 2]
     assert all(type(i) is int for i in check_cids(np.arange(3), 3))
+
+
+@pytest.mark.parametrize("kind", ["writers", "synthetic", "prototypes"])
+def test_global_sizes_cover_global_data_one_block_per_individual(kind):
+    from sim.config import DataConfig
+    from sim.data import build_dataset
+
+    d = build_dataset(DataConfig(kind=kind, num_clients=5, samples_per_client=12, global_clients=3), seed=1)
+    assert d.global_sizes() == [12, 12, 12] and len(d.global_data()[1]) == 36

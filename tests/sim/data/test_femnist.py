@@ -53,8 +53,12 @@ def test_users_are_sorted_and_the_last_form_d_g(leaf_dir):
     assert ds.num_clients == 4 and ds.num_classes == 62 and ds.input_shape == (1, 28, 28)
     gx, gy = ds.global_data()
     assert gx.shape == (2 * 14, 1, 28, 28) and gy.shape == (28,)
-    owners = {round(v * 10) for v in gx[:, 0, 0, 0].tolist()}
-    assert owners == {USERS.index(u) for u in ordered[4:]}
+    owners = [round(v * 10) for v in gx[:, 0, 0, 0].tolist()]
+    assert set(owners) == {USERS.index(u) for u in ordered[4:]}
+    # global_sizes: one contiguous block per D_G user, in global_data() order
+    sizes = ds.global_sizes()
+    assert sum(sizes) == 28 and len(sizes) == 2
+    assert len(set(owners[:sizes[0]])) == 1 and len(set(owners[sizes[0]:])) == 1
 
 
 def test_a_users_samples_are_merged_across_files_then_split(leaf_dir):
