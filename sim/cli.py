@@ -96,14 +96,14 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: the last completed round is checkpointed; "
                   "continue with `fedmeta run --resume RUN_DIR`")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except RayTaskError as e:
         cause = e.as_instanceof_cause()
         if not isinstance(cause, AggregationError):
             raise
         print(f"error: {cause.args[0] if cause.args else cause}; the global model was not changed and the last "
               "completed round is checkpointed", file=sys.stderr)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     out.print(summary_table(summary))
     print(run_dir)
 

@@ -16,7 +16,6 @@ from typing import Callable
 
 import numpy as np
 import ray
-import torch
 
 from actors.aggregator import AggregatorActor
 from actors.client_worker import ClientWorkerActor, peak_rss_mib

@@ -83,8 +83,7 @@ def masked_ce(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor
 
 def func_grad(model: nn.Module) -> GradFn:
     """torch.func gradient: composable with vmap."""
-    g = grad_and_value(lambda p, x, y, m: masked_ce(model, p, x, y, m))
-    return g
+    return grad_and_value(lambda p, x, y, m: masked_ce(model, p, x, y, m))
 
 
 def module_grad(model: nn.Module) -> GradFn:
@@ -104,7 +103,8 @@ def module_grad(model: nn.Module) -> GradFn:
 
 
 def sgd(params: Params, grads: Params, lr: float) -> Params:
-    # one fused op per tensor (no lr * g temporary): this runs on (clients, ...) stacks every step
+    """Functional SGD (new tensors): for intermediate points such as FO-MAML's adapted weights."""
+    # one fused op per tensor, no lr * g temporary
     return {k: torch.add(p, grads[k], alpha=-lr) for k, p in params.items()}
 
 
@@ -162,24 +162,28 @@ def train_loop(model: nn.Module, step: StepFn, global_flat: torch.Tensor,
     out, losses = [], []
     for i, (x, y) in enumerate(zip(xs, ys)):
         x, y = _fast_layout(x.to(device)), y.to(device)
-        params = {k: _fast_layout(v.clone()) for k, v in unflatten(global_flat, shapes).items()}
-        total, count = 0.0, 0
+        params = {k: v.clone(memory_format=_fast_format(v)) for k, v in unflatten(global_flat, shapes).items()}
+        total, count = torch.zeros((), device=device), 0
         for batch_idx in zip(*(sched[i] for sched in schedules)):
             batches = []
             for b in batch_idx:
                 bt = torch.from_numpy(b).to(device)
                 batches.append((x[bt], y[bt], torch.ones(len(b), device=device)))
             params, loss = step(ops, params, batches)
-            total += float(loss)
+            total += loss                                  # stays on the device: no sync per step
             count += 1
         out.append(flatten(params).detach())
         losses.append(total / max(count, 1))
-    return torch.stack(out), torch.tensor(losses, device=device)
+    return torch.stack(out), torch.stack(losses)
+
+
+def _fast_format(t: torch.Tensor) -> torch.memory_format:
+    # NHWC convolutions are ~1.3x faster than NCHW on CPU (oneDNN) for these small CNNs.
+    return torch.channels_last if t.dim() == 4 else torch.contiguous_format
 
 
 def _fast_layout(t: torch.Tensor) -> torch.Tensor:
-    # NHWC convolutions are ~1.5x faster than NCHW on CPU (oneDNN) for these small CNNs.
-    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+    return t.contiguous(memory_format=_fast_format(t))
 
 
 def _pad_data(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
