@@ -33,11 +33,13 @@ def summary_table(summary: dict) -> Table:
     for key, label in labels.items():
         stats = summary.get(key) or {}
         t.add_row(label, *(_fmt(stats.get(s)) for s in ("mean", "sd", "min", "max")))
-    gain = summary.get("personalization_gain")
-    cps = summary.get("clients_per_s")
-    t.caption = (f"personalization gain {_fmt(gain, '+.4f')} | {_fmt(cps, '.1f')} clients/s | "
-                 f"peak RSS {_fmt(summary.get('peak_rss_mib'), '.0f')} MiB | dropouts {summary.get('dropouts')}")
     return t
+
+
+def summary_line(summary: dict) -> str:
+    gain, cps = summary.get("personalization_gain"), summary.get("clients_per_s")
+    return (f"personalization gain {_fmt(gain, '+.4f')} | {_fmt(cps, '.1f')} clients/s | "
+            f"peak RSS {_fmt(summary.get('peak_rss_mib'), '.0f')} MiB | dropouts {summary.get('dropouts')}")
 
 
 def _fmt(v, spec: str = ".4f") -> str:
@@ -105,6 +107,7 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (
               "completed round is checkpointed", file=sys.stderr)
         raise typer.Exit(1) from None
     out.print(summary_table(summary))
+    print(summary_line(summary))
     print(run_dir)
 
 
@@ -114,7 +117,9 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
     path = run_dir / "summary.json"
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no summary.json (not a finished run directory)")
-    out.print(summary_table(json.loads(path.read_text())))
+    summary = json.loads(path.read_text())
+    out.print(summary_table(summary))
+    print(summary_line(summary))
 
 
 @app.command()

@@ -29,11 +29,20 @@ from sim.seeding import torch_gen
 
 
 def init_ray(address: str | None) -> bool:
-    """Connect to `address` (an existing cluster) or start local Ray. True if we started it."""
+    """Connect to `address` (an existing cluster) or start local Ray. True if we started it.
+
+    On an existing cluster the `sim` and `actors` packages travel with the job (Ray's
+    `py_modules`), so the cluster's nodes need fedmeta's dependencies but not fedmeta itself."""
     if ray.is_initialized():
         return False
-    kwargs = dict(address=address, include_dashboard=False, logging_level="ERROR",
-                  log_to_driver=True, configure_logging=True)
+    kwargs: dict = dict(address=address, logging_level="ERROR", log_to_driver=True)
+    if address:
+        import actors
+        import sim
+
+        kwargs["runtime_env"] = {"py_modules": [sim, actors]}
+    else:
+        kwargs["include_dashboard"] = False
     ray.init(**kwargs)
     return True
 
