@@ -111,6 +111,15 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (
     print(run_dir)
 
 
+@app.command("config")
+def show_config(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (default: quickstart)")] = None,
+                set_: SetOpt = []) -> None:  # noqa: B006
+    """Validate a config and print it in full, defaults included (what `fedmeta run` would use)."""
+    from sim.config import to_yaml
+
+    print(to_yaml(load(config, set_)), end="")
+
+
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Print the summary table of a finished run."""

@@ -68,3 +68,14 @@ def test_cli_missing_femnist_path(tmp_path):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "data.femnist.path" in lines[0]
+
+
+def test_cli_config_prints_the_resolved_config():
+    from typer.testing import CliRunner
+
+    from sim.cli import app
+
+    res = CliRunner().invoke(app, ["config", "--set", "federation.rounds=7"])
+    assert res.exit_code == 0
+    again = C.from_dict(__import__("yaml").safe_load(res.output))
+    assert again.federation.rounds == 7 and again == C.load(None, ["federation.rounds=7"])
