@@ -85,3 +85,37 @@ def test_a_failing_round_leaves_the_last_good_checkpoint(ray_session, tmp_path):
     assert isinstance(e.value.as_instanceof_cause(), AggregationError)
     ck = ckpt.load(run_dir)
     assert ck.round == 0 and np.isfinite(ck.global_params).all()
+
+
+def test_ctrl_c_in_a_real_process_leaves_a_usable_checkpoint(tmp_path):
+    """SIGINT to `fedmeta run` (its own local Ray): exit 130, a checkpoint of the last full round."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    raw = tiny_raw(tmp_path, federation={"rounds": 100000}, eval={"every": 100000})
+    cfg = tmp_path / "long.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "sim.cli", "run", str(cfg), "--no-progress"], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list(tmp_path.glob("t-*/checkpoint.pt")):
+            assert proc.poll() is None and time.time() < deadline, "run ended or never checkpointed"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "--resume" in err
+    run_dir = next(tmp_path.glob("t-*"))
+    ck = ckpt.load(run_dir)
+    assert 1 <= ck.round < 100000 and np.isfinite(ck.global_params).all()
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    assert metrics["round"].max() == ck.round  # metrics saved with, and only up to, the checkpoint
