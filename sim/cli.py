@@ -19,6 +19,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
+# `fedmeta privacy epsilon|noise`: DP accounting with Opacus (actors/privacy.py)
+from sim.privacy_cli import privacy_app  # noqa: E402
+
+app.add_typer(privacy_app, name="privacy", help="Differential-privacy accounting (Opacus RDP/PRV).")
+
 SetOpt = Annotated[list[str], typer.Option("--set", help="override a config key: --set federation.rounds=3")]
 
 

@@ -1,0 +1,296 @@
+"""User-level differential privacy for federated rounds: clip, noise, account, audit.
+
+The stage has a client half and a server half, each a pure function returning ``(result, metrics)``:
+
+* client: ``clip_update`` / ``clip_updates`` bound each user's contribution to L2 norm C, and in the
+  distributed mode ``distributed_noise_share`` adds the client's share of integer noise before its
+  quantized update is masked;
+* server: ``central_noise`` adds N(0, (z C)^2) per coordinate to the unmasked sum (central mode).
+
+This is DP-FedAvg (McMahan, Ramage, Talwar & Zhang 2018, "Learning Differentially Private Recurrent
+Language Models"): with per-user clipping to C the sum of updates has sensitivity C to adding or
+removing one user, so Gaussian noise of std z*C on the sum, with users Poisson-sampled at rate q,
+is the subsampled Gaussian mechanism that the accountants below compose over rounds.
+
+The distributed noise is Skellam (Agarwal, Kairouz & Liu 2021, "The Skellam Mechanism for
+Differentially Private Federated Learning"): integer noise fits the integer vectors secure
+aggregation sums modulo 2^b, and a sum of independent Skellams is again Skellam, so the noise in the
+unmasked sum has an exactly known distribution whatever the number of contributors.
+
+Accounting never re-implements RDP or PRV math: it wraps Opacus' accountants (RDP: Mironov 2017,
+Mironov, Talwar & Zhang 2019; PRV: Gopi, Lee & Wutschitz 2021) and Opacus' noise search.
+
+The empirical audit is the loss-threshold membership-inference attack of Yeom, Giacomelli,
+Fredrikson & Jha 2018 ("Privacy Risk in Machine Learning: Analyzing the Connection to
+Overfitting"). ``privacy_penalty`` is the privacy term of the privacy-regularized ("meta-reinforced
+privacy") local objective: an output-confidence penalty, since overconfident outputs on training
+data are exactly what the loss-threshold attack exploits.
+
+No global RNG is used: randomness comes only from the generator passed in (see ``sim.seeding``).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Literal
+
+import numpy as np
+import torch
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+AccountantName = Literal["rdp", "prv"]
+ACCOUNTANTS: dict[str, type] = {"rdp": RDPAccountant, "prv": PRVAccountant}
+
+
+def _positive(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: must be a finite number > 0, got {value}")
+
+
+def _check_sample_rate(q: float) -> None:
+    if not 0 < q <= 1:
+        raise ValueError(f"sample_rate: must be in (0, 1], got {q}")
+
+
+def _check_delta(delta: float) -> None:
+    if not 0 < delta < 1:
+        raise ValueError(f"delta: must be in (0, 1), got {delta}")
+
+
+def _check_accountant(accountant: str) -> None:
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant: expected one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
+
+
+# ---------------------------------------------------------------- client half: clipping
+def _clip_scale(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    # Scale only vectors that are outside the ball: those inside stay bit-for-bit unchanged
+    # (Opacus' C / (norm + 1e-6) would shrink every vector slightly).
+    safe = torch.where(norms > clip_norm, norms, torch.ones_like(norms))
+    return torch.where(norms > clip_norm, clip_norm / safe, torch.ones_like(norms))
+
+
+def clip_update(update: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, dict]:
+    """One client's update scaled onto the L2 ball of radius ``clip_norm`` (direction kept).
+
+    ``||result|| <= clip_norm`` up to floating-point rounding of the scaling.
+    """
+    _positive("clip_norm", clip_norm)
+    norm = torch.linalg.vector_norm(update)
+    clipped = update * _clip_scale(norm, clip_norm).to(update.dtype)
+    return clipped, {"norm": float(norm), "clipped": bool(norm > clip_norm)}
+
+
+def clip_updates(updates: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, dict]:
+    """Row-wise ``clip_update`` of a (clients, n) batch in one pass.
+
+    Metrics: ``norms`` (each client's norm before clipping, a list of floats) and
+    ``clipped_fraction`` (share of clients that were scaled down), which is what one tunes C by.
+    """
+    _positive("clip_norm", clip_norm)
+    if updates.dim() != 2:
+        raise ValueError(f"updates: expected shape (clients, n), got {tuple(updates.shape)}")
+    norms = torch.linalg.vector_norm(updates, dim=1)
+    clipped = updates * _clip_scale(norms, clip_norm).to(updates.dtype).unsqueeze(1)
+    fraction = float((norms > clip_norm).float().mean()) if len(norms) else 0.0
+    return clipped, {"norms": norms.tolist(), "clipped_fraction": fraction}
+
+
+# ---------------------------------------------------------------- server half: central noise
+def central_noise(sum_vec: torch.Tensor, clip_norm: float, noise_multiplier: float,
+                  gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """``sum_vec`` plus i.i.d. N(0, (z C)^2) per coordinate, drawn from ``gen``.
+
+    The sum of C-clipped updates has L2 sensitivity C to one user, so std z*C makes this the
+    Gaussian mechanism with noise multiplier z (the quantity the accountant is stepped with).
+    """
+    _positive("clip_norm", clip_norm)
+    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise ValueError(f"noise_multiplier: must be a finite number >= 0, got {noise_multiplier}")
+    std = noise_multiplier * clip_norm
+    noise = torch.randn(sum_vec.shape, generator=gen, dtype=sum_vec.dtype, device=sum_vec.device) * std
+    return sum_vec + noise, {"noise_std": std, "noise_norm": float(torch.linalg.vector_norm(noise))}
+
+
+# ---------------------------------------------------------------- client half: distributed noise
+def skellam_mu(clip_norm: float, noise_multiplier: float, expected_clients: int, step: float) -> float:
+    """Per-client Poisson rate mu: each share is Poisson(mu) - Poisson(mu), variance 2 mu.
+
+    Chosen so the shares of ``expected_clients`` clients sum to variance (z C / step)^2, i.e. the
+    central noise z C expressed in quantization steps.
+    """
+    _positive("clip_norm", clip_norm)
+    _positive("noise_multiplier", noise_multiplier)
+    _positive("step", step)
+    if expected_clients < 1:
+        raise ValueError(f"expected_clients: must be >= 1, got {expected_clients}")
+    return (noise_multiplier * clip_norm / step) ** 2 / (2 * expected_clients)
+
+
+def distributed_noise_share(n: int, clip_norm: float, noise_multiplier: float, expected_clients: int,
+                            step: float, rng: np.random.Generator) -> np.ndarray:
+    """One client's integer noise share (int64, in units of the quantization ``step``), length n.
+
+    Each client adds Skellam(mu, mu) noise to its quantized update before masking, so the
+    aggregator only ever unmasks an already-noised sum (Agarwal, Kairouz & Liu 2021). Sums of
+    independent Skellams are Skellam, so with all ``expected_clients`` clients surviving the sum
+    carries Skellam noise of variance exactly (z C / step)^2.
+
+    Accounting: only survivors' shares reach the sum, so a round with dropouts adds less noise than
+    planned; step the accountant with ``effective_noise_multiplier(z, expected_clients, survivors)``,
+    never with the nominal z. The accountant treats the Skellam noise as the Gaussian of the same
+    variance; Agarwal et al. show the Skellam RDP equals the Gaussian term plus a correction that
+    vanishes as the variance in step units grows, so keep (z C / step)^2 large (fine quantization).
+    """
+    if n < 0:
+        raise ValueError(f"n: must be >= 0, got {n}")
+    mu = skellam_mu(clip_norm, noise_multiplier, expected_clients, step)
+    return (rng.poisson(mu, n) - rng.poisson(mu, n)).astype(np.int64)
+
+
+def effective_noise_multiplier(noise_multiplier: float, expected_clients: int, survivors: int) -> float:
+    """The z actually achieved when only ``survivors`` of ``expected_clients`` shares were added.
+
+    Noise variance scales with the number of shares: survivors/expected of (z C)^2, hence
+    z * sqrt(survivors / expected). A round with no survivors releases nothing and must be aborted
+    rather than accounted.
+    """
+    _positive("noise_multiplier", noise_multiplier)
+    if expected_clients < 1:
+        raise ValueError(f"expected_clients: must be >= 1, got {expected_clients}")
+    if survivors < 1:
+        raise ValueError(f"survivors: must be >= 1 (abort the round instead), got {survivors}")
+    return noise_multiplier * math.sqrt(survivors / expected_clients)
+
+
+# ---------------------------------------------------------------- accounting (Opacus)
+class PrivacyAccountant:
+    """Composes rounds of the subsampled Gaussian mechanism with an Opacus accountant.
+
+    One ``step`` is one round: users sampled at rate q, noise multiplier z on the sum. Opacus keeps
+    its whole state in ``history``, a list of ``(noise_multiplier, sample_rate, num_steps)`` runs
+    (consecutive identical steps are merged), which ``state_dict`` exposes as plain lists so a
+    checkpoint (or JSON) can carry it.
+    """
+
+    def __init__(self, accountant: AccountantName = "rdp"):
+        _check_accountant(accountant)
+        self.accountant = accountant
+        self._opacus = ACCOUNTANTS[accountant]()
+
+    def step(self, noise_multiplier: float, sample_rate: float) -> None:
+        _positive("noise_multiplier", noise_multiplier)
+        _check_sample_rate(sample_rate)
+        self._opacus.step(noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate))
+
+    @property
+    def steps(self) -> int:
+        return sum(n for _, _, n in self._opacus.history)
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at ``delta`` (0 before the first round)."""
+        _check_delta(delta)
+        if not self._opacus.history:
+            return 0.0
+        return float(self._opacus.get_epsilon(delta=delta))
+
+    def state_dict(self) -> dict:
+        history = [[float(z), float(q), int(n)] for z, q, n in self._opacus.history]
+        return {"accountant": self.accountant, "history": history}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("accountant") != self.accountant:
+            raise ValueError(f"accountant: state is for {state.get('accountant')!r}, this is {self.accountant!r}")
+        # Opacus compares the last run with == and rebuilds tuples, so restore tuples of the same types.
+        self._opacus.history = [(float(z), float(q), int(n)) for z, q, n in state["history"]]
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> PrivacyAccountant:
+        acc = cls(state["accountant"])
+        acc.load_state_dict(state)
+        return acc
+
+
+def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                accountant: AccountantName = "rdp") -> float:
+    """Epsilon after ``steps`` rounds at fixed (z, q): identical to stepping an accountant T times."""
+    _positive("noise_multiplier", noise_multiplier)
+    _check_sample_rate(sample_rate)
+    if steps < 1:
+        raise ValueError(f"steps: must be >= 1, got {steps}")
+    # One merged history run is exactly what T identical Opacus steps leave behind.
+    acc = PrivacyAccountant(accountant)
+    acc.load_state_dict({"accountant": accountant, "history": [[noise_multiplier, sample_rate, steps]]})
+    return acc.epsilon(delta)
+
+
+def noise_for(target_epsilon: float, sample_rate: float, steps: int, delta: float,
+              accountant: AccountantName = "rdp", epsilon_tolerance: float = 0.01) -> float:
+    """Smallest z (to Opacus' bisection tolerance) whose epsilon after ``steps`` rounds is <= target.
+
+    Opacus' ``get_noise_multiplier`` returns the upper end of its bracket, so the budget is never
+    exceeded; its epsilon lies within ``epsilon_tolerance`` below the target.
+    """
+    _positive("target_epsilon", target_epsilon)
+    _check_sample_rate(sample_rate)
+    _check_delta(delta)
+    _check_accountant(accountant)
+    if steps < 1:
+        raise ValueError(f"steps: must be >= 1, got {steps}")
+    with warnings.catch_warnings():
+        # The bisection probes very large sigmas whose tiny epsilon is best at the largest RDP order;
+        # Opacus warns about that bound at each probe, which says nothing about the answer.
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                          steps=steps, accountant=accountant, epsilon_tolerance=epsilon_tolerance))
+
+
+def budget_spent(accountant: PrivacyAccountant, target_epsilon: float, delta: float,
+                 next_round: tuple[float, float] | None = None) -> bool:
+    """True once the spent epsilon exceeds ``target_epsilon``.
+
+    With ``next_round=(z, q)`` it asks whether running one more such round would exceed it, so a
+    training loop can stop *before* overshooting rather than after.
+    """
+    _positive("target_epsilon", target_epsilon)
+    if next_round is not None:
+        accountant = PrivacyAccountant.from_state_dict(accountant.state_dict())
+        accountant.step(*next_round)
+    return accountant.epsilon(delta) > target_epsilon
+
+
+# ---------------------------------------------------------------- empirical audit
+def mia_auc(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> float:
+    """AUC of the loss-threshold membership-inference attack (Yeom et al. 2018).
+
+    The attacker scores each example by -loss (members are fit better, so lower loss means "member");
+    the AUC over all thresholds is 0.5 with no leakage and 1.0 when losses separate members perfectly.
+    """
+    from sklearn.metrics import roc_auc_score  # sklearn is only needed by the audit
+
+    members = np.asarray(member_losses, dtype=np.float64).ravel()
+    others = np.asarray(nonmember_losses, dtype=np.float64).ravel()
+    if len(members) == 0 or len(others) == 0:
+        raise ValueError("mia_auc: needs at least one member and one non-member loss")
+    labels = np.concatenate([np.ones(len(members)), np.zeros(len(others))])
+    return float(roc_auc_score(labels, -np.concatenate([members, others])))
+
+
+# ---------------------------------------------------------------- privacy-regularized objective
+def privacy_penalty(logits: torch.Tensor) -> torch.Tensor:
+    """Output-confidence penalty: negative entropy of softmax(logits), averaged over examples.
+
+    Minimizing it pushes predictions away from overconfidence, shrinking the member/non-member loss
+    gap that membership inference exploits. Pure tensor ops (no in-place, no .item()) so it works
+    under ``torch.func.vmap`` and ``grad``; ``logits`` is (..., classes).
+    """
+    log_p = torch.log_softmax(logits, dim=-1)
+    return (log_p.exp() * log_p).sum(dim=-1).mean()
+
+
+def regularized_loss(task_loss: torch.Tensor, logits: torch.Tensor, lam: float) -> torch.Tensor:
+    """task_loss + lam * privacy_penalty(logits): the privacy-regularized local objective."""
+    if isinstance(lam, (int, float)) and not (math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam: must be a finite number >= 0, got {lam}")
+    return task_loss + lam * privacy_penalty(logits)

@@ -1,0 +1,260 @@
+"""DP stage: clipping, central and distributed noise, Opacus accounting, MIA audit, privacy penalty."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from actors.privacy import (
+    PrivacyAccountant,
+    budget_spent,
+    central_noise,
+    clip_update,
+    clip_updates,
+    distributed_noise_share,
+    effective_noise_multiplier,
+    epsilon_for,
+    mia_auc,
+    noise_for,
+    privacy_penalty,
+    regularized_loss,
+)
+from sim.seeding import np_rng, torch_gen
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+vectors = arrays(np.float32, st.integers(1, 64), elements=finite)
+clip_norms = st.floats(1e-2, 1e2)
+ROUNDING = 1 + 1e-5  # float32 scaling may land a few ulps outside the ball
+
+
+# ---------------------------------------------------------------- clipping
+@settings(max_examples=200, deadline=None)
+@given(vectors, clip_norms)
+def test_clip_norm_bounded_and_direction_kept(v, c):
+    u = torch.from_numpy(v)
+    out, m = clip_update(u, c)
+    assert float(torch.linalg.vector_norm(out)) <= c * ROUNDING
+    norm = float(torch.linalg.vector_norm(u))
+    assert m["norm"] == pytest.approx(norm, rel=1e-6)
+    if abs(norm - c) > 1e-6 * c:  # at the boundary float32 vs float64 comparisons may disagree
+        assert m["clipped"] == (norm > c)
+    # direction kept: out is a non-negative multiple of u
+    scale = min(1.0, c / norm) if norm > 0 else 1.0
+    torch.testing.assert_close(out, u * scale, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=100, deadline=None)
+@given(vectors, clip_norms)
+def test_clip_unchanged_inside_ball(v, c):
+    u = torch.from_numpy(v)
+    norm = float(torch.linalg.vector_norm(u))
+    inside = u * (0.99 * c / norm) if norm > c else u
+    out, m = clip_update(inside, c)
+    assert torch.equal(out, inside)
+    assert not m["clipped"]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 8), st.integers(1, 16), clip_norms, st.integers(0, 2**31 - 1))
+def test_clip_updates_matches_rowwise(clients, n, c, seed):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(clients, n, generator=g) * torch.rand(clients, 1, generator=g) * 3 * c
+    out, m = clip_updates(u, c)
+    for i in range(clients):
+        row, mi = clip_update(u[i], c)
+        torch.testing.assert_close(out[i], row)
+        assert m["norms"][i] == pytest.approx(mi["norm"], rel=1e-6)
+    assert (torch.linalg.vector_norm(out, dim=1) <= c * ROUNDING).all()
+    assert m["clipped_fraction"] == pytest.approx(np.mean([x > c for x in m["norms"]]))
+
+
+def test_clip_rejects_bad_norm():
+    with pytest.raises(ValueError, match="clip_norm"):
+        clip_update(torch.ones(3), 0.0)
+
+
+# ---------------------------------------------------------------- central noise
+def test_central_noise_std_matches_z_c():
+    z, c, n = 1.3, 0.7, 200_000
+    noised, m = central_noise(torch.zeros(n, dtype=torch.float64), c, z, torch_gen(0, "noise"))
+    assert m["noise_std"] == pytest.approx(z * c)
+    # sample std of 2e5 normals is within ~0.3% (1 sd); allow 1.5%
+    assert float(noised.std()) == pytest.approx(z * c, rel=0.015)
+    assert abs(float(noised.mean())) < 5 * z * c / n ** 0.5
+
+
+def test_central_noise_deterministic_from_generator():
+    s = torch.arange(10, dtype=torch.float32)
+    a, _ = central_noise(s, 1.0, 1.0, torch_gen(7, "round", 3))
+    b, _ = central_noise(s, 1.0, 1.0, torch_gen(7, "round", 3))
+    c, _ = central_noise(s, 1.0, 1.0, torch_gen(7, "round", 4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ---------------------------------------------------------------- distributed Skellam noise
+def test_distributed_shares_sum_to_target_variance():
+    z, c, step, k, n = 1.1, 1.0, 0.05, 20, 20_000
+    shares = [distributed_noise_share(n, c, z, k, step, np_rng(1, "client", i)) for i in range(k)]
+    assert all(s.dtype == np.int64 and s.shape == (n,) for s in shares)
+    total = np.sum(shares, axis=0)
+    target = (z * c / step) ** 2  # 484 steps^2
+    assert total.var() == pytest.approx(target, rel=0.04)
+    assert abs(total.mean()) < 5 * target ** 0.5 / n ** 0.5
+
+
+def test_distributed_share_deterministic_from_generator():
+    a = distributed_noise_share(100, 1.0, 1.0, 10, 0.01, np_rng(5, "client", 2))
+    b = distributed_noise_share(100, 1.0, 1.0, 10, 0.01, np_rng(5, "client", 2))
+    c = distributed_noise_share(100, 1.0, 1.0, 10, 0.01, np_rng(5, "client", 3))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_effective_noise_multiplier_uses_survivors():
+    assert effective_noise_multiplier(1.0, 100, 100) == pytest.approx(1.0)
+    assert effective_noise_multiplier(1.0, 100, 81) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="survivors"):
+        effective_noise_multiplier(1.0, 100, 0)
+
+
+# ---------------------------------------------------------------- accounting
+def test_rdp_epsilon_reproduces_opacus():
+    z, q, steps, delta = 1.5, 0.04, 2250, 1e-5
+    ref = RDPAccountant()
+    ours = PrivacyAccountant("rdp")
+    for _ in range(steps):
+        ref.step(noise_multiplier=z, sample_rate=q)
+        ours.step(z, q)
+    expected = ref.get_epsilon(delta=delta)
+    assert ours.steps == steps
+    assert ours.epsilon(delta) == pytest.approx(expected, rel=1e-6)
+    assert epsilon_for(z, q, steps, delta, "rdp") == pytest.approx(expected, rel=1e-6)
+
+
+def test_prv_epsilon_reproduces_opacus():
+    z, q, steps, delta = 1.5, 0.04, 200, 1e-5
+    ref = PRVAccountant()
+    ours = PrivacyAccountant("prv")
+    for _ in range(steps):
+        ref.step(noise_multiplier=z, sample_rate=q)
+        ours.step(z, q)
+    expected = ref.get_epsilon(delta=delta)
+    assert ours.epsilon(delta) == pytest.approx(expected, rel=1e-6)
+    assert epsilon_for(z, q, steps, delta, "prv") == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_noise_for_inverts_epsilon_for(accountant):
+    z, q, steps, delta = 1.2, 0.05, 100, 1e-5
+    eps = epsilon_for(z, q, steps, delta, accountant)
+    found = noise_for(eps, q, steps, delta, accountant)
+    assert found == pytest.approx(z, rel=0.02)
+    # Opacus returns the safe end of its bracket: never over budget
+    assert epsilon_for(found, q, steps, delta, accountant) <= eps
+
+
+def test_budget_spent_flips_when_exceeded():
+    z, q, delta = 1.0, 0.1, 1e-5
+    target = epsilon_for(z, q, 10, delta)
+    acc = PrivacyAccountant()
+    assert acc.epsilon(delta) == 0.0 and not budget_spent(acc, target, delta)
+    for _ in range(10):
+        acc.step(z, q)
+    assert not budget_spent(acc, target, delta)
+    acc.step(z, q)
+    assert budget_spent(acc, target, delta)
+
+
+def test_budget_spent_next_round_stops_before_overshoot():
+    z, q, delta = 1.0, 0.1, 1e-5
+    target = epsilon_for(z, q, 10, delta)
+    acc = PrivacyAccountant()
+    for _ in range(9):
+        acc.step(z, q)
+    assert not budget_spent(acc, target, delta, next_round=(z, q))
+    acc.step(z, q)
+    assert budget_spent(acc, target, delta, next_round=(z, q))
+    assert acc.steps == 10  # the look-ahead did not step the real accountant
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_state_dict_round_trip_continues_identically(accountant):
+    a = PrivacyAccountant(accountant)
+    for z in (1.0, 1.0, 1.5):
+        a.step(z, 0.05)
+    state = a.state_dict()
+    b = PrivacyAccountant(accountant)
+    b.load_state_dict(state)
+    assert b.state_dict() == state and b.steps == 3
+    for acc in (a, b):
+        acc.step(1.5, 0.05)
+        acc.step(2.0, 0.1)
+    assert a.state_dict() == b.state_dict()
+    assert a.epsilon(1e-5) == b.epsilon(1e-5)
+
+
+def test_state_dict_is_plain_and_checked():
+    import json
+
+    a = PrivacyAccountant("rdp")
+    a.step(1.0, 0.1)
+    assert json.loads(json.dumps(a.state_dict())) == a.state_dict()
+    with pytest.raises(ValueError, match="accountant"):
+        PrivacyAccountant("prv").load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="accountant"):
+        PrivacyAccountant("gdp")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- membership inference
+def test_mia_auc_half_on_identical_distributions():
+    rng = np_rng(0, "mia")
+    auc = mia_auc(rng.exponential(1.0, 5000), rng.exponential(1.0, 5000))
+    assert auc == pytest.approx(0.5, abs=0.03)
+
+
+def test_mia_auc_near_one_when_members_fit_better():
+    rng = np_rng(1, "mia")
+    auc = mia_auc(rng.exponential(0.01, 1000), 1.0 + rng.exponential(1.0, 1000))
+    assert auc > 0.99
+
+
+# ---------------------------------------------------------------- privacy penalty
+def test_privacy_penalty_per_sample_grads_under_vmap():
+    d, k, b = 5, 4, 6
+    g = torch_gen(0, "penalty")
+    w = torch.randn(d, k, generator=g)
+    x, y = torch.randn(b, d, generator=g), torch.randint(0, k, (b,), generator=g)
+
+    def loss(w, xi, yi):
+        logits = xi @ w
+        return regularized_loss(torch.nn.functional.cross_entropy(logits, yi), logits, 0.5)
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(w, x, y)
+    looped = torch.stack([torch.func.grad(loss)(w, x[i], y[i]) for i in range(b)])
+    torch.testing.assert_close(per_sample, looped)
+
+
+def test_minimizing_privacy_penalty_lowers_confidence():
+    logits = torch.tensor([[4.0, 0.0, -1.0], [0.5, 3.0, 0.0]], requires_grad=True)
+    before = torch.softmax(logits, -1).max(-1).values.detach()
+    opt = torch.optim.SGD([logits], lr=0.5)
+    for _ in range(20):
+        opt.zero_grad()
+        privacy_penalty(logits).backward()
+        opt.step()
+    after = torch.softmax(logits, -1).max(-1).values.detach()
+    assert (after < before).all()
+    # argmax is kept: the penalty softens predictions rather than changing them
+    assert torch.equal(logits.argmax(-1), torch.tensor([0, 1]))
+
+
+def test_regularized_loss_is_task_plus_lambda_penalty():
+    logits = torch.tensor([[2.0, 0.0]])
+    task = torch.tensor(0.3)
+    assert regularized_loss(task, logits, 0.0) == task
+    torch.testing.assert_close(regularized_loss(task, logits, 2.0), task + 2 * privacy_penalty(logits))
+    with pytest.raises(ValueError, match="lam"):
+        regularized_loss(task, logits, -1.0)
