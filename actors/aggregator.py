@@ -1,10 +1,11 @@
 """The central aggregator: combines update messages (never data) into a new global model.
 
-`Aggregator.aggregate` is split in two stages so secure aggregation and differential privacy can
-replace the first without touching the second:
+`Aggregator.aggregate` is split in stages so secure aggregation and differential privacy plug in
+without touching the server rule:
   1. `combine(messages) -> (sum of weighted updates, total weight, metrics)`: here a plain sum;
-     with secure aggregation it becomes "unmask the masked sum", with DP "+ noise".
-  2. the algorithm's server rule on the weighted mean update.
+     with secure aggregation it becomes "unmask the masked sum";
+  2. `privatize`: the DP server half (central Gaussian noise on the sum; identity when off);
+  3. the algorithm's server rule on the mean update.
 A message that does not belong to this round, or carries non-finite numbers, aborts the round
 with an error before anything changes: the caller keeps its previous global model.
 """
@@ -17,7 +18,9 @@ import ray
 import torch
 
 from sim.algorithms import build_algorithm
-from sim.config import AlgorithmConfig
+from actors.privacy import central_noise
+from sim.config import AlgorithmConfig, PrivacyConfig
+from sim.seeding import torch_gen
 
 from actors.client_worker import UpdateMessage, peak_rss_mib
 
@@ -37,10 +40,15 @@ def weighted_sum(messages: Sequence[UpdateMessage], n_params: int) -> tuple[np.n
 
 
 class Aggregator:
-    def __init__(self, algorithm: AlgorithmConfig | dict, n_params: int):
+    def __init__(self, algorithm: AlgorithmConfig | dict, n_params: int, privacy: PrivacyConfig | dict | None = None,
+                 noise_multiplier: float = 0.0, expected_clients: int = 1, seed: int = 0):
         cfg = algorithm if isinstance(algorithm, AlgorithmConfig) else AlgorithmConfig.model_validate(algorithm)
         self.algorithm = build_algorithm(cfg)
         self.n_params = n_params
+        self.privacy = (privacy if isinstance(privacy, PrivacyConfig) else PrivacyConfig.model_validate(privacy or {}))
+        self.noise_multiplier = noise_multiplier    # resolved z (from the config or a target epsilon)
+        self.expected_clients = expected_clients    # DP-FedAvg's fixed denominator: the cohort size
+        self.seed = seed
         self.rounds_done = 0
 
     def check(self, rnd: int, messages: Sequence[UpdateMessage]) -> None:
@@ -63,6 +71,13 @@ class Aggregator:
         total, weight = weighted_sum(messages, self.n_params)
         return total, weight, {"clients": sum(m.num_clients for m in messages)}
 
+    def privatize(self, rnd: int, total: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """DP server half: central Gaussian noise z*C on the sum of clipped updates (identity when off)."""
+        if self.privacy.mode != "central":
+            return total, {}
+        gen = torch_gen(self.seed, "dp-noise", rnd)
+        return central_noise(total, self.privacy.clip_norm, self.noise_multiplier, gen)
+
     def aggregate(self, rnd: int, global_params: np.ndarray, *messages: UpdateMessage) -> tuple[np.ndarray, dict]:
         """New global parameters (n_params,) float32 and the round's server metrics."""
         self.check(rnd, messages)
@@ -74,7 +89,11 @@ class Aggregator:
             metrics.update(skipped=True, update_norm=0.0)
             return np.asarray(global_params, dtype=np.float32).copy(), metrics
         g = torch.tensor(global_params, dtype=torch.float32)
-        mean = torch.as_tensor(total / weight, dtype=torch.float32)
+        total_t, dp_metrics = self.privatize(rnd, torch.as_tensor(total, dtype=torch.float32))
+        metrics.update(dp_metrics)
+        # DP divides by the planned cohort size, not the (data-dependent) number that reported
+        denom = self.expected_clients if self.privacy.mode != "off" else weight
+        mean = total_t / denom
         new, server_metrics = self.algorithm.server_update(g, mean)
         if not torch.isfinite(new).all():
             raise AggregationError(f"round {rnd}: the new global model has non-finite values")

@@ -16,8 +16,9 @@ import numpy as np
 import ray
 import torch
 
+from actors.privacy import clip_updates
 from sim.algorithms import SGDClient, build_algorithm
-from sim.algorithms.local import accuracies_stacked, predictions_hit
+from sim.algorithms.local import accuracies_stacked, predictions_hit, sample_losses
 from sim.config import AlgorithmConfig, ExperimentConfig, from_dict
 from sim.data import build_dataset
 from sim.models import build_model, num_params
@@ -26,6 +27,8 @@ from sim.seeding import np_rng
 # Measured on the 2-core dev machine (README, `fedmeta bench`): vmap trains an MLP cohort several
 # times faster than a loop, while for a CNN on CPU vmap becomes grouped convolutions and loses.
 AUTO_PATH = {"mlp": "vmap", "cnn": "loop"}
+# Per-sample losses an evaluation returns for the membership-inference audit.
+LOSS_KEYS = ("loss_global_train", "loss_global_test", "loss_personalized_train", "loss_personalized_test")
 # Bound on clients trained in lockstep: (clients x n_params) floats of parameters and grads.
 VMAP_FLOATS = 1 << 25
 
@@ -86,44 +89,62 @@ class ClientWorker:
         t0 = time.perf_counter()
         g = self._global(global_params)
         total = torch.zeros_like(g)
-        weight, loss_sum = 0.0, 0.0
+        weight, loss_sum, clipped = 0.0, 0.0, 0.0
+        dp = self.cfg.privacy.mode != "off"
         for chunk in self._chunks(list(cids)):
             clients = self.data.clients(chunk)
             xs = [c.x_train for c in clients]
             ys = [c.y_train for c in clients]
             gens = [np_rng(self.cfg.seed, "local-batches", rnd, c) for c in chunk]
             updates, met = self.algorithm.client_update(self.model, g, xs, ys, gens, self.path)  # (clients, n_params)
-            w = torch.tensor([self.algorithm.client_weight(len(y)) for y in ys], device=g.device)
+            if dp:
+                # DP client half: each user's contribution bounded by C, and weighted equally (a
+                # sample-count weight would change the sensitivity the noise is calibrated to)
+                updates, cm = clip_updates(updates, self.cfg.privacy.clip_norm)
+                clipped += cm["clipped_fraction"] * len(chunk)
+                w = torch.ones(len(chunk), device=g.device)
+            else:
+                w = torch.tensor([self.algorithm.client_weight(len(y)) for y in ys], device=g.device)
             total += w @ updates
             weight += float(w.sum())
             loss_sum += float(met["train_loss"].sum())
         return UpdateMessage(round=rnd, worker=self.worker_id, weighted_sum=total.cpu().numpy(), weight=weight,
                              num_clients=len(cids), client_ids=[int(c) for c in cids], train_loss_sum=loss_sum,
-                             compute_s=time.perf_counter() - t0, metrics={"peak_rss_mib": peak_rss_mib()})
+                             compute_s=time.perf_counter() - t0,
+                             metrics={"peak_rss_mib": peak_rss_mib(), "clipped": clipped})
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self, global_params: np.ndarray, cids: Sequence[int], rnd: int = 0) -> dict:
         """acc(D_I) of the global model and of each individual's personalized model (the global
-        model fine-tuned `eval.finetune_steps` SGD steps on the individual's train split)."""
+        model fine-tuned `eval.finetune_steps` SGD steps on the individual's train split). With the
+        MIA audit on, also per-sample losses of both models on the individuals' train splits
+        (members) and test splits (non-members)."""
         g = self._global(global_params)
-        out_ids, acc_g, acc_p = [], [], []
+        out: dict[str, list] = {k: [] for k in ("acc_global_DI", "acc_personalized_DI", *LOSS_KEYS)}
+        ids: list[int] = []
         vectorized = self.path == "vmap"
         for chunk in self._chunks(list(cids)):
             clients = self.data.clients(chunk)
-            xs_te = [c.x_test for c in clients]
-            ys_te = [c.y_test for c in clients]
+            xs_tr, ys_tr = [c.x_train for c in clients], [c.y_train for c in clients]
+            xs_te, ys_te = [c.x_test for c in clients], [c.y_test for c in clients]
             glob = g.expand(len(chunk), -1)                                             # (clients, n_params)
-            acc_g.append(accuracies_stacked(self.model, glob, xs_te, ys_te, vectorized))
+            pers = glob
             if self.cfg.eval.finetune_steps > 0:
                 gens = [np_rng(self.cfg.seed, "finetune-batches", rnd, c) for c in chunk]
-                upd, _ = self.finetuner.client_update(self.model, g, [c.x_train for c in clients],
-                                                      [c.y_train for c in clients], gens, self.path)
-                acc_p.append(accuracies_stacked(self.model, g + upd, xs_te, ys_te, vectorized))
-            else:
-                acc_p.append(acc_g[-1])
-            out_ids += [int(c) for c in chunk]
-        return {"client_ids": out_ids, "acc_global_DI": torch.cat(acc_g).numpy(),
-                "acc_personalized_DI": torch.cat(acc_p).numpy()}
+                upd, _ = self.finetuner.client_update(self.model, g, xs_tr, ys_tr, gens, self.path)
+                pers = g + upd
+            out["acc_global_DI"].append(accuracies_stacked(self.model, glob, xs_te, ys_te, vectorized))
+            out["acc_personalized_DI"].append(accuracies_stacked(self.model, pers, xs_te, ys_te, vectorized))
+            if self.cfg.privacy.mia_audit:
+                for key, flats, xs, ys in (("loss_global_train", glob, xs_tr, ys_tr),
+                                           ("loss_global_test", glob, xs_te, ys_te),
+                                           ("loss_personalized_train", pers, xs_tr, ys_tr),
+                                           ("loss_personalized_test", pers, xs_te, ys_te)):
+                    out[key] += sample_losses(self.model, flats, xs, ys)
+            ids += [int(c) for c in chunk]
+        res = {k: torch.cat(v).numpy() if v else np.zeros(0, np.float32) for k, v in out.items()}
+        res["client_ids"] = ids
+        return res
 
     def evaluate_global(self, global_params: np.ndarray, shard: int = 0, num_shards: int = 1) -> np.ndarray:
         """Per-sample hits (bool) of the global model on shard `shard` of D_G (workers split D_G)."""

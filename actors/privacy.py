@@ -278,6 +278,13 @@ def mia_auc(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------- privacy-regularized objective
+def negative_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-example sum_c p_c log p_c of softmax(logits): (..., classes) -> (...). 0 for a one-hot
+    (fully confident) prediction, -log(classes) for a uniform one."""
+    log_p = torch.log_softmax(logits, dim=-1)
+    return (log_p.exp() * log_p).sum(dim=-1)
+
+
 def privacy_penalty(logits: torch.Tensor) -> torch.Tensor:
     """Output-confidence penalty: negative entropy of softmax(logits), averaged over examples.
 
@@ -285,8 +292,7 @@ def privacy_penalty(logits: torch.Tensor) -> torch.Tensor:
     gap that membership inference exploits. Pure tensor ops (no in-place, no .item()) so it works
     under ``torch.func.vmap`` and ``grad``; ``logits`` is (..., classes).
     """
-    log_p = torch.log_softmax(logits, dim=-1)
-    return (log_p.exp() * log_p).sum(dim=-1).mean()
+    return negative_entropy(logits).mean()
 
 
 def regularized_loss(task_loss: torch.Tensor, logits: torch.Tensor, lam: float) -> torch.Tensor:

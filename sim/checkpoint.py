@@ -21,6 +21,7 @@ class Checkpoint:
     train_seconds: float = 0.0       # wall time spent in training rounds so far
     dropouts: int = 0
     model_card: dict = field(default_factory=dict)
+    accountant: dict | None = None   # PrivacyAccountant.state_dict(): the privacy spent so far
 
 
 def save(run_dir: Path, ck: Checkpoint) -> Path:

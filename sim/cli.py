@@ -74,6 +74,7 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (
         set_: SetOpt = [],  # noqa: B006 (typer reads the default)
         resume: Annotated[Optional[Path], typer.Option(help="resume the run in this directory")] = None,
         address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start local Ray)")] = None,
+        dp: Annotated[bool, typer.Option("--dp", help="user-level DP-FedAvg with central noise (= --set privacy.mode=central)")] = False,
         progress: Annotated[bool, typer.Option(help="show a progress bar")] = True) -> None:
     """Run an experiment; prints a summary table and, last, the run directory."""
     from ray.exceptions import RayTaskError
@@ -82,13 +83,13 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (
     from sim.runner import resume_config, run_experiment
 
     if resume is not None:
-        if config is not None or set_:
-            raise ConfigError("--resume: takes the run directory's own config; drop the CONFIG argument and --set")
+        if config is not None or set_ or dp:
+            raise ConfigError("--resume: takes the run directory's own config; drop CONFIG, --set and --dp")
         cfg = resume_config(resume)
         if not (resume / "checkpoint.pt").is_file():
             raise ConfigError(f"--resume: {resume} has no checkpoint.pt (the run never finished a checkpoint)")
     else:
-        cfg = load(config, set_)
+        cfg = load(config, (["privacy.mode=central"] if dp else []) + list(set_))
     if address:
         cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": address})})
     start = 0

@@ -92,6 +92,28 @@ class AlgorithmConfig(Section):
     inner_lr: float = Field(0.02, gt=0, description="fomaml inner (adaptation) learning rate alpha")
     server_lr: float = Field(1.0, gt=0, description="server step on the aggregated update")
     weighted: bool | None = Field(None, description="weight updates by train size; null = algorithm default")
+    privacy_lambda: float = Field(0.0, ge=0, description="weight of the output-confidence privacy penalty in the local loss")
+
+
+DEFAULT_NOISE_MULTIPLIER = 1.0
+
+
+class PrivacyConfig(Section):
+    """User-level DP-FedAvg: clip each client's update to L2 norm C, Gaussian noise z*C on the sum."""
+
+    mode: Literal["off", "central"] = Field("off", description="central: the aggregator adds noise to the sum")
+    clip_norm: float = Field(1.0, gt=0, description="L2 bound C on each client's update")
+    noise_multiplier: float | None = Field(None, gt=0, description="z (1.0 when neither this nor target_epsilon is set)")
+    target_epsilon: float | None = Field(None, gt=0, description="find z for this epsilon over all rounds (Opacus)")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    mia_audit: bool = Field(True, description="loss-threshold membership inference at each evaluation")
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> "PrivacyConfig":
+        if self.target_epsilon is not None and self.noise_multiplier is not None:
+            raise ValueError("target_epsilon: give either noise_multiplier or target_epsilon, not both")
+        return self
 
 
 class FederationConfig(Section):
@@ -130,6 +152,7 @@ class ExperimentConfig(Section):
     algorithm: AlgorithmConfig = AlgorithmConfig()
     federation: FederationConfig = FederationConfig()
     eval: EvalConfig = EvalConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     ray: RayConfig = RayConfig()
     run: RunConfig = RunConfig()
 

@@ -18,9 +18,10 @@ import numpy as np
 import ray
 
 from actors.aggregator import AggregatorActor
-from actors.client_worker import ClientWorkerActor, peak_rss_mib
+from actors.client_worker import LOSS_KEYS, ClientWorkerActor, peak_rss_mib
+from actors.privacy import PrivacyAccountant, budget_spent, mia_auc, noise_for
 from sim import checkpoint as ckpt
-from sim.config import ConfigError, ExperimentConfig, from_dict, to_yaml
+from sim.config import DEFAULT_NOISE_MULTIPLIER, ConfigError, ExperimentConfig, PrivacyConfig, from_dict, to_yaml
 from sim.data import FederatedDataset, build_dataset
 from sim.metrics import MetricsLog, describe, finite_or_none
 from sim.models import build_model, init_params, num_params
@@ -45,6 +46,20 @@ def init_ray(address: str | None) -> bool:
         kwargs["include_dashboard"] = False
     ray.init(**kwargs)
     return True
+
+
+def resolve_noise(p: PrivacyConfig, sample_rate: float, rounds: int) -> float:
+    """The noise multiplier z of a run: 0 without DP, the configured z, or the smallest z whose
+    epsilon after all `rounds` stays within `target_epsilon` (Opacus' search)."""
+    if p.mode == "off":
+        return 0.0
+    if p.target_epsilon is None:
+        return p.noise_multiplier if p.noise_multiplier is not None else DEFAULT_NOISE_MULTIPLIER
+    try:
+        return noise_for(p.target_epsilon, sample_rate, rounds, p.delta, p.accountant)
+    except ValueError as e:
+        raise ConfigError(f"privacy.target_epsilon: {p.target_epsilon} is out of reach in {rounds} rounds "
+                          f"at sample rate {sample_rate:.4g} ({e})") from None
 
 
 def worker_resources(cfg: ExperimentConfig) -> tuple[float, float]:
@@ -90,7 +105,12 @@ class Federation:
         model = build_model(cfg.model, data.input_shape, data.num_classes)
         self.n_params = num_params(model)
         self.init_params = init_params(model, torch_gen(cfg.seed, "init")).numpy()
-        self.aggregator = AggregatorActor.remote(cfg.algorithm.model_dump(), self.n_params)
+        # DP: rate at which a user takes part in a round (fixed-size cohorts, accounted as Poisson
+        # sampling at q = cohort / population) and the noise multiplier, resolved once per run
+        self.sample_rate = cfg.federation.clients_per_round / self.num_clients
+        self.noise_multiplier = resolve_noise(cfg.privacy, self.sample_rate, cfg.federation.rounds)
+        self.aggregator = AggregatorActor.remote(cfg.algorithm.model_dump(), self.n_params, cfg.privacy.model_dump(),
+                                                 self.noise_multiplier, cfg.federation.clients_per_round, cfg.seed)
         self.infos = ray.get([w.info.remote() for w in self.workers])  # fail fast if an actor cannot start
         self.global_sizes = data.global_sizes()
         self.eval_ids = eval_individuals(cfg.seed, self.num_clients, cfg.eval.num_individuals)
@@ -117,10 +137,15 @@ class Federation:
         parts = ray.get(ind)
         # D_G is laid out one block per individual: accuracy per D_G individual (the fairness view)
         blocks = np.split(hits, np.cumsum(self.global_sizes)[:-1])
-        return {"acc_DG": np.array([b.mean() if len(b) else np.nan for b in blocks]),
-                "client_ids": [c for p in parts for c in p["client_ids"]],
-                "acc_global_DI": np.concatenate([p["acc_global_DI"] for p in parts]),
-                "acc_personalized_DI": np.concatenate([p["acc_personalized_DI"] for p in parts])}
+        out = {"acc_DG": np.array([b.mean() if len(b) else np.nan for b in blocks]),
+               "client_ids": [c for p in parts for c in p["client_ids"]]}
+        for key in ("acc_global_DI", "acc_personalized_DI", *LOSS_KEYS):
+            out[key] = np.concatenate([p[key] for p in parts])
+        if self.cfg.privacy.mia_audit:
+            # members: the individuals' train splits (seen in training / fine-tuning); non-members: test splits
+            out["mia_auc_global"] = mia_auc(out["loss_global_train"], out["loss_global_test"])
+            out["mia_auc_personalized"] = mia_auc(out["loss_personalized_train"], out["loss_personalized_test"])
+        return out
 
     def peak_rss_mib(self) -> float:
         """Sum of the peak RSS of the driver and of every actor (workers and aggregator): an upper
@@ -192,25 +217,40 @@ def _loop(cfg: ExperimentConfig, fed: Federation, run_dir: Path, state: ckpt.Che
     g = state.global_params
     done, clients, secs, dropouts = state.round, state.train_clients, state.train_seconds, state.dropouts
     rounds, every = cfg.federation.rounds, cfg.eval.every
+    priv = cfg.privacy
+    accountant = PrivacyAccountant(priv.accountant)
+    if state.accountant:
+        accountant.load_state_dict(state.accountant)
+    dp_round = (fed.noise_multiplier, fed.sample_rate)
+    stopped = None
 
     def checkpoint() -> None:
-        ckpt.save(run_dir, ckpt.Checkpoint(done, g, log.rows, log.individuals, clients, secs, dropouts, card))
+        ckpt.save(run_dir, ckpt.Checkpoint(done, g, log.rows, log.individuals, clients, secs, dropouts, card,
+                                           accountant.state_dict()))
         log.save(run_dir)
 
     try:
         while done < rounds:
+            if (priv.mode != "off" and priv.target_epsilon is not None
+                    and budget_spent(accountant, priv.target_epsilon, priv.delta, next_round=dp_round)):
+                stopped = f"privacy budget: one more round would exceed epsilon {priv.target_epsilon}"
+                break
             res = fed.train_round(done, g)
             g, done = res.global_params, done + 1          # the model advances only on success
             clients, secs, dropouts = clients + res.clients, secs + res.seconds, dropouts + res.dropped
+            if priv.mode != "off" and not res.metrics.get("skipped"):
+                accountant.step(*dp_round)                 # a skipped round released nothing
             cps = res.clients / res.seconds if res.seconds > 0 else float("nan")
             log.add_many(done, {"train_loss": res.metrics.get("train_loss", float("nan")),
                                 "update_norm": res.metrics.get("update_norm", 0.0), "clients": res.clients,
-                                "dropped": res.dropped, "round_s": res.seconds, "clients_per_s": cps})
+                                "dropped": res.dropped, "round_s": res.seconds, "clients_per_s": cps,
+                                **({"epsilon": accountant.epsilon(priv.delta)} if priv.mode != "off" else {})})
             shown = {"clients_per_s": cps}
             if done % every == 0 or done == rounds:
                 ev = fed.evaluate(done, g)
                 stats = log.add_eval(done, describe(ev["acc_DG"]), ev["client_ids"],
                                      ev["acc_global_DI"], ev["acc_personalized_DI"])
+                log.add_many(done, {k: ev[k] for k in ("mia_auc_global", "mia_auc_personalized") if k in ev})
                 shown.update({k: v["mean"] for k, v in stats.items()})
             if done % cfg.run.checkpoint_every == 0 or done == rounds:
                 checkpoint()
@@ -221,12 +261,34 @@ def _loop(cfg: ExperimentConfig, fed: Federation, run_dir: Path, state: ckpt.Che
         # good. g is the model after the last *completed* round, so `--resume` continues from there.
         checkpoint()
         raise
+    if stopped:
+        checkpoint()
 
     summary = build_summary(cfg, fed, log, done, clients, secs, dropouts, run_dir)
+    summary.update(privacy_summary(cfg, fed, log, accountant, stopped))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     from sim.plots import plot_run  # matplotlib only when a run finishes
     plot_run(log, run_dir)
     return summary
+
+
+def privacy_summary(cfg: ExperimentConfig, fed: Federation, log: MetricsLog, accountant: PrivacyAccountant,
+                    stopped: str | None) -> dict:
+    """The formal guarantee next to the measured leakage (loss-threshold MIA AUC, 0.5 = none)."""
+    p = cfg.privacy
+    df = log.frame()
+    last = lambda m: finite_or_none(float(df[df.metric == m].value.iloc[-1])) if (df.metric == m).any() else None  # noqa: E731
+    dp = p.mode != "off"
+    return {"privacy_mode": p.mode,
+            "epsilon": accountant.epsilon(p.delta) if dp else None,
+            "delta": p.delta if dp else None,
+            "noise_multiplier": fed.noise_multiplier if dp else None,
+            "clip_norm": p.clip_norm if dp else None,
+            "sample_rate": fed.sample_rate,
+            "accountant": p.accountant if dp else None,
+            "secagg_neighbors": None, "secagg_threshold": None,
+            "mia_auc": last("mia_auc_global"), "mia_auc_personalized": last("mia_auc_personalized"),
+            "stopped_early": stopped}
 
 
 def build_summary(cfg: ExperimentConfig, fed: Federation, log: MetricsLog, rounds: int, clients: int,

@@ -49,7 +49,8 @@ class Algorithm(ABC):
         per_client = [self.schedules(len(y), g) for y, g in zip(ys, gens)]
         streams = [[pc[k] for pc in per_client] for k in range(self.batches_per_step)]
         train = train_vmap if path == "vmap" else train_loop
-        local, loss = train(model, self.step, global_flat, xs, ys, streams, self.cfg.batch_size)
+        local, loss = train(model, self.step, global_flat, xs, ys, streams, self.cfg.batch_size,
+                            self.cfg.privacy_lambda)
         return local - global_flat, {"train_loss": loss}
 
     # ------------------------------------------------------------ server rule

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from actors.privacy import negative_entropy
 from sim.models import Params, flatten, unflatten, param_shapes
 
 GradFn = Callable[[Params, torch.Tensor, torch.Tensor, torch.Tensor], tuple[Params, torch.Tensor]]
@@ -74,19 +75,21 @@ def pad_schedules(schedules: Sequence[Sequence[np.ndarray]], batch_size: int) ->
 
 
 # ---------------------------------------------------------------- loss and grads
-def masked_ce(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the unmasked samples (0 for an all-masked batch)."""
-    logits = functional_call(model, params, (x,))
-    ce = F.cross_entropy(logits, y, reduction="none")
-    return (ce * mask).sum() / mask.sum().clamp_min(1.0)
+def masked_loss(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, lam: float = 0.0) -> torch.Tensor:
+    """Mean over the unmasked samples (0 for an all-masked batch) of cross-entropy, plus
+    `lam` x the output-confidence privacy penalty (the privacy-regularized local objective)."""
+    per_sample = F.cross_entropy(logits, y, reduction="none")
+    if lam:
+        per_sample = per_sample + lam * negative_entropy(logits)
+    return (per_sample * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def func_grad(model: nn.Module) -> GradFn:
+def func_grad(model: nn.Module, lam: float = 0.0) -> GradFn:
     """torch.func gradient: composable with vmap."""
-    return grad_and_value(lambda p, x, y, m: masked_ce(model, p, x, y, m))
+    return grad_and_value(lambda p, x, y, m: masked_loss(functional_call(model, p, (x,)), y, m, lam))
 
 
-def module_grad(model: nn.Module) -> GradFn:
+def module_grad(model: nn.Module, lam: float = 0.0) -> GradFn:
     """Plain-autograd gradient for the per-client loop: the given tensors are swapped into the one
     module as its parameters' storage (no copy), so a single model serves every client of an actor
     and PyTorch's fast eager kernels (channels_last convolutions) are used as-is."""
@@ -95,8 +98,7 @@ def module_grad(model: nn.Module) -> GradFn:
     def g(params: Params, x, y, m):
         for p, t in zip(plist, params.values()):
             p.data = t
-        ce = F.cross_entropy(model(x), y, reduction="none")
-        loss = (ce * m).sum() / m.sum().clamp_min(1.0)
+        loss = masked_loss(model(x), y, m, lam)
         grads = torch.autograd.grad(loss, plist)
         return dict(zip(params, grads)), loss.detach()
     return g
@@ -120,7 +122,7 @@ def sgd_(params: Params, grads: Params, lr: float) -> Params:
 # ---------------------------------------------------------------- cohort trainers
 def train_vmap(model: nn.Module, step: StepFn, global_flat: torch.Tensor,
                xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor],
-               schedules: Sequence[Sequence[Sequence[np.ndarray]]], batch_size: int,
+               schedules: Sequence[Sequence[Sequence[np.ndarray]]], batch_size: int, lam: float = 0.0,
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Train a cohort in lockstep. `schedules[k][i]` is client i's k-th schedule (a step function
     uses one batch from each of its k schedules). Returns (params (clients, n_params), mean loss (clients,))."""
@@ -135,7 +137,7 @@ def train_vmap(model: nn.Module, step: StepFn, global_flat: torch.Tensor,
 
     shapes = param_shapes(model)
     params = {k: v.expand(c, *v.shape).clone() for k, v in unflatten(global_flat, shapes).items()}
-    ops = Ops(func_grad(model), sgd_)
+    ops = Ops(func_grad(model, lam), sgd_)
     vstep = vmap(lambda p, *b: step(ops, p, [b[i:i + 3] for i in range(0, len(b), 3)]))
     loss_sum = torch.zeros(c, device=device)
     live_steps = torch.zeros(c, device=device)
@@ -153,12 +155,12 @@ def train_vmap(model: nn.Module, step: StepFn, global_flat: torch.Tensor,
 
 def train_loop(model: nn.Module, step: StepFn, global_flat: torch.Tensor,
                xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor],
-               schedules: Sequence[Sequence[Sequence[np.ndarray]]], batch_size: int,
+               schedules: Sequence[Sequence[Sequence[np.ndarray]]], batch_size: int, lam: float = 0.0,
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `train_vmap`, one client at a time with exact-size batches."""
     device = global_flat.device
     shapes = param_shapes(model)
-    ops = Ops(module_grad(model), sgd_)
+    ops = Ops(module_grad(model, lam), sgd_)
     out, losses = [], []
     for i, (x, y) in enumerate(zip(xs, ys)):
         x, y = _fast_layout(x.to(device)), y.to(device)
@@ -228,3 +230,12 @@ def accuracies_stacked(model: nn.Module, flats: torch.Tensor, xs: Sequence[torch
     logits = vmap(lambda p, x: functional_call(model, p, (x,)))(params, x_pad)  # (clients, n_max, classes)
     hits = ((logits.argmax(-1) == y_pad) & valid).sum(1).float()
     return (hits / n.clamp_min(1)).where(n > 0, torch.full_like(hits, float("nan"))).cpu()
+
+
+@torch.no_grad()
+def sample_losses(model: nn.Module, flats: torch.Tensor, xs: Sequence[torch.Tensor],
+                  ys: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-sample cross-entropy of each client's parameters on its own data (for the MIA audit)."""
+    shapes = param_shapes(model)
+    return [F.cross_entropy(functional_call(model, unflatten(f, shapes), (x.to(f.device),)), y.to(f.device),
+                            reduction="none").cpu() for f, x, y in zip(flats, xs, ys)]

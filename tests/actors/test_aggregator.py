@@ -43,3 +43,17 @@ def test_duplicate_clients_rejected():
     agg = Aggregator(AlgorithmConfig(), 1)
     with pytest.raises(AggregationError, match="reported twice"):
         agg.aggregate(0, np.zeros(1, np.float32), msg(0, 0, [1], 1.0, [4]), msg(0, 1, [1], 1.0, [4]))
+
+
+def test_central_dp_noise_and_fixed_denominator():
+    from sim.config import PrivacyConfig
+
+    priv = PrivacyConfig(mode="central", clip_norm=2.0, noise_multiplier=0.5)
+    g = np.zeros(4000, np.float32)
+    m = msg(0, 0, np.ones(4000), 3.0, [1, 2, 3])
+    a = Aggregator(AlgorithmConfig(), 4000, priv, noise_multiplier=0.5, expected_clients=10, seed=1)
+    new, met = a.aggregate(0, g, m)
+    # mean = (sum + N(0, (zC)^2)) / expected cohort: noise std 1.0 / 10 around 1 / 10
+    assert abs(new.mean() - 0.1) < 0.01 and abs(new.std() - 0.1) < 0.01 and met["noise_std"] == 1.0
+    again, _ = Aggregator(AlgorithmConfig(), 4000, priv, 0.5, 10, seed=1).aggregate(0, g, m)
+    np.testing.assert_array_equal(new, again)  # the noise stream is (seed, round)

@@ -119,3 +119,29 @@ def test_ctrl_c_in_a_real_process_leaves_a_usable_checkpoint(tmp_path):
     assert 1 <= ck.round < 100000 and np.isfinite(ck.global_params).all()
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
     assert metrics["round"].max() == ck.round  # metrics saved with, and only up to, the checkpoint
+
+
+def test_dp_run_accounts_every_round_and_audits(ray_session, tmp_path):
+    from actors.privacy import epsilon_for
+
+    raw = tiny_raw(tmp_path, privacy={"mode": "central", "noise_multiplier": 1.1, "clip_norm": 0.5})
+    _, s = run_experiment(from_dict(raw))
+    q = 10 / 40
+    assert s["sample_rate"] == q and s["noise_multiplier"] == 1.1 and s["clip_norm"] == 0.5
+    assert s["epsilon"] == pytest.approx(epsilon_for(1.1, q, 4, 1e-5), rel=1e-9)
+    assert 0.0 <= s["mia_auc"] <= 1.0 and 0.0 <= s["mia_auc_personalized"] <= 1.0
+    assert s["privacy_mode"] == "central" and s["stopped_early"] is None
+
+
+def test_dp_target_epsilon_is_met_and_budget_stops_training(ray_session, tmp_path):
+    from actors.privacy import noise_for
+
+    raw = tiny_raw(tmp_path, privacy={"mode": "central", "target_epsilon": 30.0})
+    _, s = run_experiment(from_dict(raw))
+    assert s["noise_multiplier"] == pytest.approx(noise_for(30.0, 0.25, 4, 1e-5))
+    assert s["epsilon"] <= 30.0 and s["rounds"] == 4
+    # resuming the finished run for more rounds would overshoot: training stops cleanly instead
+    run_dir = Path(s["run_dir"])
+    raw["federation"]["rounds"] = 8
+    _, more = run_experiment(from_dict(raw), run_dir=run_dir, resume=True)
+    assert more["rounds"] < 8 and more["epsilon"] <= 30.0 and "privacy budget" in more["stopped_early"]

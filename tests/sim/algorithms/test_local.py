@@ -104,3 +104,15 @@ def test_server_rules():
     assert fed.client_weight(30) == 30.0
     assert build_algorithm(AlgorithmConfig(name="reptile")).client_weight(30) == 1.0
     assert build_algorithm(AlgorithmConfig(name="reptile", weighted=True)).client_weight(30) == 30.0
+
+
+def test_privacy_penalty_in_both_paths():
+    model, g0, xs, ys = cohort("mlp", [16, 9, 12], (6,), 4, seed=3)
+    gens = lambda: [np.random.default_rng(20 + i) for i in range(3)]  # noqa: E731
+    plain = build_algorithm(AlgorithmConfig(batch_size=4, lr=0.1))
+    reg = build_algorithm(AlgorithmConfig(batch_size=4, lr=0.1, privacy_lambda=2.0))
+    u_v, _ = reg.client_update(model, g0, xs, ys, gens(), "vmap")
+    u_l, _ = reg.client_update(model, g0, xs, ys, gens(), "loop")
+    torch.testing.assert_close(u_v, u_l, atol=1e-6, rtol=1e-5)
+    u_0, _ = plain.client_update(model, g0, xs, ys, gens(), "vmap")
+    assert (u_v - u_0).abs().max() > 1e-6  # the penalty changes the local objective
