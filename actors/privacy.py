@@ -36,11 +36,16 @@ from typing import Literal
 
 import numpy as np
 import torch
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-
 AccountantName = Literal["rdp", "prv"]
-ACCOUNTANTS: dict[str, type] = {"rdp": RDPAccountant, "prv": PRVAccountant}
+ACCOUNTANTS = ("rdp", "prv")
+
+
+def _opacus_accountant(name: str):
+    # Opacus is imported on first use: it costs ~120 MB of RSS, and the worker processes, which
+    # import this module for clipping, never account.
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    return {"rdp": RDPAccountant, "prv": PRVAccountant}[name]()
 
 
 def _positive(name: str, value: float) -> None:
@@ -177,7 +182,7 @@ class PrivacyAccountant:
     def __init__(self, accountant: AccountantName = "rdp"):
         _check_accountant(accountant)
         self.accountant = accountant
-        self._opacus = ACCOUNTANTS[accountant]()
+        self._opacus = _opacus_accountant(accountant)
 
     def step(self, noise_multiplier: float, sample_rate: float) -> None:
         _positive("noise_multiplier", noise_multiplier)
@@ -238,6 +243,8 @@ def noise_for(target_epsilon: float, sample_rate: float, steps: int, delta: floa
     _check_accountant(accountant)
     if steps < 1:
         raise ValueError(f"steps: must be >= 1, got {steps}")
+    from opacus.accountants.utils import get_noise_multiplier
+
     with warnings.catch_warnings():
         # The bisection probes very large sigmas whose tiny epsilon is best at the largest RDP order;
         # Opacus warns about that bound at each probe, which says nothing about the answer.

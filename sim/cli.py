@@ -43,8 +43,18 @@ def summary_table(summary: dict) -> Table:
 
 def summary_line(summary: dict) -> str:
     gain, cps = summary.get("personalization_gain"), summary.get("clients_per_s")
-    return (f"personalization gain {_fmt(gain, '+.4f')} | {_fmt(cps, '.1f')} clients/s | "
+    line = (f"personalization gain {_fmt(gain, '+.4f')} | {_fmt(cps, '.1f')} clients/s | "
             f"peak RSS {_fmt(summary.get('peak_rss_mib'), '.0f')} MiB | dropouts {summary.get('dropouts')}")
+    privacy = []
+    if summary.get("epsilon") is not None:
+        privacy.append(f"DP epsilon {summary['epsilon']:.3g} at delta {summary['delta']:g} "
+                       f"(z={summary['noise_multiplier']:.3g}, C={summary['clip_norm']:g})")
+    if summary.get("mia_auc") is not None:
+        privacy.append(f"membership-inference AUC {summary['mia_auc']:.3f} global, "
+                       f"{_fmt(summary.get('mia_auc_personalized'), '.3f')} personalized (0.5 = no leakage)")
+    if summary.get("stopped_early"):
+        privacy.append(f"stopped early: {summary['stopped_early']}")
+    return "\n".join([line, *privacy])
 
 
 def _fmt(v, spec: str = ".4f") -> str:

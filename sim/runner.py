@@ -218,33 +218,33 @@ def _loop(cfg: ExperimentConfig, fed: Federation, run_dir: Path, state: ckpt.Che
     done, clients, secs, dropouts = state.round, state.train_clients, state.train_seconds, state.dropouts
     rounds, every = cfg.federation.rounds, cfg.eval.every
     priv = cfg.privacy
-    accountant = PrivacyAccountant(priv.accountant)
-    if state.accountant:
+    accountant = PrivacyAccountant(priv.accountant) if priv.mode != "off" else None
+    if accountant and state.accountant:
         accountant.load_state_dict(state.accountant)
     dp_round = (fed.noise_multiplier, fed.sample_rate)
     stopped = None
 
     def checkpoint() -> None:
         ckpt.save(run_dir, ckpt.Checkpoint(done, g, log.rows, log.individuals, clients, secs, dropouts, card,
-                                           accountant.state_dict()))
+                                           accountant.state_dict() if accountant else None))
         log.save(run_dir)
 
     try:
         while done < rounds:
-            if (priv.mode != "off" and priv.target_epsilon is not None
+            if (accountant and priv.target_epsilon is not None
                     and budget_spent(accountant, priv.target_epsilon, priv.delta, next_round=dp_round)):
                 stopped = f"privacy budget: one more round would exceed epsilon {priv.target_epsilon}"
                 break
             res = fed.train_round(done, g)
             g, done = res.global_params, done + 1          # the model advances only on success
             clients, secs, dropouts = clients + res.clients, secs + res.seconds, dropouts + res.dropped
-            if priv.mode != "off" and not res.metrics.get("skipped"):
+            if accountant and not res.metrics.get("skipped"):
                 accountant.step(*dp_round)                 # a skipped round released nothing
             cps = res.clients / res.seconds if res.seconds > 0 else float("nan")
             log.add_many(done, {"train_loss": res.metrics.get("train_loss", float("nan")),
                                 "update_norm": res.metrics.get("update_norm", 0.0), "clients": res.clients,
                                 "dropped": res.dropped, "round_s": res.seconds, "clients_per_s": cps,
-                                **({"epsilon": accountant.epsilon(priv.delta)} if priv.mode != "off" else {})})
+                                **({"epsilon": accountant.epsilon(priv.delta)} if accountant else {})})
             shown = {"clients_per_s": cps}
             if done % every == 0 or done == rounds:
                 ev = fed.evaluate(done, g)
@@ -272,13 +272,13 @@ def _loop(cfg: ExperimentConfig, fed: Federation, run_dir: Path, state: ckpt.Che
     return summary
 
 
-def privacy_summary(cfg: ExperimentConfig, fed: Federation, log: MetricsLog, accountant: PrivacyAccountant,
-                    stopped: str | None) -> dict:
+def privacy_summary(cfg: ExperimentConfig, fed: Federation, log: MetricsLog,
+                    accountant: PrivacyAccountant | None, stopped: str | None) -> dict:
     """The formal guarantee next to the measured leakage (loss-threshold MIA AUC, 0.5 = none)."""
     p = cfg.privacy
     df = log.frame()
     last = lambda m: finite_or_none(float(df[df.metric == m].value.iloc[-1])) if (df.metric == m).any() else None  # noqa: E731
-    dp = p.mode != "off"
+    dp = accountant is not None
     return {"privacy_mode": p.mode,
             "epsilon": accountant.epsilon(p.delta) if dp else None,
             "delta": p.delta if dp else None,
