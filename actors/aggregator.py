@@ -19,14 +19,23 @@ import torch
 
 from sim.algorithms import build_algorithm
 from actors.privacy import central_noise
+from actors.secagg.protocol import (AdvertiseKeys, EncryptedShares, ProtocolViolation, SecAggAbort, SecAggServer,
+                                    UnmaskRequest, UnmaskShares)
+from actors.secagg.quantize import dequantize
+from actors.secagg.session import SecAggParams
 from sim.config import AlgorithmConfig, PrivacyConfig
-from sim.seeding import torch_gen
+from sim.seeding import np_rng, torch_gen
 
 from actors.client_worker import UpdateMessage, peak_rss_mib
 
 
 class AggregationError(RuntimeError):
     """The round cannot be aggregated; the global model must stay as it was."""
+
+
+class SecAggRoundAborted(AggregationError):
+    """Secure aggregation could not finish this round (too many dropouts for threshold t): the
+    round releases nothing, the model stays, and the federation goes on with the next round."""
 
 
 def weighted_sum(messages: Sequence[UpdateMessage], n_params: int) -> tuple[np.ndarray, float]:
@@ -41,7 +50,8 @@ def weighted_sum(messages: Sequence[UpdateMessage], n_params: int) -> tuple[np.n
 
 class Aggregator:
     def __init__(self, algorithm: AlgorithmConfig | dict, n_params: int, privacy: PrivacyConfig | dict | None = None,
-                 noise_multiplier: float = 0.0, expected_clients: int = 1, seed: int = 0):
+                 noise_multiplier: float = 0.0, expected_clients: int = 1, seed: int = 0,
+                 secagg: SecAggParams | None = None):
         cfg = algorithm if isinstance(algorithm, AlgorithmConfig) else AlgorithmConfig.model_validate(algorithm)
         self.algorithm = build_algorithm(cfg)
         self.n_params = n_params
@@ -49,6 +59,9 @@ class Aggregator:
         self.noise_multiplier = noise_multiplier    # resolved z (from the config or a target epsilon)
         self.expected_clients = expected_clients    # DP-FedAvg's fixed denominator: the cohort size
         self.seed = seed
+        self.secagg = secagg                        # None: plain sums of updates
+        self._server: SecAggServer | None = None    # this round's secure-aggregation server state
+        self._pending: dict = {}                    # metadata of the masked messages of this round
         self.rounds_done = 0
 
     def check(self, rnd: int, messages: Sequence[UpdateMessage]) -> None:
@@ -56,7 +69,14 @@ class Aggregator:
         for m in messages:
             if m.round != rnd:
                 raise AggregationError(f"round {rnd}: message from worker {m.worker} is for round {m.round}")
-            if m.weighted_sum.shape != (self.n_params,):
+            if m.masked_sum is not None:
+                if self.secagg is None:
+                    raise AggregationError(f"round {rnd}: worker {m.worker} sent a masked sum, secure aggregation is off")
+                if m.masked_sum.shape != (self.n_params,) or m.masked_sum.dtype != np.uint64:
+                    raise AggregationError(f"round {rnd}: worker {m.worker} sent a malformed masked sum")
+            elif self.secagg is not None:
+                raise AggregationError(f"round {rnd}: worker {m.worker} sent an unmasked update under secure aggregation")
+            elif m.weighted_sum.shape != (self.n_params,):
                 raise AggregationError(f"round {rnd}: worker {m.worker} sent {m.weighted_sum.shape[0]} "
                                        f"parameters, expected {self.n_params}")
             if not np.isfinite(m.weighted_sum).all() or not np.isfinite(m.weight):
@@ -84,6 +104,48 @@ class Aggregator:
         total, weight, metrics = self.combine(rnd, messages)
         metrics["train_loss"] = (sum(m.train_loss_sum for m in messages) / metrics["clients"]
                                  if metrics["clients"] else float("nan"))
+        return self._finish(rnd, global_params, total, weight, metrics)
+
+    # ------------------------------------------------------------ secure aggregation (server side)
+    def secagg_begin(self, rnd: int, clients: list[int], *adverts: list[AdvertiseKeys]) -> dict[int, dict]:
+        """Phase 0: public keys in, the mask graph built; returns each client's neighbours' keys."""
+        p = self.secagg
+        self._server = SecAggServer(rnd, clients, p.neighbors, p.threshold, p.bits, self.n_params,
+                                    np_rng(self.seed, "secagg-server", rnd))
+        return self._secure(rnd, lambda: self._server.receive_keys([a for batch in adverts for a in batch]))
+
+    def secagg_route(self, rnd: int, *shares: list[EncryptedShares]) -> dict[int, dict[int, bytes]]:
+        """Phase 1: route the encrypted shares (the server cannot read them)."""
+        return self._secure(rnd, lambda: self._server.route_shares([s for batch in shares for s in batch]))
+
+    def secagg_collect(self, rnd: int, *messages: UpdateMessage) -> UnmaskRequest:
+        """Phase 2: add the workers' masked sums; name the survivors and the dropped."""
+        self.check(rnd, messages)
+        for m in messages:
+            self._secure(rnd, lambda m=m: self._server.receive_masked_sum(m.client_ids, m.masked_sum))
+        self._pending = {"clients": sum(m.num_clients for m in messages),
+                         "train_loss_sum": sum(m.train_loss_sum for m in messages)}
+        return self._secure(rnd, self._server.close_masked)
+
+    def aggregate_secure(self, rnd: int, global_params: np.ndarray, *unmask: list[UnmaskShares]) -> tuple[np.ndarray, dict]:
+        """Phase 3: unmask the sum from the revealed shares, decode it, then DP and the server rule."""
+        q_sum = self._secure(rnd, lambda: self._server.unmask([u for batch in unmask for u in batch]))
+        server, self._server = self._server, None
+        total = dequantize(q_sum, self.secagg.step, self.secagg.bits)             # (n_params,) float64
+        clients = self._pending["clients"]
+        metrics = {"clients": clients, "train_loss": self._pending["train_loss_sum"] / max(clients, 1),
+                   "secagg_survivors": len(server.survivors), "secagg_dropped": len(server.dropped)}
+        return self._finish(rnd, global_params, total, float(len(server.survivors)), metrics)
+
+    def _secure(self, rnd: int, step):
+        try:
+            return step()
+        except (SecAggAbort, ProtocolViolation) as e:
+            self._server = None
+            raise SecAggRoundAborted(f"round {rnd}: secure aggregation aborted: {e}") from None
+
+    def _finish(self, rnd: int, global_params: np.ndarray, total: np.ndarray, weight: float,
+                metrics: dict) -> tuple[np.ndarray, dict]:
         if weight <= 0:
             # every sampled client dropped out: the round completes and the model stays
             metrics.update(skipped=True, update_norm=0.0)

@@ -17,6 +17,9 @@ import ray
 import torch
 
 from actors.privacy import clip_updates
+from actors.secagg.protocol import AdvertiseKeys, EncryptedShares, SecAggClient, UnmaskRequest, UnmaskShares
+from actors.secagg.quantize import add_mod, quantize
+from actors.secagg.session import SecAggParams
 from sim.algorithms import SGDClient, build_algorithm
 from sim.algorithms.local import accuracies_stacked, predictions_hit, sample_losses
 from sim.config import AlgorithmConfig, ExperimentConfig, from_dict
@@ -46,6 +49,7 @@ class UpdateMessage:
     train_loss_sum: float           # sum over clients of their mean local loss
     compute_s: float
     metrics: dict = field(default_factory=dict)
+    masked_sum: np.ndarray | None = None  # secure aggregation: sum of the clients' masked inputs mod 2^b
 
 
 def resolve_path(path: str, model_kind: str) -> Literal["vmap", "loop"]:
@@ -71,6 +75,8 @@ class ClientWorker:
         ev = self.cfg.eval
         self.finetuner = SGDClient(AlgorithmConfig(local_steps=max(ev.finetune_steps, 1), lr=ev.finetune_lr,
                                                    batch_size=ev.batch_size))
+        self._secagg: dict[int, SecAggClient] = {}       # this round's clients' protocol state
+        self._secagg_params: SecAggParams | None = None
 
     def info(self) -> dict:
         return {"worker": self.worker_id, "device": str(self.device), "path": self.path,
@@ -84,13 +90,17 @@ class ClientWorker:
         return torch.tensor(global_params, dtype=torch.float32, device=self.device)
 
     # ------------------------------------------------------------ training
-    def train(self, rnd: int, global_params: np.ndarray, cids: Sequence[int]) -> UpdateMessage:
-        """Run the algorithm's client rule for every client in `cids`; sum their weighted updates."""
+    def train(self, rnd: int, global_params: np.ndarray, cids: Sequence[int],
+              inbox: dict[int, dict] | None = None) -> UpdateMessage:
+        """Run the algorithm's client rule for every client in `cids`; sum their weighted updates.
+        With secure aggregation (`inbox`: each client's encrypted shares from its neighbours) the
+        clients' updates are clipped, quantized and masked, and only the masked sum leaves."""
         t0 = time.perf_counter()
         g = self._global(global_params)
         total = torch.zeros_like(g)
+        masked = None if inbox is None else np.zeros(self.n_params, dtype=np.uint64)
         weight, loss_sum, clipped = 0.0, 0.0, 0.0
-        dp = self.cfg.privacy.mode != "off"
+        dp = self.cfg.privacy.mode != "off" or inbox is not None
         for chunk in self._chunks(list(cids)):
             clients = self.data.clients(chunk)
             xs = [c.x_train for c in clients]
@@ -98,20 +108,51 @@ class ClientWorker:
             gens = [np_rng(self.cfg.seed, "local-batches", rnd, c) for c in chunk]
             updates, met = self.algorithm.client_update(self.model, g, xs, ys, gens, self.path)  # (clients, n_params)
             if dp:
-                # DP client half: each user's contribution bounded by C, and weighted equally (a
+                # DP client half (and what secure aggregation's fixed-point encoding needs): each user's contribution bounded by C, and weighted equally (a
                 # sample-count weight would change the sensitivity the noise is calibrated to)
                 updates, cm = clip_updates(updates, self.cfg.privacy.clip_norm)
                 clipped += cm["clipped_fraction"] * len(chunk)
                 w = torch.ones(len(chunk), device=g.device)
             else:
                 w = torch.tensor([self.algorithm.client_weight(len(y)) for y in ys], device=g.device)
-            total += w @ updates
+            if masked is not None:
+                masked = add_mod(masked, self._mask(rnd, chunk, updates, inbox), self._secagg_params.bits)
+            else:
+                total += w @ updates
             weight += float(w.sum())
             loss_sum += float(met["train_loss"].sum())
-        return UpdateMessage(round=rnd, worker=self.worker_id, weighted_sum=total.cpu().numpy(), weight=weight,
+        plain = total.cpu().numpy() if masked is None else np.zeros(0, dtype=np.float32)
+        return UpdateMessage(round=rnd, worker=self.worker_id, weighted_sum=plain, weight=weight,
                              num_clients=len(cids), client_ids=[int(c) for c in cids], train_loss_sum=loss_sum,
                              compute_s=time.perf_counter() - t0,
-                             metrics={"peak_rss_mib": peak_rss_mib(), "clipped": clipped})
+                             metrics={"peak_rss_mib": peak_rss_mib(), "clipped": clipped}, masked_sum=masked)
+
+    # ------------------------------------------------------------ secure aggregation (client side)
+    def secagg_advertise(self, rnd: int, cids: Sequence[int], params: SecAggParams) -> list[AdvertiseKeys]:
+        """Phase 0: every client of this shard makes its key pairs (its state lives here, as on its device)."""
+        self._secagg_params = params
+        self._secagg = {int(c): SecAggClient(int(c), rnd, params.bits, params.threshold,
+                                             np_rng(self.cfg.seed, "secagg-client", rnd, int(c))) for c in cids}
+        return [client.advertise() for client in self._secagg.values()]
+
+    def secagg_share(self, rnd: int, neighbour_keys: dict[int, dict]) -> list[EncryptedShares]:
+        """Phase 1: Shamir shares of each client's secrets, encrypted for its neighbours."""
+        return [self._secagg[c].share_keys(keys) for c, keys in neighbour_keys.items()]
+
+    def secagg_unmask(self, rnd: int, request: UnmaskRequest) -> list[UnmaskShares]:
+        """Phase 3: the clients still online reveal the shares the server needs; then forget the round."""
+        out = [client.unmask(request) for c, client in self._secagg.items() if c in request.survivors]
+        self._secagg = {}
+        return out
+
+    def _mask(self, rnd: int, chunk: Sequence[int], updates: torch.Tensor, inbox: dict[int, dict]) -> np.ndarray:
+        """Phase 2 for a chunk of clients: quantize each clipped update and mask it; return the sum mod 2^b."""
+        p = self._secagg_params
+        total = np.zeros(updates.shape[1], dtype=np.uint64)
+        for c, u in zip(chunk, updates.cpu().numpy()):
+            q = quantize(u, p.clip, p.step, p.bits, np_rng(self.cfg.seed, "quantize", rnd, c))
+            total = add_mod(total, self._secagg[c].masked_input(q, inbox.get(c, {})).y, p.bits)
+        return total
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self, global_params: np.ndarray, cids: Sequence[int], rnd: int = 0) -> dict:

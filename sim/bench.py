@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from sim.config import ExperimentConfig, load
+from sim.config import ExperimentConfig, from_dict, load
 from sim.data import build_dataset
 from sim.runner import Federation, init_ray
 
@@ -59,3 +59,24 @@ def run_bench(cfg: ExperimentConfig, rounds: int = 5, warmup: int = 1, workload:
             fed.shutdown()
         if started:
             ray.shutdown()
+
+
+SECAGG_CASES = {"k20": {"secagg.neighbors": 20}, "complete": {"secagg.neighbors": None},
+                "k20_dropout10": {"secagg.neighbors": 20, "federation.dropout": 0.1}}
+
+
+def run_secagg_bench(cfg: ExperimentConfig, rounds: int, workload: str) -> dict:
+    """Plain vs secure aggregation on the same workload: k = 20, the complete graph, and k = 20
+    with 10% of the cohort dropping after key sharing. `secagg_overhead` = k=20 / plain s/round."""
+    res = run_bench(cfg, rounds=rounds, workload=workload)
+    res["secagg"] = {}
+    for name, changes in SECAGG_CASES.items():
+        raw = cfg.model_dump(mode="json")
+        raw["secagg"]["enabled"] = True
+        for key, value in changes.items():
+            section, field = key.split(".")
+            raw[section][field] = value
+        r = run_bench(from_dict(raw), rounds=rounds, workload=workload)
+        res["secagg"][name] = {k: r[k] for k in ("s_per_round", "clients_per_s", "peak_rss_mib")}
+    res["secagg_overhead"] = res["secagg"]["k20"]["s_per_round"] / res["s_per_round"]
+    return res

@@ -49,6 +49,10 @@ def summary_line(summary: dict) -> str:
     if summary.get("epsilon") is not None:
         privacy.append(f"DP epsilon {summary['epsilon']:.3g} at delta {summary['delta']:g} "
                        f"(z={summary['noise_multiplier']:.3g}, C={summary['clip_norm']:g})")
+    if summary.get("secagg_threshold") is not None:
+        privacy.append(f"secure aggregation: neighbors {summary['secagg_neighbors']}, threshold "
+                       f"{summary['secagg_threshold']}, mod 2^{summary['secagg_bits']}, "
+                       f"aborted rounds {summary['secagg_aborted_rounds']}")
     if summary.get("mia_auc") is not None:
         privacy.append(f"membership-inference AUC {summary['mia_auc']:.3f} global, "
                        f"{_fmt(summary.get('mia_auc_personalized'), '.3f')} personalized (0.5 = no leakage)")
@@ -85,6 +89,7 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (
         resume: Annotated[Optional[Path], typer.Option(help="resume the run in this directory")] = None,
         address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start local Ray)")] = None,
         dp: Annotated[bool, typer.Option("--dp", help="user-level DP-FedAvg with central noise (= --set privacy.mode=central)")] = False,
+        secagg: Annotated[bool, typer.Option("--secagg", help="masked secure aggregation (= --set secagg.enabled=true)")] = False,
         progress: Annotated[bool, typer.Option(help="show a progress bar")] = True) -> None:
     """Run an experiment; prints a summary table and, last, the run directory."""
     from ray.exceptions import RayTaskError
@@ -93,13 +98,14 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (
     from sim.runner import resume_config, run_experiment
 
     if resume is not None:
-        if config is not None or set_ or dp:
-            raise ConfigError("--resume: takes the run directory's own config; drop CONFIG, --set and --dp")
+        if config is not None or set_ or dp or secagg:
+            raise ConfigError("--resume: takes the run directory's own config; drop CONFIG, --set, --dp and --secagg")
         cfg = resume_config(resume)
         if not (resume / "checkpoint.pt").is_file():
             raise ConfigError(f"--resume: {resume} has no checkpoint.pt (the run never finished a checkpoint)")
     else:
-        cfg = load(config, (["privacy.mode=central"] if dp else []) + list(set_))
+        flags = (["privacy.mode=central"] if dp else []) + (["secagg.enabled=true"] if secagg else [])
+        cfg = load(config, flags + list(set_))
     if address:
         cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": address})})
     start = 0
@@ -153,9 +159,10 @@ def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped) o
           rounds: Annotated[int, typer.Option(min=1, help="timed rounds (after one warm-up round)")] = 5,
           workers: Annotated[Optional[int], typer.Option(min=1, help="worker actors (default: the workload's)")] = None,
           set_: SetOpt = [],  # noqa: B006
+          secagg: Annotated[bool, typer.Option("--secagg", help="also secure aggregation: k=20, complete graph, 10% dropout")] = False,
           as_json: Annotated[bool, typer.Option("--json", help="last line: one JSON object")] = False) -> None:
     """Throughput of the actor pool on a fixed workload."""
-    from sim.bench import WORKLOADS, run_bench, workload_config
+    from sim.bench import WORKLOADS, run_bench, run_secagg_bench, workload_config
 
     if workload not in WORKLOADS:
         raise ConfigError(f"--workload: expected one of {', '.join(WORKLOADS)}, got {workload!r}")
@@ -163,7 +170,7 @@ def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped) o
         raise ConfigError(f"--path: expected vmap, loop or auto, got {path!r}")
     extra = [f"ray.path={path}"] + ([f"ray.num_workers={workers}"] if workers else []) + list(set_)
     cfg = workload_config(workload, extra)
-    res = run_bench(cfg, rounds=rounds, workload=workload)
+    res = run_secagg_bench(cfg, rounds, workload) if secagg else run_bench(cfg, rounds=rounds, workload=workload)
     if as_json:
         print(json.dumps(res))
     else:
@@ -173,6 +180,10 @@ def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped) o
         t.add_column("peak RSS MiB", justify="right")
         t.add_row(f"{res['s_per_round']:.3f}", f"{res['clients_per_s']:.1f}", f"{res['peak_rss_mib']:.0f}")
         out.print(t)
+        for name, r in res.get("secagg", {}).items():
+            print(f"secagg {name}: {r['s_per_round']:.3f} s/round, {r['clients_per_s']:.1f} clients/s")
+        if "secagg_overhead" in res:
+            print(f"secagg_overhead (k=20 / plain): {res['secagg_overhead']:.2f}x")
 
 
 def main() -> None:

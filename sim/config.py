@@ -116,6 +116,21 @@ class PrivacyConfig(Section):
         return self
 
 
+class SecAggConfig(Section):
+    """Masked secure aggregation (Bonawitz et al. 2017; SecAgg+ neighbour graph, Bell et al. 2020)."""
+
+    enabled: bool = False
+    neighbors: int | None = Field(None, ge=2, description="k of the k-regular mask graph (even); null = complete graph")
+    threshold: int | None = Field(None, ge=1, description="t shares recover a secret; null = k // 2 + 1")
+    quant_bits: int = Field(16, ge=1, le=30, description="quantization step = privacy.clip_norm / 2^quant_bits")
+
+    @model_validator(mode="after")
+    def _even_k(self) -> "SecAggConfig":
+        if self.neighbors is not None and self.neighbors % 2:
+            raise ValueError(f"neighbors: must be even (a k-regular Harary graph), got {self.neighbors}")
+        return self
+
+
 class FederationConfig(Section):
     rounds: int = Field(20, ge=1)
     clients_per_round: int = Field(100, ge=1)
@@ -153,6 +168,7 @@ class ExperimentConfig(Section):
     federation: FederationConfig = FederationConfig()
     eval: EvalConfig = EvalConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    secagg: SecAggConfig = SecAggConfig()
     ray: RayConfig = RayConfig()
     run: RunConfig = RunConfig()
 

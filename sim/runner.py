@@ -16,10 +16,12 @@ from typing import Callable
 
 import numpy as np
 import ray
+from ray.exceptions import RayTaskError
 
-from actors.aggregator import AggregatorActor
+from actors.aggregator import AggregatorActor, SecAggRoundAborted
 from actors.client_worker import LOSS_KEYS, ClientWorkerActor, peak_rss_mib
 from actors.privacy import PrivacyAccountant, budget_spent, mia_auc, noise_for
+from actors.secagg.session import secagg_params
 from sim import checkpoint as ckpt
 from sim.config import DEFAULT_NOISE_MULTIPLIER, ConfigError, ExperimentConfig, PrivacyConfig, from_dict, to_yaml
 from sim.data import FederatedDataset, build_dataset
@@ -109,8 +111,17 @@ class Federation:
         # sampling at q = cohort / population) and the noise multiplier, resolved once per run
         self.sample_rate = cfg.federation.clients_per_round / self.num_clients
         self.noise_multiplier = resolve_noise(cfg.privacy, self.sample_rate, cfg.federation.rounds)
+        self.secagg = None
+        if cfg.secagg.enabled:
+            sa = cfg.secagg
+            try:
+                self.secagg = secagg_params(sa.neighbors, sa.threshold, cfg.privacy.clip_norm, sa.quant_bits,
+                                            cfg.federation.clients_per_round)
+            except ValueError as e:
+                raise ConfigError(str(e) if str(e).startswith("secagg.") else f"secagg.quant_bits: {e}") from None
         self.aggregator = AggregatorActor.remote(cfg.algorithm.model_dump(), self.n_params, cfg.privacy.model_dump(),
-                                                 self.noise_multiplier, cfg.federation.clients_per_round, cfg.seed)
+                                                 self.noise_multiplier, cfg.federation.clients_per_round, cfg.seed,
+                                                 self.secagg)
         self.infos = ray.get([w.info.remote() for w in self.workers])  # fail fast if an actor cannot start
         self.global_sizes = data.global_sizes()
         self.eval_ids = eval_individuals(cfg.seed, self.num_clients, cfg.eval.num_individuals)
@@ -123,10 +134,39 @@ class Federation:
         cohort = sample_cohort(self.cfg.seed, rnd, self.num_clients, self.cfg.federation.clients_per_round)
         alive, dropped = apply_dropout(self.cfg.seed, rnd, cohort, self.cfg.federation.dropout)
         g_ref = ray.put(global_params)
-        shards = split_even(alive, len(self.workers))
-        msgs = [w.train.remote(rnd, g_ref, shard) for w, shard in zip(self.workers, shards)]
-        new, metrics = ray.get(self.aggregator.aggregate.remote(rnd, g_ref, *msgs))
+        if self.secagg is not None:
+            try:
+                new, metrics = self._secure_round(rnd, g_ref, cohort, alive)
+            except RayTaskError as e:
+                cause = e.as_instanceof_cause()
+                if not isinstance(cause, SecAggRoundAborted):
+                    raise
+                # too many dropouts for the threshold: nothing is released, the model stays
+                new, metrics = global_params, {"skipped": True, "aborted": str(cause.args[0] if cause.args else cause)}
+        else:
+            shards = split_even(alive, len(self.workers))
+            msgs = [w.train.remote(rnd, g_ref, shard) for w, shard in zip(self.workers, shards)]
+            new, metrics = ray.get(self.aggregator.aggregate.remote(rnd, g_ref, *msgs))
         return RoundResult(new, len(alive), len(dropped), time.perf_counter() - t0, metrics)
+
+    def _secure_round(self, rnd: int, g_ref, cohort: np.ndarray, alive: np.ndarray) -> tuple[np.ndarray, dict]:
+        """The four phases of secure aggregation, with the driver as the network between the
+        clients (hosted by the workers) and the server (the aggregator). The whole cohort takes
+        part in key set-up; the clients that drop out do so after sharing their keys, before
+        sending a masked input, so the server must recover their pairwise masks (the hard case)."""
+        pairs = [(w, shard) for w, shard in zip(self.workers, split_even(cohort, len(self.workers)))]
+        adverts = [w.secagg_advertise.remote(rnd, shard, self.secagg) for w, shard in pairs]
+        keys = ray.get(self.aggregator.secagg_begin.remote(rnd, cohort.tolist(), *adverts))
+        shares = [w.secagg_share.remote(rnd, {c: keys[c] for c in shard if c in keys}) for w, shard in pairs]
+        inbox = ray.get(self.aggregator.secagg_route.remote(rnd, *shares))
+        live = set(alive.tolist())
+        msgs = []
+        for w, shard in pairs:   # a client trains on the worker that holds its protocol state
+            mine = [c for c in shard if c in live]
+            msgs.append(w.train.remote(rnd, g_ref, mine, {c: inbox.get(c, {}) for c in mine}))
+        request = self.aggregator.secagg_collect.remote(rnd, *msgs)
+        reveals = [w.secagg_unmask.remote(rnd, request) for w, _ in pairs]
+        return ray.get(self.aggregator.aggregate_secure.remote(rnd, g_ref, *reveals))
 
     def evaluate(self, rnd: int, global_params: np.ndarray) -> dict:
         g_ref = ray.put(global_params)
@@ -241,7 +281,8 @@ def _loop(cfg: ExperimentConfig, fed: Federation, run_dir: Path, state: ckpt.Che
             if accountant and not res.metrics.get("skipped"):
                 accountant.step(*dp_round)                 # a skipped round released nothing
             cps = res.clients / res.seconds if res.seconds > 0 else float("nan")
-            log.add_many(done, {"train_loss": res.metrics.get("train_loss", float("nan")),
+            log.add_many(done, {"aborted": 1.0 if "aborted" in res.metrics else 0.0,
+                                "train_loss": res.metrics.get("train_loss", float("nan")),
                                 "update_norm": res.metrics.get("update_norm", 0.0), "clients": res.clients,
                                 "dropped": res.dropped, "round_s": res.seconds, "clients_per_s": cps,
                                 **({"epsilon": accountant.epsilon(priv.delta)} if accountant else {})})
@@ -286,7 +327,10 @@ def privacy_summary(cfg: ExperimentConfig, fed: Federation, log: MetricsLog,
             "clip_norm": p.clip_norm if dp else None,
             "sample_rate": fed.sample_rate,
             "accountant": p.accountant if dp else None,
-            "secagg_neighbors": None, "secagg_threshold": None,
+            "secagg_neighbors": (fed.secagg.neighbors or "complete") if fed.secagg else None,
+            "secagg_threshold": fed.secagg.threshold if fed.secagg else None,
+            "secagg_bits": fed.secagg.bits if fed.secagg else None,
+            "secagg_aborted_rounds": int(df[df.metric == "aborted"].value.sum()) if fed.secagg else None,
             "mia_auc": last("mia_auc_global"), "mia_auc_personalized": last("mia_auc_personalized"),
             "stopped_early": stopped}
 

@@ -551,6 +551,24 @@ class SecAggServer:
         self._masked_sum &= np.uint64((1 << self.bits) - 1)
         self._received.add(int(c))
 
+    def receive_masked_sum(self, clients: Iterable[int], y_sum: np.ndarray) -> None:
+        """Add the mod-2^b sum of several clients' masked inputs, summed where they were produced
+        (a simulation worker hosting many clients sends one vector). The server learns no more than
+        from the individual vectors, which it would add up on arrival anyway."""
+        self._expect("masked", "receive_masked_sum")
+        ids = [int(c) for c in clients]
+        for c in ids:
+            if c not in self.shared:
+                raise ProtocolViolation(f"masked input from client {c}, which did not share its keys")
+            if c in self._received:
+                raise ProtocolViolation(f"client {c} sent its masked input twice")
+        y = np.asarray(y_sum)
+        if y.dtype != np.uint64 or y.shape != (self.vector_length,):
+            raise ProtocolViolation(f"masked sum must be uint64 of shape ({self.vector_length},), got {y.dtype} {y.shape}")
+        self._masked_sum += y
+        self._masked_sum &= np.uint64((1 << self.bits) - 1)
+        self._received.update(ids)
+
     def collect_masked(self, messages: Iterable[MaskedInput]) -> UnmaskRequest:
         """Sum the masked inputs as they arrive; then close the phase and name survivors/dropped."""
         for m in messages:

@@ -67,3 +67,12 @@ def test_notebook_runs_on_a_run_dir(finished_run, monkeypatch):
         src = "".join(cell["source"]).replace("run_dir = runs[-1].parent", f"run_dir = Path({str(run_dir)!r})")
         exec(compile(src, "explore_run.ipynb", "exec"), scope)
     assert scope["summary"]["rounds"] == 2 and len(scope["last"]) == 8
+
+
+def test_bench_secagg_reports_overhead(ray_session):
+    res = CliRunner().invoke(app, ["bench", "--workload", "w2", "--rounds", "1", "--json", "--secagg",
+                                   "--set", "data.num_clients=60", "--set", "federation.clients_per_round=24",
+                                   "--set", "ray.num_cpus_per_worker=0.5"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert set(out["secagg"]) == {"k20", "complete", "k20_dropout10"} and out["secagg_overhead"] > 0

@@ -145,3 +145,20 @@ def test_dp_target_epsilon_is_met_and_budget_stops_training(ray_session, tmp_pat
     raw["federation"]["rounds"] = 8
     _, more = run_experiment(from_dict(raw), run_dir=run_dir, resume=True)
     assert more["rounds"] < 8 and more["epsilon"] <= 30.0 and "privacy budget" in more["stopped_early"]
+
+
+def test_secagg_and_dp_run_end_to_end(ray_session, tmp_path):
+    raw = tiny_raw(tmp_path, secagg={"enabled": True, "neighbors": 4}, privacy={"mode": "central"},
+                   federation={"dropout": 0.1})
+    run_dir, s = run_experiment(from_dict(raw))
+    assert s["secagg_neighbors"] == 4 and s["secagg_threshold"] == 3 and s["secagg_bits"] >= 20
+    assert s["epsilon"] > 0 and 0 <= s["mia_auc"] <= 1
+    assert 0 <= s["secagg_aborted_rounds"] <= 4
+    for k in ("acc_global_DI", "acc_personalized_DI"):
+        assert 0 <= s[k]["mean"] <= 1
+    # an aborted round releases nothing: the accountant counts only the rounds that went through
+    from actors.privacy import epsilon_for
+
+    done = 4 - s["secagg_aborted_rounds"]
+    if done:
+        assert s["epsilon"] == pytest.approx(epsilon_for(1.0, 0.25, done, 1e-5), rel=1e-9)
