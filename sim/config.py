@@ -120,7 +120,7 @@ class SecAggConfig(Section):
     """Masked secure aggregation (Bonawitz et al. 2017; SecAgg+ neighbour graph, Bell et al. 2020)."""
 
     enabled: bool = False
-    neighbors: int | None = Field(None, ge=2, description="k of the k-regular mask graph (even); null = complete graph")
+    neighbors: int | None = Field(20, ge=2, description="k of the k-regular mask graph (even; SecAgg+); null = complete graph")
     threshold: int | None = Field(None, ge=1, description="t shares recover a secret; null = k // 2 + 1")
     quant_bits: int = Field(16, ge=1, le=30, description="quantization step = privacy.clip_norm / 2^quant_bits")
 
