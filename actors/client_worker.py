@@ -116,7 +116,8 @@ class ClientWorker:
             else:
                 w = torch.tensor([self.algorithm.client_weight(len(y)) for y in ys], device=g.device)
             if masked is not None:
-                masked = add_mod(masked, self._mask(rnd, chunk, updates, inbox), self._secagg_params.bits)
+                here = frozenset(int(c) for c in cids)
+                masked = add_mod(masked, self._mask(rnd, chunk, updates, inbox, here), self._secagg_params.bits)
             else:
                 total += w @ updates
             weight += float(w.sum())
@@ -145,13 +146,16 @@ class ClientWorker:
         self._secagg = {}
         return out
 
-    def _mask(self, rnd: int, chunk: Sequence[int], updates: torch.Tensor, inbox: dict[int, dict]) -> np.ndarray:
-        """Phase 2 for a chunk of clients: quantize each clipped update and mask it; return the sum mod 2^b."""
+    def _mask(self, rnd: int, chunk: Sequence[int], updates: torch.Tensor, inbox: dict[int, dict],
+              here: frozenset[int]) -> np.ndarray:
+        """Phase 2 for a chunk of clients: quantize each clipped update and mask it; return the sum
+        mod 2^b. Pair masks between two clients that are both summed here (`here`) cancel in this
+        worker's sum, so they are not expanded (see SecAggClient.masked_input)."""
         p = self._secagg_params
         total = np.zeros(updates.shape[1], dtype=np.uint64)
         for c, u in zip(chunk, updates.cpu().numpy()):
             q = quantize(u, p.clip, p.step, p.bits, np_rng(self.cfg.seed, "quantize", rnd, c))
-            total = add_mod(total, self._secagg[c].masked_input(q, inbox.get(c, {})).y, p.bits)
+            total = add_mod(total, self._secagg[c].masked_input(q, inbox.get(c, {}), cancels=here).y, p.bits)
         return total
 
     # ------------------------------------------------------------ evaluation

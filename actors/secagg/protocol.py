@@ -49,6 +49,7 @@ both). Key material is drawn from numpy Generators: SIMULATION ONLY (see `keys`)
 """
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -272,11 +273,18 @@ class SecAggClient:
         self._phase = "shared"
         return EncryptedShares(self.client_id, out)
 
-    def masked_input(self, q: np.ndarray, inbox: Mapping[int, bytes]) -> MaskedInput:
+    def masked_input(self, q: np.ndarray, inbox: Mapping[int, bytes],
+                     cancels: AbstractSet[int] = frozenset()) -> MaskedInput:
         """Round 2: y_i = q_i + PRG(b_i) + sum_{j in inbox} sgn(i, j) PRG(s_ij) mod 2^bits.
 
         `inbox` holds the ciphertexts addressed to this client; their senders are exactly the
         neighbours that got through ShareKeys, and only they are masked with.
+
+        `cancels`: neighbours whose masked inputs are added to this one *before* anything leaves
+        the place that hosts both (a simulation worker summing its clients). Their pair masks
+        enter that sum once with each sign and cancel exactly, so they are not expanded: the sum
+        that leaves is bit-for-bit the same, and the individual y_i returned is then only
+        meaningful inside that sum. Both ends must pass each other in `cancels`.
         """
         self._expect("shared", "masked_input")
         q = np.asarray(q)
@@ -297,7 +305,8 @@ class SecAggClient:
             j: shared_seed(self._s_sk, self._neighbour_keys[j][1], pair_info(MASK_PURPOSE, self.round_id, self.client_id, j))
             for j in self._inbox
         }
-        y = mask_vector(q, self._self_seed, self.client_id, self._inbox.keys(), seeds, self.bits)
+        masked_with = [j for j in self._inbox if j not in cancels]
+        y = mask_vector(q, self._self_seed, self.client_id, masked_with, seeds, self.bits)
         y.flags.writeable = False
         self._phase = "masked"
         return MaskedInput(self.client_id, y)
