@@ -41,11 +41,13 @@ def _check_bits(bits: int) -> np.uint64:
 
 def _sum_masks(seeds: list[bytes], n: int, bits: int) -> np.ndarray:
     """sum_s PRG(s) mod 2^64 (caller reduces mod 2^bits), shape (n,)."""
-    total = np.zeros(n, dtype=np.uint64)
+    # keystream words are summed in their own width (uint32 for bits <= 32: wraps mod 2^32,
+    # a multiple of 2^bits), then widened once
+    total = np.zeros(n, dtype=np.uint32 if bits <= 32 else np.uint64)
     for start in range(0, len(seeds), _CHUNK):
-        block = expand_masks(seeds[start : start + _CHUNK], n, bits)  # (chunk, n)
-        total += block.sum(axis=0, dtype=np.uint64)
-    return total
+        block = expand_masks(seeds[start : start + _CHUNK], n, bits, native=True)  # (chunk, n)
+        total += block.sum(axis=0, dtype=total.dtype)
+    return total.astype(np.uint64)
 
 
 def signed_mask_sum(plus: list[bytes], minus: list[bytes], n: int, bits: int) -> np.ndarray:

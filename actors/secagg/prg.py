@@ -42,8 +42,11 @@ def expand_mask(seed: bytes, n: int, bits: int) -> np.ndarray:
     return expand_masks([seed], n, bits)[0]
 
 
-def expand_masks(seeds: Sequence[bytes], n: int, bits: int) -> np.ndarray:
+def expand_masks(seeds: Sequence[bytes], n: int, bits: int, native: bool = False) -> np.ndarray:
     """Masks for several seeds at once: uint64 array of shape (len(seeds), n).
+
+    `native=True` returns the keystream words as they are (uint32 when bits <= 32), reduced mod
+    2^bits, without widening: summing them in uint32 wraps mod 2^32, which 2^bits divides.
 
     One ChaCha20 call per seed writes its keystream directly into its row of a single output
     buffer (no per-seed allocation or copy), then one vectorized reduction mod 2^bits.
@@ -62,7 +65,9 @@ def expand_masks(seeds: Sequence[bytes], n: int, bits: int) -> np.ndarray:
     for row, s in enumerate(seeds):
         enc = Cipher(algorithms.ChaCha20(bytes(s), _NONCE), mode=None).encryptor()
         enc.update_into(zeros, view[row * row_bytes :])
-    masks = flat[: len(seeds) * row_bytes].view("<u4" if word == 4 else "<u8").astype(np.uint64, copy=False)
+    masks = flat[: len(seeds) * row_bytes].view("<u4" if word == 4 else "<u8")
+    if not native:
+        masks = masks.astype(np.uint64, copy=False)
     masks = masks.reshape(len(seeds), n)  # (seeds, n)
-    masks &= np.uint64((1 << bits) - 1)
+    masks &= masks.dtype.type((1 << bits) - 1)
     return masks

@@ -263,8 +263,12 @@ class SecAggClient:
         b_shares = shamir.split(self._self_seed, len(order), self.threshold, self._rng, xs=xs)
         s_shares = shamir.split(self._s_sk_bytes, len(order), self.threshold, self._rng, xs=xs)
         out: dict[int, bytes] = {}
+        # one key per pair, both directions (pair_info orders the pair): kept to decrypt j's bundle
+        # in round 3 without a second key exchange
+        self._share_keys: dict[int, bytes] = {}
         for j, sb, ss in zip(order, b_shares, s_shares):
             key = shared_seed(self._c_sk, keys[j][0], pair_info(SHARE_PURPOSE, self.round_id, self.client_id, j))
+            self._share_keys[j] = key
             plaintext = shamir.share_to_bytes(sb) + shamir.share_to_bytes(ss)
             out[j] = encrypt_share(
                 key, plaintext, _share_ad(self.round_id, self.client_id, j), _share_nonce(self.client_id)
@@ -313,8 +317,7 @@ class SecAggClient:
 
     def _decrypt(self, j: int) -> tuple[bytes, bytes]:
         """(share of b_j, share of s_j^SK) addressed to this client; ShareDecryptionError if tampered."""
-        key = shared_seed(self._c_sk, self._neighbour_keys[j][0], pair_info(SHARE_PURPOSE, self.round_id, self.client_id, j))
-        plain = decrypt_share(key, self._inbox[j], _share_ad(self.round_id, j, self.client_id), _share_nonce(j))
+        plain = decrypt_share(self._share_keys[j], self._inbox[j], _share_ad(self.round_id, j, self.client_id), _share_nonce(j))
         if len(plain) != 2 * _SHARE_BYTES:
             raise ShareDecryptionError(f"share bundle from client {j} has the wrong length")
         b_share, s_share = plain[:_SHARE_BYTES], plain[_SHARE_BYTES:]
