@@ -92,7 +92,8 @@ class Aggregator:
         return total, weight, {"clients": sum(m.num_clients for m in messages)}
 
     def privatize(self, rnd: int, total: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """DP server half: central Gaussian noise z*C on the sum of clipped updates (identity when off)."""
+        """DP server half: central Gaussian noise z*C on the sum of clipped updates. Identity when
+        off, and in the distributed mode, where the clients' noise shares are already in the sum."""
         if self.privacy.mode != "central":
             return total, {}
         gen = torch_gen(self.seed, "dp-noise", rnd)

@@ -16,7 +16,7 @@ import numpy as np
 import ray
 import torch
 
-from actors.privacy import clip_updates
+from actors.privacy import clip_updates, distributed_noise_share
 from actors.secagg.protocol import AdvertiseKeys, EncryptedShares, SecAggClient, UnmaskRequest, UnmaskShares
 from actors.secagg.quantize import add_mod, quantize
 from actors.secagg.session import SecAggParams
@@ -155,6 +155,12 @@ class ClientWorker:
         total = np.zeros(updates.shape[1], dtype=np.uint64)
         for c, u in zip(chunk, updates.cpu().numpy()):
             q = quantize(u, p.clip, p.step, p.bits, np_rng(self.cfg.seed, "quantize", rnd, c))
+            if p.noise_multiplier > 0:
+                # distributed DP: this client's Skellam share, in quantization steps, before masking,
+                # so the sum the aggregator unmasks is already private (two's complement into Z_2^b)
+                noise = distributed_noise_share(len(q), p.clip, p.noise_multiplier, p.cohort, p.step,
+                                                np_rng(self.cfg.seed, "dp-noise-share", rnd, c))
+                q = add_mod(q, noise.astype(np.uint64) & np.uint64((1 << p.bits) - 1), p.bits)
             total = add_mod(total, self._secagg[c].masked_input(q, inbox.get(c, {}), cancels=here).y, p.bits)
         return total
 

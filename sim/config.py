@@ -101,7 +101,9 @@ DEFAULT_NOISE_MULTIPLIER = 1.0
 class PrivacyConfig(Section):
     """User-level DP-FedAvg: clip each client's update to L2 norm C, Gaussian noise z*C on the sum."""
 
-    mode: Literal["off", "central"] = Field("off", description="central: the aggregator adds noise to the sum")
+    mode: Literal["off", "central", "distributed"] = Field(
+        "off", description="central: the aggregator adds noise to the sum; distributed: each client adds a "
+                           "Skellam share before masking (needs secagg)")
     clip_norm: float = Field(1.0, gt=0, description="L2 bound C on each client's update")
     noise_multiplier: float | None = Field(None, gt=0, description="z (1.0 when neither this nor target_epsilon is set)")
     target_epsilon: float | None = Field(None, gt=0, description="find z for this epsilon over all rounds (Opacus)")
@@ -174,6 +176,9 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "ExperimentConfig":
+        if self.privacy.mode == "distributed" and not self.secagg.enabled:
+            raise ValueError("privacy.mode: 'distributed' noise is added under secure aggregation; "
+                             "set secagg.enabled: true (or use mode 'central')")
         if self.data.kind != "femnist":
             if self.federation.clients_per_round > self.data.num_clients:
                 raise ValueError(

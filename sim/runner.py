@@ -20,7 +20,7 @@ from ray.exceptions import RayTaskError
 
 from actors.aggregator import AggregatorActor, SecAggRoundAborted
 from actors.client_worker import LOSS_KEYS, ClientWorkerActor, peak_rss_mib
-from actors.privacy import PrivacyAccountant, budget_spent, mia_auc, noise_for
+from actors.privacy import PrivacyAccountant, budget_spent, effective_noise_multiplier, mia_auc, noise_for
 from actors.secagg.session import secagg_params
 from sim import checkpoint as ckpt
 from sim.config import DEFAULT_NOISE_MULTIPLIER, ConfigError, ExperimentConfig, PrivacyConfig, from_dict, to_yaml
@@ -115,8 +115,9 @@ class Federation:
         if cfg.secagg.enabled:
             sa = cfg.secagg
             try:
+                z_shares = self.noise_multiplier if cfg.privacy.mode == "distributed" else 0.0
                 self.secagg = secagg_params(sa.neighbors, sa.threshold, cfg.privacy.clip_norm, sa.quant_bits,
-                                            cfg.federation.clients_per_round)
+                                            cfg.federation.clients_per_round, z_shares)
             except ValueError as e:
                 raise ConfigError(str(e) if str(e).startswith("secagg.") else f"secagg.quant_bits: {e}") from None
         self.aggregator = AggregatorActor.remote(cfg.algorithm.model_dump(), self.n_params, cfg.privacy.model_dump(),
@@ -278,8 +279,11 @@ def _loop(cfg: ExperimentConfig, fed: Federation, run_dir: Path, state: ckpt.Che
             res = fed.train_round(done, g)
             g, done = res.global_params, done + 1          # the model advances only on success
             clients, secs, dropouts = clients + res.clients, secs + res.seconds, dropouts + res.dropped
-            if accountant and not res.metrics.get("skipped"):
-                accountant.step(*dp_round)                 # a skipped round released nothing
+            if accountant and not res.metrics.get("skipped"):   # a skipped round released nothing
+                z, q = dp_round
+                if priv.mode == "distributed":   # only the survivors' noise shares reached the sum
+                    z = effective_noise_multiplier(z, cfg.federation.clients_per_round, res.metrics["secagg_survivors"])
+                accountant.step(z, q)
             cps = res.clients / res.seconds if res.seconds > 0 else float("nan")
             log.add_many(done, {"aborted": 1.0 if "aborted" in res.metrics else 0.0,
                                 "train_loss": res.metrics.get("train_loss", float("nan")),

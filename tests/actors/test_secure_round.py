@@ -14,9 +14,10 @@ from sim.seeding import np_rng
 from tests.conftest import tiny_raw
 
 
-def setup(neighbors=None):
-    cfg = from_dict(tiny_raw(secagg={"enabled": True, "neighbors": neighbors}, privacy={"clip_norm": 0.5}))
-    p = secagg_params(neighbors, None, 0.5, 16, 10)
+def setup(neighbors=None, z=0.0):
+    privacy = {"clip_norm": 0.5, **({"mode": "distributed", "noise_multiplier": z} if z else {})}
+    cfg = from_dict(tiny_raw(secagg={"enabled": True, "neighbors": neighbors}, privacy=privacy))
+    p = secagg_params(neighbors, None, 0.5, 16, 10, z)
     workers = [ClientWorker(cfg, 0), ClientWorker(cfg, 1)]
     agg = Aggregator(cfg.algorithm, workers[0].n_params, cfg.privacy, 0.0, 10, cfg.seed, p)
     return cfg, p, workers, agg
@@ -33,6 +34,17 @@ def secure_round(workers, agg, p, g, rnd, cohort, alive):
     return new, metrics, msgs
 
 
+def reference(cfg, w, g, rnd, alive):
+    """g + the mean of the survivors' clipped updates (FedAvg, server_lr 1), computed one by one."""
+    ups = []
+    for c in sorted(alive):
+        d = w.data.client(c)
+        u, _ = w.algorithm.client_update(w.model, torch.tensor(g), [d.x_train], [d.y_train],
+                                         [np_rng(cfg.seed, "local-batches", rnd, c)], w.path)
+        ups.append(clip_updates(u, 0.5)[0][0])
+    return g + torch.stack(ups).mean(0).numpy()
+
+
 @pytest.mark.parametrize("neighbors, dropped", [(None, {12, 17}), (4, {12})])   # survivable for t = k // 2 + 1
 def test_secure_round_equals_the_plain_clipped_mean(neighbors, dropped):
     cfg, p, workers, agg = setup(neighbors)
@@ -41,15 +53,7 @@ def test_secure_round_equals_the_plain_clipped_mean(neighbors, dropped):
     alive = set(cohort) - dropped                          # they drop after sharing their keys
     new, metrics, msgs = secure_round(workers, agg, p, g, 3, cohort, alive)
     assert metrics["secagg_survivors"] == len(alive) and metrics["secagg_dropped"] == len(dropped)
-    # the reference: each survivor's update, clipped, averaged (FedAvg with server_lr 1)
-    w = workers[0]
-    ups = []
-    for c in sorted(alive):
-        d = w.data.client(c)
-        u, _ = w.algorithm.client_update(w.model, torch.tensor(g), [d.x_train], [d.y_train],
-                                         [np_rng(cfg.seed, "local-batches", 3, c)], w.path)
-        ups.append(clip_updates(u, 0.5)[0][0])
-    expected = g + torch.stack(ups).mean(0).numpy()
+    expected = reference(cfg, workers[0], g, 3, alive)
     np.testing.assert_allclose(new, expected, atol=2 * p.step)   # quantization: < one step per coordinate
     for m in msgs:   # what left the workers: masked sums only, no plain updates
         assert m.weighted_sum.size == 0 and m.masked_sum.dtype == np.uint64
@@ -64,3 +68,14 @@ def test_too_many_dropouts_abort_the_round_only():
     # the next round works again on fresh state
     new, metrics, _ = secure_round(workers, agg, p, g, 1, cohort, alive=set(cohort))
     assert metrics["secagg_survivors"] == 10 and np.isfinite(new).all()
+
+
+def test_distributed_noise_arrives_in_the_unmasked_sum():
+    cfg, p, workers, agg = setup(None, z=1.0)
+    agg.noise_multiplier = 1.0
+    g = np.zeros(workers[0].n_params, np.float32)
+    cohort = list(range(10))
+    new, _, _ = secure_round(workers, agg, p, g, 0, cohort, set(cohort))
+    noise = new - reference(cfg, workers[0], g, 0, set(cohort))
+    # the 10 Skellam shares sum to std z*C = 0.5 per coordinate; divided by the cohort of 10
+    assert abs(noise.mean()) < 0.005 and noise.std() == pytest.approx(0.05, rel=0.1)

@@ -31,6 +31,9 @@ def test_defaults_and_quickstart_load():
     ({"data": {"num_clients": 5}, "federation": {"clients_per_round": 6}}, "federation.clients_per_round: must be <="),
     ({"data": {"writers": {"alpha": -1}}}, "data.writers.alpha: Input should be greater than 0"),
     ({"nonsense": 1}, "nonsense: unknown key"),
+    ({"privacy": {"mode": "distributed"}}, "privacy.mode: 'distributed' noise is added under secure aggregation"),
+    ({"secagg": {"neighbors": 5}}, "secagg.neighbors: must be even"),
+    ({"privacy": {"noise_multiplier": 1.0, "target_epsilon": 3.0}}, "privacy.target_epsilon: give either"),
     ([1, 2], "expected a mapping"),
 ])
 def test_bad_values_name_the_key(raw, expected):

@@ -162,3 +162,14 @@ def test_secagg_and_dp_run_end_to_end(ray_session, tmp_path):
     done = 4 - s["secagg_aborted_rounds"]
     if done:
         assert s["epsilon"] == pytest.approx(epsilon_for(1.0, 0.25, done, 1e-5), rel=1e-9)
+
+
+def test_distributed_dp_accounts_with_the_surviving_shares(ray_session, tmp_path):
+    from actors.privacy import epsilon_for
+
+    raw = tiny_raw(tmp_path, secagg={"enabled": True, "neighbors": 4},
+                   privacy={"mode": "distributed", "noise_multiplier": 1.2}, federation={"dropout": 0.0})
+    _, s = run_experiment(from_dict(raw))
+    assert s["privacy_mode"] == "distributed" and s["secagg_aborted_rounds"] == 0
+    # every share arrived, so the effective z is the nominal one
+    assert s["epsilon"] == pytest.approx(epsilon_for(1.2, 0.25, 4, 1e-5), rel=1e-9)
