@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,8 +119,9 @@ class Federation:
                 z_shares = self.noise_multiplier if cfg.privacy.mode == "distributed" else 0.0
                 self.secagg = secagg_params(sa.neighbors, sa.threshold, cfg.privacy.clip_norm, sa.quant_bits,
                                             cfg.federation.clients_per_round, z_shares)
-            except ValueError as e:
-                raise ConfigError(str(e) if str(e).startswith("secagg.") else f"secagg.quant_bits: {e}") from None
+            except ValueError as e:   # messages that name no key come from the overflow check
+                named = re.match(r"^[a-z_]+\.[a-z_]+: ", str(e))
+                raise ConfigError(str(e) if named else f"secagg.quant_bits: {e}") from None
         self.aggregator = AggregatorActor.remote(cfg.algorithm.model_dump(), self.n_params, cfg.privacy.model_dump(),
                                                  self.noise_multiplier, cfg.federation.clients_per_round, cfg.seed,
                                                  self.secagg)

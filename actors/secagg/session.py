@@ -27,6 +27,8 @@ class SecAggParams:
 
 def secagg_params(neighbors: int | None, threshold: int | None, clip_norm: float, quant_bits: int,
                   cohort: int, noise_multiplier: float = 0.0) -> SecAggParams:
+    if cohort < 2:
+        raise ValueError(f"federation.clients_per_round: secure aggregation needs at least 2 clients, got {cohort}")
     degree = cohort - 1 if neighbors is None else min(neighbors, cohort - 1)
     t = threshold if threshold is not None else degree // 2 + 1
     if not 1 <= t <= degree:

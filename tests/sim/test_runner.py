@@ -173,3 +173,14 @@ def test_distributed_dp_accounts_with_the_surviving_shares(ray_session, tmp_path
     assert s["privacy_mode"] == "distributed" and s["secagg_aborted_rounds"] == 0
     # every share arrived, so the effective z is the nominal one
     assert s["epsilon"] == pytest.approx(epsilon_for(1.2, 0.25, 4, 1e-5), rel=1e-9)
+
+
+def test_secagg_config_problems_are_config_errors(ray_session, tmp_path):
+    from sim.config import ConfigError
+
+    for sections, match in (({"federation": {"clients_per_round": 1}}, "federation.clients_per_round: secure"),
+                            ({"secagg": {"enabled": True, "neighbors": 4, "threshold": 9}}, "secagg.threshold")):
+        raw = tiny_raw(tmp_path, **sections)
+        raw["secagg"] = {**raw.get("secagg", {}), "enabled": True}
+        with pytest.raises(ConfigError, match=match):
+            run_experiment(from_dict(raw))
