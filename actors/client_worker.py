@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
@@ -48,7 +48,6 @@ class UpdateMessage:
     client_ids: list[int]
     train_loss_sum: float           # sum over clients of their mean local loss
     compute_s: float
-    metrics: dict = field(default_factory=dict)
     masked_sum: np.ndarray | None = None  # secure aggregation: sum of the clients' masked inputs mod 2^b
 
 
@@ -99,8 +98,9 @@ class ClientWorker:
         g = self._global(global_params)
         total = torch.zeros_like(g)
         masked = None if inbox is None else np.zeros(self.n_params, dtype=np.uint64)
-        weight, loss_sum, clipped = 0.0, 0.0, 0.0
+        weight, loss_sum = 0.0, 0.0
         dp = self.cfg.privacy.mode != "off" or inbox is not None
+        here = frozenset(int(c) for c in cids)   # clients summed in this message (their pair masks cancel)
         for chunk in self._chunks(list(cids)):
             clients = self.data.clients(chunk)
             xs = [c.x_train for c in clients]
@@ -108,15 +108,14 @@ class ClientWorker:
             gens = [np_rng(self.cfg.seed, "local-batches", rnd, c) for c in chunk]
             updates, met = self.algorithm.client_update(self.model, g, xs, ys, gens, self.path)  # (clients, n_params)
             if dp:
-                # DP client half (and what secure aggregation's fixed-point encoding needs): each user's contribution bounded by C, and weighted equally (a
-                # sample-count weight would change the sensitivity the noise is calibrated to)
-                updates, cm = clip_updates(updates, self.cfg.privacy.clip_norm)
-                clipped += cm["clipped_fraction"] * len(chunk)
+                # DP client half, also what secure aggregation's fixed-point encoding needs: each user's
+                # contribution bounded by C and weighted equally (a sample-count weight would change
+                # the sensitivity the noise is calibrated to)
+                updates, _ = clip_updates(updates, self.cfg.privacy.clip_norm)
                 w = torch.ones(len(chunk), device=g.device)
             else:
                 w = torch.tensor([self.algorithm.client_weight(len(y)) for y in ys], device=g.device)
             if masked is not None:
-                here = frozenset(int(c) for c in cids)
                 masked = add_mod(masked, self._mask(rnd, chunk, updates, inbox, here), self._secagg_params.bits)
             else:
                 total += w @ updates
@@ -125,8 +124,7 @@ class ClientWorker:
         plain = total.cpu().numpy() if masked is None else np.zeros(0, dtype=np.float32)
         return UpdateMessage(round=rnd, worker=self.worker_id, weighted_sum=plain, weight=weight,
                              num_clients=len(cids), client_ids=[int(c) for c in cids], train_loss_sum=loss_sum,
-                             compute_s=time.perf_counter() - t0,
-                             metrics={"peak_rss_mib": peak_rss_mib(), "clipped": clipped}, masked_sum=masked)
+                             compute_s=time.perf_counter() - t0, masked_sum=masked)
 
     # ------------------------------------------------------------ secure aggregation (client side)
     def secagg_advertise(self, rnd: int, cids: Sequence[int], params: SecAggParams) -> list[AdvertiseKeys]:

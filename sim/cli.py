@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from sim.config import ConfigError, load
+from sim.privacy_cli import privacy_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Simulate privacy-preserving federations with meta-learning on Ray.")
@@ -20,8 +21,6 @@ out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 # `fedmeta privacy epsilon|noise`: DP accounting with Opacus (actors/privacy.py)
-from sim.privacy_cli import privacy_app  # noqa: E402
-
 app.add_typer(privacy_app, name="privacy", help="Differential-privacy accounting (Opacus RDP/PRV).")
 
 SetOpt = Annotated[list[str], typer.Option("--set", help="override a config key: --set federation.rounds=3")]

@@ -121,29 +121,18 @@ def test_effective_noise_multiplier_uses_survivors():
 
 
 # ---------------------------------------------------------------- accounting
-def test_rdp_epsilon_reproduces_opacus():
-    z, q, steps, delta = 1.5, 0.04, 2250, 1e-5
-    ref = RDPAccountant()
-    ours = PrivacyAccountant("rdp")
+@pytest.mark.parametrize("name, opacus_cls, steps", [("rdp", RDPAccountant, 2250), ("prv", PRVAccountant, 200)])
+def test_epsilon_reproduces_opacus(name, opacus_cls, steps):
+    z, q, delta = 1.5, 0.04, 1e-5
+    ref = opacus_cls()
+    ours = PrivacyAccountant(name)
     for _ in range(steps):
         ref.step(noise_multiplier=z, sample_rate=q)
         ours.step(z, q)
     expected = ref.get_epsilon(delta=delta)
     assert ours.steps == steps
     assert ours.epsilon(delta) == pytest.approx(expected, rel=1e-6)
-    assert epsilon_for(z, q, steps, delta, "rdp") == pytest.approx(expected, rel=1e-6)
-
-
-def test_prv_epsilon_reproduces_opacus():
-    z, q, steps, delta = 1.5, 0.04, 200, 1e-5
-    ref = PRVAccountant()
-    ours = PrivacyAccountant("prv")
-    for _ in range(steps):
-        ref.step(noise_multiplier=z, sample_rate=q)
-        ours.step(z, q)
-    expected = ref.get_epsilon(delta=delta)
-    assert ours.epsilon(delta) == pytest.approx(expected, rel=1e-6)
-    assert epsilon_for(z, q, steps, delta, "prv") == pytest.approx(expected, rel=1e-6)
+    assert epsilon_for(z, q, steps, delta, name) == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
