@@ -108,11 +108,18 @@ class Aggregator:
         return self._finish(rnd, global_params, total, weight, metrics)
 
     # ------------------------------------------------------------ secure aggregation (server side)
-    def secagg_begin(self, rnd: int, clients: list[int], *adverts: list[AdvertiseKeys]) -> dict[int, dict]:
-        """Phase 0: public keys in, the mask graph built; returns each client's neighbours' keys."""
+    def secagg_plan(self, rnd: int, clients: list[int]) -> list[int]:
+        """Before phase 0: the round's server and the ring placement of its neighbour graph (the
+        simulator hosts ring neighbours on one worker, where their pair masks cancel)."""
         p = self.secagg
         self._server = SecAggServer(rnd, clients, p.neighbors, p.threshold, p.bits, self.n_params,
                                     np_rng(self.seed, "secagg-server", rnd))
+        return self._server.placement()
+
+    def secagg_begin(self, rnd: int, *adverts: list[AdvertiseKeys]) -> dict[int, dict]:
+        """Phase 0: public keys in, the mask graph built; returns each client's neighbours' keys."""
+        if self._server is None or self._server.round_id != rnd:
+            raise SecAggRoundAborted(f"round {rnd}: secagg_begin without secagg_plan for this round")
         return self._secure(rnd, lambda: self._server.receive_keys([a for batch in adverts for a in batch]))
 
     def secagg_route(self, rnd: int, *shares: list[EncryptedShares]) -> dict[int, dict[int, bytes]]:

@@ -92,7 +92,7 @@ class ClientWorker:
     def train(self, rnd: int, global_params: np.ndarray, cids: Sequence[int],
               inbox: dict[int, dict] | None = None) -> UpdateMessage:
         """Run the algorithm's client rule for every client in `cids`; sum their weighted updates.
-        With secure aggregation (`inbox`: each client's encrypted shares from its neighbours) the
+        With secure aggregation (`inbox`: the encrypted shares routed to each client) the
         clients' updates are clipped, quantized and masked, and only the masked sum leaves."""
         t0 = time.perf_counter()
         g = self._global(global_params)
@@ -135,8 +135,9 @@ class ClientWorker:
         return [client.advertise() for client in self._secagg.values()]
 
     def secagg_share(self, rnd: int, neighbour_keys: dict[int, dict]) -> list[EncryptedShares]:
-        """Phase 1: Shamir shares of each client's secrets, encrypted for its neighbours."""
-        return [self._secagg[c].share_keys(keys) for c, keys in neighbour_keys.items()]
+        """Phase 1: Shamir shares of each client's secrets, encrypted for its neighbours.
+        `neighbour_keys` is the server's answer for the cohort; each client here reads its entry."""
+        return [client.share_keys(neighbour_keys[c]) for c, client in self._secagg.items() if c in neighbour_keys]
 
     def secagg_unmask(self, rnd: int, request: UnmaskRequest) -> list[UnmaskShares]:
         """Phase 3: the clients still online reveal the shares the server needs; then forget the round."""

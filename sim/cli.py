@@ -159,6 +159,7 @@ def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped) o
           workers: Annotated[Optional[int], typer.Option(min=1, help="worker actors (default: the workload's)")] = None,
           set_: SetOpt = [],  # noqa: B006
           secagg: Annotated[bool, typer.Option("--secagg", help="also secure aggregation: k=20, complete graph, 10% dropout")] = False,
+          repeats: Annotated[int, typer.Option(min=1, help="--secagg: plain/k=20 alternations (medians compared)")] = 3,
           as_json: Annotated[bool, typer.Option("--json", help="last line: one JSON object")] = False) -> None:
     """Throughput of the actor pool on a fixed workload."""
     from sim.bench import WORKLOADS, run_bench, run_secagg_bench, workload_config
@@ -169,7 +170,7 @@ def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped) o
         raise ConfigError(f"--path: expected vmap, loop or auto, got {path!r}")
     extra = [f"ray.path={path}"] + ([f"ray.num_workers={workers}"] if workers else []) + list(set_)
     cfg = workload_config(workload, extra)
-    res = run_secagg_bench(cfg, rounds, workload) if secagg else run_bench(cfg, rounds=rounds, workload=workload)
+    res = run_secagg_bench(cfg, rounds, workload, repeats) if secagg else run_bench(cfg, rounds=rounds, workload=workload)
     if as_json:
         print(json.dumps(res))
     else:

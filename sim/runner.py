@@ -153,22 +153,26 @@ class Federation:
         return RoundResult(new, len(alive), len(dropped), time.perf_counter() - t0, metrics)
 
     def _secure_round(self, rnd: int, g_ref, cohort: np.ndarray, alive: np.ndarray) -> tuple[np.ndarray, dict]:
-        """The four phases of secure aggregation, with the driver as the network between the
-        clients (hosted by the workers) and the server (the aggregator). The whole cohort takes
-        part in key set-up; the clients that drop out do so after sharing their keys, before
-        sending a masked input, so the server must recover their pairwise masks (the hard case)."""
-        pairs = [(w, shard) for w, shard in zip(self.workers, split_even(cohort, len(self.workers)))]
-        adverts = [w.secagg_advertise.remote(rnd, shard, self.secagg) for w, shard in pairs]
-        keys = ray.get(self.aggregator.secagg_begin.remote(rnd, cohort.tolist(), *adverts))
-        shares = [w.secagg_share.remote(rnd, {c: keys[c] for c in shard if c in keys}) for w, shard in pairs]
-        inbox = ray.get(self.aggregator.secagg_route.remote(rnd, *shares))
+        """The four phases of secure aggregation, with Ray as the network between the clients
+        (hosted by the workers) and the server (the aggregator). The whole cohort takes part in
+        key set-up; the clients that drop out do so after sharing their keys, before sending a
+        masked input, so the server must recover their pairwise masks (the hard case).
+
+        Clients are placed on workers in contiguous stretches of the server's Harary ring, so
+        most neighbours share a worker, where their pair masks cancel in the worker's sum and
+        are never expanded. Every phase is submitted at once, chained by object refs: no
+        round trip through the driver between phases."""
+        ring = np.array(ray.get(self.aggregator.secagg_plan.remote(rnd, cohort.tolist())))
+        shards = split_even(ring, len(self.workers))
+        adverts = [w.secagg_advertise.remote(rnd, shard, self.secagg) for w, shard in zip(self.workers, shards)]
+        keys = self.aggregator.secagg_begin.remote(rnd, *adverts)
+        inbox = self.aggregator.secagg_route.remote(rnd, *[w.secagg_share.remote(rnd, keys) for w in self.workers])
         live = set(alive.tolist())
-        msgs = []
-        for w, shard in pairs:   # a client trains on the worker that holds its protocol state
-            mine = [c for c in shard if c in live]
-            msgs.append(w.train.remote(rnd, g_ref, mine, {c: inbox.get(c, {}) for c in mine}))
+        # a client trains on the worker that holds its protocol state; the dropped ones send nothing
+        msgs = [w.train.remote(rnd, g_ref, [c for c in shard if c in live], inbox)
+                for w, shard in zip(self.workers, shards)]
         request = self.aggregator.secagg_collect.remote(rnd, *msgs)
-        reveals = [w.secagg_unmask.remote(rnd, request) for w, _ in pairs]
+        reveals = [w.secagg_unmask.remote(rnd, request) for w in self.workers]
         return ray.get(self.aggregator.aggregate_secure.remote(rnd, g_ref, *reveals))
 
     def evaluate(self, rnd: int, global_params: np.ndarray) -> dict:

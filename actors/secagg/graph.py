@@ -14,6 +14,8 @@ n*k would be odd), so that combination is refused. k >= n - 1 gives the complete
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 
@@ -24,6 +26,16 @@ def complete_graph(n: int) -> list[set[int]]:
     return [set(range(n)) - {i} for i in range(n)]
 
 
+def _check_degree(n: int, k: int) -> None:
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"degree k must be a positive integer, got {k!r}")
+    if k < n - 1 and k % 2 == 1 and n % 2 == 1:
+        raise ValueError(
+            f"no {k}-regular graph exists on {n} nodes (odd degree needs an even node count); "
+            f"use an even k"
+        )
+
+
 def harary_graph(n: int, k: int, rng: np.random.Generator) -> list[set[int]]:
     """Neighbour sets of a random k-regular Harary graph on nodes 0..n-1.
 
@@ -32,16 +44,24 @@ def harary_graph(n: int, k: int, rng: np.random.Generator) -> list[set[int]]:
     """
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"number of nodes must be a positive integer, got {n!r}")
-    if not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"degree k must be a positive integer, got {k!r}")
+    _check_degree(n, k)
     if k >= n - 1:
         return complete_graph(n)
-    if k % 2 == 1 and n % 2 == 1:
-        raise ValueError(
-            f"no {k}-regular graph exists on {n} nodes (odd degree needs an even node count); "
-            f"use an even k"
-        )
-    ring = rng.permutation(n)  # ring[p] = node placed at ring position p
+    return harary_from_ring(rng.permutation(n), k)
+
+
+def harary_from_ring(ring: Sequence[int], k: int) -> list[set[int]]:
+    """The Harary graph H_{k,n} for a given ring placement: ring[p] is the node at position p.
+
+    The server may draw the placement before the graph is needed (`SecAggServer.placement`), so
+    a simulator can host ring-adjacent clients together; the graph is the same either way.
+    """
+    n = len(ring)
+    if n < 1 or sorted(int(u) for u in ring) != list(range(n)):
+        raise ValueError("ring must be a permutation of 0..n-1")
+    _check_degree(n, k)
+    if k >= n - 1:
+        return complete_graph(n)
     graph: list[set[int]] = [set() for _ in range(n)]
     offsets = list(range(1, k // 2 + 1))
     if k % 2 == 1:

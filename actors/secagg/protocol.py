@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from actors.secagg import shamir
-from actors.secagg.graph import complete_graph, harary_graph
+from actors.secagg.graph import complete_graph, harary_from_ring, harary_graph
 from actors.secagg.keys import (
     KEY_BYTES,
     NONCE_BYTES,
@@ -305,11 +305,11 @@ class SecAggClient:
                 f"threshold t={self.threshold}"
             )
         self._inbox = {int(j): bytes(ct) for j, ct in inbox.items()}
-        seeds = {
-            j: shared_seed(self._s_sk, self._neighbour_keys[j][1], pair_info(MASK_PURPOSE, self.round_id, self.client_id, j))
-            for j in self._inbox
-        }
         masked_with = [j for j in self._inbox if j not in cancels]
+        seeds = {   # the seeds of cancelled pairs are never needed, so never agreed on
+            j: shared_seed(self._s_sk, self._neighbour_keys[j][1], pair_info(MASK_PURPOSE, self.round_id, self.client_id, j))
+            for j in masked_with
+        }
         y = mask_vector(q, self._self_seed, self.client_id, masked_with, seeds, self.bits)
         y.flags.writeable = False
         self._phase = "masked"
@@ -423,6 +423,7 @@ class SecAggServer:
         if not isinstance(rng, np.random.Generator):
             raise TypeError("rng must be a numpy.random.Generator")
         self._rng = rng
+        self._ring: list[int] | None = None  # ring placement drawn early by `placement`
         self._phase = "keys"
         # Everything the server holds (see the module docstring):
         self.public_keys: dict[int, tuple[bytes, bytes]] = {}  # U1: (c_pk, s_pk)
@@ -470,6 +471,21 @@ class SecAggServer:
 
     # ---- round 0 ---------------------------------------------------------------------------
 
+    def placement(self) -> list[int]:
+        """The client ids in the order of the Harary ring the graph will be built on.
+
+        The graph depends only on who takes part and the server's coins, not on any key, so the
+        server can publish the placement before round 0. A simulator uses it to host ring
+        neighbours together (their pair masks cancel inside one host's sum). If fewer clients
+        than planned advertise keys, `receive_keys` draws a fresh ring over those who did.
+        """
+        self._expect("keys", "placement")
+        if self._ring is None:
+            order = sorted(self.clients)
+            ring = self._rng.permutation(len(order)) if self.degree < len(order) - 1 else range(len(order))
+            self._ring = [order[p] for p in ring]
+        return list(self._ring)
+
     def receive_keys(self, messages: Iterable[AdvertiseKeys]) -> dict[int, dict[int, tuple[bytes, bytes]]]:
         """Store the public keys of U1, build the neighbour graph over U1, and return for each
         client the public keys of its neighbours."""
@@ -493,6 +509,9 @@ class SecAggServer:
         n = len(order)
         if self.neighbours is None or self.neighbours >= n - 1:
             local = complete_graph(n)
+        elif self._ring is not None and len(self._ring) == n:   # everyone planned advertised
+            position = {c: p for p, c in enumerate(order)}
+            local = harary_from_ring([position[c] for c in self._ring], self.neighbours)
         else:
             local = harary_graph(n, self.neighbours, self._rng)
         self.public_keys = keys

@@ -24,11 +24,12 @@ def setup(neighbors=None, z=0.0):
 
 
 def secure_round(workers, agg, p, g, rnd, cohort, alive):
-    pairs = list(zip(workers, split_even(np.array(cohort), 2)))
-    keys = agg.secagg_begin(rnd, list(cohort), *[w.secagg_advertise(rnd, sh, p) for w, sh in pairs])
-    inbox = agg.secagg_route(rnd, *[w.secagg_share(rnd, {c: keys[c] for c in sh}) for w, sh in pairs])
-    msgs = [w.train(rnd, g, [c for c in sh if c in alive], {c: inbox[c] for c in sh if c in alive})
-            for w, sh in pairs]
+    ring = agg.secagg_plan(rnd, list(cohort))
+    assert sorted(ring) == sorted(cohort)
+    pairs = list(zip(workers, split_even(np.array(ring), 2)))
+    keys = agg.secagg_begin(rnd, *[w.secagg_advertise(rnd, sh, p) for w, sh in pairs])
+    inbox = agg.secagg_route(rnd, *[w.secagg_share(rnd, keys) for w, sh in pairs])
+    msgs = [w.train(rnd, g, [c for c in sh if c in alive], inbox) for w, sh in pairs]
     request = agg.secagg_collect(rnd, *msgs)
     new, metrics = agg.aggregate_secure(rnd, g, *[w.secagg_unmask(rnd, request) for w, _ in pairs])
     return new, metrics, msgs

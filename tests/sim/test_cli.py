@@ -70,9 +70,11 @@ def test_notebook_runs_on_a_run_dir(finished_run, monkeypatch):
 
 
 def test_bench_secagg_reports_overhead(ray_session):
-    res = CliRunner().invoke(app, ["bench", "--workload", "w2", "--rounds", "1", "--json", "--secagg",
+    res = CliRunner().invoke(app, ["bench", "--workload", "w2", "--rounds", "1", "--json", "--secagg", "--repeats", "2",
                                    "--set", "data.num_clients=60", "--set", "federation.clients_per_round=24",
                                    "--set", "ray.num_cpus_per_worker=0.5"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output.strip().splitlines()[-1])
     assert set(out["secagg"]) == {"k20", "complete", "k20_dropout10"} and out["secagg_overhead"] > 0
+    assert len(out["plain_s_per_round_all"]) == len(out["secagg"]["k20"]["s_per_round_all"]) == 2
+    assert out["s_per_round"] in out["plain_s_per_round_all"]

@@ -483,3 +483,27 @@ def test_deterministic_from_rng():
     t1, _ = run_round(vectors, 6, 4, bits, np.random.default_rng(5), drop)
     t2, _ = run_round(vectors, 6, 4, bits, np.random.default_rng(5), drop)
     np.testing.assert_array_equal(t1, t2)
+
+
+@pytest.mark.parametrize("advertised", [40, 31])
+def test_placement_is_the_ring_the_graph_is_built_on(advertised):
+    """The early placement fixes the Harary ring when everyone planned advertises (each client
+    linked to its k/2 ring neighbours either side); with fewer, a fresh k-regular ring is drawn
+    over those who did, and the round stays exact."""
+    ids = list(range(100, 140))
+    child = np.random.default_rng(5).spawn(len(ids) + 1)
+    server = SecAggServer(0, ids, 6, 4, 20, 8, child[0])
+    ring = server.placement()
+    assert sorted(ring) == ids and ring == server.placement()
+    clients = {c: SecAggClient(c, 0, 20, 4, g) for c, g in zip(ids, child[1:])}
+    here = sorted(ids)[:advertised]
+    keys = server.receive_keys([clients[c].advertise() for c in here])
+    assert all(len(server.graph[c]) == 6 for c in here)
+    if advertised == len(ids):
+        for p, c in enumerate(ring):
+            assert server.graph[c] == {ring[(p + d) % 40] for d in (-3, -2, -1, 1, 2, 3)}
+    vectors = {c: np.full(8, c, dtype=np.uint64) for c in here}
+    inbox = server.route_shares([clients[c].share_keys(keys[c]) for c in here])
+    request = server.collect_masked([clients[c].masked_input(vectors[c], inbox[c]) for c in here])
+    result = server.unmask([clients[c].unmask(request) for c in request.survivors])
+    np.testing.assert_array_equal(result, _plain_sum(vectors, here, 20))
