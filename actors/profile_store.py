@@ -1,0 +1,535 @@
+"""ProfileStore: per-user aggregated feature vectors, encrypted at rest, gated by per-purpose consent.
+
+What is stored: small *aggregated* vectors per user and name (e.g. "class_mean_latents", the
+class-mean latents of an auto-encoder, or interaction summaries) -- never raw data. The store is one
+embedded SQLite file; the Ray actor at the bottom is a thin wrapper so one process owns that file.
+
+Envelope encryption. Every user gets a random 32-byte data key. Each vector is sealed with AES-256-GCM
+under its user's data key, and the data key itself is sealed ("wrapped") under the master key:
+
+    vectors.sealed   = nonce || AESGCM(data_key).encrypt(nonce, npy bytes, AD = (user id, name))
+    data_keys.wrapped = nonce || AESGCM(master_key).encrypt(nonce, data_key, AD = user id)
+
+with a fresh random 12-byte nonce per write. The associated data (AD) is authenticated but not
+stored: a ciphertext copied to another user's or another name's row fails to decrypt, as does any
+flipped byte; both raise TamperedRecordError instead of returning wrong data. Rotating the master key
+re-wraps the (small) data keys only; vector ciphertexts are untouched. Deleting a user's data key
+"crypto-shreds" everything sealed under it.
+
+What is on disk (all in the one database file):
+
+    meta(key, value)                              schema version; key_check = seal(master, b"")
+    users(user_id, token_salt, token_hash, ...)   HMAC-SHA256(salt, token), never the token
+    data_keys(user_id, wrapped)                   data key wrapped under the master key
+    vectors(user_id, name, sealed, updated_at)    dtype and shape live inside the sealed npy bytes
+    consents(user_id, purpose, granted, updated_at)
+
+In the clear: user ids, vector names, consent flags, timestamps and ciphertext sizes. Not detected:
+replacing a row with an *older* ciphertext of the same (user, name) -- AES-GCM authenticates a record,
+not the freshness of the whole database.
+
+Privacy semantics:
+* Consent is per user and purpose (PURPOSES) and defaults to not granted. The federation reads
+  vectors only through `vectors_for` / `eligible`, which see only users who consent *now*, so a user
+  who revoked or was deleted is absent from the next round.
+* Revoking one purpose while another is still granted only excludes the user from that purpose.
+* When a revocation leaves the user consenting to nothing, their vectors and their data key are
+  deleted (crypto-shredded); the registration and the consent rows (all "not granted") remain, so the
+  user can grant again and upload anew. A user may store vectors before granting any consent: those
+  are theirs to read but no purpose sees them.
+* `delete_user` removes the user's token hash, data key, vectors and consent rows.
+* Deleted bytes leave the database *file*: `secure_delete` overwrites freed cells and pages with
+  zeros, the rollback journal (DELETE mode, no WAL that would keep old pages around) is removed after
+  each commit, and -- unless `vacuum=False` for large stores -- VACUUM rebuilds the file afterwards.
+  Bytes the filesystem or SSD keeps in freed blocks are beyond SQLite's reach.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import ray
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+PURPOSES = ("personalization", "grouping", "analytics")
+MASTER_KEY_BYTES = 32           # AES-256
+DATA_KEY_BYTES = 32
+NONCE_BYTES = 12                # the AES-GCM standard nonce; random is safe for far fewer than 2^32 writes per key
+TAG_BYTES = 16
+SALT_BYTES = 16
+MAX_NAME_CHARS = 128
+MAX_VECTOR_BYTES = 1 << 24      # aggregated features are small; a bigger array is probably raw data
+MAX_USER_ID = (1 << 63) - 1     # SQLite INTEGER is a signed 64-bit int
+SCHEMA_VERSION = b"1"
+AD_PREFIX = "fedmeta/profile-store/v1"
+KEY_CHECK_AD = f"{AD_PREFIX}/key-check".encode()
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    user_id INTEGER PRIMARY KEY,
+    token_salt BLOB NOT NULL,
+    token_hash BLOB NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS data_keys (
+    user_id INTEGER PRIMARY KEY REFERENCES users(user_id) ON DELETE CASCADE,
+    wrapped BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS vectors (
+    user_id INTEGER NOT NULL REFERENCES data_keys(user_id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    sealed BLOB NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (user_id, name)
+);
+CREATE TABLE IF NOT EXISTS consents (
+    user_id INTEGER NOT NULL REFERENCES users(user_id) ON DELETE CASCADE,
+    purpose TEXT NOT NULL,
+    granted INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (user_id, purpose)
+);
+"""
+
+
+class AccessDenied(PermissionError):
+    """The caller did not prove to be the user: unknown user, or missing or wrong token."""
+
+
+class TamperedRecordError(ValueError):
+    """A stored ciphertext failed authentication: modified, moved between rows, or under another key."""
+
+
+class MasterKeyMismatch(ValueError):
+    """The master key given does not open this database."""
+
+
+# ----------------------------------------------------------------------------- crypto helpers
+
+def seal(key: bytes, plaintext: bytes, ad: bytes) -> bytes:
+    """AES-256-GCM with a fresh random nonce; returns nonce || ciphertext || tag."""
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, ad)
+
+
+def open_sealed(key: bytes, sealed: bytes, ad: bytes, what: str) -> bytes:
+    """Inverse of `seal`; `what` names the record in the error ("vector 'x' of user 7")."""
+    if len(sealed) < NONCE_BYTES + TAG_BYTES:
+        raise TamperedRecordError(f"{what} is truncated ({len(sealed)} bytes): the record was tampered with")
+    try:
+        return AESGCM(key).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], ad)
+    except InvalidTag:
+        raise TamperedRecordError(f"{what} failed authentication: it was modified, moved from another "
+                                  "user or record, or sealed under another key") from None
+
+
+def vector_ad(user_id: int, name: str) -> bytes:
+    # The user id is digits and comes before the name, so (user, name) -> AD is one-to-one.
+    return f"{AD_PREFIX}/vector/{user_id}/{name}".encode()
+
+
+def data_key_ad(user_id: int) -> bytes:
+    return f"{AD_PREFIX}/data-key/{user_id}".encode()
+
+
+def token_hash(salt: bytes, token: str) -> bytes:
+    # Tokens carry 256 random bits, so a fast keyed hash suffices: there is nothing to brute-force.
+    return hmac.new(salt, token.encode(), hashlib.sha256).digest()
+
+
+def encode_vector(vector: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, vector, allow_pickle=False)   # the npy header keeps dtype and shape, sealed with the data
+    return buf.getvalue()
+
+
+def decode_vector(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def load_or_create_key_file(path: str | os.PathLike) -> bytes:
+    """Read a 32-byte master key from `path`, or create the file (mode 0o600) with a random key."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)   # O_EXCL: never overwrite a key
+    except FileExistsError:
+        key = path.read_bytes()
+        if len(key) != MASTER_KEY_BYTES:
+            raise ValueError(f"key file {path} holds {len(key)} bytes; a master key is exactly "
+                             f"{MASTER_KEY_BYTES} bytes") from None
+        return key
+    key = os.urandom(MASTER_KEY_BYTES)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+        f.flush()
+        os.fsync(f.fileno())
+    return key
+
+
+def replace_durably(src: Path, dst: Path) -> None:
+    """os.replace, then fsync the directory so the rename itself survives a crash."""
+    os.replace(src, dst)
+    dir_fd = os.open(dst.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def stage_key_file(path: Path, key: bytes) -> Path:
+    """Write `key` next to `path` (as path + ".new", mode 0o600) so a rotation can swap it in."""
+    staged = path.with_name(path.name + ".new")
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+        f.flush()
+        os.fsync(f.fileno())
+    return staged
+
+
+# ----------------------------------------------------------------------------- input checks
+
+def check_master_key(key: object, field: str = "master_key") -> bytes:
+    if not isinstance(key, (bytes, bytearray)):
+        raise TypeError(f"{field} must be {MASTER_KEY_BYTES} bytes, got {type(key).__name__}")
+    if len(key) != MASTER_KEY_BYTES:
+        raise ValueError(f"{field} must be exactly {MASTER_KEY_BYTES} bytes, got {len(key)}")
+    return bytes(key)
+
+
+def check_user_id(user_id: object, field: str = "user_id") -> int:
+    # bool is an int subclass, but True is not a user id.
+    if isinstance(user_id, (bool, np.bool_)) or not isinstance(user_id, (int, np.integer)):
+        raise TypeError(f"{field} must be a non-negative int, got {type(user_id).__name__} {user_id!r}")
+    if not 0 <= int(user_id) <= MAX_USER_ID:
+        raise ValueError(f"{field} must be a non-negative int below 2**63, got {user_id}")
+    return int(user_id)
+
+
+def check_user_ids(user_ids: Iterable[object]) -> list[int]:
+    if isinstance(user_ids, (str, bytes)):
+        raise TypeError(f"user_ids must be an iterable of ints, got {type(user_ids).__name__}")
+    return [check_user_id(u, f"user_ids[{i}]") for i, u in enumerate(user_ids)]
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if not 0 < len(name) <= MAX_NAME_CHARS:
+        raise ValueError(f"name must be a non-empty str of at most {MAX_NAME_CHARS} characters, "
+                         f"got {len(name)} characters")
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"name must be valid unicode text (no lone surrogates), got {name!r}") from None
+    return name
+
+
+def check_purpose(purpose: object) -> str:
+    if not isinstance(purpose, str) or purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {', '.join(PURPOSES)}; got {purpose!r}")
+    return purpose  # type: ignore[return-value]
+
+
+def check_granted(granted: object) -> bool:
+    if not isinstance(granted, (bool, np.bool_)):
+        raise TypeError(f"granted must be a bool, got {type(granted).__name__} {granted!r}")
+    return bool(granted)
+
+
+def check_vector(vector: object) -> np.ndarray:
+    """A finite, non-empty, 1-D or 2-D integer or float array (array-likes are converted)."""
+    arr = np.asarray(vector)
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"vector must be a numeric (integer or float) array, got dtype {arr.dtype}")
+    if arr.ndim not in (1, 2) or arr.size == 0:
+        raise ValueError(f"vector must be a non-empty 1-D or 2-D array, got shape {arr.shape}")
+    if arr.nbytes > MAX_VECTOR_BYTES:
+        raise ValueError(f"vector must be at most {MAX_VECTOR_BYTES} bytes (aggregated features, not raw "
+                         f"data), got {arr.nbytes}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ValueError("vector must be finite: it contains NaN or inf")
+    return arr
+
+
+# ----------------------------------------------------------------------------- the store
+
+class ProfileStore:
+    """Encrypted per-user feature vectors in one SQLite file; see the module docstring.
+
+    User-facing methods take (user_id, token) and raise AccessDenied unless the token is that user's.
+    System-facing methods (`vectors_for`, `eligible`) take no token but see consenting users only.
+    Give the master key either as `master_key` (32 bytes) or as `key_file` (read, or created 0o600).
+    With `vacuum=False`, deletions rely on secure_delete alone (no O(file size) VACUUM per deletion).
+    """
+
+    def __init__(self, path: str | os.PathLike, master_key: bytes | None = None, *,
+                 key_file: str | os.PathLike | None = None, vacuum: bool = True):
+        if (master_key is None) == (key_file is None):
+            raise ValueError("give exactly one of master_key (32 bytes) or key_file (a path)")
+        self.path = str(path)
+        self.key_file = None if key_file is None else Path(key_file)
+        self.vacuum = vacuum
+        self._master_key = check_master_key(master_key) if key_file is None else load_or_create_key_file(key_file)
+        self._lock = threading.Lock()   # one connection, shared by the threads of a threaded actor
+        self._conn = self._connect()
+        try:
+            self._init_schema()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.path != ":memory:" and not os.path.exists(self.path):
+            # Create the file private; SQLite gives its journal the same mode.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        conn = sqlite3.connect(self.path, check_same_thread=False)
+        conn.execute("PRAGMA secure_delete = ON")      # zero deleted cells and freed pages
+        conn.execute("PRAGMA journal_mode = DELETE")   # no WAL: it would keep old page images around
+        conn.execute("PRAGMA temp_store = MEMORY")     # VACUUM's scratch copy stays off disk
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    def _init_schema(self) -> None:
+        self._conn.executescript(SCHEMA)   # IF NOT EXISTS: a no-op on an existing store
+        version = self._meta("schema_version")
+        if version is None:
+            with self._conn:
+                self._conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+                self._conn.execute("INSERT INTO meta VALUES ('key_check', ?)",
+                                   (seal(self._master_key, b"", KEY_CHECK_AD),))
+        elif version != SCHEMA_VERSION:
+            raise ValueError(f"{self.path}: schema version {version!r}, expected {SCHEMA_VERSION!r}")
+        try:
+            # Fail at open, not at the first read, when the key is not the one the store was made with.
+            open_sealed(self._master_key, self._meta("key_check") or b"", KEY_CHECK_AD, "key check")
+        except TamperedRecordError:
+            raise MasterKeyMismatch(f"the master key does not open {self.path}: wrong key or key file "
+                                    "(or the store's key check was tampered with)") from None
+
+    def _meta(self, key: str) -> bytes | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ registration and access
+
+    def register(self, user_id: int) -> str:
+        """Create a user; returns their access token (only its salted hash is stored)."""
+        user_id = check_user_id(user_id)
+        token = secrets.token_urlsafe(32)
+        salt = os.urandom(SALT_BYTES)
+        with self._lock, self._conn:
+            if self._user_row(user_id) is not None:
+                raise ValueError(f"user {user_id} is already registered")
+            self._conn.execute("INSERT INTO users VALUES (?, ?, ?, ?)",
+                               (user_id, salt, token_hash(salt, token), time.time()))
+        return token
+
+    def _user_row(self, user_id: int) -> tuple | None:
+        return self._conn.execute("SELECT token_salt, token_hash FROM users WHERE user_id = ?",
+                                  (user_id,)).fetchone()
+
+    def _authenticate(self, user_id: int, token: object) -> None:
+        row = self._user_row(user_id)
+        if row is None:
+            raise AccessDenied(f"access denied for user {user_id}: unknown user")
+        if not isinstance(token, str) or not token:
+            raise AccessDenied(f"access denied for user {user_id}: no token given")
+        if not hmac.compare_digest(token_hash(row[0], token), row[1]):
+            raise AccessDenied(f"access denied for user {user_id}: token does not match")
+
+    # ------------------------------------------------------------------ consent
+
+    def set_consent(self, user_id: int, token: str, purpose: str, granted: bool) -> None:
+        """Grant or withdraw one purpose; withdrawing is `revoke(user_id, token, purpose)`."""
+        user_id, purpose, granted = check_user_id(user_id), check_purpose(purpose), check_granted(granted)
+        if not granted:
+            self.revoke(user_id, token, purpose)
+            return
+        with self._lock:
+            self._authenticate(user_id, token)
+            with self._conn:
+                self._write_consent(user_id, purpose, True)
+
+    def consents(self, user_id: int, token: str) -> dict[str, bool]:
+        user_id = check_user_id(user_id)
+        with self._lock:
+            self._authenticate(user_id, token)
+            return {p: p in self._granted_purposes(user_id) for p in PURPOSES}
+
+    def revoke(self, user_id: int, token: str, purpose: str | None = None) -> bool:
+        """Withdraw `purpose` (None: all). If the user then consents to nothing, their vectors and data
+        key are deleted (crypto-shredded) and the file is scrubbed. Returns whether anything was shredded."""
+        user_id = check_user_id(user_id)
+        purposes = PURPOSES if purpose is None else (check_purpose(purpose),)
+        with self._lock:
+            self._authenticate(user_id, token)
+            with self._conn:
+                for p in purposes:
+                    self._write_consent(user_id, p, False)
+                shredded = not self._granted_purposes(user_id) and self._shred(user_id)
+            if shredded:
+                self._scrub()
+        return shredded
+
+    def delete_user(self, user_id: int, token: str) -> None:
+        """Remove everything about the user: token hash, data key, vectors, consent rows."""
+        user_id = check_user_id(user_id)
+        with self._lock:
+            self._authenticate(user_id, token)
+            with self._conn:
+                # Children first, so the foreign keys hold at every step.
+                for table in ("vectors", "data_keys", "consents", "users"):
+                    self._conn.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))
+            self._scrub()
+
+    def _write_consent(self, user_id: int, purpose: str, granted: bool) -> None:
+        self._conn.execute(
+            "INSERT INTO consents VALUES (?, ?, ?, ?) ON CONFLICT (user_id, purpose) "
+            "DO UPDATE SET granted = excluded.granted, updated_at = excluded.updated_at",
+            (user_id, purpose, int(granted), time.time()))
+
+    def _granted_purposes(self, user_id: int) -> set[str]:
+        rows = self._conn.execute("SELECT purpose FROM consents WHERE user_id = ? AND granted = 1", (user_id,))
+        return {r[0] for r in rows}
+
+    def _shred(self, user_id: int) -> bool:
+        n = self._conn.execute("DELETE FROM vectors WHERE user_id = ?", (user_id,)).rowcount
+        n += self._conn.execute("DELETE FROM data_keys WHERE user_id = ?", (user_id,)).rowcount
+        return n > 0
+
+    def _scrub(self) -> None:
+        # secure_delete already zeroed the freed bytes; VACUUM also drops the freed pages from the file.
+        if self.vacuum:
+            self._conn.execute("VACUUM")
+
+    # ------------------------------------------------------------------ vectors (user-facing)
+
+    def put_vector(self, user_id: int, token: str, name: str, vector: np.ndarray) -> None:
+        """Store (or replace) the user's vector `name`; dtype and shape are kept exactly."""
+        user_id, name = check_user_id(user_id), check_name(name)
+        plaintext = encode_vector(check_vector(vector))
+        with self._lock:
+            self._authenticate(user_id, token)
+            with self._conn:   # the new data key (if any) and the vector commit together or not at all
+                sealed = seal(self._data_key(user_id), plaintext, vector_ad(user_id, name))
+                self._conn.execute(
+                    "INSERT INTO vectors VALUES (?, ?, ?, ?) ON CONFLICT (user_id, name) "
+                    "DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at",
+                    (user_id, name, sealed, time.time()))
+
+    def get_vector(self, user_id: int, token: str, name: str) -> np.ndarray:
+        user_id, name = check_user_id(user_id), check_name(name)
+        with self._lock:
+            self._authenticate(user_id, token)
+            row = self._conn.execute(
+                "SELECT v.sealed, k.wrapped FROM vectors v JOIN data_keys k USING (user_id) "
+                "WHERE v.user_id = ? AND v.name = ?", (user_id, name)).fetchone()
+            if row is None:
+                raise KeyError(f"user {user_id} has no vector named {name!r}")
+            return self._decrypt_vector(user_id, name, row[0], row[1])
+
+    def list_vectors(self, user_id: int, token: str) -> list[str]:
+        user_id = check_user_id(user_id)
+        with self._lock:
+            self._authenticate(user_id, token)
+            rows = self._conn.execute("SELECT name FROM vectors WHERE user_id = ? ORDER BY name", (user_id,))
+            return [r[0] for r in rows]
+
+    def _data_key(self, user_id: int) -> bytes:
+        """The user's data key, created (and wrapped) on first use. Call inside a transaction."""
+        row = self._conn.execute("SELECT wrapped FROM data_keys WHERE user_id = ?", (user_id,)).fetchone()
+        if row is not None:
+            return self._unwrap(user_id, row[0])
+        key = os.urandom(DATA_KEY_BYTES)
+        self._conn.execute("INSERT INTO data_keys VALUES (?, ?)",
+                           (user_id, seal(self._master_key, key, data_key_ad(user_id))))
+        return key
+
+    def _unwrap(self, user_id: int, wrapped: bytes) -> bytes:
+        return open_sealed(self._master_key, bytes(wrapped), data_key_ad(user_id),
+                           f"data key of user {user_id}")
+
+    def _decrypt_vector(self, user_id: int, name: str, sealed: bytes, wrapped: bytes) -> np.ndarray:
+        data_key = self._unwrap(user_id, wrapped)
+        plaintext = open_sealed(data_key, bytes(sealed), vector_ad(user_id, name),
+                                f"vector {name!r} of user {user_id}")
+        return decode_vector(plaintext)
+
+    # ------------------------------------------------------------------ system-facing (the federation)
+
+    def vectors_for(self, purpose: str, name: str, user_ids: Iterable[int] | None = None) -> dict[int, np.ndarray]:
+        """Vector `name` of every user (of `user_ids`, if given) who consents to `purpose` right now.
+        Users without consent or without that vector are simply absent."""
+        purpose, name = check_purpose(purpose), check_name(name)
+        ids = None if user_ids is None else check_user_ids(user_ids)
+        query = ("SELECT v.user_id, v.sealed, k.wrapped FROM vectors v "
+                 "JOIN data_keys k USING (user_id) JOIN consents c USING (user_id) "
+                 "WHERE c.purpose = ? AND c.granted = 1 AND v.name = ?")
+        with self._lock:
+            if ids is None:
+                rows = self._conn.execute(query + " ORDER BY v.user_id", (purpose, name)).fetchall()
+            else:   # point lookups: a cohort may exceed SQLite's limit on bound parameters
+                rows = [r for u in dict.fromkeys(ids)
+                        for r in self._conn.execute(query + " AND v.user_id = ?", (purpose, name, u))]
+            return {uid: self._decrypt_vector(uid, name, sealed, wrapped) for uid, sealed, wrapped in rows}
+
+    def eligible(self, purpose: str, user_ids: Iterable[int]) -> list[int]:
+        """The users of `user_ids` who consent to `purpose` right now, in the given order."""
+        purpose, ids = check_purpose(purpose), check_user_ids(user_ids)
+        with self._lock:
+            rows = self._conn.execute("SELECT user_id FROM consents WHERE purpose = ? AND granted = 1", (purpose,))
+            consenting = {r[0] for r in rows}
+        return [u for u in ids if u in consenting]
+
+    def rotate_master_key(self, new_key: bytes) -> None:
+        """Re-wrap every data key under `new_key` in one transaction; vectors are untouched. A store
+        opened from a key file gets the new key written there too (staged as <key_file>.new first)."""
+        new_key = check_master_key(new_key, "new_key")
+        with self._lock:
+            staged = stage_key_file(self.key_file, new_key) if self.key_file else None
+            try:
+                with self._conn:
+                    for user_id, wrapped in self._conn.execute("SELECT user_id, wrapped FROM data_keys").fetchall():
+                        rewrapped = seal(new_key, self._unwrap(user_id, wrapped), data_key_ad(user_id))
+                        self._conn.execute("UPDATE data_keys SET wrapped = ? WHERE user_id = ?", (rewrapped, user_id))
+                    self._conn.execute("UPDATE meta SET value = ? WHERE key = 'key_check'",
+                                       (seal(new_key, b"", KEY_CHECK_AD),))
+            except BaseException:
+                if staged:
+                    staged.unlink(missing_ok=True)
+                raise
+            if staged:
+                replace_durably(staged, self.key_file)   # the database already needs the new key
+            self._master_key = new_key
+
+
+@ray.remote(num_cpus=0)
+class ProfileStoreActor(ProfileStore):
+    """Thin Ray actor over ProfileStore: one process owns the database file. Prefer `key_file=` to
+    `master_key=` here, since actor constructor arguments travel through Ray's control plane."""
