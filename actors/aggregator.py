@@ -48,6 +48,12 @@ def weighted_sum(messages: Sequence[UpdateMessage], n_params: int) -> tuple[np.n
     return total, weight
 
 
+def local_dp_steps(messages: Sequence[UpdateMessage]) -> dict:
+    """The clients' local DP-SGD step counts, passed on for their own accounting ({} when off)."""
+    logs = [m.local_dp_steps for m in messages if m.local_dp_steps is not None]
+    return {"local_dp_steps": [e for log in logs for e in log]} if logs else {}
+
+
 class Aggregator:
     def __init__(self, algorithm: AlgorithmConfig | dict, n_params: int, privacy: PrivacyConfig | dict | None = None,
                  noise_multiplier: float = 0.0, expected_clients: int = 1, seed: int = 0,
@@ -89,7 +95,7 @@ class Aggregator:
 
     def combine(self, rnd: int, messages: Sequence[UpdateMessage]) -> tuple[np.ndarray, float, dict]:
         total, weight = weighted_sum(messages, self.n_params)
-        return total, weight, {"clients": sum(m.num_clients for m in messages)}
+        return total, weight, {"clients": sum(m.num_clients for m in messages), **local_dp_steps(messages)}
 
     def privatize(self, rnd: int, total: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """DP server half: central Gaussian noise z*C on the sum of clipped updates. Identity when
@@ -131,7 +137,7 @@ class Aggregator:
         self.check(rnd, messages)
         for m in messages:
             self._secure(rnd, lambda m=m: self._server.receive_masked_sum(m.client_ids, m.masked_sum))
-        self._pending = {"clients": sum(m.num_clients for m in messages),
+        self._pending = {"clients": sum(m.num_clients for m in messages), **local_dp_steps(messages),
                          "train_loss_sum": sum(m.train_loss_sum for m in messages)}
         return self._secure(rnd, self._server.close_masked)
 
@@ -142,6 +148,7 @@ class Aggregator:
         total = dequantize(q_sum, self.secagg.step, self.secagg.bits)             # (n_params,) float64
         clients = self._pending["clients"]
         metrics = {"clients": clients, "train_loss": self._pending["train_loss_sum"] / max(clients, 1),
+                   **{k: v for k, v in self._pending.items() if k == "local_dp_steps"},
                    "secagg_survivors": len(server.survivors), "secagg_dropped": len(server.dropped)}
         return self._finish(rnd, global_params, total, float(len(server.survivors)), metrics)
 

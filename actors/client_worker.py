@@ -21,7 +21,7 @@ from actors.secagg.protocol import AdvertiseKeys, EncryptedShares, SecAggClient,
 from actors.secagg.quantize import add_mod, quantize
 from actors.secagg.session import SecAggParams
 from sim.algorithms import SGDClient, build_algorithm
-from sim.algorithms.local import accuracies_stacked, predictions_hit, sample_losses
+from sim.algorithms.local import LocalDP, accuracies_stacked, predictions_hit, sample_losses
 from sim.config import AlgorithmConfig, ExperimentConfig, from_dict
 from sim.data import build_dataset
 from sim.models import build_model, num_params
@@ -49,9 +49,13 @@ class UpdateMessage:
     train_loss_sum: float           # sum over clients of their mean local loss
     compute_s: float
     masked_sum: np.ndarray | None = None  # secure aggregation: sum of the clients' masked inputs mod 2^b
+    # local DP-SGD: (client id, local steps, n_train) per client, for each client's own accounting
+    local_dp_steps: list[tuple[int, int, int]] | None = None
 
 
-def resolve_path(path: str, model_kind: str) -> Literal["vmap", "loop"]:
+def resolve_path(path: str, model_kind: str, local_dp: bool = False) -> Literal["vmap", "loop"]:
+    if local_dp:
+        return "loop"   # per-sample gradients with per-client noise streams (config refuses vmap)
     return AUTO_PATH[model_kind] if path == "auto" else path  # type: ignore[return-value]
 
 
@@ -69,7 +73,9 @@ class ClientWorker:
         self.data = build_dataset(self.cfg.data, self.cfg.seed)
         self.model = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
         self.algorithm = build_algorithm(self.cfg.algorithm)
-        self.path = resolve_path(self.cfg.ray.path, self.cfg.model.kind)
+        self.path = resolve_path(self.cfg.ray.path, self.cfg.model.kind, self.cfg.privacy.local_dp)
+        pc = self.cfg.privacy
+        self.local_dp = LocalDP(pc.local_clip, pc.local_noise_multiplier) if pc.local_dp else None
         self.n_params = num_params(self.model)
         ev = self.cfg.eval
         self.finetuner = SGDClient(AlgorithmConfig(local_steps=max(ev.finetune_steps, 1), lr=ev.finetune_lr,
@@ -99,6 +105,7 @@ class ClientWorker:
         total = torch.zeros_like(g)
         masked = None if inbox is None else np.zeros(self.n_params, dtype=np.uint64)
         weight, loss_sum = 0.0, 0.0
+        steps_log: list[tuple[int, int, int]] = []
         dp = self.cfg.privacy.mode != "off" or inbox is not None
         here = frozenset(int(c) for c in cids)   # clients summed in this message (their pair masks cancel)
         for chunk in self._chunks(list(cids)):
@@ -106,7 +113,10 @@ class ClientWorker:
             xs = [c.x_train for c in clients]
             ys = [c.y_train for c in clients]
             gens = [np_rng(self.cfg.seed, "local-batches", rnd, c) for c in chunk]
-            updates, met = self.algorithm.client_update(self.model, g, xs, ys, gens, self.path)  # (clients, n_params)
+            updates, met = self.algorithm.client_update(self.model, g, xs, ys, gens, self.path,
+                                                        self.local_dp)  # (clients, n_params)
+            if self.local_dp is not None:
+                steps_log += [(int(c), int(t), len(y)) for c, t, y in zip(chunk, met["local_steps"], ys)]
             if dp:
                 # DP client half, also what secure aggregation's fixed-point encoding needs: each user's
                 # contribution bounded by C and weighted equally (a sample-count weight would change
@@ -124,7 +134,8 @@ class ClientWorker:
         plain = total.cpu().numpy() if masked is None else np.zeros(0, dtype=np.float32)
         return UpdateMessage(round=rnd, worker=self.worker_id, weighted_sum=plain, weight=weight,
                              num_clients=len(cids), client_ids=[int(c) for c in cids], train_loss_sum=loss_sum,
-                             compute_s=time.perf_counter() - t0, masked_sum=masked)
+                             compute_s=time.perf_counter() - t0, masked_sum=masked,
+                             local_dp_steps=steps_log if self.local_dp is not None else None)
 
     # ------------------------------------------------------------ secure aggregation (client side)
     def secagg_advertise(self, rnd: int, cids: Sequence[int], params: SecAggParams) -> list[AdvertiseKeys]:

@@ -230,6 +230,41 @@ def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: 
     return acc.epsilon(delta)
 
 
+class LocalDPLedger:
+    """Each client's own budget for sample-level DP-SGD (privacy.local_dp): a local step is one
+    sampled Gaussian mechanism at rate batch / n_train on that client's data, so a client's
+    epsilon depends on its total local steps and its rate. `epsilon` is the worst client's, a
+    bound that holds for every individual in the federation. Plain counts, checkpointable."""
+
+    def __init__(self, noise_multiplier: float, accountant: AccountantName = "rdp"):
+        _positive("noise_multiplier", noise_multiplier)
+        self.noise_multiplier = noise_multiplier
+        self.accountant = accountant
+        self.steps: dict[int, int] = {}
+        self.rates: dict[int, float] = {}
+
+    def record(self, cid: int, steps: int, sample_rate: float) -> None:
+        _check_sample_rate(sample_rate)
+        self.steps[cid] = self.steps.get(cid, 0) + int(steps)
+        self.rates[cid] = sample_rate
+
+    def epsilon(self, delta: float) -> float:
+        """The largest epsilon of any client so far (0 before any local step)."""
+        worst: dict[float, int] = {}   # per sampling rate, the most steps any client took
+        for cid, steps in self.steps.items():
+            q = self.rates[cid]
+            worst[q] = max(worst.get(q, 0), steps)
+        return max((epsilon_for(self.noise_multiplier, q, t, delta, self.accountant)
+                    for q, t in worst.items() if t > 0), default=0.0)
+
+    def state_dict(self) -> dict:
+        return {"steps": dict(self.steps), "rates": dict(self.rates)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = {int(k): int(v) for k, v in state["steps"].items()}
+        self.rates = {int(k): float(v) for k, v in state["rates"].items()}
+
+
 def noise_for(target_epsilon: float, sample_rate: float, steps: int, delta: float,
               accountant: AccountantName = "rdp", epsilon_tolerance: float = 0.01) -> float:
     """Smallest z (to Opacus' bisection tolerance) whose epsilon after ``steps`` rounds is <= target.

@@ -22,6 +22,7 @@ class Checkpoint:
     dropouts: int = 0
     model_card: dict = field(default_factory=dict)
     accountant: dict | None = None   # PrivacyAccountant.state_dict(): the privacy spent so far
+    local_dp: dict | None = None     # LocalDPLedger.state_dict(): clients' local DP-SGD steps
 
 
 def save(run_dir: Path, ck: Checkpoint) -> Path:

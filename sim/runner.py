@@ -21,7 +21,8 @@ from ray.exceptions import RayTaskError
 
 from actors.aggregator import AggregatorActor, SecAggRoundAborted
 from actors.client_worker import LOSS_KEYS, ClientWorkerActor, peak_rss_mib
-from actors.privacy import PrivacyAccountant, budget_spent, effective_noise_multiplier, mia_auc, noise_for
+from actors.privacy import (LocalDPLedger, PrivacyAccountant, budget_spent, effective_noise_multiplier, mia_auc,
+                            noise_for)
 from actors.secagg.session import secagg_params
 from sim import checkpoint as ckpt
 from sim.config import DEFAULT_NOISE_MULTIPLIER, ConfigError, ExperimentConfig, PrivacyConfig, from_dict, to_yaml
@@ -269,11 +270,15 @@ def _loop(cfg: ExperimentConfig, fed: Federation, run_dir: Path, state: ckpt.Che
     if accountant and state.accountant:
         accountant.load_state_dict(state.accountant)
     dp_round = (fed.noise_multiplier, fed.sample_rate)
+    ledger = LocalDPLedger(priv.local_noise_multiplier, priv.accountant) if priv.local_dp else None
+    if ledger and state.local_dp:
+        ledger.load_state_dict(state.local_dp)
     stopped = None
 
     def checkpoint() -> None:
         ckpt.save(run_dir, ckpt.Checkpoint(done, g, log.rows, log.individuals, clients, secs, dropouts, card,
-                                           accountant.state_dict() if accountant else None))
+                                           accountant.state_dict() if accountant else None,
+                                           ledger.state_dict() if ledger else None))
         log.save(run_dir)
 
     try:
@@ -290,12 +295,16 @@ def _loop(cfg: ExperimentConfig, fed: Federation, run_dir: Path, state: ckpt.Che
                 if priv.mode == "distributed":   # only the survivors' noise shares reached the sum
                     z = effective_noise_multiplier(z, cfg.federation.clients_per_round, res.metrics["secagg_survivors"])
                 accountant.step(z, q)
+            if ledger and not res.metrics.get("skipped"):
+                for cid, steps, n_train in res.metrics.get("local_dp_steps", []):
+                    ledger.record(cid, steps, min(1.0, cfg.algorithm.batch_size / n_train))
             cps = res.clients / res.seconds if res.seconds > 0 else float("nan")
             log.add_many(done, {"aborted": 1.0 if "aborted" in res.metrics else 0.0,
                                 "train_loss": res.metrics.get("train_loss", float("nan")),
                                 "update_norm": res.metrics.get("update_norm", 0.0), "clients": res.clients,
                                 "dropped": res.dropped, "round_s": res.seconds, "clients_per_s": cps,
-                                **({"epsilon": accountant.epsilon(priv.delta)} if accountant else {})})
+                                **({"epsilon": accountant.epsilon(priv.delta)} if accountant else {}),
+                                **({"local_epsilon": ledger.epsilon(priv.delta)} if ledger else {})})
             shown = {"clients_per_s": cps}
             if done % every == 0 or done == rounds:
                 ev = fed.evaluate(done, g)
@@ -317,6 +326,9 @@ def _loop(cfg: ExperimentConfig, fed: Federation, run_dir: Path, state: ckpt.Che
 
     summary = build_summary(cfg, fed, log, done, clients, secs, dropouts, run_dir)
     summary.update(privacy_summary(cfg, fed, log, accountant, stopped))
+    summary["local_epsilon"] = ledger.epsilon(priv.delta) if ledger else None
+    summary["local_dp"] = ({"clip": priv.local_clip, "noise_multiplier": priv.local_noise_multiplier}
+                           if ledger else None)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     from sim.plots import plot_run  # matplotlib only when a run finishes
     plot_run(log, run_dir)

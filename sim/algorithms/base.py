@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sim.algorithms.local import Ops, batch_schedule, train_loop, train_vmap
+from sim.algorithms.local import LocalDP, Ops, batch_schedule, train_loop, train_vmap
 from sim.config import AlgorithmConfig
 from sim.models import Params
 
@@ -44,14 +44,22 @@ class Algorithm(ABC):
 
     def client_update(self, model: nn.Module, global_flat: torch.Tensor, xs: Sequence[torch.Tensor],
                       ys: Sequence[torch.Tensor], gens: Sequence[np.random.Generator],
-                      path: Literal["vmap", "loop"]) -> tuple[torch.Tensor, dict]:
-        """Updates (clients, n_params) = local - global for a cohort, and metrics."""
+                      path: Literal["vmap", "loop"], local_dp: LocalDP | None = None) -> tuple[torch.Tensor, dict]:
+        """Updates (clients, n_params) = local - global for a cohort, and metrics. With `local_dp`
+        every local gradient is a DP-SGD one (loop path; its noise comes from each client's stream)."""
         per_client = [self.schedules(len(y), g) for y, g in zip(ys, gens)]
         streams = [[pc[k] for pc in per_client] for k in range(self.batches_per_step)]
-        train = train_vmap if path == "vmap" else train_loop
-        local, loss = train(model, self.step, global_flat, xs, ys, streams, self.cfg.batch_size,
-                            self.cfg.privacy_lambda)
-        return local - global_flat, {"train_loss": loss}
+        if local_dp is not None:
+            if path != "loop":
+                raise ValueError("local DP-SGD runs on the loop path")
+            noise = [torch.Generator(global_flat.device).manual_seed(int(g.integers(2**63))) for g in gens]
+            local, loss = train_loop(model, self.step, global_flat, xs, ys, streams, self.cfg.batch_size,
+                                     self.cfg.privacy_lambda, local_dp, noise)
+        else:
+            train = train_vmap if path == "vmap" else train_loop
+            local, loss = train(model, self.step, global_flat, xs, ys, streams, self.cfg.batch_size,
+                                self.cfg.privacy_lambda)
+        return local - global_flat, {"train_loss": loss, "local_steps": torch.tensor([len(s) for s in streams[0]])}
 
     # ------------------------------------------------------------ server rule
     def server_update(self, global_flat: torch.Tensor, mean_update: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -104,6 +104,52 @@ def module_grad(model: nn.Module, lam: float = 0.0) -> GradFn:
     return g
 
 
+@dataclass(frozen=True)
+class LocalDP:
+    """Sample-level DP-SGD inside a client (Abadi et al. 2016): every local step clips each
+    per-sample gradient to L2 norm `clip` and adds N(0, (noise_multiplier * clip)^2) to their sum."""
+
+    clip: float
+    noise_multiplier: float
+
+
+def dp_sgd_grad(gsm: nn.Module, dp: LocalDP, gen: torch.Generator, lam: float = 0.0) -> GradFn:
+    """DP-SGD gradient of one client on the loop path. `gsm` is Opacus' GradSampleModule around a
+    private copy of the model (loss_reduction="sum"): its hooks turn each layer's activations and
+    backprops into per-sample gradients (`p.grad_sample`). Each is clipped to `dp.clip`, they are
+    summed, Gaussian noise from the client's own generator is added, and the sum is divided by the
+    batch size. The client's parameters are swapped into the module's storage as in `module_grad`."""
+    plist = list(gsm.parameters())
+
+    def g(params: Params, x, y, m):
+        for p, t in zip(plist, params.values()):
+            p.data = t
+            p.grad_sample = None
+        logits = gsm(x)
+        per_sample = F.cross_entropy(logits, y, reduction="none")
+        if lam:
+            per_sample = per_sample + lam * negative_entropy(logits)
+        torch.autograd.grad((per_sample * m).sum(), plist)          # fills p.grad_sample: (batch, ...)
+        norms = torch.sqrt(sum(p.grad_sample.flatten(1).pow(2).sum(1) for p in plist))   # (batch,)
+        scale = (dp.clip / (norms + 1e-12)).clamp(max=1.0) * m                          # (batch,) 0 on padding
+        size = m.sum().clamp_min(1.0)
+        out = {}
+        for k, p in zip(params, plist):
+            noise = torch.randn(p.shape, generator=gen, device=p.device) * (dp.noise_multiplier * dp.clip)
+            out[k] = (torch.tensordot(scale, p.grad_sample, dims=1) + noise) / size
+        return out, (per_sample.detach() * m).sum() / size
+    return g
+
+
+def grad_sample_module(model: nn.Module) -> nn.Module:
+    """Opacus' per-sample-gradient wrapper around a copy of `model` (its hooks stay off the original)."""
+    import copy
+
+    from opacus import GradSampleModule
+
+    return GradSampleModule(copy.deepcopy(model), loss_reduction="sum")
+
+
 def sgd(params: Params, grads: Params, lr: float) -> Params:
     """Functional SGD (new tensors): for intermediate points such as FO-MAML's adapted weights."""
     # one fused op per tensor, no lr * g temporary
@@ -156,13 +202,18 @@ def train_vmap(model: nn.Module, step: StepFn, global_flat: torch.Tensor,
 def train_loop(model: nn.Module, step: StepFn, global_flat: torch.Tensor,
                xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor],
                schedules: Sequence[Sequence[Sequence[np.ndarray]]], batch_size: int, lam: float = 0.0,
+               local_dp: LocalDP | None = None, noise_gens: Sequence[torch.Generator] | None = None,
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `train_vmap`, one client at a time with exact-size batches."""
+    """Same contract as `train_vmap`, one client at a time with exact-size batches. With
+    `local_dp`, every gradient is a DP-SGD gradient drawing noise from the client's `noise_gens[i]`."""
     device = global_flat.device
     shapes = param_shapes(model)
     ops = Ops(module_grad(model, lam), sgd_)
+    gsm = grad_sample_module(model) if local_dp is not None else None
     out, losses = [], []
     for i, (x, y) in enumerate(zip(xs, ys)):
+        if local_dp is not None:
+            ops = Ops(dp_sgd_grad(gsm, local_dp, noise_gens[i], lam), sgd_)
         x, y = _fast_layout(x.to(device)), y.to(device)
         params = {k: v.clone(memory_format=_fast_format(v)) for k, v in unflatten(global_flat, shapes).items()}
         total, count = torch.zeros((), device=device), 0

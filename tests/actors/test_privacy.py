@@ -247,3 +247,21 @@ def test_regularized_loss_is_task_plus_lambda_penalty():
     torch.testing.assert_close(regularized_loss(task, logits, 2.0), task + 2 * privacy_penalty(logits))
     with pytest.raises(ValueError, match="lam"):
         regularized_loss(task, logits, -1.0)
+
+
+def test_local_ledger_reports_the_worst_client():
+    from actors.privacy import LocalDPLedger
+
+    ledger = LocalDPLedger(1.1)
+    assert ledger.epsilon(1e-5) == 0.0
+    for _ in range(3):
+        ledger.record(7, 10, 0.25)       # client 7: 3 participations of 10 steps at q = 0.25
+    ledger.record(8, 10, 0.25)
+    ledger.record(9, 40, 0.05)           # a bigger client: lower rate, more steps
+    worst = max(epsilon_for(1.1, 0.25, 30, 1e-5), epsilon_for(1.1, 0.05, 40, 1e-5))
+    assert ledger.epsilon(1e-5) == pytest.approx(worst, rel=1e-12)
+    again = LocalDPLedger(1.1)
+    again.load_state_dict(ledger.state_dict())
+    assert again.epsilon(1e-5) == ledger.epsilon(1e-5)
+    with pytest.raises(ValueError, match="sample_rate"):
+        ledger.record(1, 1, 1.5)

@@ -33,6 +33,8 @@ def test_defaults_and_quickstart_load():
     ({"nonsense": 1}, "nonsense: unknown key"),
     ({"privacy": {"mode": "distributed"}}, "privacy.mode: 'distributed' noise is added under secure aggregation"),
     ({"secagg": {"neighbors": 5}}, "secagg.neighbors: must be even"),
+    ({"privacy": {"local_dp": True}, "ray": {"path": "vmap"}}, "ray.path: local DP-SGD (privacy.local_dp) runs on the loop"),
+    ({"privacy": {"local_clip": 0}}, "privacy.local_clip: Input should be greater than 0"),
     ({"privacy": {"noise_multiplier": 1.0, "target_epsilon": 3.0}}, "privacy.target_epsilon: give either"),
     ([1, 2], "expected a mapping"),
 ])

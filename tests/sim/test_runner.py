@@ -184,3 +184,22 @@ def test_secagg_config_problems_are_config_errors(ray_session, tmp_path):
         raw["secagg"] = {**raw.get("secagg", {}), "enabled": True}
         with pytest.raises(ConfigError, match=match):
             run_experiment(from_dict(raw))
+
+
+def test_local_dp_sgd_run_reports_each_clients_budget(ray_session, tmp_path):
+    """Sample-level DP-SGD inside clients: the summary carries the worst client's epsilon, which
+    the ledger recomputes from the rounds' cohorts (every client here trains 3 steps of 8 of 21)."""
+    from actors.privacy import epsilon_for
+    from sim.sampling import apply_dropout, sample_cohort
+
+    raw = tiny_raw(tmp_path, privacy={"local_dp": True, "local_clip": 1.0, "local_noise_multiplier": 0.8})
+    run_dir, s = run_experiment(from_dict(raw))
+    assert s["path"] == "loop" and s["local_dp"] == {"clip": 1.0, "noise_multiplier": 0.8}
+    counts: dict[int, int] = {}
+    for r in range(4):
+        alive, _ = apply_dropout(3, r, sample_cohort(3, r, 40, 10), 0.0)
+        for c in alive.tolist():
+            counts[c] = counts.get(c, 0) + 1
+    steps = 3 * max(counts.values())
+    assert s["local_epsilon"] == pytest.approx(epsilon_for(0.8, 8 / 21, steps, 1e-5), rel=1e-9)
+    assert 0 <= s["acc_personalized_DI"]["mean"] <= 1

@@ -116,3 +116,45 @@ def test_privacy_penalty_in_both_paths():
     torch.testing.assert_close(u_v, u_l, atol=1e-6, rtol=1e-5)
     u_0, _ = plain.client_update(model, g0, xs, ys, gens(), "vmap")
     assert (u_v - u_0).abs().max() > 1e-6  # the penalty changes the local objective
+
+
+# ---------------------------------------------------------------- local DP-SGD
+def _dp_setup():
+    model = build_model(ModelConfig(kind="mlp", hidden=[16]), (1, 8, 8), 5)
+    params = unflatten(init_params(model, torch.Generator().manual_seed(0)), param_shapes(model))
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    return model, params, x, y
+
+
+def test_dp_sgd_grad_equals_a_loop_over_samples():
+    """Per-sample clipping and the noise draw, reproduced one sample at a time."""
+    from sim.algorithms.local import LocalDP, dp_sgd_grad, grad_sample_module
+
+    model, params, x, y = _dp_setup()
+    dp = LocalDP(clip=0.3, noise_multiplier=1.2)
+    mask = torch.tensor([1.0, 1, 1, 1, 0, 0])   # the last two are padding
+    g, _ = dp_sgd_grad(grad_sample_module(model), dp, torch.Generator().manual_seed(7))(params, x, y, mask)
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    for i in range(4):
+        p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+        loss = F.cross_entropy(torch.func.functional_call(model, p, (x[i:i + 1],)), y[i:i + 1])
+        grads = torch.autograd.grad(loss, list(p.values()))
+        norm = torch.sqrt(sum(t.pow(2).sum() for t in grads))
+        for k, t in zip(p, grads):
+            total[k] += t * min(1.0, dp.clip / float(norm))
+    gen = torch.Generator().manual_seed(7)
+    for k, v in total.items():
+        noise = torch.randn(v.shape, generator=gen) * dp.noise_multiplier * dp.clip
+        torch.testing.assert_close(g[k], (v + noise) / 4, rtol=1e-4, atol=1e-6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(clip=st.floats(1e-3, 10.0))
+def test_dp_sgd_noiseless_grad_is_bounded_by_the_clip(clip):
+    """Each sample contributes at most `clip`: ||mean of clipped grads|| <= clip."""
+    from sim.algorithms.local import LocalDP, dp_sgd_grad, grad_sample_module
+
+    model, params, x, y = _dp_setup()
+    g, _ = dp_sgd_grad(grad_sample_module(model), LocalDP(clip, 0.0), torch.Generator())(params, x, y, torch.ones(6))
+    assert float(flatten(g).norm()) <= clip * (1 + 1e-5)
