@@ -118,8 +118,12 @@ class Aggregator:
         """Before phase 0: the round's server and the ring placement of its neighbour graph (the
         simulator hosts ring neighbours on one worker, where their pair masks cancel)."""
         p = self.secagg
-        self._server = SecAggServer(rnd, clients, p.neighbors, p.threshold, p.bits, self.n_params,
-                                    np_rng(self.seed, "secagg-server", rnd))
+        try:
+            self._server = SecAggServer(rnd, clients, p.neighbors, p.threshold, p.bits, self.n_params,
+                                        np_rng(self.seed, "secagg-server", rnd))
+        except ValueError as e:   # e.g. too few consenting clients for the threshold this round
+            self._server = None
+            raise SecAggRoundAborted(f"round {rnd}: secure aggregation aborted: {e}") from None
         return self._server.placement()
 
     def secagg_begin(self, rnd: int, *adverts: list[AdvertiseKeys]) -> dict[int, dict]:

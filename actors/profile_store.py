@@ -350,6 +350,28 @@ class ProfileStore:
                                (user_id, salt, token_hash(salt, token), time.time()))
         return token
 
+    def register_many(self, user_ids: Iterable[int], consent_to: Iterable[str] = ()) -> dict[int, str]:
+        """Register many users in one transaction (all or none), each granting `consent_to` at sign-up;
+        returns {user id: token}. For onboarding a simulated population."""
+        ids = check_user_ids(user_ids)
+        purposes = [check_purpose(p) for p in consent_to]
+        if len(set(ids)) != len(ids):
+            raise ValueError("user_ids: contains duplicates")
+        tokens = {u: secrets.token_urlsafe(32) for u in ids}
+        with self._lock, self._conn:
+            taken = [u for u in ids if self._user_row(u) is not None]
+            if taken:
+                raise ValueError(f"users {taken[:5]} are already registered")
+            now = time.time()
+            rows = []
+            for u, token in tokens.items():
+                salt = os.urandom(SALT_BYTES)
+                rows.append((u, salt, token_hash(salt, token), now))
+            self._conn.executemany("INSERT INTO users VALUES (?, ?, ?, ?)", rows)
+            self._conn.executemany("INSERT INTO consents VALUES (?, ?, 1, ?)",
+                                   [(u, p, now) for u in ids for p in purposes])
+        return tokens
+
     def _user_row(self, user_id: int) -> tuple | None:
         return self._conn.execute("SELECT token_salt, token_hash FROM users WHERE user_id = ?",
                                   (user_id,)).fetchone()

@@ -15,21 +15,15 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from sim.config import ExperimentConfig, from_dict, load
+from sim.config import ExperimentConfig, default_config_path, from_dict, load
 from sim.data import build_dataset
 from sim.runner import Federation, init_ray
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 WORKLOADS = {"w1": "bench_w1.yaml", "w2": "bench_w2.yaml"}
 
 
 def workload_config(workload: str, overrides: list[str]) -> ExperimentConfig:
-    path = CONFIG_DIR / WORKLOADS[workload]
-    if not path.is_file():
-        from importlib.resources import files
-
-        path = Path(str(files("configs") / WORKLOADS[workload]))
-    return load(path, overrides)
+    return load(default_config_path(WORKLOADS[workload]), overrides)
 
 
 def run_bench(cfg: ExperimentConfig, rounds: int = 5, warmup: int = 1, workload: str = "") -> dict:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 CHECKPOINT = "checkpoint.pt"
+MODEL_CARD_FORMAT = "fedmeta-model-card/1"
 
 
 @dataclass
@@ -40,3 +41,23 @@ def load(run_dir: Path) -> Checkpoint:
     raw = torch.load(path, weights_only=False)
     raw["global_params"] = raw["global_params"].numpy()
     return Checkpoint(**raw)
+
+
+def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
+    """The global model of a checkpoint (a run directory or its checkpoint.pt), rebuilt from its
+    model card alone, with its weights loaded; and the card. No experiment config needed."""
+    from sim.config import ModelConfig
+    from sim.models import build_model, param_shapes, unflatten
+
+    path = Path(path)
+    ck = load(path.parent if path.name == CHECKPOINT else path)
+    card = ck.model_card
+    if card.get("format") != MODEL_CARD_FORMAT:
+        raise ValueError(f"{path}: checkpoint has no {MODEL_CARD_FORMAT} model card (written by an older fedmeta?)")
+    schema = card["data_schema"]
+    model = build_model(ModelConfig(**card["model"]["config"]), tuple(schema["input_shape"]), schema["num_classes"])
+    flat = torch.as_tensor(ck.global_params, dtype=torch.float32)
+    if flat.numel() != card["model"]["n_params"]:
+        raise ValueError(f"{path}: {flat.numel()} parameters, the model card says {card['model']['n_params']}")
+    model.load_state_dict(unflatten(flat, param_shapes(model)))
+    return model.eval(), card

@@ -132,6 +132,24 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (
     print(run_dir)
 
 
+@app.command("table")
+def table_cmd(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (default: configs/table.yaml)")] = None,
+              set_: SetOpt = [],  # noqa: B006
+              as_json: Annotated[bool, typer.Option("--json", help="also one JSON line with every row")] = False) -> None:
+    """Table I of "Personalization of Deep Learning" (shaping and data grouping, one model per
+    individual and method) on the federated writers data; prints the markdown table, then the
+    output directory (table.md, table.csv, individuals.csv, the encrypted profile store)."""
+    from sim.config import default_config_path
+    from sim.table import run_table, to_markdown
+
+    cfg = load(config or default_config_path("table.yaml"), list(set_))
+    run_dir, table, _ = run_table(cfg)
+    print(to_markdown(table), end="")
+    if as_json:
+        print(json.dumps(table.to_dict(orient="records")))
+    print(run_dir)
+
+
 @app.command("config")
 def show_config(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (default: quickstart)")] = None,
                 set_: SetOpt = []) -> None:  # noqa: B006

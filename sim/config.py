@@ -221,6 +221,16 @@ class RayConfig(Section):
     path: Literal["auto", "vmap", "loop"] = "auto"
 
 
+class ProfilesConfig(Section):
+    """The encrypted user profile store (actors/profile_store.py) as the federation's consent gate:
+    every client is a registered user; only those consenting to 'personalization' train."""
+
+    enabled: bool = False
+    path: str | None = Field(None, description="SQLite file; null = profiles.sqlite in the run directory "
+                                               "(master key in profiles.key next to it)")
+    consent_rate: float = Field(1.0, ge=0, le=1, description="share of users granting 'personalization' at sign-up")
+
+
 class RunConfig(Section):
     name: str = "run"
     out_dir: str = "runs"
@@ -238,6 +248,7 @@ class ExperimentConfig(Section):
     privacy: PrivacyConfig = PrivacyConfig()
     secagg: SecAggConfig = SecAggConfig()
     personalization: PersonalizationConfig = PersonalizationConfig()
+    profiles: ProfilesConfig = ProfilesConfig()
     ray: RayConfig = RayConfig()
     run: RunConfig = RunConfig()
 
@@ -338,14 +349,14 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     return from_dict(raw, source=str(src))
 
 
-def default_config_path() -> Path:
-    """configs/quickstart.yaml, from a checkout or from the installed package data."""
-    here = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+def default_config_path(name: str = "quickstart.yaml") -> Path:
+    """configs/<name> (default: the quickstart), from a checkout or from the installed package data."""
+    here = Path(__file__).resolve().parent.parent / "configs" / name
     if here.is_file():
         return here
     from importlib.resources import files
 
-    return Path(str(files("configs") / "quickstart.yaml"))
+    return Path(str(files("configs") / name))
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

@@ -11,7 +11,7 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,16 +21,18 @@ from ray.exceptions import RayTaskError
 
 from actors.aggregator import AggregatorActor, SecAggRoundAborted
 from actors.client_worker import LOSS_KEYS, ClientWorkerActor, peak_rss_mib
+from actors.profile_store import ProfileStoreActor
 from actors.privacy import (LocalDPLedger, PrivacyAccountant, budget_spent, effective_noise_multiplier, mia_auc,
                             noise_for)
 from actors.secagg.session import secagg_params
 from sim import checkpoint as ckpt
+from sim.checkpoint import MODEL_CARD_FORMAT
 from sim.config import DEFAULT_NOISE_MULTIPLIER, ConfigError, ExperimentConfig, PrivacyConfig, from_dict, to_yaml
 from sim.data import FederatedDataset, build_dataset
 from sim.metrics import MetricsLog, describe, finite_or_none
 from sim.models import build_model, init_params, num_params
 from sim.sampling import apply_dropout, eval_individuals, sample_cohort, split_even
-from sim.seeding import torch_gen
+from sim.seeding import np_rng, torch_gen
 
 
 def init_ray(address: str | None) -> bool:
@@ -90,12 +92,13 @@ class RoundResult:
     dropped: int
     seconds: float
     metrics: dict
+    trained: list[int] = field(default_factory=list)   # the clients whose updates went in
 
 
 class Federation:
     """The actor pool for one experiment config."""
 
-    def __init__(self, cfg: ExperimentConfig, data: FederatedDataset | None = None):
+    def __init__(self, cfg: ExperimentConfig, data: FederatedDataset | None = None, run_dir: Path | None = None):
         self.cfg = cfg
         # Probe the data on the driver first: bad paths fail before any actor starts; the shapes
         # and the number of clients (FEMNIST decides it) come from here.
@@ -106,6 +109,7 @@ class Federation:
         self.workers = [ClientWorkerActor.options(num_cpus=cpus, num_gpus=gpus).remote(raw, i, threads)
                         for i in range(cfg.ray.num_workers)]
         self.num_clients = data.num_clients
+        self.input_shape, self.num_classes = tuple(data.input_shape), data.num_classes
         model = build_model(cfg.model, data.input_shape, data.num_classes)
         self.n_params = num_params(model)
         self.init_params = init_params(model, torch_gen(cfg.seed, "init")).numpy()
@@ -132,10 +136,36 @@ class Federation:
         if cfg.federation.clients_per_round > self.num_clients:
             raise ConfigError(f"federation.clients_per_round: {cfg.federation.clients_per_round} exceeds the "
                               f"{self.num_clients} clients in the data")
+        self.profiles, self._tokens = None, {}
+        if cfg.profiles.enabled:
+            self._open_profiles(run_dir)
+
+    # ------------------------------------------------------------ consent (the profile store)
+    def _open_profiles(self, run_dir: Path | None) -> None:
+        """Every client signs up; a seeded share grants 'personalization'. The driver keeps each
+        user's token as that user's device would (it acts for them in `revoke`)."""
+        p = self.cfg.profiles
+        path = Path(p.path) if p.path else (run_dir or Path(self.cfg.run.out_dir)) / "profiles.sqlite"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.profiles = ProfileStoreActor.remote(path, key_file=path.with_suffix(".key"))
+        grants = np_rng(self.cfg.seed, "profiles-consent").random(self.num_clients) < p.consent_rate
+        ids = np.arange(self.num_clients)
+        self._tokens = ray.get(self.profiles.register_many.remote(ids[grants].tolist(), ["personalization"]))
+        self._tokens |= ray.get(self.profiles.register_many.remote(ids[~grants].tolist()))
+
+    def revoke(self, cid: int, purpose: str | None = None) -> None:
+        """User `cid` withdraws consent (None: all purposes); they are out of the next round."""
+        ray.get(self.profiles.revoke.remote(cid, self._tokens[cid], purpose))
+
+    def _consenting(self, cohort: np.ndarray) -> np.ndarray:
+        if self.profiles is None:
+            return cohort
+        return np.array(ray.get(self.profiles.eligible.remote("personalization", cohort.tolist())), dtype=np.int64)
 
     def train_round(self, rnd: int, global_params: np.ndarray) -> RoundResult:
         t0 = time.perf_counter()
-        cohort = sample_cohort(self.cfg.seed, rnd, self.num_clients, self.cfg.federation.clients_per_round)
+        sampled = sample_cohort(self.cfg.seed, rnd, self.num_clients, self.cfg.federation.clients_per_round)
+        cohort = self._consenting(sampled)      # users without consent never hear of the round
         alive, dropped = apply_dropout(self.cfg.seed, rnd, cohort, self.cfg.federation.dropout)
         g_ref = ray.put(global_params)
         if self.secagg is not None:
@@ -151,7 +181,8 @@ class Federation:
             shards = split_even(alive, len(self.workers))
             msgs = [w.train.remote(rnd, g_ref, shard) for w, shard in zip(self.workers, shards)]
             new, metrics = ray.get(self.aggregator.aggregate.remote(rnd, g_ref, *msgs))
-        return RoundResult(new, len(alive), len(dropped), time.perf_counter() - t0, metrics)
+        metrics["not_consenting"] = len(sampled) - len(cohort)
+        return RoundResult(new, len(alive), len(dropped), time.perf_counter() - t0, metrics, alive.tolist())
 
     def _secure_round(self, rnd: int, g_ref, cohort: np.ndarray, alive: np.ndarray) -> tuple[np.ndarray, dict]:
         """The four phases of secure aggregation, with Ray as the network between the clients
@@ -202,7 +233,9 @@ class Federation:
         return peak_rss_mib() + sum(actors)
 
     def shutdown(self) -> None:
-        for a in (*self.workers, self.aggregator):
+        if self.profiles is not None:
+            ray.get(self.profiles.close.remote())
+        for a in (*self.workers, self.aggregator, *([self.profiles] if self.profiles is not None else [])):
             ray.kill(a)
 
 
@@ -217,13 +250,38 @@ def new_run_dir(cfg: ExperimentConfig) -> Path:
     return path
 
 
-def model_card(cfg: ExperimentConfig, fed: Federation) -> dict:
-    a, e = cfg.algorithm, cfg.eval
-    return {"supports_federated_meta_learning": True, "algorithm": a.name, "model": cfg.model.model_dump(),
-            "n_params": fed.n_params, "data_kind": cfg.data.kind,
-            "adaptation": {"local_lr": a.lr, "local_epochs": a.local_epochs, "local_steps": a.local_steps,
-                           "batch_size": a.batch_size, "finetune_steps": e.finetune_steps, "finetune_lr": e.finetune_lr},
-            "privacy": {"secure_aggregation": False, "differential_privacy": False}}
+def model_card(cfg: ExperimentConfig, fed: Federation, rounds_done: int = 0,
+               accountant: PrivacyAccountant | None = None, ledger: LocalDPLedger | None = None) -> dict:
+    """What a serving or tuning process needs to use a checkpoint without the experiment config:
+    how to rebuild the model, the data it expects, how to adapt it to a user, and the privacy spent
+    to produce it. Refreshed at every checkpoint."""
+    a, e, p = cfg.algorithm, cfg.eval, cfg.privacy
+    dp = accountant is not None
+    return {
+        "format": MODEL_CARD_FORMAT,
+        "supports_federated_meta_learning": True,
+        "algorithm": a.name,
+        "model": {"config": cfg.model.model_dump(mode="json"), "n_params": fed.n_params},
+        "data_schema": {"kind": cfg.data.kind, "input_shape": list(fed.input_shape), "num_classes": fed.num_classes,
+                        "dtype": "float32", "layout": "NCHW" if len(fed.input_shape) == 3 else "features",
+                        "value_range": [0.0, 1.0] if cfg.data.kind == "writers" else None},
+        "adaptation": {"method": "sgd_finetune", "lr": e.finetune_lr, "steps": e.finetune_steps,
+                       "batch_size": e.batch_size, "local_lr": a.lr, "inner_lr": a.inner_lr, "server_lr": a.server_lr,
+                       "local_epochs": a.local_epochs, "local_steps": a.local_steps, "local_batch_size": a.batch_size,
+                       "privacy_lambda": a.privacy_lambda},
+        "privacy": {"mode": p.mode, "differential_privacy": dp,
+                    "epsilon": accountant.epsilon(p.delta) if dp and rounds_done else (0.0 if dp else None),
+                    "delta": p.delta if dp else None, "noise_multiplier": fed.noise_multiplier if dp else None,
+                    "clip_norm": p.clip_norm if dp else None, "accountant": p.accountant if dp else None,
+                    "sample_rate": fed.sample_rate,
+                    "secure_aggregation": fed.secagg is not None,
+                    "secagg_neighbors": (fed.secagg.neighbors or "complete") if fed.secagg else None,
+                    "secagg_threshold": fed.secagg.threshold if fed.secagg else None,
+                    "local_dp": ({"clip": p.local_clip, "noise_multiplier": p.local_noise_multiplier,
+                                  "epsilon": ledger.epsilon(p.delta)} if ledger else None)},
+        "training": {"rounds_completed": rounds_done, "rounds_planned": cfg.federation.rounds, "seed": cfg.seed,
+                     "clients_per_round": cfg.federation.clients_per_round, "num_clients": fed.num_clients},
+    }
 
 
 ProgressFn = Callable[[int, int, dict], None]
@@ -246,7 +304,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, resume: b
 
     started = init_ray(cfg.ray.address)
     try:
-        fed = Federation(cfg, data)
+        fed = Federation(cfg, data, run_dir)
         try:
             return run_dir, _loop(cfg, fed, run_dir, state, progress)
         finally:
@@ -276,6 +334,7 @@ def _loop(cfg: ExperimentConfig, fed: Federation, run_dir: Path, state: ckpt.Che
     stopped = None
 
     def checkpoint() -> None:
+        card = model_card(cfg, fed, done, accountant, ledger)
         ckpt.save(run_dir, ckpt.Checkpoint(done, g, log.rows, log.individuals, clients, secs, dropouts, card,
                                            accountant.state_dict() if accountant else None,
                                            ledger.state_dict() if ledger else None))

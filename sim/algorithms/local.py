@@ -144,9 +144,14 @@ def dp_sgd_grad(gsm: nn.Module, dp: LocalDP, gen: torch.Generator, lam: float = 
 def grad_sample_module(model: nn.Module) -> nn.Module:
     """Opacus' per-sample-gradient wrapper around a copy of `model` (its hooks stay off the original)."""
     import copy
+    import warnings
 
     from opacus import GradSampleModule
 
+    # the input batch needs no gradient, so PyTorch notes that the hooks fire on module outputs
+    # only, which is all Opacus uses
+    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
+                                              "respect to module outputs")
     return GradSampleModule(copy.deepcopy(model), loss_reduction="sum")
 
 

@@ -464,3 +464,16 @@ def test_put_get_round_trips(vectors, name_list):
             out = store.get_vector(0, token, name)
             assert out.dtype == vector.dtype and out.shape == vector.shape
             np.testing.assert_array_equal(out, vector)
+
+
+def test_register_many_is_atomic_and_grants_sign_up_consent(tmp_path):
+    with ProfileStore(tmp_path / "p.sqlite", master_key=bytes(range(32))) as store:
+        tokens = store.register_many([3, 1, 2], consent_to=["personalization"])
+        assert set(tokens) == {1, 2, 3} and len(set(tokens.values())) == 3
+        assert store.eligible("personalization", [1, 2, 3, 4]) == [1, 2, 3]
+        assert store.eligible("grouping", [1, 2, 3]) == []
+        assert store.consents(2, tokens[2])["personalization"] is True
+        with pytest.raises(ValueError, match=r"users \[3\] are already registered"):
+            store.register_many([5, 3])
+        with pytest.raises(AccessDenied):            # nothing of the failed batch was kept
+            store.consents(5, "x")

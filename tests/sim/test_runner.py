@@ -162,6 +162,25 @@ def test_secagg_and_dp_run_end_to_end(ray_session, tmp_path):
     done = 4 - s["secagg_aborted_rounds"]
     if done:
         assert s["epsilon"] == pytest.approx(epsilon_for(1.0, 0.25, done, 1e-5), rel=1e-9)
+    # the checkpoint's model card alone rebuilds the model and tells what it cost
+    import torch
+
+    from sim.checkpoint import load as load_ckpt
+    from sim.checkpoint import load_model
+
+    model, card = load_model(run_dir)
+    assert card["supports_federated_meta_learning"] and card["training"]["rounds_completed"] == 4
+    assert card["privacy"]["epsilon"] == pytest.approx(s["epsilon"]) and card["privacy"]["secure_aggregation"]
+    assert card["privacy"]["secagg_neighbors"] == 4 and card["privacy"]["clip_norm"] == 1.0
+    assert card["data_schema"]["input_shape"] == [1, 8, 8] and card["data_schema"]["num_classes"] == 10
+    assert card["adaptation"]["lr"] == 0.05 and card["adaptation"]["steps"] == 5
+    from sim.models import build_model, param_shapes, unflatten
+
+    reference = build_model(from_dict(raw).model, (1, 8, 8), 10)
+    params = unflatten(torch.as_tensor(load_ckpt(run_dir).global_params), param_shapes(reference))
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), torch.func.functional_call(reference, params, (x,)))
 
 
 def test_distributed_dp_accounts_with_the_surviving_shares(ray_session, tmp_path):
@@ -203,3 +222,33 @@ def test_local_dp_sgd_run_reports_each_clients_budget(ray_session, tmp_path):
     steps = 3 * max(counts.values())
     assert s["local_epsilon"] == pytest.approx(epsilon_for(0.8, 8 / 21, steps, 1e-5), rel=1e-9)
     assert 0 <= s["acc_personalized_DI"]["mean"] <= 1
+
+
+def test_consent_gates_the_cohort_and_revocation_takes_effect_next_round(ray_session, tmp_path):
+    """With the profile store on, only users consenting to 'personalization' train; a user who
+    revokes is out of the very next round."""
+    from sim.runner import Federation
+    from sim.sampling import sample_cohort
+
+    cfg = from_dict(tiny_raw(tmp_path, profiles={"enabled": True, "consent_rate": 0.5}))
+    fed = Federation(cfg, run_dir=tmp_path)
+    try:
+        consenting = set(ray_get_eligible(fed, range(40)))
+        assert 10 < len(consenting) < 30                          # about half signed up with consent
+        g = fed.init_params
+        res = fed.train_round(0, g)
+        assert set(res.trained) == set(sample_cohort(3, 0, 40, 10).tolist()) & consenting
+        assert res.metrics["not_consenting"] == 10 - len(res.trained)
+        nxt = [c for c in sample_cohort(3, 1, 40, 10).tolist() if c in consenting]
+        fed.revoke(nxt[0])
+        res = fed.train_round(1, res.global_params)
+        assert nxt[0] not in res.trained and set(res.trained) == set(nxt[1:])
+    finally:
+        fed.shutdown()
+    assert (tmp_path / "profiles.sqlite").is_file() and (tmp_path / "profiles.key").stat().st_mode & 0o077 == 0
+
+
+def ray_get_eligible(fed, ids):
+    import ray
+
+    return ray.get(fed.profiles.eligible.remote("personalization", list(ids)))
