@@ -175,7 +175,7 @@ class ClientWorker:
         return total
 
     # ------------------------------------------------------------ evaluation
-    def evaluate(self, global_params: np.ndarray, cids: Sequence[int], rnd: int = 0) -> dict:
+    def evaluate(self, global_params: np.ndarray, cids: Sequence[int], rnd: int = 0, export: bool = False) -> dict:
         """acc(D_I) of the global model and of each individual's personalized model (the global
         model fine-tuned `eval.finetune_steps` SGD steps on the individual's train split). With the
         MIA audit on, also per-sample losses of both models on the individuals' train splits
@@ -194,6 +194,8 @@ class ClientWorker:
                 gens = [np_rng(self.cfg.seed, "finetune-batches", rnd, c) for c in chunk]
                 upd, _ = self.finetuner.client_update(self.model, g, xs_tr, ys_tr, gens, self.path)
                 pers = g + upd
+            if export:
+                exported.append(pers.cpu())
             out["acc_global_DI"].append(accuracies_stacked(self.model, glob, xs_te, ys_te, vectorized))
             out["acc_personalized_DI"].append(accuracies_stacked(self.model, pers, xs_te, ys_te, vectorized))
             if self.cfg.privacy.mia_audit:
@@ -205,6 +207,9 @@ class ClientWorker:
             ids += [int(c) for c in chunk]
         res = {k: torch.cat(v).numpy() if v else np.zeros(0, np.float32) for k, v in out.items()}
         res["client_ids"] = ids
+        if export:
+            res["personalized"] = (torch.cat(exported).numpy() if exported
+                                   else np.zeros((0, self.n_params), np.float32))
         return res
 
     def evaluate_global(self, global_params: np.ndarray, shard: int = 0, num_shards: int = 1) -> np.ndarray:

@@ -61,3 +61,16 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
         raise ValueError(f"{path}: {flat.numel()} parameters, the model card says {card['model']['n_params']}")
     model.load_state_dict(unflatten(flat, param_shapes(model)))
     return model.eval(), card
+
+
+def save_member(run_dir: Path, model_config: dict, global_params: np.ndarray, input_shape: list[int],
+                num_classes: int, input_profile: dict, quality: dict | None = None, **card_extra) -> Path:
+    """A checkpoint holding only a model and its card (no training history): how a specialized
+    member (e.g. one per group of similar individuals or per data regime) is handed to serving."""
+    card = {"format": MODEL_CARD_FORMAT, "supports_federated_meta_learning": True,
+            "model": {"config": model_config, "n_params": int(np.asarray(global_params).size)},
+            "data_schema": {"input_shape": list(input_shape), "num_classes": int(num_classes), "dtype": "float32"},
+            "input_profile": input_profile, "quality": quality or {}, **card_extra}
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return save(run_dir, Checkpoint(round=0, global_params=np.asarray(global_params, np.float32), model_card=card))

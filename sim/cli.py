@@ -48,6 +48,10 @@ def summary_line(summary: dict) -> str:
     if summary.get("epsilon") is not None:
         privacy.append(f"DP epsilon {summary['epsilon']:.3g} at delta {summary['delta']:g} "
                        f"(z={summary['noise_multiplier']:.3g}, C={summary['clip_norm']:g})")
+    if summary.get("local_epsilon") is not None:
+        ld = summary["local_dp"]
+        privacy.append(f"local DP-SGD epsilon {summary['local_epsilon']:.3g} for the most-sampled client "
+                       f"(z={ld['noise_multiplier']:.3g}, per-sample clip {ld['clip']:g})")
     if summary.get("secagg_threshold") is not None:
         privacy.append(f"secure aggregation: neighbors {summary['secagg_neighbors']}, threshold "
                        f"{summary['secagg_threshold']}, mod 2^{summary['secagg_bits']}, "
@@ -143,7 +147,11 @@ def table_cmd(config: Annotated[Optional[Path], typer.Argument(help="experiment 
     from sim.table import run_table, to_markdown
 
     cfg = load(config or default_config_path("table.yaml"), list(set_))
-    run_dir, table, _ = run_table(cfg)
+    bar = Progress(TextColumn("table shards"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(), console=err,
+                   disable=not cfg.run.progress)
+    task = bar.add_task("table", total=None)
+    with bar:
+        run_dir, table, _ = run_table(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total))
     print(to_markdown(table), end="")
     if as_json:
         print(json.dumps(table.to_dict(orient="records")))

@@ -110,6 +110,7 @@ class Federation:
                         for i in range(cfg.ray.num_workers)]
         self.num_clients = data.num_clients
         self.input_shape, self.num_classes = tuple(data.input_shape), data.num_classes
+        self.input_profile = input_profile(data, cfg.seed)
         model = build_model(cfg.model, data.input_shape, data.num_classes)
         self.n_params = num_params(model)
         self.init_params = init_params(model, torch_gen(cfg.seed, "init")).numpy()
@@ -207,18 +208,18 @@ class Federation:
         reveals = [w.secagg_unmask.remote(rnd, request) for w in self.workers]
         return ray.get(self.aggregator.aggregate_secure.remote(rnd, g_ref, *reveals))
 
-    def evaluate(self, rnd: int, global_params: np.ndarray) -> dict:
+    def evaluate(self, rnd: int, global_params: np.ndarray, export: bool = False) -> dict:
         g_ref = ray.put(global_params)
         n = len(self.workers)
         shards = split_even(self.eval_ids, n)
-        ind = [w.evaluate.remote(g_ref, s, rnd) for w, s in zip(self.workers, shards)]
+        ind = [w.evaluate.remote(g_ref, s, rnd, export) for w, s in zip(self.workers, shards)]
         hits = np.concatenate(ray.get([w.evaluate_global.remote(g_ref, i, n) for i, w in enumerate(self.workers)]))
         parts = ray.get(ind)
         # D_G is laid out one block per individual: accuracy per D_G individual (the fairness view)
         blocks = np.split(hits, np.cumsum(self.global_sizes)[:-1])
         out = {"acc_DG": np.array([b.mean() if len(b) else np.nan for b in blocks]),
                "client_ids": [c for p in parts for c in p["client_ids"]]}
-        for key in ("acc_global_DI", "acc_personalized_DI", *LOSS_KEYS):
+        for key in ("acc_global_DI", "acc_personalized_DI", *LOSS_KEYS, *(["personalized"] if export else [])):
             out[key] = np.concatenate([p[key] for p in parts])
         if self.cfg.privacy.mia_audit:
             # members: the individuals' train splits (seen in training / fine-tuning); non-members: test splits
@@ -239,6 +240,27 @@ class Federation:
             ray.kill(a)
 
 
+def input_profile(data: FederatedDataset, seed: int, clients: int = 64) -> dict:
+    """Per-feature mean and variance of the federation's training inputs, from a seeded sample of
+    clients: what a serving router compares live inputs with. (In a deployment these are sums of
+    x and x^2 over clients, which secure aggregation can release without any client's data.)"""
+    ids = np_rng(seed, "input-profile").choice(data.num_clients, size=min(clients, data.num_clients), replace=False)
+    x = np.concatenate([c.x_train.reshape(len(c.x_train), -1).numpy() for c in data.clients(sorted(ids.tolist()))])
+    return {"mean": x.mean(0).tolist(), "var": x.var(0).tolist(), "n": int(len(x))}
+
+
+def export_personalized(run_dir: Path, ids: list[int], flats: np.ndarray) -> Path:
+    """personalized/<client id>.npy: each evaluated individual's fine-tuned parameters, for serving."""
+    out = run_dir / "personalized"
+    out.mkdir(exist_ok=True)
+    for cid, flat in zip(ids, flats):
+        tmp = out / f".{cid}.npy.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(flat, dtype=np.float32))
+        tmp.replace(out / f"{cid}.npy")
+    return out
+
+
 # ---------------------------------------------------------------- run directories
 def new_run_dir(cfg: ExperimentConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -251,7 +273,8 @@ def new_run_dir(cfg: ExperimentConfig) -> Path:
 
 
 def model_card(cfg: ExperimentConfig, fed: Federation, rounds_done: int = 0,
-               accountant: PrivacyAccountant | None = None, ledger: LocalDPLedger | None = None) -> dict:
+               accountant: PrivacyAccountant | None = None, ledger: LocalDPLedger | None = None,
+               quality: dict | None = None) -> dict:
     """What a serving or tuning process needs to use a checkpoint without the experiment config:
     how to rebuild the model, the data it expects, how to adapt it to a user, and the privacy spent
     to produce it. Refreshed at every checkpoint."""
@@ -265,6 +288,8 @@ def model_card(cfg: ExperimentConfig, fed: Federation, rounds_done: int = 0,
         "data_schema": {"kind": cfg.data.kind, "input_shape": list(fed.input_shape), "num_classes": fed.num_classes,
                         "dtype": "float32", "layout": "NCHW" if len(fed.input_shape) == 3 else "features",
                         "value_range": [0.0, 1.0] if cfg.data.kind == "writers" else None},
+        "input_profile": fed.input_profile,
+        "quality": quality or {},
         "adaptation": {"method": "sgd_finetune", "lr": e.finetune_lr, "steps": e.finetune_steps,
                        "batch_size": e.batch_size, "local_lr": a.lr, "inner_lr": a.inner_lr, "server_lr": a.server_lr,
                        "local_epochs": a.local_epochs, "local_steps": a.local_steps, "local_batch_size": a.batch_size,
@@ -334,7 +359,9 @@ def _loop(cfg: ExperimentConfig, fed: Federation, run_dir: Path, state: ckpt.Che
     stopped = None
 
     def checkpoint() -> None:
-        card = model_card(cfg, fed, done, accountant, ledger)
+        ev = log.latest_eval()
+        quality = {k: ev[k]["mean"] for k in ("acc_global_DI", "acc_personalized_DI", "acc_global_DG") if k in ev}
+        card = model_card(cfg, fed, done, accountant, ledger, quality)
         ckpt.save(run_dir, ckpt.Checkpoint(done, g, log.rows, log.individuals, clients, secs, dropouts, card,
                                            accountant.state_dict() if accountant else None,
                                            ledger.state_dict() if ledger else None))
@@ -366,7 +393,9 @@ def _loop(cfg: ExperimentConfig, fed: Federation, run_dir: Path, state: ckpt.Che
                                 **({"local_epsilon": ledger.epsilon(priv.delta)} if ledger else {})})
             shown = {"clients_per_s": cps}
             if done % every == 0 or done == rounds:
-                ev = fed.evaluate(done, g)
+                ev = fed.evaluate(done, g, export=done == rounds)
+                if "personalized" in ev:
+                    export_personalized(run_dir, ev["client_ids"], ev["personalized"])
                 stats = log.add_eval(done, describe(ev["acc_DG"]), ev["client_ids"],
                                      ev["acc_global_DI"], ev["acc_personalized_DI"])
                 log.add_many(done, {k: ev[k] for k in ("mia_auc_global", "mia_auc_personalized") if k in ev})

@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +131,8 @@ def _check_sizes(cfg: ExperimentConfig, n_global: int, candidates: int) -> None:
                              f"candidates, the store has {candidates - 1}; raise ig_pool or consent_rate")
 
 
-def run_table(cfg: ExperimentConfig, run_dir: Path | None = None) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
+def run_table(cfg: ExperimentConfig, run_dir: Path | None = None,
+              progress: Callable[[int, int], None] | None = None) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
     """Train and evaluate every (method, individual); returns (run_dir, table, per-individual rows)."""
     p = cfg.personalization
     run_dir = run_dir or Path(cfg.run.out_dir) / f"table-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -168,8 +170,10 @@ def run_table(cfg: ExperimentConfig, run_dir: Path | None = None) -> tuple[Path,
                 shard_jobs = [jobs[i] for i in shard]
                 refs.append((spec, by_id, _personalize_task.remote(raw_json, spec.model_dump(), shard_jobs, begin)))
         rows = []
-        for spec, by_id, ref in refs:
+        for done, (spec, by_id, ref) in enumerate(refs, 1):
             res = ray.get(ref)
+            if progress:
+                progress(done, len(refs))
             for i, ind in enumerate(res["individual"]):
                 job = by_id[ind]
                 rows.append({"group": spec.group, "method": spec.label, "individual": ind,
