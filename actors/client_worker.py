@@ -179,9 +179,11 @@ class ClientWorker:
         """acc(D_I) of the global model and of each individual's personalized model (the global
         model fine-tuned `eval.finetune_steps` SGD steps on the individual's train split). With the
         MIA audit on, also per-sample losses of both models on the individuals' train splits
-        (members) and test splits (non-members)."""
+        (members) and test splits (non-members). `export`: also the personalized parameters
+        (clients, n_params), which each individual would keep (or, with consent, hand to serving)."""
         g = self._global(global_params)
         out: dict[str, list] = {k: [] for k in ("acc_global_DI", "acc_personalized_DI", *LOSS_KEYS)}
+        exported: list[torch.Tensor] = []
         ids: list[int] = []
         vectorized = self.path == "vmap"
         for chunk in self._chunks(list(cids)):

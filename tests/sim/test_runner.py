@@ -252,3 +252,20 @@ def ray_get_eligible(fed, ids):
     import ray
 
     return ray.get(fed.profiles.eligible.remote("personalization", list(ids)))
+
+
+def test_last_evaluation_exports_personalized_models(ray_session, tmp_path):
+    """personalized/<id>.npy: each evaluated individual's fine-tuned parameters; the model card
+    carries the input profile and the last evaluation's quality."""
+    from sim.checkpoint import load_model
+
+    run_dir, s = run_experiment(from_dict(tiny_raw(tmp_path, federation={"rounds": 2})))
+    files = sorted((run_dir / "personalized").glob("*.npy"))
+    assert len(files) == 8
+    ind = pd.read_parquet(run_dir / "individuals.parquet")
+    assert {int(f.stem) for f in files} == set(ind.client_id)
+    _, card = load_model(run_dir)
+    assert len(card["input_profile"]["mean"]) == 64 and card["input_profile"]["n"] > 0
+    assert card["quality"]["acc_personalized_DI"] == pytest.approx(s["acc_personalized_DI"]["mean"])
+    flat = np.load(files[0])
+    assert flat.shape == (card["model"]["n_params"],) and np.isfinite(flat).all()
