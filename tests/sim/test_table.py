@@ -31,7 +31,7 @@ personalization:
     - {method: sg, n: 30}
     - {method: ig, n: IG}
 ray: {num_workers: 2, num_cpus_per_worker: 0.5}
-run: {out_dir: OUT}
+run: {out_dir: OUT, progress: false}
 """
 
 
