@@ -89,3 +89,95 @@ def run_secagg_bench(cfg: ExperimentConfig, rounds: int, workload: str, repeats:
         res["secagg"][name] = {k: r[k] for k in keep}
     res["secagg_overhead"] = res["secagg"]["k20"]["s_per_round"] / res["s_per_round"]
     return res
+
+
+# ---------------------------------------------------------------- serving
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _load(url: str, body: dict, concurrency: int, seconds: float) -> dict:
+    """`concurrency` clients on loopback, each sending the next request when its last one returns."""
+    import asyncio
+
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + seconds
+
+    async def client(session) -> None:
+        nonlocal errors
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url, json=body) as r:
+                    await r.read()
+                    ok = r.status == 200
+            except aiohttp.ClientError:
+                ok = False
+            if ok:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                errors += 1
+
+    async with aiohttp.ClientSession() as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    return {"rps": len(latencies) / wall, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "errors": errors, "requests": len(latencies)}
+
+
+def run_serve_bench(concurrency: tuple[int, ...] = (1, 8, 32), seconds: float = 5.0, members: int = 3,
+                    warmup_s: float = 1.0) -> dict:
+    """Throughput and latency of the routed ensemble (`members` members, default top-k) against a
+    single-model deployment of the same model, on loopback. Members are the quickstart's MLP
+    (64-128-30) with seeded weights: serving cost does not depend on what the weights learned."""
+    import asyncio
+    import tempfile
+
+    import torch
+    from ray import serve
+
+    from serve.app import Deployment
+    from sim.checkpoint import save_member
+    from sim.config import ModelConfig
+    from sim.models import build_model, init_params
+
+    cfg = ModelConfig(kind="mlp", hidden=[128])
+    tmp = Path(tempfile.mkdtemp(prefix="fedmeta-bench-serve-"))
+    paths = {}
+    for i in range(members):
+        flat = init_params(build_model(cfg, (1, 8, 8), 30), torch.Generator().manual_seed(i)).numpy()
+        paths[f"m{i}"] = str(save_member(tmp / f"m{i}", cfg.model_dump(), flat, [1, 8, 8], 30,
+                                         {"mean": [0.3] * 64, "var": [0.05] * 64, "n": 1000}).parent)
+    started = init_ray(None)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}/predict"
+    body = {"inputs": np.random.default_rng(0).random((1, 64)).round(4).tolist()}
+    out: dict = {"members": members, "seconds": seconds, "single": {}, "ensemble": {}}
+    try:
+        for label, chosen in (("single", {"m0": paths["m0"]}), ("ensemble", paths)):
+            for app in list(serve.status().applications):
+                serve.delete(app)
+            Deployment(dict(chosen), reweight_s=2.0).deploy()
+            asyncio.run(_load(url, body, 4, warmup_s))
+            for c in concurrency:
+                out[label][c] = asyncio.run(_load(url, body, c, seconds))
+    finally:
+        serve.shutdown()
+        if started:
+            ray.shutdown()
+    c8 = 8 if 8 in concurrency else concurrency[len(concurrency) // 2]
+    out.update(ensemble_rps=out["ensemble"][c8]["rps"], single_rps=out["single"][c8]["rps"],
+               ensemble_p99_ms=out["ensemble"][c8]["p99_ms"],
+               errors=sum(r["errors"] for label in ("single", "ensemble") for r in out[label].values()),
+               throughput_ratio=out["ensemble"][c8]["rps"] / out["single"][c8]["rps"], at_concurrency=c8)
+    return out

@@ -158,6 +158,56 @@ def table_cmd(config: Annotated[Optional[Path], typer.Argument(help="experiment 
     print(run_dir)
 
 
+@app.command("serve")
+def serve_cmd(run_dirs: Annotated[list[Path], typer.Argument(help="run directories (or member checkpoints): one ensemble member each")],
+              port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port on --host")] = 8000,
+              host: Annotated[str, typer.Option(help="HTTP host")] = "127.0.0.1",
+              personalized: Annotated[Optional[Path], typer.Option(help="run directory whose personalized/ models serve users by id")] = None,
+              top_k: Annotated[int, typer.Option(min=1, help="members combined per answer")] = 2,
+              reweight_s: Annotated[float, typer.Option(min=0.1, help="seconds between routing recomputations")] = 2.0,
+              write_config: Annotated[Optional[Path], typer.Option(help="write a Serve config file for `serve deploy` and exit")] = None,
+              address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start local Ray)")] = None) -> None:
+    """Serve federation checkpoints as a routed, weighted ensemble (Ray Serve) until Ctrl-C."""
+    import time
+
+    from serve.app import Deployment
+
+    names: dict[str, str] = {}
+    for d in run_dirs:
+        if not (d / "checkpoint.pt").is_file():
+            raise ConfigError(f"RUN_DIRS: {d} has no checkpoint.pt")
+        name = "".join(ch if ch.isalnum() else "-" for ch in d.resolve().name)[:40] or "member"
+        while name in names:
+            name += "-2"
+        names[name] = str(d.resolve())
+    if personalized is not None and not (personalized / "personalized").is_dir():
+        raise ConfigError(f"--personalized: {personalized} has no personalized/ directory (a finished fedmeta run)")
+    dep = Deployment(names, personalized=str(personalized.resolve()) if personalized else None,
+                     settings={"top_k": top_k}, reweight_s=reweight_s)
+    if write_config is not None:
+        import yaml
+
+        write_config.write_text(yaml.safe_dump(dep.config(host, port), sort_keys=False))
+        print(write_config)
+        return
+    import ray
+    from ray import serve
+
+    ray.init(address=address) if address else ray.init()
+    serve.start(http_options={"host": host, "port": port})
+    dep.deploy()
+    print(f"serving {', '.join(names)} at http://{host}:{port} (predict, feedback, routing, members, health, "
+          f"metrics); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(reweight_s)
+            released = dep.collect()
+            if released:
+                print(f"released: {', '.join(released)}")
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
 @app.command("config")
 def show_config(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (default: quickstart)")] = None,
                 set_: SetOpt = []) -> None:  # noqa: B006
@@ -186,9 +236,22 @@ def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped) o
           set_: SetOpt = [],  # noqa: B006
           secagg: Annotated[bool, typer.Option("--secagg", help="also secure aggregation: k=20, complete graph, 10% dropout")] = False,
           repeats: Annotated[int, typer.Option(min=1, help="--secagg: plain/k=20 alternations (medians compared)")] = 3,
+          serve_: Annotated[bool, typer.Option("--serve", help="load-test the routed ensemble (3 members) against a single model")] = False,
+          seconds: Annotated[float, typer.Option(min=0.5, help="--serve: seconds per concurrency level")] = 5.0,
           as_json: Annotated[bool, typer.Option("--json", help="last line: one JSON object")] = False) -> None:
-    """Throughput of the actor pool on a fixed workload."""
-    from sim.bench import WORKLOADS, run_bench, run_secagg_bench, workload_config
+    """Throughput of the actor pool on a fixed workload (or, with --serve, of the Serve app)."""
+    from sim.bench import WORKLOADS, run_bench, run_secagg_bench, run_serve_bench, workload_config
+
+    if serve_:
+        res = run_serve_bench(seconds=seconds)
+        for label in ("single", "ensemble"):
+            for c, r in res[label].items():
+                print(f"{label:8s} concurrency {c:3d}: {r['rps']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms  "
+                      f"p99 {r['p99_ms']:6.1f} ms  errors {r['errors']}")
+        print(f"ensemble / single throughput at concurrency {res['at_concurrency']}: {res['throughput_ratio']:.2f}")
+        if as_json:
+            print(json.dumps(res))
+        return
 
     if workload not in WORKLOADS:
         raise ConfigError(f"--workload: expected one of {', '.join(WORKLOADS)}, got {workload!r}")

@@ -1,0 +1,140 @@
+"""The ensemble's routing state, as a plain class the Ray Serve `Router` deployment wraps.
+
+It ties the pure pieces together: `RoutingController` (weights from feedback accuracy, input
+alignment and drift compensation, serve/routing.py), `CandidateTrial` and `PruningTracker`
+(serve/shadow.py), plus a bounded log of recent requests so that labelled feedback, which arrives
+later, can be scored against what each member answered.
+
+`recompute()` returns the *routing state* that is pushed to the ingress replicas as their
+`user_config`: weights, the active members, the candidate under test (if any) and what changed.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from serve.routing import InputProfile, RoutingController
+from serve.shadow import CandidateTrial, Decision, PruningTracker
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    top_k: int = 2                    # members combined per answer
+    window: int = 256                 # sliding window of recent inputs (rows)
+    half_life: float = 200.0          # feedback events until old evidence counts half
+    min_feedback: int = 20            # feedback before drift compensation applies
+    prune_threshold: float = 0.05     # weight below which a member is at risk...
+    prune_window: int = 10            # ...for this many consecutive recomputations
+    log_requests: int = 10_000        # recent requests kept for feedback scoring
+
+
+class RouterState:
+    """Routing state of one ensemble: members, weights, candidate trial, pruning, request log."""
+
+    def __init__(self, members: Mapping[str, Mapping], settings: RouterSettings = RouterSettings()):
+        """`members`: name -> {"profile": InputProfile.to_dict(), "reference_quality": float}."""
+        self.settings = settings
+        self.controller = RoutingController(
+            {m: InputProfile.from_dict(v["profile"]) for m, v in members.items()},
+            {m: float(v["reference_quality"]) for m, v in members.items()},
+            window=settings.window, half_life=settings.half_life, min_feedback=settings.min_feedback)
+        self.pruner = PruningTracker(settings.prune_threshold, settings.prune_window)
+        self.trial: CandidateTrial | None = None
+        self._candidate: dict | None = None            # profile and reference of the candidate
+        self.pruned: list[str] = []
+        self.history: list[dict] = []                  # promotions and rejections, oldest first
+        self.version = 0
+        self._log: OrderedDict[str, dict] = OrderedDict()
+
+    # ------------------------------------------------------------ traffic
+    def observe(self, inputs: np.ndarray) -> None:
+        self.controller.observe(np.asarray(inputs, dtype=np.float64))
+
+    def record(self, request_id: str, entry: dict) -> None:
+        """What answered request `request_id`: {"members": {name: predicted labels}, "answer":
+        labels returned, "arm": "ensemble" | "candidate" | "personal", "candidate": labels or None}."""
+        self._log[request_id] = entry
+        self._log.move_to_end(request_id)
+        if self.trial is not None:        # the ingress routes by stable hashing; counted here
+            self.trial.requests += 1
+            self.trial.answers += entry.get("trial") == self.trial.candidate
+        while len(self._log) > self.settings.log_requests:
+            self._log.popitem(last=False)
+
+    def feedback(self, request_id: str, labels: np.ndarray) -> dict:
+        """Score a logged request against its true labels; unknown (or expired) ids are a KeyError."""
+        if request_id not in self._log:
+            raise KeyError(f"request_id {request_id!r} is unknown or older than the last "
+                           f"{self.settings.log_requests} requests")
+        entry = self._log.pop(request_id)
+        labels = np.asarray(labels)
+        if len(labels) != len(entry["answer"]):
+            raise ValueError(f"labels: request {request_id!r} had {len(entry['answer'])} inputs, got {len(labels)} labels")
+        scored = {}
+        for member, preds in entry["members"].items():
+            if member in self.controller.profiles:          # pruned or rejected since: nothing to learn
+                correct = int((np.asarray(preds) == labels).sum())
+                self.controller.feedback(member, correct, len(labels))
+                scored[member] = correct / len(labels)
+        if self.trial is not None and entry.get("trial") == self.trial.candidate:
+            self._score_trial(entry, labels)
+        return {"accuracy": float((np.asarray(entry["answer"]) == labels).mean()), "members": scored}
+
+    def _score_trial(self, entry: dict, labels: np.ndarray) -> None:
+        answer = np.asarray(entry["answer"]) == labels                    # what the user got
+        if self.trial.mode == "shadow":
+            candidate = np.asarray(entry["candidate"]) == labels
+            for c, p in zip(candidate, answer):
+                self.trial.record_feedback(bool(c), bool(p))
+        else:
+            side = "candidate_correct" if entry["arm"] == "candidate" else "production_correct"
+            for ok in answer:
+                self.trial.record_feedback(**{side: bool(ok)})
+
+    # ------------------------------------------------------------ candidates
+    def set_candidate(self, name: str, profile: dict, reference_quality: float, mode: str, fraction: float,
+                      **test_options) -> None:
+        """Start a trial; replaces a running one."""
+        if name in self.controller.profiles:
+            raise ValueError(f"candidate {name!r} is already a member")
+        make = CandidateTrial.shadow if mode == "shadow" else CandidateTrial.ab
+        self.trial = make(name, fraction, **test_options)
+        self._candidate = {"profile": InputProfile.from_dict(profile), "reference_quality": float(reference_quality)}
+        self.version += 1
+
+    # ------------------------------------------------------------ schedule
+    def recompute(self) -> dict:
+        """New weights; prune members that stayed weak; settle a decided trial. Returns the routing
+        state for the ingress replicas."""
+        events = []
+        weights = self.controller.recompute()
+        for member in self.pruner.observe(weights):
+            if len(self.controller.members) > 1:
+                self.controller.remove_member(member)
+                self.pruned.append(member)
+                events.append({"event": "pruned", "member": member})
+        if self.trial is not None and self.trial.decision is not Decision.CONTINUE:
+            name, decision = self.trial.candidate, self.trial.decision
+            if decision is Decision.PROMOTE:
+                self.controller.add_member(name, self._candidate["profile"], self._candidate["reference_quality"])
+            events.append({"event": "promoted" if decision is Decision.PROMOTE else "rejected", "member": name,
+                           "trial": self.trial.to_dict()})
+            self.history.append(events[-1])
+            self.trial, self._candidate = None, None
+        self.version += 1
+        return self.routing(events)
+
+    def routing(self, events: list | None = None) -> dict:
+        trial = self.trial
+        return {"version": self.version, "weights": self.controller.weights, "active": self.controller.members,
+                "top_k": self.settings.top_k, "pruned": list(self.pruned), "events": events or [],
+                "candidate": None if trial is None else {"name": trial.candidate, "mode": trial.mode,
+                                                         "fraction": trial.fraction, "salt": trial.salt}}
+
+    def snapshot(self) -> dict:
+        """For the /routing and /members endpoints."""
+        return {**self.routing(), "parts": self.controller.last_parts, "window_rows": self.controller.window_rows,
+                "trial": None if self.trial is None else self.trial.to_dict(), "history": list(self.history)}

@@ -1,0 +1,233 @@
+"""The Serve application end to end over real HTTP on loopback (a free port, never 8000)."""
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from serve.routing import update_routing_weights
+from sim.checkpoint import load_model, save_member
+from sim.config import ModelConfig
+from sim.models import build_model, init_params, param_shapes, unflatten
+
+pytestmark = pytest.mark.slow
+MLP = {"kind": "mlp", "hidden": [8]}
+
+
+def member(path, seed=0, mean=0.3, constant=None):
+    """A checkpoint with a model card; `constant`: the model always answers that class."""
+    model = build_model(ModelConfig(**MLP), (1, 8, 8), 10)
+    flat = init_params(model, torch.Generator().manual_seed(seed))
+    if constant is not None:
+        params = {k: torch.zeros_like(v) for k, v in unflatten(flat, param_shapes(model)).items()}
+        params["3.bias"][constant] = 10.0
+        flat = torch.cat([v.flatten() for v in params.values()])
+    save_member(path, MLP, flat.numpy(), [1, 8, 8], 10, {"mean": [mean] * 64, "var": [0.02] * 64, "n": 100},
+                {"acc_global_DI": 0.5})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def serve_url(ray_session):
+    from ray import serve
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def clean_apps(serve_url):
+    """Each test deploys its own apps; delete them all afterwards (replicas are processes)."""
+    from ray import serve
+
+    yield
+    for app in list(serve.status().applications):
+        serve.delete(app)
+
+
+def deploy(tmp_path, members, reweight_s=0.0, **settings):
+    from serve.app import Deployment
+
+    dep = Deployment({n: member(tmp_path / n, **kw) for n, kw in members.items()}, settings=settings,
+                     reweight_s=reweight_s)
+    dep.deploy()
+    return dep
+
+
+def predict(url, x, user=None):
+    body = {"inputs": np.asarray(x).reshape(len(x), -1).tolist(), **({"user_id": user} if user else {})}
+    r = requests.post(url + "/predict", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_predictions_match_the_models_run_directly(serve_url, tmp_path):
+    dep = deploy(tmp_path, {"a": {"seed": 1}, "b": {"seed": 2}, "c": {"seed": 3}}, top_k=3)
+    x = np.random.default_rng(0).random((5, 64)).astype(np.float32)
+    out = predict(serve_url, x)
+    weights = {m["name"]: m["weight"] for m in out["members"]}
+    assert set(weights) == {"a", "b", "c"} and sum(weights.values()) == pytest.approx(1.0)
+    expected = 0
+    for name, w in weights.items():
+        model, _ = load_model(dep.members[name])
+        with torch.no_grad():
+            expected = expected + w * torch.softmax(model(torch.as_tensor(x).view(5, 1, 8, 8)), -1).numpy()
+    np.testing.assert_allclose(out["probabilities"], expected, rtol=1e-5, atol=1e-6)
+    assert out["predictions"] == expected.argmax(-1).tolist() and out["answered_by"] == "ensemble"
+
+
+def test_malformed_requests_get_4xx(serve_url, tmp_path):
+    deploy(tmp_path, {"a": {}})
+    url = serve_url
+    bad = [({"inputs": [[0.1] * 63]}, "64 numbers"), ({"inputs": []}, None), ({"input": [[0.1] * 64]}, None),
+           ({"inputs": [[0.1] * 64], "extra": 1}, None), ({"inputs": [["x"] * 64]}, None),
+           ({"inputs": [[0.1] * 64], "user_id": ""}, None)]
+    for body, text in bad:
+        r = requests.post(url + "/predict", json=body, timeout=30)
+        assert 400 <= r.status_code < 500, (body, r.status_code)
+        if text:
+            assert text in r.text
+    assert 400 <= requests.post(url + "/predict", data=b"{not json", timeout=30).status_code < 500
+    r = requests.post(url + "/feedback", json={"request_id": "nope", "labels": [1]}, timeout=30)
+    assert r.status_code == 404 and "unknown" in r.text
+    rid = predict(url, [[0.1] * 64])["request_id"]
+    r = requests.post(url + "/feedback", json={"request_id": rid, "labels": [1, 2]}, timeout=30)
+    assert r.status_code == 422 and "labels" in r.text
+    assert requests.get(url + "/health", timeout=30).json()["status"] == "ok"
+    assert "fedmeta_requests_total" in requests.get(url + "/metrics", timeout=30).text
+
+
+def test_weights_follow_feedback_and_drift(serve_url, tmp_path):
+    """Feedback sets the historical weights (the formula holds on the pushed state); a window of
+    inputs like member b's training data moves weight to b."""
+    dep = deploy(tmp_path, {"a": {"mean": 0.1, "constant": 0}, "b": {"mean": 0.7, "constant": 1}}, top_k=2,
+                 min_feedback=1000)
+    x = np.full((4, 64), 0.1, np.float32)
+    for _ in range(5):   # a is always right, b always wrong
+        out = predict(serve_url, x)
+        requests.post(serve_url + "/feedback", json={"request_id": out["request_id"], "labels": [0] * 4}, timeout=30)
+    routing = dep.push()
+    snap = requests.get(serve_url + "/routing", timeout=30).json()
+    parts = snap["parts"]
+    formula = update_routing_weights({m: p["historical"] for m, p in parts.items()},
+                                     {m: p["alignment"] for m, p in parts.items()},
+                                     {m: p["compensation"] for m, p in parts.items()})
+    assert routing["weights"] == pytest.approx(formula) and snap["weights"]["a"] > snap["weights"]["b"]
+    assert snap["pushed_version"] == routing["version"]          # the ingress replica got the push
+    before = snap["weights"]["b"]
+    for _ in range(10):          # drift: inputs now look like b's training data
+        predict(serve_url, np.full((8, 64), 0.7, np.float32) + 0.05 * np.random.default_rng(1).random((8, 64)))
+    after = dep.push()["weights"]["b"]
+    assert after > before
+
+
+def test_shadow_answers_are_never_returned_and_a_better_candidate_is_promoted(serve_url, tmp_path):
+    dep = deploy(tmp_path, {"a": {"constant": 0}, "b": {"constant": 0}})
+    dep.add_candidate("c", member(tmp_path / "c", constant=7), "shadow", 1.0)
+    shadowed = 0
+    for _ in range(40):
+        out = predict(serve_url, np.full((3, 64), 0.3, np.float32))
+        assert out["answered_by"] == "ensemble" and 7 not in out["predictions"]
+        assert {m["name"] for m in out["members"]} <= {"a", "b"}
+        # the truth is 7: the candidate is right, production wrong
+        fb = requests.post(serve_url + "/feedback", json={"request_id": out["request_id"], "labels": [7, 7, 7]},
+                           timeout=30)
+        assert fb.status_code == 200
+        shadowed += 1
+    dep.push()
+    members = requests.get(serve_url + "/members", timeout=30).json()
+    assert members["history"][-1]["event"] == "promoted" and "c" in members["active"]
+    assert "c" in dep.members and not dep.candidates and shadowed == 40
+
+
+def test_a_worse_candidate_is_rejected_and_released(serve_url, tmp_path):
+    from ray import serve
+
+    dep = deploy(tmp_path, {"a": {"constant": 0}})
+    dep.add_candidate("w", member(tmp_path / "w", constant=5), "shadow", 1.0)
+    for _ in range(40):
+        out = predict(serve_url, np.full((3, 64), 0.3, np.float32))
+        requests.post(serve_url + "/feedback", json={"request_id": out["request_id"], "labels": [0, 0, 0]}, timeout=30)
+    assert dep.push()["released"] == ["w"]           # rejected, and its application deleted
+    assert requests.get(serve_url + "/members", timeout=30).json()["history"][-1]["event"] == "rejected"
+    assert "fedmeta-member-w" not in serve.status().applications and not dep.candidates
+
+
+def test_pruned_member_stops_receiving_traffic(serve_url, tmp_path):
+    from ray import serve
+
+    dep = deploy(tmp_path, {"good": {"constant": 1}, "bad": {"constant": 2}}, top_k=2, prune_threshold=0.3,
+                 prune_window=2, min_feedback=1000)
+    released = []
+    for _ in range(3):
+        for _ in range(10):
+            out = predict(serve_url, np.full((2, 64), 0.3, np.float32))
+            requests.post(serve_url + "/feedback", json={"request_id": out["request_id"], "labels": [1, 1]}, timeout=30)
+        released += dep.push()["released"]
+    assert "bad" in requests.get(serve_url + "/members", timeout=30).json()["pruned"] and released == ["bad"]
+    for _ in range(10):
+        assert [m["name"] for m in predict(serve_url, np.full((1, 64), 0.3))["members"]] == ["good"]
+    assert "fedmeta-member-bad" not in serve.status().applications
+
+
+def test_no_request_fails_while_weights_are_pushed_and_a_candidate_is_promoted(serve_url, tmp_path):
+    dep = deploy(tmp_path, {"a": {"constant": 0}, "b": {"constant": 0, "seed": 4}})
+    failures, done = [], threading.Event()
+
+    def load():
+        while not done.is_set():
+            try:
+                r = requests.post(serve_url + "/predict", json={"inputs": [[0.3] * 64]}, timeout=30)
+                if r.status_code != 200:
+                    failures.append(r.status_code)
+                else:
+                    requests.post(serve_url + "/feedback", json={"request_id": r.json()["request_id"], "labels": [7]},
+                                  timeout=30)
+            except requests.RequestException as e:
+                failures.append(repr(e))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        dep.add_candidate("c", member(tmp_path / "c", constant=7), "shadow", 1.0)
+        for _ in range(8):
+            time.sleep(0.5)
+            dep.push()
+        dep.collect()
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    assert not failures
+    assert "c" in requests.get(serve_url + "/members", timeout=30).json()["active"]
+
+
+def test_per_user_models_with_fallback(serve_url, tmp_path):
+    from serve.app import Deployment
+
+    run = tmp_path / "run"
+    member(run, seed=1)
+    (run / "personalized").mkdir()
+    model, card = load_model(run)
+    personal = np.zeros(card["model"]["n_params"], np.float32)
+    personal[-10 + 4] = 10.0          # the user's model always answers 4
+    np.save(run / "personalized" / "42.npy", personal)
+    dep = Deployment({"g": str(run)}, personalized=str(run), reweight_s=0.0)
+    dep.deploy()
+    x = np.random.default_rng(2).random((3, 64))
+    out = predict(serve_url, x, user="42")
+    assert out["answered_by"] == "personal" and out["predictions"] == [4, 4, 4]
+    other = predict(serve_url, x, user="7")          # unknown user: the ensemble answers
+    assert other["answered_by"] == "ensemble"
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.as_tensor(x, dtype=torch.float32).view(3, 1, 8, 8)), -1).argmax(-1)
+    assert other["predictions"] == expected.tolist()
