@@ -80,7 +80,7 @@ class CandidateRequest(BaseModel):
 # ---------------------------------------------------------------- member models
 def _probabilities(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return torch.softmax(model(torch.as_tensor(x, dtype=torch.float32)), -1).numpy()
+        return torch.softmax(model(torch.tensor(x, dtype=torch.float32)), -1).numpy()   # a copy: x may be read-only
 
 
 def member_info(checkpoint: str | Path) -> dict:
@@ -160,8 +160,9 @@ class Router:
             await asyncio.sleep(self.reweight_s)
             try:
                 await self.push()
-            except Exception as e:   # a failed push must not end the schedule
-                print(f"routing push failed: {e!r}")
+            except Exception as e:   # a failed push must not end the schedule (e.g. the app is being deleted)
+                if "Unavailable" not in type(e).__name__:
+                    print(f"routing push failed: {e!r}")
 
     async def push(self) -> dict:
         """Collect the replicas' buffered inputs and records, recompute, then push the routing

@@ -159,7 +159,9 @@ def run_serve_bench(concurrency: tuple[int, ...] = (1, 8, 32), seconds: float = 
                                          {"mean": [0.3] * 64, "var": [0.05] * 64, "n": 1000}).parent)
     started = init_ray(None)
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # no per-request access log: under load its forwarding to the driver costs as much as serving
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                logging_config={"enable_access_log": False, "log_level": "WARNING"})
     url = f"http://127.0.0.1:{port}/predict"
     body = {"inputs": np.random.default_rng(0).random((1, 64)).round(4).tolist()}
     out: dict = {"members": members, "seconds": seconds, "single": {}, "ensemble": {}}
