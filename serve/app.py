@@ -160,7 +160,7 @@ class Router:
             await asyncio.sleep(self.reweight_s)
             try:
                 await self.push()
-            except Exception as e:   # a failed push must not end the schedule (e.g. the app is being deleted)
+            except Exception as e:  # noqa: BLE001 -- a failed push must not end the schedule (e.g. the app is being deleted)
                 if "Unavailable" not in type(e).__name__:
                     print(f"routing push failed: {e!r}")
 
@@ -322,7 +322,7 @@ class Ensemble:
         await self._flush(force=True)      # the request may still sit in this replica's buffer
         try:
             return await self.router.feedback.remote(req.request_id, req.labels)
-        except Exception as e:   # the router refuses only bad input: an unknown id, a wrong label count
+        except Exception as e:  # noqa: BLE001 -- Ray wraps the cause; the router refuses only bad input: an unknown id, a wrong label count
             message = _first_line(e)
             raise HTTPException(404 if "unknown" in message else 422, message) from None
 

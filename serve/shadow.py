@@ -119,7 +119,27 @@ def in_shadow(request_key: str | int, fraction: float, salt: str = "shadow") -> 
 _OPEN, _H0, _H1 = "open", "accept_h0", "accept_h1"
 
 
-class PairedSPRT:
+class _SequentialTest:
+    """What both sequential tests share: a decision that, once reached, sticks, and why.
+    Reasons: "better", "worse", "no_difference" (paired only), "max_pairs" / "max_samples"."""
+
+    _decision: Decision = Decision.CONTINUE
+    _reason: str | None = None
+
+    @property
+    def decision(self) -> Decision:
+        return self._decision
+
+    @property
+    def reason(self) -> str | None:
+        """Why the test stopped; None while running."""
+        return self._reason
+
+    def _stop(self, decision: Decision, reason: str) -> None:
+        self._decision, self._reason = decision, reason
+
+
+class PairedSPRT(_SequentialTest):
     """Sequential sign test on paired feedback (shadow mode), Wald 1945 / Sobel & Wald 1949.
 
     Among discordant pairs, a "win" is candidate right & production wrong, a "loss" the opposite;
@@ -153,15 +173,6 @@ class PairedSPRT:
         self._llr = {"better": 0.0, "worse": 0.0}
         self._state = {"better": _OPEN, "worse": _OPEN}
         self._decision, self._reason = Decision.CONTINUE, None
-
-    @property
-    def decision(self) -> Decision:
-        return self._decision
-
-    @property
-    def reason(self) -> str | None:
-        """Why the test stopped: "better", "worse", "no_difference", "max_pairs"; None while running."""
-        return self._reason
 
     @property
     def log_likelihood_ratios(self) -> dict[str, float]:
@@ -206,9 +217,6 @@ class PairedSPRT:
         elif self.max_pairs is not None and self.pairs >= self.max_pairs:
             self._stop(Decision.REJECT, "max_pairs")
 
-    def _stop(self, decision: Decision, reason: str) -> None:
-        self._decision, self._reason = decision, reason
-
     def to_dict(self) -> dict[str, object]:
         return {"test": "paired_sprt", "decision": self._decision.value, "reason": self._reason,
                 "pairs": self.pairs, "wins": self.wins, "losses": self.losses, "ties": self.ties,
@@ -218,7 +226,7 @@ class PairedSPRT:
 
 # ------------------------------------------------------------------------------- A/B: mixture SPRT
 
-class TwoSampleTest:
+class TwoSampleTest(_SequentialTest):
     """Always-valid two-sample test of success rates (A/B mode), Johari, Pekelis & Walsh 2017.
 
     With theta = rate(candidate) - rate(production), estimate theta_hat and its variance
@@ -247,15 +255,6 @@ class TwoSampleTest:
         self.late_updates = 0
         self._p_value = 1.0
         self._decision, self._reason = Decision.CONTINUE, None
-
-    @property
-    def decision(self) -> Decision:
-        return self._decision
-
-    @property
-    def reason(self) -> str | None:
-        """Why the test stopped: "better", "worse", "max_samples"; None while running."""
-        return self._reason
 
     @property
     def p_value(self) -> float:
@@ -298,9 +297,6 @@ class TwoSampleTest:
             var += r * (1 - r) / n
         tau2 = self.tau ** 2
         return 0.5 * math.log(var / (var + tau2)) + tau2 * theta ** 2 / (2 * var * (var + tau2))
-
-    def _stop(self, decision: Decision, reason: str) -> None:
-        self._decision, self._reason = decision, reason
 
     def to_dict(self) -> dict[str, object]:
         rates = {arm: (None if math.isnan(r := self.rate(arm)) else r) for arm in _ARMS}  # JSON has no NaN
