@@ -46,8 +46,9 @@ MAX_USER_MODELS = 8        # personalized models kept per PersonalModels replica
 # ---------------------------------------------------------------- schemas
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    inputs: list[list[float]] = Field(min_length=1, max_length=1024,
-                                      description="a batch of inputs, each flattened to the model's input size")
+    inputs: list[list[float]] | list[float] = Field(
+        min_length=1, max_length=1024,
+        description="one input (a flat list) or a batch of inputs, each flattened to the model's input size")
     user_id: str | None = Field(None, min_length=1, max_length=128)
 
 
@@ -251,6 +252,8 @@ class Ensemble:
 
     def _check(self, req: PredictRequest) -> np.ndarray:
         x = np.asarray(req.inputs, dtype=np.float32)
+        if x.ndim == 1 and len(x) == self.input_size:     # a single input
+            x = x[None, :]
         if x.ndim != 2 or x.shape[1] != self.input_size:
             raise HTTPException(422, f"inputs: each input must have {self.input_size} numbers "
                                      f"(the flattened model input), got {x.shape[1] if x.ndim == 2 else 'ragged rows'}")

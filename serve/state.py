@@ -46,7 +46,7 @@ class RouterState:
         self._candidate: dict | None = None            # profile and reference of the candidate
         self.pruned: list[str] = []
         self.history: list[dict] = []                  # promotions and rejections, oldest first
-        self.version = 0
+        self.version = 1                               # replicas holding version 0 pull this state
         self._log: OrderedDict[str, dict] = OrderedDict()
 
     # ------------------------------------------------------------ traffic

@@ -208,6 +208,20 @@ def serve_cmd(run_dirs: Annotated[list[Path], typer.Argument(help="run directori
         serve.shutdown()
 
 
+@app.command()
+def specialize(run_dir: Annotated[Path, typer.Argument(help="a finished run directory (with personalized/)")],
+               groups: Annotated[int, typer.Option(min=1, help="members to make: groups of similar individuals")] = 3,
+               out_dir: Annotated[Optional[Path], typer.Option("--out", help="where to write them (default RUN_DIR/members)")] = None) -> None:
+    """Export specialized ensemble members, one per group of similar individuals, for `fedmeta serve`."""
+    from sim.specialize import specialize as export
+
+    try:
+        for path in export(run_dir, groups, out_dir):
+            print(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
 @app.command("config")
 def show_config(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (default: quickstart)")] = None,
                 set_: SetOpt = []) -> None:  # noqa: B006

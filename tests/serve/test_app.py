@@ -82,6 +82,8 @@ def test_predictions_match_the_models_run_directly(serve_url, tmp_path):
             expected = expected + w * torch.softmax(model(torch.as_tensor(x).view(5, 1, 8, 8)), -1).numpy()
     np.testing.assert_allclose(out["probabilities"], expected, rtol=1e-5, atol=1e-6)
     assert out["predictions"] == expected.argmax(-1).tolist() and out["answered_by"] == "ensemble"
+    single = requests.post(serve_url + "/predict", json={"inputs": x[0].tolist()}, timeout=30).json()
+    np.testing.assert_allclose(single["probabilities"], expected[:1], rtol=1e-5, atol=1e-6)
 
 
 def test_malformed_requests_get_4xx(serve_url, tmp_path):
@@ -231,3 +233,44 @@ def test_per_user_models_with_fallback(serve_url, tmp_path):
     with torch.no_grad():
         expected = torch.softmax(model(torch.as_tensor(x, dtype=torch.float32).view(3, 1, 8, 8)), -1).argmax(-1)
     assert other["predictions"] == expected.tolist()
+
+
+def test_ab_arm_by_user_and_drift_compensation(serve_url, tmp_path):
+    """A/B: a stable set of users gets the candidate's answers (the rest production's); feedback
+    on both arms promotes the better one. A member whose feedback accuracy falls far below its
+    reference quality loses the drift-compensation share."""
+    from serve.shadow import ab_arm
+
+    dep = deploy(tmp_path, {"a": {"constant": 0}, "b": {"constant": 0, "seed": 5}}, min_feedback=5)
+    dep.add_candidate("c", member(tmp_path / "c", constant=3), "ab", 0.5)
+    users = [f"user{i}" for i in range(40)]
+    for rnd in range(6):
+        for u in users:
+            out = predict(serve_url, np.full((2, 64), 0.3, np.float32), user=u)
+            arm = ab_arm(u, 0.5, "ab")
+            assert out["answered_by"] == ("candidate" if arm == "candidate" else "ensemble")
+            assert (3 in out["predictions"]) == (arm == "candidate")
+            requests.post(serve_url + "/feedback", json={"request_id": out["request_id"], "labels": [3, 3]},
+                          timeout=30)
+    routing = dep.push()
+    members = requests.get(serve_url + "/members", timeout=30).json()
+    assert members["history"][-1]["event"] == "promoted" and "c" in routing["active"]
+    parts = requests.get(serve_url + "/routing", timeout=30).json()["parts"]
+    # a and b were always wrong (reference quality 0.5): compensation at its floor
+    assert parts["a"]["compensation"] == pytest.approx(0.05) and parts["b"]["compensation"] == pytest.approx(0.05)
+
+
+def test_serve_config_builders(serve_url, tmp_path):
+    """What `fedmeta serve --write-config` writes runs through the builders Serve config files name."""
+    from ray import serve
+
+    from serve.app import Deployment, ensemble_builder, member_builder
+
+    dep = Deployment({"a": member(tmp_path / "a", seed=1)}, reweight_s=0.0)
+    config = dep.config(port=1234)
+    assert config["http_options"]["port"] == 1234 and len(config["applications"]) == 2
+    for app in config["applications"]:
+        builder = member_builder if app["import_path"].endswith("member_builder") else ensemble_builder
+        serve.run(builder(app["args"]), name=app["name"], route_prefix=app["route_prefix"])
+    out = predict(serve_url, np.random.default_rng(3).random((2, 64)))
+    assert [m["name"] for m in out["members"]] == ["a"]
