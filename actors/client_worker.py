@@ -24,6 +24,7 @@ from sim.algorithms import SGDClient, build_algorithm
 from sim.algorithms.local import LocalDP, accuracies_stacked, predictions_hit, sample_losses
 from sim.config import AlgorithmConfig, ExperimentConfig, from_dict
 from sim.data import build_dataset
+from sim.data.drift import DriftedDataset, data_for_round
 from sim.models import build_model, num_params
 from sim.seeding import np_rng
 
@@ -71,6 +72,9 @@ class ClientWorker:
         self.worker_id = worker_id
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.data = build_dataset(self.cfg.data, self.cfg.seed)
+        # the same individuals after the drift, from data.drift.at_round on
+        self.drifted = (DriftedDataset(self.cfg.data, self.cfg.seed, self.data)
+                        if self.cfg.data.drift.at_round is not None else None)
         self.model = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
         self.algorithm = build_algorithm(self.cfg.algorithm)
         self.path = resolve_path(self.cfg.ray.path, self.cfg.model.kind, self.cfg.privacy.local_dp)
@@ -109,7 +113,7 @@ class ClientWorker:
         dp = self.cfg.privacy.mode != "off" or inbox is not None
         here = frozenset(int(c) for c in cids)   # clients summed in this message (their pair masks cancel)
         for chunk in self._chunks(list(cids)):
-            clients = self.data.clients(chunk)
+            clients = data_for_round(self.cfg.data, self.data, self.drifted, rnd).clients(chunk)
             xs = [c.x_train for c in clients]
             ys = [c.y_train for c in clients]
             gens = [np_rng(self.cfg.seed, "local-batches", rnd, c) for c in chunk]
@@ -187,7 +191,8 @@ class ClientWorker:
         ids: list[int] = []
         vectorized = self.path == "vmap"
         for chunk in self._chunks(list(cids)):
-            clients = self.data.clients(chunk)
+            # rnd counts completed rounds here: the data is that of the last trained round (rnd - 1)
+            clients = data_for_round(self.cfg.data, self.data, self.drifted, rnd - 1).clients(chunk)
             xs_tr, ys_tr = [c.x_train for c in clients], [c.y_train for c in clients]
             xs_te, ys_te = [c.x_test for c in clients], [c.y_test for c in clients]
             glob = g.expand(len(chunk), -1)                                             # (clients, n_params)

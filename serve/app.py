@@ -93,7 +93,12 @@ def member_info(checkpoint: str | Path) -> dict:
             "reference_quality": float(quality.get("acc_global_DI", 0.5)), "card": card}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+# Replicas leave as soon as their in-flight requests are done (checked every 0.2 s, at most 10 s):
+# by then the routing no longer sends them anything.
+SHUTDOWN = {"graceful_shutdown_wait_loop_s": 0.2, "graceful_shutdown_timeout_s": 10.0}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, **SHUTDOWN)
 class Member:
     """One ensemble member: a checkpoint's global model, rebuilt from its model card."""
 
@@ -107,7 +112,7 @@ class Member:
         return _probabilities(self.model, x.reshape(-1, *self.shape))
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.deployment(ray_actor_options={"num_cpus": 0}, **SHUTDOWN)
 class PersonalModels:
     """Per-user personalized models (run_dir/personalized/<user id>.npy, the individual's adapted
     parameters) on the architecture of `checkpoint`, loaded on demand with model multiplexing: each
@@ -143,7 +148,7 @@ class PersonalModels:
         return _probabilities(model, x.reshape(-1, *self.shape))
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, **SHUTDOWN)
 class Router:
     """The one replica holding the ensemble's routing state (serve/state.py) and its schedule."""
 
@@ -218,7 +223,7 @@ def _first_line(e: Exception) -> str:
     return type(e).__name__
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64, **SHUTDOWN)
 @serve.ingress(api)
 class Ensemble:
     def __init__(self, members: list[str], router, personal=None, input_size: int = 0, num_classes: int = 0,

@@ -55,6 +55,17 @@ class PrototypesConfig(Section):
     noise: float = Field(1.0, ge=0)
 
 
+class DriftConfig(Section):
+    """A drift scenario: from round `at_round` on, every individual's data changes (repeatable from
+    the seed). Any combination of: images rotate, writing styles change, label mixes shift."""
+
+    at_round: int | None = Field(None, ge=1, description="first training round (0-based, as the runner counts) "
+                                                        "on drifted data; evaluations after it see it too; null = no drift")
+    rotation: float = Field(0.0, ge=-180, le=180, description="degrees every image is rotated by after the drift")
+    style_strength: float | None = Field(None, ge=0, description="writers: new hidden-factor strength (new styles)")
+    alpha: float | None = Field(None, gt=0, description="writers: new Dirichlet label skew (label-mix shift)")
+
+
 class DataConfig(Section):
     kind: Literal["writers", "synthetic", "femnist", "prototypes"] = "writers"
     num_clients: int = Field(1000, ge=1, description="individuals in the federation")
@@ -65,11 +76,17 @@ class DataConfig(Section):
     synthetic: SyntheticConfig = SyntheticConfig()
     femnist: FemnistConfig = FemnistConfig()
     prototypes: PrototypesConfig = PrototypesConfig()
+    drift: DriftConfig = DriftConfig()
 
     @model_validator(mode="after")
     def _femnist_needs_path(self) -> "DataConfig":
         if self.kind == "femnist" and not self.femnist.path:
             raise ValueError("femnist.path: required when kind is 'femnist'")
+        d = self.drift
+        if self.kind != "writers" and (d.style_strength is not None or d.alpha is not None):
+            raise ValueError("drift.style_strength: style and label-mix drift need kind 'writers'")
+        if d.at_round is not None and not (d.rotation or d.style_strength is not None or d.alpha is not None):
+            raise ValueError("drift.at_round: set what drifts too (rotation, style_strength or alpha)")
         return self
 
 

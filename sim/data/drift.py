@@ -1,0 +1,64 @@
+"""Drift scenarios: the same federation after its data changed, from a configured round on.
+
+`DriftedDataset` regenerates every individual from the same (seed, client id) streams under the
+post-drift settings (writing styles of a new strength, a new Dirichlet label mix) and rotates the
+images, so a drift is repeatable from the seed and individual i before and after the drift is the
+same person whose data moved. D_G, the server's general data, does not drift.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from sim.config import DataConfig
+from sim.data.base import ClientData, FederatedDataset
+
+
+def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Rotate images (n, c, h, w) about their centre (bilinear, zeros outside)."""
+    if x.dim() != 4:
+        raise ValueError(f"drift.rotation: needs image inputs (n, channels, h, w), got shape {tuple(x.shape)}")
+    a = math.radians(degrees)
+    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=x.dtype)
+    grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def post_drift_config(cfg: DataConfig) -> DataConfig:
+    d, w = cfg.drift, cfg.writers
+    writers = w.model_copy(update={k: v for k, v in (("style_strength", d.style_strength), ("alpha", d.alpha))
+                                   if v is not None})
+    return cfg.model_copy(update={"writers": writers})
+
+
+class DriftedDataset(FederatedDataset):
+    def __init__(self, cfg: DataConfig, seed: int, base: FederatedDataset):
+        from sim.data import build_dataset
+
+        self.base, self.degrees = base, cfg.drift.rotation
+        self.inner = build_dataset(post_drift_config(cfg), seed)
+        self.num_clients, self.num_classes = self.inner.num_clients, self.inner.num_classes
+        self.input_shape, self.global_clients = self.inner.input_shape, self.inner.global_clients
+
+    def _turn(self, x: torch.Tensor) -> torch.Tensor:
+        return rotate(x, self.degrees) if self.degrees and len(x) else x
+
+    def clients(self, cids: Sequence[int]) -> list[ClientData]:
+        return [ClientData(c.cid, self._turn(c.x_train), c.y_train, self._turn(c.x_test), c.y_test)
+                for c in self.inner.clients(cids)]
+
+    def global_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.base.global_data()
+
+    def global_sizes(self) -> list[int]:
+        return self.base.global_sizes()
+
+
+def data_for_round(cfg: DataConfig, base: FederatedDataset, drifted: FederatedDataset | None, rnd: int
+                   ) -> FederatedDataset:
+    """The data individuals hold in training round `rnd` (0-based)."""
+    at = cfg.drift.at_round
+    return drifted if drifted is not None and at is not None and rnd >= at else base
