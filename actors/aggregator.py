@@ -182,6 +182,19 @@ class Aggregator:
         metrics.update(server_metrics, skipped=False)
         return new.numpy(), metrics
 
+    def aggregate_metric(self, rnd: int, *parts: dict) -> dict:
+        """Mean evaluation accuracy from the workers' per-shard SUMS (no individual's value reaches
+        the aggregator); with DP on, Gaussian noise of std z on each sum (an individual's accuracy
+        lies in [0, 1]). What Tune trials optimize."""
+        count = sum(p["count"] for p in parts)
+        out = {"count": count}
+        for key in ("acc_global_DI", "acc_personalized_DI"):
+            total = torch.tensor(float(sum(p[key] for p in parts)))
+            if self.privacy.mode != "off":
+                total = total + self.noise_multiplier * torch.randn((), generator=torch_gen(self.seed, "metric", key, rnd))
+            out[key] = float(total) / max(count, 1)
+        return out
+
     def peak_rss_mib(self) -> float:
         return peak_rss_mib()
 

@@ -179,7 +179,8 @@ class ClientWorker:
         return total
 
     # ------------------------------------------------------------ evaluation
-    def evaluate(self, global_params: np.ndarray, cids: Sequence[int], rnd: int = 0, export: bool = False) -> dict:
+    def evaluate(self, global_params: np.ndarray, cids: Sequence[int], rnd: int = 0, export: bool = False,
+                 audit: bool = True) -> dict:
         """acc(D_I) of the global model and of each individual's personalized model (the global
         model fine-tuned `eval.finetune_steps` SGD steps on the individual's train split). With the
         MIA audit on, also per-sample losses of both models on the individuals' train splits
@@ -205,7 +206,7 @@ class ClientWorker:
                 exported.append(pers.cpu())
             out["acc_global_DI"].append(accuracies_stacked(self.model, glob, xs_te, ys_te, vectorized))
             out["acc_personalized_DI"].append(accuracies_stacked(self.model, pers, xs_te, ys_te, vectorized))
-            if self.cfg.privacy.mia_audit:
+            if audit and self.cfg.privacy.mia_audit:
                 for key, flats, xs, ys in (("loss_global_train", glob, xs_tr, ys_tr),
                                            ("loss_global_test", glob, xs_te, ys_te),
                                            ("loss_personalized_train", pers, xs_tr, ys_tr),
@@ -218,6 +219,13 @@ class ClientWorker:
             res["personalized"] = (torch.cat(exported).numpy() if exported
                                    else np.zeros((0, self.n_params), np.float32))
         return res
+
+    def evaluate_sums(self, global_params: np.ndarray, cids: Sequence[int], rnd: int = 0) -> dict:
+        """Only the sums of the shard's accuracies (for the private tuning metric)."""
+        res = self.evaluate(global_params, cids, rnd, audit=False)
+        return {"acc_global_DI": float(np.nansum(res["acc_global_DI"])),
+                "acc_personalized_DI": float(np.nansum(res["acc_personalized_DI"])),
+                "count": int(np.isfinite(res["acc_personalized_DI"]).sum())}
 
     def evaluate_global(self, global_params: np.ndarray, shard: int = 0, num_shards: int = 1) -> np.ndarray:
         """Per-sample hits (bool) of the global model on shard `shard` of D_G (workers split D_G)."""

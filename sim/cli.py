@@ -222,6 +222,30 @@ def specialize(run_dir: Annotated[Path, typer.Argument(help="a finished run dire
         raise ConfigError(str(e)) from None
 
 
+@app.command("tune")
+def tune_cmd(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML with a tune: section (default: quickstart)")] = None,
+             set_: SetOpt = [],  # noqa: B006
+             start: Annotated[Optional[Path], typer.Option(help="run directory whose checkpoint the trials continue from")] = None,
+             name: Annotated[str, typer.Option(help="Tune experiment name (a directory under run.out_dir/tune)")] = "tune",
+             as_json: Annotated[bool, typer.Option("--json", help="also one JSON line with the result")] = False) -> None:
+    """Search the federation's hyperparameters with Ray Tune (Optuna TPE or random, ASHA); the best
+    model becomes a candidate member. Last line: the candidate's directory."""
+    from sim.checkpoint import load as load_ckpt
+    from sim.tune import run_tune
+
+    cfg = load(config, list(set_))
+    if start is not None and not (start / "checkpoint.pt").is_file():
+        raise ConfigError(f"--start: {start} has no checkpoint.pt")
+    start_round = load_ckpt(start).round if start is not None else 0
+    res = run_tune(cfg, start=str(start.resolve()) if start else None, start_round=start_round, name=name)
+    print(f"{res['trials']} trials ({cfg.tune.searcher}), best {res['metric']} {res['best_metric']:.4f} with "
+          + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res["best_config"].items()))
+    print(f"Tune experiment: {res['experiment']} (restorable with tune.Tuner.restore)")
+    if as_json:
+        print(json.dumps({k: v for k, v in res.items() if k != "curves"}, default=str))
+    print(res["candidate"])
+
+
 @app.command("config")
 def show_config(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (default: quickstart)")] = None,
                 set_: SetOpt = []) -> None:  # noqa: B006

@@ -248,6 +248,43 @@ class ProfilesConfig(Section):
     consent_rate: float = Field(1.0, ge=0, le=1, description="share of users granting 'personalization' at sign-up")
 
 
+class TuneParam(Section):
+    """One searched hyperparameter: a dotted key of this config and its range."""
+
+    key: str = Field(description="e.g. algorithm.lr, algorithm.local_epochs, privacy.clip_norm, algorithm.privacy_lambda")
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+    @model_validator(mode="after")
+    def _range(self) -> "TuneParam":
+        if not self.low < self.high:
+            raise ValueError(f"high: must be above low ({self.low}), got {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"low: a log-scale range needs low > 0, got {self.low}")
+        return self
+
+
+def _default_tune_params() -> list[TuneParam]:
+    return [TuneParam(key="algorithm.lr", low=0.01, high=0.5, log=True),
+            TuneParam(key="algorithm.local_epochs", low=1, high=10, integer=True),
+            TuneParam(key="eval.finetune_lr", low=0.005, high=0.3, log=True)]
+
+
+class TuneConfig(Section):
+    """`fedmeta tune`: Bayesian (Optuna TPE) or random search over the federation's hyperparameters."""
+
+    num_samples: int = Field(8, ge=1, description="trials")
+    max_concurrent: int = Field(2, ge=1, description="trials at once (each runs its own actor pool)")
+    rounds_per_trial: int = Field(10, ge=1)
+    searcher: Literal["optuna", "random"] = "optuna"
+    metric: Literal["acc_personalized_DI", "acc_global_DI"] = "acc_personalized_DI"
+    grace_period: int = Field(3, ge=1, description="ASHA: rounds before a trial can be stopped")
+    reduction_factor: int = Field(2, ge=2)
+    params: list[TuneParam] = Field(default_factory=_default_tune_params, min_length=1)
+
+
 class RunConfig(Section):
     name: str = "run"
     out_dir: str = "runs"
@@ -266,6 +303,7 @@ class ExperimentConfig(Section):
     secagg: SecAggConfig = SecAggConfig()
     personalization: PersonalizationConfig = PersonalizationConfig()
     profiles: ProfilesConfig = ProfilesConfig()
+    tune: TuneConfig = TuneConfig()
     ray: RayConfig = RayConfig()
     run: RunConfig = RunConfig()
 
@@ -277,6 +315,13 @@ class ExperimentConfig(Section):
         if self.privacy.local_dp and self.ray.path == "vmap":
             raise ValueError("ray.path: local DP-SGD (privacy.local_dp) runs on the loop path; set ray.path "
                              "to 'loop' or 'auto'")
+        dumped = self.model_dump()
+        for i, param in enumerate(self.tune.params):
+            node = dumped
+            for part in param.key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, bool) or not isinstance(node, (int, float)):
+                raise ValueError(f"tune.params.{i}.key: {param.key!r} is not a numeric key of this config")
         if self.data.kind != "femnist":
             if self.federation.clients_per_round > self.data.num_clients:
                 raise ValueError(

@@ -227,6 +227,13 @@ class Federation:
             out["mia_auc_personalized"] = mia_auc(out["loss_personalized_train"], out["loss_personalized_test"])
         return out
 
+    def private_metric(self, rnd: int, global_params: np.ndarray) -> dict:
+        """acc(D_I) of the global and personalized models over the evaluation panel, aggregated by
+        the aggregator from per-worker sums (with DP noise when DP is on)."""
+        g_ref = ray.put(global_params)
+        parts = [w.evaluate_sums.remote(g_ref, s, rnd) for w, s in zip(self.workers, split_even(self.eval_ids, len(self.workers)))]
+        return ray.get(self.aggregator.aggregate_metric.remote(rnd, *parts))
+
     def peak_rss_mib(self) -> float:
         """Sum of the peak RSS of the driver and of every actor (workers and aggregator): an upper
         bound on the simulation's memory. Ray's own daemons (raylet, GCS) are not counted."""
