@@ -18,13 +18,15 @@ from sim.data.base import ClientData, FederatedDataset
 
 
 def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
-    """Rotate images (n, c, h, w) about their centre (bilinear, zeros outside)."""
+    """Rotate images (n, c, h, w) about their centre, nearest pixel, zeros outside. Nearest, not
+    bilinear: bilinear resampling blurs 8x8 digits, which makes them *easier* to reconstruct, so a
+    rotated stream would look less anomalous to the drift detectors, not more (sim/drift.py)."""
     if x.dim() != 4:
         raise ValueError(f"drift.rotation: needs image inputs (n, channels, h, w), got shape {tuple(x.shape)}")
     a = math.radians(degrees)
     theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=x.dtype)
     grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
 def post_drift_config(cfg: DataConfig) -> DataConfig:

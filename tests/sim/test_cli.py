@@ -8,6 +8,7 @@ import yaml
 from typer.testing import CliRunner
 
 from sim.cli import app
+from sim.config import ConfigError
 from tests.conftest import tiny_raw
 
 pytestmark = pytest.mark.slow
@@ -78,3 +79,14 @@ def test_bench_secagg_reports_overhead(ray_session):
     assert set(out["secagg"]) == {"k20", "complete", "k20_dropout10"} and out["secagg_overhead"] > 0
     assert len(out["plain_s_per_round_all"]) == len(out["secagg"]["k20"]["s_per_round_all"]) == 2
     assert out["s_per_round"] in out["plain_s_per_round_all"]
+
+
+def test_drift_eval_reports_delay_and_false_alarms():
+    res = CliRunner().invoke(app, ["drift", "eval", "--kind", "new_writers", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert set(out["detectors"]) == {"autoencoder", "isolation_forest", "ks_autoencoder"}
+    for r in out["detectors"].values():
+        assert r["detection_delay"] is not None and r["detection_delay"] <= 3 and r["false_alarm_rate"] <= 0.15
+    bad = CliRunner().invoke(app, ["drift", "eval", "--kind", "sideways"])
+    assert isinstance(bad.exception, ConfigError) and "--kind: expected rotation" in str(bad.exception)
