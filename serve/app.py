@@ -194,8 +194,8 @@ class Router:
     async def feedback(self, request_id: str, labels: list[int]) -> dict:
         return self.state.feedback(request_id, np.asarray(labels))
 
-    async def start_trial(self, name: str, info: dict, mode: str, fraction: float) -> dict:
-        self.state.set_candidate(name, info["profile"], info["reference_quality"], mode, fraction)
+    async def start_trial(self, name: str, info: dict, mode: str, fraction: float, test_options: dict | None = None) -> dict:
+        self.state.set_candidate(name, info["profile"], info["reference_quality"], mode, fraction, **(test_options or {}))
         routing = self.state.routing()
         await self._broadcast(routing)
         return routing
@@ -206,6 +206,11 @@ class Router:
 
     async def snapshot(self) -> dict:
         return self.state.snapshot()
+
+    async def take_inputs(self) -> np.ndarray:
+        ingress = serve.get_deployment_handle("Ensemble", app_name=self.app_name)
+        await ingress.broadcast("flush_now").results_async()     # what replicas still buffer
+        return self.state.take_inputs()
 
 
 # ---------------------------------------------------------------- ingress
@@ -417,14 +422,15 @@ class Deployment:
     def router(self):
         return serve.get_deployment_handle("Router", app_name=self.app_name)
 
-    def add_candidate(self, name: str, checkpoint: str, mode: str, fraction: float) -> dict:
-        """Deploy a candidate as its own app and start its trial (shadow or A/B)."""
+    def add_candidate(self, name: str, checkpoint: str, mode: str, fraction: float, **test_options) -> dict:
+        """Deploy a candidate as its own app and start its trial (shadow or A/B); `test_options` go to
+        the sequential test (e.g. max_pairs=200 to bound how long a trial can run)."""
         if name in self.members or name in self.candidates:
             raise ValueError(f"name: {name!r} is already deployed")
         info = member_info(checkpoint)
         serve.run(member_app(name, checkpoint), name=member_app_name(name, self.app_name), route_prefix=None)
         self.candidates[name] = str(checkpoint)
-        return self.router().start_trial.remote(name, _router_entry(info), mode, fraction).result()
+        return self.router().start_trial.remote(name, _router_entry(info), mode, fraction, test_options).result()
 
     def push(self) -> dict:
         """One scheduled step now (recompute + push), then release what the router dropped."""

@@ -10,7 +10,7 @@ later, can be scored against what each member answered.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -29,6 +29,7 @@ class RouterSettings:
     prune_threshold: float = 0.05     # weight below which a member is at risk...
     prune_window: int = 10            # ...for this many consecutive recomputations
     log_requests: int = 10_000        # recent requests kept for feedback scoring
+    tap_rows: int = 4096              # inputs kept for a drift analyzer between two takes
 
 
 class RouterState:
@@ -48,10 +49,19 @@ class RouterState:
         self.history: list[dict] = []                  # promotions and rejections, oldest first
         self.version = 1                               # replicas holding version 0 pull this state
         self._log: OrderedDict[str, dict] = OrderedDict()
+        self._tap: deque[np.ndarray] = deque(maxlen=settings.tap_rows)   # rows for the drift analyzer
 
     # ------------------------------------------------------------ traffic
     def observe(self, inputs: np.ndarray) -> None:
         self.controller.observe(np.asarray(inputs, dtype=np.float64))
+        self._tap.extend(np.asarray(inputs, dtype=np.float32).reshape(len(inputs), -1))
+
+    def take_inputs(self) -> np.ndarray:
+        """The inputs seen since the last take (at most `tap_rows`, oldest dropped), for a drift
+        analyzer watching the live stream."""
+        rows = np.stack(self._tap) if self._tap else np.zeros((0, self.controller.dim), np.float32)
+        self._tap.clear()
+        return rows
 
     def record(self, request_id: str, entry: dict) -> None:
         """What answered request `request_id`: {"members": {name: predicted labels}, "answer":
@@ -97,7 +107,7 @@ class RouterState:
     # ------------------------------------------------------------ candidates
     def set_candidate(self, name: str, profile: dict, reference_quality: float, mode: str, fraction: float,
                       **test_options) -> None:
-        """Start a trial; replaces a running one."""
+        """Start a trial (test_options go to the sequential test, e.g. max_pairs); replaces a running one."""
         if name in self.controller.profiles:
             raise ValueError(f"candidate {name!r} is already a member")
         make = CandidateTrial.shadow if mode == "shadow" else CandidateTrial.ab

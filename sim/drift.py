@@ -201,7 +201,7 @@ class AutoencoderDetector(Detector):
 
     @torch.no_grad()
     def _score(self, x: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(x)
+        t = torch.tensor(x)     # a copy: x may be a read-only view (e.g. from Ray)
         return (self.model(t) - t).pow(2).mean(1).numpy()
 
 
