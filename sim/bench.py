@@ -19,7 +19,7 @@ from sim.config import ExperimentConfig, default_config_path, from_dict, load
 from sim.data import build_dataset
 from sim.runner import Federation, init_ray
 
-WORKLOADS = {"w1": "bench_w1.yaml", "w2": "bench_w2.yaml"}
+WORKLOADS = {"w1": "bench_w1.yaml", "w2": "bench_w2.yaml", "tune": "bench_tune.yaml"}
 
 
 def workload_config(workload: str, overrides: list[str]) -> ExperimentConfig:
@@ -183,3 +183,79 @@ def run_serve_bench(concurrency: tuple[int, ...] = (1, 8, 32), seconds: float = 
                errors=sum(r["errors"] for label in ("single", "ensemble") for r in out[label].values()),
                throughput_ratio=out["ensemble"][c8]["rps"] / out["single"][c8]["rps"], at_concurrency=c8)
     return out
+
+
+# ---------------------------------------------------------------- tuning after drift
+def _trial_bests(results, metric: str) -> list[float]:
+    """Each trial's best reported metric, in the order the trials started."""
+    rows = []
+    for r in results:
+        df = r.metrics_dataframe
+        if df is not None and len(df):
+            rows.append((float(df["timestamp"].iloc[0]), float(df[metric].max())))
+    return [best for _, best in sorted(rows)]
+
+
+def trials_to_reach(bests: list[float], target: float) -> int | None:
+    """1-based count of trials until the running best reaches `target` (None if never)."""
+    running = -np.inf
+    for i, b in enumerate(bests, 1):
+        running = max(running, b)
+        if running >= target:
+            return i
+    return None
+
+
+def run_tune_bench(base: ExperimentConfig, pre_rounds: int = 10, post_rounds: int = 5, bo_trials: int = 6,
+                   out_dir: Path | None = None) -> dict:
+    """After a drift: the federation continued with its old hyperparameters (untuned) against the
+    best Tune trial (Optuna TPE, `bo_trials` trials), plus random search with 4x the trials, and how
+    many Bayesian trials reach 95% of random search's best."""
+    import copy
+    import tempfile
+
+    from sim.runner import Federation
+    from sim.tune import build_tuner
+
+    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="fedmeta-bench-tune-"))
+    metric = base.tune.metric
+    started = init_ray(base.ray.address)
+    try:
+        # before the drift: a federation trained with the base hyperparameters, checkpointed
+        pre = from_dict(base.model_dump(mode="json") | {"data": {**base.data.model_dump(mode="json"),
+                                                                  "drift": {"at_round": None}}})
+        fed = Federation(pre)
+        g = fed.init_params
+        for r in range(pre_rounds):
+            g = fed.train_round(r, g).global_params
+        fed.shutdown()
+        from sim import checkpoint as ckpt
+
+        start_dir = out_dir / "pre-drift"
+        start_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.save(start_dir, ckpt.Checkpoint(round=pre_rounds, global_params=g))
+        # after the drift, untuned: the same hyperparameters continue
+        fed = Federation(base)
+        untuned, gu = [], g
+        for r in range(pre_rounds, pre_rounds + post_rounds):
+            gu = fed.train_round(r, gu).global_params
+            untuned.append(fed.private_metric(r + 1, gu)[metric])
+        fed.shutdown()
+        tuned_cfg = copy.deepcopy(base.model_dump(mode="json"))
+        tuned_cfg["tune"].update(rounds_per_trial=post_rounds, num_samples=bo_trials, searcher="optuna")
+        bo = build_tuner(from_dict(tuned_cfg), out_dir, "bo", str(start_dir), pre_rounds).fit()
+        tuned_cfg["tune"].update(num_samples=4 * bo_trials, searcher="random")
+        rnd = build_tuner(from_dict(tuned_cfg), out_dir, "random", str(start_dir), pre_rounds).fit()
+    finally:
+        if started:
+            ray.shutdown()
+    best = bo.get_best_result(metric=metric, mode="max")
+    tuned_curve = [float(v) for v in best.metrics_dataframe[metric]]
+    bo_bests, random_bests = _trial_bests(bo, metric), _trial_bests(rnd, metric)
+    target = 0.95 * max(random_bests)
+    return {"metric": metric, "pre_rounds": pre_rounds, "post_rounds": post_rounds,
+            "untuned_curve": untuned, "tuned_curve": tuned_curve, "untuned_acc": untuned[-1],
+            "tuned_acc": tuned_curve[-1], "best_config": best.config, "bo_trial_bests": bo_bests,
+            "random_trial_bests": random_bests, "random_best": max(random_bests),
+            "bo_trials_to_95": trials_to_reach(bo_bests, target), "bo_trials": len(bo_bests),
+            "random_trials": len(random_bests), "experiment": str(out_dir)}

@@ -308,11 +308,25 @@ def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped) o
           secagg: Annotated[bool, typer.Option("--secagg", help="also secure aggregation: k=20, complete graph, 10% dropout")] = False,
           repeats: Annotated[int, typer.Option(min=1, help="--secagg: plain/k=20 alternations (medians compared)")] = 3,
           serve_: Annotated[bool, typer.Option("--serve", help="load-test the routed ensemble (3 members) against a single model")] = False,
+          tune_: Annotated[bool, typer.Option("--tune", help="after a drift: tuned vs untuned recovery, Bayesian vs 4x random search")] = False,
           seconds: Annotated[float, typer.Option(min=0.5, help="--serve: seconds per concurrency level")] = 5.0,
           as_json: Annotated[bool, typer.Option("--json", help="last line: one JSON object")] = False) -> None:
     """Throughput of the actor pool on a fixed workload (or, with --serve, of the Serve app)."""
     from sim.bench import WORKLOADS, run_bench, run_secagg_bench, run_serve_bench, workload_config
 
+    if tune_:
+        from sim.bench import run_tune_bench
+
+        res = run_tune_bench(workload_config("tune", list(set_)))
+        print(f"after the drift ({res['metric']}, {res['post_rounds']} rounds):")
+        print("  untuned: " + " ".join(f"{v:.3f}" for v in res["untuned_curve"]))
+        print("  tuned:   " + " ".join(f"{v:.3f}" for v in res["tuned_curve"]) + f"  ({res['best_config']})")
+        print(f"Bayesian (TPE) trials to reach 95% of the best of {res['random_trials']} random trials "
+              f"({res['random_best']:.3f}): {res['bo_trials_to_95']} of {res['bo_trials']}")
+        if as_json:
+            print(json.dumps({k: res[k] for k in ("tuned_acc", "untuned_acc", "bo_trials_to_95", "random_trials",
+                                                   "bo_trials", "random_best", "untuned_curve", "tuned_curve")}))
+        return
     if serve_:
         res = run_serve_bench(seconds=seconds)
         for label in ("single", "ensemble"):

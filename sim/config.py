@@ -283,6 +283,10 @@ class TuneConfig(Section):
     grace_period: int = Field(3, ge=1, description="ASHA: rounds before a trial can be stopped")
     reduction_factor: int = Field(2, ge=2)
     params: list[TuneParam] = Field(default_factory=_default_tune_params, min_length=1)
+    auto: bool = Field(False, description="fedmeta run: watch the individuals' inference inputs and tune on a drift alarm")
+    reference_rounds: int = Field(3, ge=1, description="auto: rounds of inputs the drift detector is calibrated on")
+    watch_individuals: int = Field(20, ge=1, description="auto: individuals whose test inputs form each round's stream")
+    false_alarm_rate: float = Field(0.01, gt=0, lt=1, description="auto: detector calibration target per batch")
 
 
 class RunConfig(Section):

@@ -103,11 +103,8 @@ class Federation:
         # Probe the data on the driver first: bad paths fail before any actor starts; the shapes
         # and the number of clients (FEMNIST decides it) come from here.
         data = data or build_dataset(cfg.data, cfg.seed)
-        cpus, gpus = worker_resources(cfg)
-        raw = cfg.model_dump(mode="json")
-        threads = max(1, int(cpus))
-        self.workers = [ClientWorkerActor.options(num_cpus=cpus, num_gpus=gpus).remote(raw, i, threads)
-                        for i in range(cfg.ray.num_workers)]
+        self.data = data
+        self._spawn_workers(cfg)
         self.num_clients = data.num_clients
         self.input_shape, self.num_classes = tuple(data.input_shape), data.num_classes
         self.input_profile = input_profile(data, cfg.seed)
@@ -128,10 +125,7 @@ class Federation:
             except ValueError as e:   # messages that name no key come from the overflow check
                 named = re.match(r"^[a-z_]+\.[a-z_]+: ", str(e))
                 raise ConfigError(str(e) if named else f"secagg.quant_bits: {e}") from None
-        self.aggregator = AggregatorActor.remote(cfg.algorithm.model_dump(), self.n_params, cfg.privacy.model_dump(),
-                                                 self.noise_multiplier, cfg.federation.clients_per_round, cfg.seed,
-                                                 self.secagg)
-        self.infos = ray.get([w.info.remote() for w in self.workers])  # fail fast if an actor cannot start
+        self._spawn_aggregator(cfg)
         self.global_sizes = data.global_sizes()
         self.eval_ids = eval_individuals(cfg.seed, self.num_clients, cfg.eval.num_individuals)
         if cfg.federation.clients_per_round > self.num_clients:
@@ -140,6 +134,32 @@ class Federation:
         self.profiles, self._tokens = None, {}
         if cfg.profiles.enabled:
             self._open_profiles(run_dir)
+
+    def _spawn_workers(self, cfg: ExperimentConfig) -> None:
+        cpus, gpus = worker_resources(cfg)
+        raw = cfg.model_dump(mode="json")
+        threads = max(1, int(cpus))
+        self.workers = [ClientWorkerActor.options(num_cpus=cpus, num_gpus=gpus).remote(raw, i, threads)
+                        for i in range(cfg.ray.num_workers)]
+
+    def _spawn_aggregator(self, cfg: ExperimentConfig) -> None:
+        self.aggregator = AggregatorActor.remote(cfg.algorithm.model_dump(), self.n_params, cfg.privacy.model_dump(),
+                                                 self.noise_multiplier, cfg.federation.clients_per_round, cfg.seed,
+                                                 self.secagg)
+        self.infos = ray.get([w.info.remote() for w in self.workers])  # fail fast if an actor cannot start
+
+    def release(self) -> None:
+        """Stop the workers and the aggregator (their CPUs go back to the cluster, e.g. to Tune trials)."""
+        for a in (*self.workers, self.aggregator):
+            ray.kill(a)
+
+    def restart(self, cfg: ExperimentConfig) -> None:
+        """Continue under new hyperparameters (after tuning): fresh workers and aggregator with
+        `cfg`; the data, the consent store and the privacy parameters of the run stay."""
+        self.release()
+        self.cfg = cfg
+        self._spawn_workers(cfg)
+        self._spawn_aggregator(cfg)
 
     # ------------------------------------------------------------ consent (the profile store)
     def _open_profiles(self, run_dir: Path | None) -> None:
@@ -364,6 +384,11 @@ def _loop(cfg: ExperimentConfig, fed: Federation, run_dir: Path, state: ckpt.Che
     if ledger and state.local_dp:
         ledger.load_state_dict(state.local_dp)
     stopped = None
+    auto = None
+    if cfg.tune.auto:
+        from sim.autotune import AutoTune
+
+        auto = AutoTune(cfg, fed.data, run_dir)
 
     def checkpoint() -> None:
         ev = log.latest_eval()
@@ -409,6 +434,10 @@ def _loop(cfg: ExperimentConfig, fed: Federation, run_dir: Path, state: ckpt.Che
                 shown.update({k: v["mean"] for k, v in stats.items()})
             if done % cfg.run.checkpoint_every == 0 or done == rounds:
                 checkpoint()
+            if auto is not None and done < rounds:
+                tuned = auto.after_round(done, checkpoint, fed.release)
+                if tuned is not None:      # drift alarm: continue under the best configuration found
+                    fed.restart(tuned)
             if progress:
                 progress(done, rounds, shown)
     except BaseException:
@@ -422,6 +451,8 @@ def _loop(cfg: ExperimentConfig, fed: Federation, run_dir: Path, state: ckpt.Che
     summary = build_summary(cfg, fed, log, done, clients, secs, dropouts, run_dir)
     summary.update(privacy_summary(cfg, fed, log, accountant, stopped))
     summary["local_epsilon"] = ledger.epsilon(priv.delta) if ledger else None
+    if auto is not None:
+        summary.update(auto.summary())
     summary["local_dp"] = ({"clip": priv.local_clip, "noise_multiplier": priv.local_noise_multiplier}
                            if ledger else None)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

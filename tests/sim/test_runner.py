@@ -269,3 +269,19 @@ def test_last_evaluation_exports_personalized_models(ray_session, tmp_path):
     assert card["quality"]["acc_personalized_DI"] == pytest.approx(s["acc_personalized_DI"]["mean"])
     flat = np.load(files[0])
     assert flat.shape == (card["model"]["n_params"],) and np.isfinite(flat).all()
+
+
+@pytest.mark.slow
+def test_run_with_drift_and_auto_tuning(ray_session, tmp_path):
+    """data.drift rotates everyone's images at round 4; the watcher (calibrated on rounds 1-3)
+    raises the alarm right after, Tune searches from that checkpoint, and the run finishes under
+    the best configuration."""
+    raw = tiny_raw(tmp_path, data={"num_clients": 60, "samples_per_client": 40,
+                                   "drift": {"at_round": 4, "rotation": 90.0}},
+                   federation={"rounds": 7}, eval={"every": 7},
+                   tune={"auto": True, "reference_rounds": 3, "watch_individuals": 40, "num_samples": 2,
+                         "max_concurrent": 2, "rounds_per_trial": 1, "grace_period": 1})
+    run_dir, s = run_experiment(from_dict(raw))
+    assert s["rounds"] == 7 and s["drift_alarm_round"] == 5
+    assert set(s["tuned_config"]) == {"algorithm.lr", "algorithm.local_epochs", "eval.finetune_lr"}
+    assert Path(s["tune_experiment"]).is_dir() and (run_dir / "tune").is_dir()
