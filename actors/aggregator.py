@@ -156,6 +156,31 @@ class Aggregator:
                    "secagg_survivors": len(server.survivors), "secagg_dropped": len(server.dropped)}
         return self._finish(rnd, global_params, total, float(len(server.survivors)), metrics)
 
+    # ------------------------------------------------------------ secure metric (Tune's objective)
+    def metric_plan(self, rnd: int, clients: list[int], params) -> list[int]:
+        """A secure sum of the evaluated individuals' [acc global, acc personalized, 1] vectors, on
+        its own protocol round `rnd` (distinct from the training rounds' ids)."""
+        self._metric_params = params
+        try:
+            self._server = SecAggServer(rnd, clients, params.neighbors, params.threshold, params.bits, 3,
+                                        np_rng(self.seed, "secagg-metric-server", rnd))
+        except ValueError as e:
+            self._server = None
+            raise SecAggRoundAborted(f"metric round {rnd}: secure aggregation aborted: {e}") from None
+        return self._server.placement()
+
+    def metric_collect(self, rnd: int, *masked: tuple[list[int], np.ndarray]) -> UnmaskRequest:
+        for ids, y in masked:
+            self._secure(rnd, lambda ids=ids, y=y: self._server.receive_masked_sum(ids, y))
+        return self._secure(rnd, self._server.close_masked)
+
+    def metric_finish(self, rnd: int, *unmask: list[UnmaskShares]) -> dict:
+        q_sum = self._secure(rnd, lambda: self._server.unmask([u for batch in unmask for u in batch]))
+        self._server = None
+        total = dequantize(q_sum, self._metric_params.step, self._metric_params.bits)    # (3,)
+        return self.aggregate_metric(rnd, {"acc_global_DI": total[0], "acc_personalized_DI": total[1],
+                                           "count": int(round(total[2]))})
+
     def _secure(self, rnd: int, step):
         try:
             return step()

@@ -227,6 +227,20 @@ class ClientWorker:
                 "acc_personalized_DI": float(np.nansum(res["acc_personalized_DI"])),
                 "count": int(np.isfinite(res["acc_personalized_DI"]).sum())}
 
+    def secagg_metric(self, rnd: int, global_params: np.ndarray, cids: Sequence[int], inbox: dict,
+                      data_round: int) -> tuple[list[int], np.ndarray]:
+        """Each evaluated individual's [acc global, acc personalized, 1], quantized and masked; the
+        sum over this worker's clients leaves (pair masks between them cancel), mod 2^b."""
+        p = self._secagg_params
+        res = self.evaluate(global_params, cids, data_round, audit=False)
+        here = frozenset(int(c) for c in cids)
+        total = np.zeros(3, dtype=np.uint64)
+        for c, ag, ap in zip(res["client_ids"], res["acc_global_DI"], res["acc_personalized_DI"]):
+            v = np.array([ag, ap, 1.0]) if np.isfinite(ap) else np.zeros(3)   # no test data: counts nothing
+            q = quantize(v, p.clip, p.step, p.bits, np_rng(self.cfg.seed, "metric-quantize", rnd, c))
+            total = add_mod(total, self._secagg[c].masked_input(q, inbox.get(c, {}), cancels=here).y, p.bits)
+        return [int(c) for c in cids], total
+
     def evaluate_global(self, global_params: np.ndarray, shard: int = 0, num_shards: int = 1) -> np.ndarray:
         """Per-sample hits (bool) of the global model on shard `shard` of D_G (workers split D_G)."""
         x, y = self.data.global_data()

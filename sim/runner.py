@@ -249,10 +249,30 @@ class Federation:
 
     def private_metric(self, rnd: int, global_params: np.ndarray) -> dict:
         """acc(D_I) of the global and personalized models over the evaluation panel, aggregated by
-        the aggregator from per-worker sums (with DP noise when DP is on)."""
+        the aggregator from per-worker sums (with DP noise when DP is on); under secure
+        aggregation the sums are masked per individual and the aggregator sees only their total."""
+        if self.secagg is not None:
+            return self._secure_metric(rnd, global_params)
         g_ref = ray.put(global_params)
         parts = [w.evaluate_sums.remote(g_ref, s, rnd) for w, s in zip(self.workers, split_even(self.eval_ids, len(self.workers)))]
         return ray.get(self.aggregator.aggregate_metric.remote(rnd, *parts))
+
+    def _secure_metric(self, rnd: int, global_params: np.ndarray) -> dict:
+        sa = self.cfg.secagg
+        # accuracies lie in [0, 1]: a clip of 1 and the panel as the cohort size the modulus for
+        params = secagg_params(sa.neighbors, sa.threshold, 1.0, sa.quant_bits, len(self.eval_ids))
+        protocol_round = METRIC_ROUND_BASE + rnd          # never the id of a training round
+        g_ref = ray.put(global_params)
+        ring = np.array(ray.get(self.aggregator.metric_plan.remote(protocol_round, self.eval_ids.tolist(), params)))
+        shards = split_even(ring, len(self.workers))
+        adverts = [w.secagg_advertise.remote(protocol_round, s, params) for w, s in zip(self.workers, shards)]
+        keys = self.aggregator.secagg_begin.remote(protocol_round, *adverts)
+        inbox = self.aggregator.secagg_route.remote(protocol_round, *[w.secagg_share.remote(protocol_round, keys)
+                                                                      for w in self.workers])
+        masked = [w.secagg_metric.remote(protocol_round, g_ref, s, inbox, rnd) for w, s in zip(self.workers, shards)]
+        request = self.aggregator.metric_collect.remote(protocol_round, *masked)
+        reveals = [w.secagg_unmask.remote(protocol_round, request) for w in self.workers]
+        return ray.get(self.aggregator.metric_finish.remote(protocol_round, *reveals))
 
     def peak_rss_mib(self) -> float:
         """Sum of the peak RSS of the driver and of every actor (workers and aggregator): an upper
@@ -265,6 +285,9 @@ class Federation:
             ray.get(self.profiles.close.remote())
         for a in (*self.workers, self.aggregator, *([self.profiles] if self.profiles is not None else [])):
             ray.kill(a)
+
+
+METRIC_ROUND_BASE = 1_000_000      # protocol round ids of secure metric rounds
 
 
 def input_profile(data: FederatedDataset, seed: int, clients: int = 64) -> dict:

@@ -285,3 +285,21 @@ def test_run_with_drift_and_auto_tuning(ray_session, tmp_path):
     assert s["rounds"] == 7 and s["drift_alarm_round"] == 5
     assert set(s["tuned_config"]) == {"algorithm.lr", "algorithm.local_epochs", "eval.finetune_lr"}
     assert Path(s["tune_experiment"]).is_dir() and (run_dir / "tune").is_dir()
+
+
+def test_tuning_metric_under_secure_aggregation_equals_the_plain_mean(ray_session, tmp_path):
+    """With secagg on, Tune's metric is a secure sum of the individuals' accuracies: the aggregator
+    sees masked vectors and their total, which equals the plain mean (to quantization)."""
+    from sim.runner import Federation
+
+    cfg = from_dict(tiny_raw(tmp_path, secagg={"enabled": True, "neighbors": 4}))
+    fed = Federation(cfg)
+    try:
+        g = fed.train_round(0, fed.init_params).global_params
+        secure = fed.private_metric(1, g)
+        ev = fed.evaluate(1, g)
+    finally:
+        fed.shutdown()
+    assert secure["count"] == len(ev["acc_personalized_DI"]) == 8
+    for key in ("acc_global_DI", "acc_personalized_DI"):
+        assert secure[key] == pytest.approx(float(np.mean(ev[key])), abs=1e-4)
