@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from sim.models import init_params
+
 
 class AutoEncoder(nn.Module):
     """MLP auto-encoder with a `latent`-dimensional code (the paper's has 16), inputs in [0, 1]."""
@@ -38,9 +40,11 @@ class AutoEncoder(nn.Module):
 def train_autoencoder(x: torch.Tensor, latent: int, epochs: int, lr: float, batch_size: int,
                       gen: torch.Generator) -> AutoEncoder:
     """Fit the auto-encoder to x (n, *input_shape) with Adam on the L2 reconstruction loss."""
-    with torch.random.fork_rng(devices=[]):     # module init draws from the global RNG: seed it locally
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+    with torch.device("meta"):                  # no default init (it would draw from the global RNG)
         ae = AutoEncoder(tuple(x.shape[1:]), latent)
+    ae = ae.to_empty(device="cpu")
+    # PyTorch's default scheme, drawn from `gen` (parameters are in module order, as init_params lays them out)
+    torch.nn.utils.vector_to_parameters(init_params(ae, gen), ae.parameters())
     opt = torch.optim.Adam(ae.parameters(), lr=lr)
     for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=gen).split(batch_size):
