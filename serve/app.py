@@ -231,12 +231,12 @@ def _first_line(e: Exception) -> str:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64, **SHUTDOWN)
 @serve.ingress(api)
 class Ensemble:
-    def __init__(self, members: list[str], router, personal=None, input_size: int = 0, num_classes: int = 0,
+    def __init__(self, members: list[str], router, personal=None, input_size: int = 0, app_name: str = "fedmeta",
                  flush_every: int = 32):
         self._handles: dict = {}                # member name -> DeploymentHandle, looked up by app name
         self.router = router
         self.personal = personal
-        self.input_size, self.num_classes = input_size, num_classes
+        self.input_size, self.app_name = input_size, app_name
         self.flush_every = flush_every
         self.routing: dict = {"weights": {}, "active": list(members), "top_k": 2, "candidate": None, "version": 0}
         self._inputs: list[np.ndarray] = []
@@ -245,14 +245,14 @@ class Ensemble:
         self.latency_sum = 0.0
 
     def reconfigure(self, config: dict) -> None:
-        """New routing state pushed by the controller (user_config): applied in place, no restart."""
+        """New routing state, broadcast by the Router to every running replica: applied in place."""
         if config:
             self.routing = config
 
     # ------------------------------------------------ helpers
     def member(self, name: str):
         if name not in self._handles:
-            self._handles[name] = serve.get_deployment_handle("Member", app_name=member_app_name(name))
+            self._handles[name] = serve.get_deployment_handle("Member", app_name=member_app_name(name, self.app_name))
         return self._handles[name]
 
     async def _current(self) -> dict:
@@ -297,7 +297,11 @@ class Ensemble:
     @api.post("/predict", response_model=PredictResponse)
     async def predict(self, req: PredictRequest) -> PredictResponse:
         t0 = time.perf_counter()
-        x = self._check(req)
+        try:
+            x = self._check(req)
+        except HTTPException:
+            self.counters["errors"] += 1
+            raise
         request_id = uuid.uuid4().hex
         cand = (await self._current()).get("candidate")
         answered_by, entry = "ensemble", {"trial": None, "candidate": None}
@@ -387,7 +391,7 @@ def ensemble_app(members: dict[str, str], personalized: str | None = None, setti
     personal = None
     if personalized:
         personal = PersonalModels.bind(str(personalized), str(Path(personalized) / "personalized"))
-    return Ensemble.bind(list(members), router, personal, math.prod(shapes.pop()), classes.pop())
+    return Ensemble.bind(list(members), router, personal, math.prod(shapes.pop()), app_name)
 
 
 def member_builder(args: dict) -> serve.Application:

@@ -26,7 +26,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from sim import checkpoint as ckpt
 from sim.config import ExperimentConfig, TuneParam, from_dict
-from sim.runner import Federation, init_ray
+from sim.runner import Federation, init_ray, worker_resources
 
 METRIC_KEYS = ("acc_personalized_DI", "acc_global_DI")
 
@@ -77,8 +77,6 @@ def federation_trial(params: dict, base_raw: dict, start: str | None, rounds: in
 def trial_resources(cfg: ExperimentConfig) -> tune.PlacementGroupFactory:
     """The trial function (a sliver of CPU) plus one bundle per worker actor of its federation;
     the aggregator needs no CPU."""
-    from sim.runner import worker_resources
-
     cpus, gpus = worker_resources(cfg)
     worker = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     return tune.PlacementGroupFactory([{"CPU": 0.01}] + [worker] * cfg.ray.num_workers)

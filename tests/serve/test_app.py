@@ -104,7 +104,9 @@ def test_malformed_requests_get_4xx(serve_url, tmp_path):
     r = requests.post(url + "/feedback", json={"request_id": rid, "labels": [1, 2]}, timeout=30)
     assert r.status_code == 422 and "labels" in r.text
     assert requests.get(url + "/health", timeout=30).json()["status"] == "ok"
-    assert "fedmeta_requests_total" in requests.get(url + "/metrics", timeout=30).text
+    metrics = requests.get(url + "/metrics", timeout=30).text
+    counts = dict(line.split() for line in metrics.splitlines() if line.startswith("fedmeta_") and "{" not in line)
+    assert float(counts["fedmeta_requests_total"]) >= 1 and float(counts["fedmeta_errors_total"]) >= 1
 
 
 def test_weights_follow_feedback_and_drift(serve_url, tmp_path):
