@@ -26,7 +26,13 @@ import ray
 import torch
 
 from actors.profile_store import ProfileStoreActor
-from sim.algorithms.grouping import class_mean_latents, encode, individual_group, single_sample_group, train_autoencoder
+from sim.algorithms.grouping import (
+    class_mean_latents,
+    encode,
+    individual_group,
+    single_sample_group,
+    train_autoencoder,
+)
 from sim.config import ConfigError, ExperimentConfig, MethodSpec, from_dict, to_yaml
 from sim.data import build_dataset
 from sim.models import build_model, init_params
@@ -75,7 +81,7 @@ def _global_model_task(raw_json: str, start: torch.Tensor) -> torch.Tensor:
 def _encode_task(raw_json: str, ae, cids: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Devices: each individual encodes its own train split -> (per-sample latents, class-mean latents)."""
     torch.set_num_threads(1)
-    cfg, data, _, _ = _world(raw_json)
+    _, data, _, _ = _world(raw_json)
     out = {}
     for c in data.clients(cids):
         z = encode(ae, c.x_train)

@@ -136,7 +136,6 @@ def test_weights_follow_feedback_and_drift(serve_url, tmp_path):
 def test_shadow_answers_are_never_returned_and_a_better_candidate_is_promoted(serve_url, tmp_path):
     dep = deploy(tmp_path, {"a": {"constant": 0}, "b": {"constant": 0}})
     dep.add_candidate("c", member(tmp_path / "c", constant=7), "shadow", 1.0)
-    shadowed = 0
     for _ in range(40):
         out = predict(serve_url, np.full((3, 64), 0.3, np.float32))
         assert out["answered_by"] == "ensemble" and 7 not in out["predictions"]
@@ -145,11 +144,11 @@ def test_shadow_answers_are_never_returned_and_a_better_candidate_is_promoted(se
         fb = requests.post(serve_url + "/feedback", json={"request_id": out["request_id"], "labels": [7, 7, 7]},
                            timeout=30)
         assert fb.status_code == 200
-        shadowed += 1
     dep.push()
     members = requests.get(serve_url + "/members", timeout=30).json()
     assert members["history"][-1]["event"] == "promoted" and "c" in members["active"]
-    assert "c" in dep.members and not dep.candidates and shadowed == 40
+    # every request was shadowed (fraction 1) until the test decided
+    assert "c" in dep.members and not dep.candidates and members["history"][-1]["trial"]["answers"] > 0
 
 
 def test_a_worse_candidate_is_rejected_and_released(serve_url, tmp_path):
