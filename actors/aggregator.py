@@ -1,32 +1,37 @@
 """The central aggregator: combines update messages (never data) into a new global model.
 
-`Aggregator.aggregate` is split in stages so secure aggregation and differential privacy plug in
-without touching the server rule:
-  1. `combine(messages) -> (sum of weighted updates, total weight, metrics)`: here a plain sum;
-     with secure aggregation it becomes "unmask the masked sum";
-  2. `privatize`: the DP server half (central Gaussian noise on the sum; identity when off);
+Every round, plain or secure, goes through the same stages:
+  1. a sum: `combine` adds the workers' plain messages; under secure aggregation a `SecureSum`
+     session (actors/secagg/session.py) unmasks the total of their masked messages;
+  2. the DP server half (`UserLevelDP.server_half`: central noise, fixed denominator);
   3. the algorithm's server rule on the mean update.
-A message that does not belong to this round, or carries non-finite numbers, aborts the round
-with an error before anything changes: the caller keeps its previous global model.
+The same secure-sum session also releases Tune's metric (a sum of accuracies): only what happens
+to the sum differs. A message that does not belong to this round, or carries non-finite numbers,
+aborts the round with an error before anything changes: the caller keeps its previous global model.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import ray
 import torch
 
+from actors.client_worker import peak_rss_mib
+from actors.messages import MaskedUpdate, PlainUpdate, SummedUpdates, local_dp_steps
+from actors.privacy import UserLevelDP
+from actors.secagg.protocol import (
+    AdvertiseKeys,
+    EncryptedShares,
+    ProtocolViolation,
+    SecAggAbort,
+    UnmaskRequest,
+    UnmaskShares,
+)
+from actors.secagg.session import SecAggParams, SecureSum
 from sim.algorithms import build_algorithm
-from actors.privacy import central_noise
-from actors.secagg.protocol import (AdvertiseKeys, EncryptedShares, ProtocolViolation, SecAggAbort, SecAggServer,
-                                    UnmaskRequest, UnmaskShares)
-from actors.secagg.quantize import dequantize
-from actors.secagg.session import SecAggParams
-from sim.config import AlgorithmConfig, PrivacyConfig
+from sim.config import AlgorithmConfig
 from sim.seeding import np_rng, torch_gen
-
-from actors.client_worker import UpdateMessage, peak_rss_mib
 
 
 class AggregationError(RuntimeError):
@@ -38,7 +43,7 @@ class SecAggRoundAborted(AggregationError):
     round releases nothing, the model stays, and the federation goes on with the next round."""
 
 
-def weighted_sum(messages: Sequence[UpdateMessage], n_params: int) -> tuple[np.ndarray, float]:
+def weighted_sum(messages: Sequence[PlainUpdate], n_params: int) -> tuple[np.ndarray, float]:
     """Sum of the workers' weighted update sums, in message order (deterministic float adds)."""
     total = np.zeros(n_params, dtype=np.float64)
     weight = 0.0
@@ -48,166 +53,116 @@ def weighted_sum(messages: Sequence[UpdateMessage], n_params: int) -> tuple[np.n
     return total, weight
 
 
-def local_dp_steps(messages: Sequence[UpdateMessage]) -> dict:
-    """The clients' local DP-SGD step counts, passed on for their own accounting ({} when off)."""
-    logs = [m.local_dp_steps for m in messages if m.local_dp_steps is not None]
-    return {"local_dp_steps": [e for log in logs for e in log]} if logs else {}
-
-
 class Aggregator:
-    def __init__(self, algorithm: AlgorithmConfig | dict, n_params: int, privacy: PrivacyConfig | dict | None = None,
-                 noise_multiplier: float = 0.0, expected_clients: int = 1, seed: int = 0,
-                 secagg: SecAggParams | None = None):
+    def __init__(self, algorithm: AlgorithmConfig | dict, n_params: int, dp: UserLevelDP | None = None,
+                 seed: int = 0, secure: bool = False):
         cfg = algorithm if isinstance(algorithm, AlgorithmConfig) else AlgorithmConfig.model_validate(algorithm)
         self.algorithm = build_algorithm(cfg)
         self.n_params = n_params
-        self.privacy = (privacy if isinstance(privacy, PrivacyConfig) else PrivacyConfig.model_validate(privacy or {}))
-        self.noise_multiplier = noise_multiplier    # resolved z (from the config or a target epsilon)
-        self.expected_clients = expected_clients    # DP-FedAvg's fixed denominator: the cohort size
+        self.dp = dp or UserLevelDP()
         self.seed = seed
-        self.secagg = secagg                        # None: plain sums of updates
-        self._server: SecAggServer | None = None    # this round's secure-aggregation server state
-        self._pending: dict = {}                    # metadata of the masked messages of this round
+        self.secure = secure                          # training rounds must arrive masked
+        self._sessions: dict[int, SecureSum] = {}     # open secure sums by protocol round
         self.rounds_done = 0
 
-    def check(self, rnd: int, messages: Sequence[UpdateMessage]) -> None:
+    # ------------------------------------------------------------ plain rounds
+    def check(self, round_id: int, messages: Sequence[PlainUpdate | MaskedUpdate], dim: int) -> None:
         seen: set[int] = set()
         for m in messages:
-            if m.round != rnd:
-                raise AggregationError(f"round {rnd}: message from worker {m.worker} is for round {m.round}")
-            if m.masked_sum is not None:
-                if self.secagg is None:
-                    raise AggregationError(f"round {rnd}: worker {m.worker} sent a masked sum, secure aggregation is off")
-                if m.masked_sum.shape != (self.n_params,) or m.masked_sum.dtype != np.uint64:
-                    raise AggregationError(f"round {rnd}: worker {m.worker} sent a malformed masked sum")
-            elif self.secagg is not None:
-                raise AggregationError(f"round {rnd}: worker {m.worker} sent an unmasked update under secure aggregation")
-            elif m.weighted_sum.shape != (self.n_params,):
-                raise AggregationError(f"round {rnd}: worker {m.worker} sent {m.weighted_sum.shape[0]} "
-                                       f"parameters, expected {self.n_params}")
-            if not np.isfinite(m.weighted_sum).all() or not np.isfinite(m.weight):
-                raise AggregationError(f"round {rnd}: worker {m.worker} sent non-finite values "
+            if m.round_id != round_id:
+                raise AggregationError(f"round {round_id}: message from worker {m.worker} is for round {m.round_id}")
+            if isinstance(m, MaskedUpdate):
+                if m.masked_sum.shape != (dim,) or m.masked_sum.dtype != np.uint64:
+                    raise AggregationError(f"round {round_id}: worker {m.worker} sent a malformed masked sum")
+            elif self.secure:
+                raise AggregationError(f"round {round_id}: worker {m.worker} sent an unmasked update under "
+                                       "secure aggregation")
+            elif m.weighted_sum.shape != (dim,):
+                raise AggregationError(f"round {round_id}: worker {m.worker} sent {m.weighted_sum.shape[0]} "
+                                       f"parameters, expected {dim}")
+            elif not np.isfinite(m.weighted_sum).all() or not np.isfinite(m.weight):
+                raise AggregationError(f"round {round_id}: worker {m.worker} sent non-finite values "
                                        "(diverging local training? lower algorithm.lr)")
             dup = seen.intersection(m.client_ids)
             if dup:
-                raise AggregationError(f"round {rnd}: clients {sorted(dup)[:5]} reported twice")
+                raise AggregationError(f"round {round_id}: clients {sorted(dup)[:5]} reported twice")
             seen.update(m.client_ids)
 
-    def combine(self, rnd: int, messages: Sequence[UpdateMessage]) -> tuple[np.ndarray, float, dict]:
+    def combine(self, round_id: int, messages: Sequence[PlainUpdate]) -> SummedUpdates:
+        if any(isinstance(m, MaskedUpdate) for m in messages):
+            raise AggregationError(f"round {round_id}: a masked sum outside a secure-aggregation session")
         total, weight = weighted_sum(messages, self.n_params)
-        return total, weight, {"clients": sum(m.num_clients for m in messages), **local_dp_steps(messages)}
+        clients = sum(m.num_clients for m in messages)
+        metrics = {"clients": clients, **local_dp_steps(messages),
+                   "train_loss": sum(m.train_loss_sum for m in messages) / clients if clients else float("nan")}
+        return SummedUpdates(total, weight, metrics)
 
-    def privatize(self, rnd: int, total: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """DP server half: central Gaussian noise z*C on the sum of clipped updates. Identity when
-        off, and in the distributed mode, where the clients' noise shares are already in the sum."""
-        if self.privacy.mode != "central":
-            return total, {}
-        gen = torch_gen(self.seed, "dp-noise", rnd)
-        return central_noise(total, self.privacy.clip_norm, self.noise_multiplier, gen)
+    def aggregate(self, round_id: int, global_params: np.ndarray, *messages: PlainUpdate) -> tuple[np.ndarray, dict]:
+        """A plain round: new global parameters (n_params,) float32 and the round's server metrics."""
+        self.check(round_id, messages, self.n_params)
+        return self.apply_sum(round_id, global_params, self.combine(round_id, messages))
 
-    def aggregate(self, rnd: int, global_params: np.ndarray, *messages: UpdateMessage) -> tuple[np.ndarray, dict]:
-        """New global parameters (n_params,) float32 and the round's server metrics."""
-        self.check(rnd, messages)
-        total, weight, metrics = self.combine(rnd, messages)
-        metrics["train_loss"] = (sum(m.train_loss_sum for m in messages) / metrics["clients"]
-                                 if metrics["clients"] else float("nan"))
-        return self._finish(rnd, global_params, total, weight, metrics)
-
-    # ------------------------------------------------------------ secure aggregation (server side)
-    def secagg_plan(self, rnd: int, clients: list[int]) -> list[int]:
-        """Before phase 0: the round's server and the ring placement of its neighbour graph (the
-        simulator hosts ring neighbours on one worker, where their pair masks cancel)."""
-        p = self.secagg
-        try:
-            self._server = SecAggServer(rnd, clients, p.neighbors, p.threshold, p.bits, self.n_params,
-                                        np_rng(self.seed, "secagg-server", rnd))
-        except ValueError as e:   # e.g. too few consenting clients for the threshold this round
-            self._server = None
-            raise SecAggRoundAborted(f"round {rnd}: secure aggregation aborted: {e}") from None
-        return self._server.placement()
-
-    def secagg_begin(self, rnd: int, *adverts: list[AdvertiseKeys]) -> dict[int, dict]:
-        """Phase 0: public keys in, the mask graph built; returns each client's neighbours' keys."""
-        if self._server is None or self._server.round_id != rnd:
-            raise SecAggRoundAborted(f"round {rnd}: secagg_begin without secagg_plan for this round")
-        return self._secure(rnd, lambda: self._server.receive_keys([a for batch in adverts for a in batch]))
-
-    def secagg_route(self, rnd: int, *shares: list[EncryptedShares]) -> dict[int, dict[int, bytes]]:
-        """Phase 1: route the encrypted shares (the server cannot read them)."""
-        return self._secure(rnd, lambda: self._server.route_shares([s for batch in shares for s in batch]))
-
-    def secagg_collect(self, rnd: int, *messages: UpdateMessage) -> UnmaskRequest:
-        """Phase 2: add the workers' masked sums; name the survivors and the dropped."""
-        self.check(rnd, messages)
-        for m in messages:
-            self._secure(rnd, lambda m=m: self._server.receive_masked_sum(m.client_ids, m.masked_sum))
-        self._pending = {"clients": sum(m.num_clients for m in messages), **local_dp_steps(messages),
-                         "train_loss_sum": sum(m.train_loss_sum for m in messages)}
-        return self._secure(rnd, self._server.close_masked)
-
-    def aggregate_secure(self, rnd: int, global_params: np.ndarray, *unmask: list[UnmaskShares]) -> tuple[np.ndarray, dict]:
-        """Phase 3: unmask the sum from the revealed shares, decode it, then DP and the server rule."""
-        q_sum = self._secure(rnd, lambda: self._server.unmask([u for batch in unmask for u in batch]))
-        server, self._server = self._server, None
-        total = dequantize(q_sum, self.secagg.step, self.secagg.bits)             # (n_params,) float64
-        clients = self._pending["clients"]
-        metrics = {"clients": clients, "train_loss": self._pending["train_loss_sum"] / max(clients, 1),
-                   **{k: v for k, v in self._pending.items() if k == "local_dp_steps"},
-                   "secagg_survivors": len(server.survivors), "secagg_dropped": len(server.dropped)}
-        return self._finish(rnd, global_params, total, float(len(server.survivors)), metrics)
-
-    # ------------------------------------------------------------ secure metric (Tune's objective)
-    def metric_plan(self, rnd: int, clients: list[int], params) -> list[int]:
-        """A secure sum of the evaluated individuals' [acc global, acc personalized, 1] vectors, on
-        its own protocol round `rnd` (distinct from the training rounds' ids)."""
-        self._metric_params = params
-        try:
-            self._server = SecAggServer(rnd, clients, params.neighbors, params.threshold, params.bits, 3,
-                                        np_rng(self.seed, "secagg-metric-server", rnd))
-        except ValueError as e:
-            self._server = None
-            raise SecAggRoundAborted(f"metric round {rnd}: secure aggregation aborted: {e}") from None
-        return self._server.placement()
-
-    def metric_collect(self, rnd: int, *masked: tuple[list[int], np.ndarray]) -> UnmaskRequest:
-        for ids, y in masked:
-            self._secure(rnd, lambda ids=ids, y=y: self._server.receive_masked_sum(ids, y))
-        return self._secure(rnd, self._server.close_masked)
-
-    def metric_finish(self, rnd: int, *unmask: list[UnmaskShares]) -> dict:
-        q_sum = self._secure(rnd, lambda: self._server.unmask([u for batch in unmask for u in batch]))
-        self._server = None
-        total = dequantize(q_sum, self._metric_params.step, self._metric_params.bits)    # (3,)
-        return self.aggregate_metric(rnd, {"acc_global_DI": total[0], "acc_personalized_DI": total[1],
-                                           "count": int(round(total[2]))})
-
-    def _secure(self, rnd: int, step):
-        try:
-            return step()
-        except (SecAggAbort, ProtocolViolation) as e:
-            self._server = None
-            raise SecAggRoundAborted(f"round {rnd}: secure aggregation aborted: {e}") from None
-
-    def _finish(self, rnd: int, global_params: np.ndarray, total: np.ndarray, weight: float,
-                metrics: dict) -> tuple[np.ndarray, dict]:
-        if weight <= 0:
+    def apply_sum(self, round_id: int, global_params: np.ndarray, summed: SummedUpdates) -> tuple[np.ndarray, dict]:
+        """DP server half, then the server rule; the round's sum may come plain or unmasked."""
+        metrics = dict(summed.metrics)
+        if summed.weight <= 0:
             # every sampled client dropped out: the round completes and the model stays
             metrics.update(skipped=True, update_norm=0.0)
             return np.asarray(global_params, dtype=np.float32).copy(), metrics
         g = torch.tensor(global_params, dtype=torch.float32)
-        total_t, dp_metrics = self.privatize(rnd, torch.as_tensor(total, dtype=torch.float32))
+        mean, dp_metrics = self.dp.server_half(torch.as_tensor(summed.total, dtype=torch.float32), summed.weight,
+                                               torch_gen(self.seed, "dp-noise", round_id))
         metrics.update(dp_metrics)
-        # DP divides by the planned cohort size, not the (data-dependent) number that reported
-        denom = self.expected_clients if self.privacy.mode != "off" else weight
-        mean = total_t / denom
         new, server_metrics = self.algorithm.server_update(g, mean)
         if not torch.isfinite(new).all():
-            raise AggregationError(f"round {rnd}: the new global model has non-finite values")
+            raise AggregationError(f"round {round_id}: the new global model has non-finite values")
         self.rounds_done += 1
         metrics.update(server_metrics, skipped=False)
         return new.numpy(), metrics
 
-    def aggregate_metric(self, rnd: int, *parts: dict) -> dict:
+    # ------------------------------------------------------------ secure sums (training and metric rounds)
+    def secure_open(self, protocol_id: int, clients: list[int], params: SecAggParams, dim: int,
+                    graph_stream: str = "secagg-server") -> list[int]:
+        """Before phase 0: a session for this protocol round and the ring placement of its mask graph
+        (the simulator hosts ring neighbours on one worker, where their pair masks cancel). The
+        graph is drawn from (seed, `graph_stream`, protocol round)."""
+        try:
+            self._sessions[protocol_id] = SecureSum(protocol_id, clients, params, dim,
+                                                    np_rng(self.seed, graph_stream, protocol_id))
+        except ValueError as e:   # e.g. too few consenting clients for the threshold this round
+            raise SecAggRoundAborted(f"round {protocol_id}: secure aggregation aborted: {e}") from None
+        return self._step(protocol_id, lambda s: s.placement())
+
+    def secure_keys(self, protocol_id: int, *adverts: list[AdvertiseKeys]) -> dict[int, dict]:
+        return self._step(protocol_id, lambda s: s.keys([a for batch in adverts for a in batch]))
+
+    def secure_route(self, protocol_id: int, *shares: list[EncryptedShares]) -> dict[int, dict[int, bytes]]:
+        return self._step(protocol_id, lambda s: s.route([x for batch in shares for x in batch]))
+
+    def secure_collect(self, protocol_id: int, *messages: MaskedUpdate) -> UnmaskRequest:
+        if not all(isinstance(m, MaskedUpdate) for m in messages):
+            raise AggregationError(f"round {protocol_id}: a worker sent an unmasked update under secure aggregation")
+        session = self._sessions.get(protocol_id)
+        self.check(protocol_id, messages, session.server.vector_length if session else 0)
+        return self._step(protocol_id, lambda s: s.collect(messages))
+
+    def secure_unmask(self, protocol_id: int, *reveals: list[UnmaskShares]) -> SummedUpdates:
+        summed = self._step(protocol_id, lambda s: s.unmask([u for batch in reveals for u in batch]))
+        del self._sessions[protocol_id]
+        return summed
+
+    def _step(self, protocol_id: int, step: Callable[[SecureSum], object]):
+        session = self._sessions.get(protocol_id)
+        if session is None:
+            raise SecAggRoundAborted(f"round {protocol_id}: no secure-aggregation session open for this round")
+        try:
+            return step(session)
+        except (SecAggAbort, ProtocolViolation) as e:
+            del self._sessions[protocol_id]
+            raise SecAggRoundAborted(f"round {protocol_id}: secure aggregation aborted: {e}") from None
+
+    # ------------------------------------------------------------ Tune's metric
+    def aggregate_metric(self, round_id: int, *parts: dict) -> dict:
         """Mean evaluation accuracy from the workers' per-shard SUMS (no individual's value reaches
         the aggregator); with DP on, Gaussian noise of std z on each sum (an individual's accuracy
         lies in [0, 1]). What Tune trials optimize."""
@@ -215,10 +170,15 @@ class Aggregator:
         out = {"count": count}
         for key in ("acc_global_DI", "acc_personalized_DI"):
             total = torch.tensor(float(sum(p[key] for p in parts)))
-            if self.privacy.mode != "off":
-                total = total + self.noise_multiplier * torch.randn((), generator=torch_gen(self.seed, "metric", key, rnd))
+            total = self.dp.noisy_sum(total, torch_gen(self.seed, "metric", key, round_id))
             out[key] = float(total) / max(count, 1)
         return out
+
+    def metric_from_sum(self, protocol_id: int, summed: SummedUpdates) -> dict:
+        """The metric from a secure sum of the panel's [acc global, acc personalized, 1] vectors."""
+        t = summed.total
+        return self.aggregate_metric(protocol_id, {"acc_global_DI": t[0], "acc_personalized_DI": t[1],
+                                                   "count": int(round(t[2]))})
 
     def peak_rss_mib(self) -> float:
         return peak_rss_mib()

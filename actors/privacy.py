@@ -22,9 +22,8 @@ Mironov, Talwar & Zhang 2019; PRV: Gopi, Lee & Wutschitz 2021) and Opacus' noise
 
 The empirical audit is the loss-threshold membership-inference attack of Yeom, Giacomelli,
 Fredrikson & Jha 2018 ("Privacy Risk in Machine Learning: Analyzing the Connection to
-Overfitting"). ``privacy_penalty`` is the privacy term of the privacy-regularized ("meta-reinforced
-privacy") local objective: an output-confidence penalty, since overconfident outputs on training
-data are exactly what the loss-threshold attack exploits.
+Overfitting"). The privacy term of the local objective that this audit motivates lives with the
+algorithms (``sim/algorithms/penalty.py``).
 
 No global RNG is used: randomness comes only from the generator passed in (see ``sim.seeding``).
 """
@@ -32,10 +31,12 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
+
 AccountantName = Literal["rdp", "prv"]
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -319,26 +320,158 @@ def mia_auc(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> float:
     return float(roc_auc_score(labels, -np.concatenate([members, others])))
 
 
-# ---------------------------------------------------------------- privacy-regularized objective
-def negative_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Per-example sum_c p_c log p_c of softmax(logits): (..., classes) -> (...). 0 for a one-hot
-    (fully confident) prediction, -log(classes) for a uniform one."""
-    log_p = torch.log_softmax(logits, dim=-1)
-    return (log_p.exp() * log_p).sum(dim=-1)
+# ---------------------------------------------------------------- the run's DP, as one object
+@dataclass(frozen=True)
+class UserLevelDP:
+    """User-level DP of a run (DP-FedAvg), resolved once from the privacy config: the only place
+    that knows the privacy mode. Workers call the client half, the aggregator the server half,
+    the experiment's accounting steps with `round_noise`; the summary and the model card report
+    `RunAccounting.facts`. Immutable and small, so it travels to the actors as it is.
+
+    `bound_updates` is also on without DP under secure aggregation, whose fixed-point encoding
+    needs every update inside the C-ball (and equal weights, as a sample-count weight would
+    change the sensitivity the noise is calibrated to)."""
+
+    mode: Literal["off", "central", "distributed"] = "off"
+    clip_norm: float = 1.0
+    noise_multiplier: float = 0.0     # z, resolved from the config or from target_epsilon
+    expected_clients: int = 1         # the planned cohort: DP-FedAvg's fixed denominator
+    sample_rate: float = 1.0          # q = cohort / population, what the accountant is stepped with
+    delta: float = 1e-5
+    accountant: AccountantName = "rdp"
+    target_epsilon: float | None = None
+    bound_updates: bool = False
+
+    @classmethod
+    def from_config(cls, p, sample_rate: float, rounds: int, expected_clients: int,
+                    secure: bool = False) -> UserLevelDP:
+        """`p` is a `sim.config.PrivacyConfig`. Raises ValueError naming the key when a target
+        epsilon cannot be met in `rounds` rounds."""
+        return cls(p.mode, p.clip_norm, _resolve_noise(p, sample_rate, rounds), expected_clients, sample_rate,
+                   p.delta, p.accountant, p.target_epsilon, bound_updates=p.mode != "off" or secure)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    # ------------------------------------------------------------ client half
+    def client_half(self, updates: torch.Tensor, natural_weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(updates, weights) a worker sums: clipped to C with equal weights when bounded,
+        otherwise as the algorithm weighs them."""
+        if not self.bound_updates:
+            return updates, torch.tensor(natural_weights, device=updates.device)
+        clipped, _ = clip_updates(updates, self.clip_norm)
+        return clipped, torch.ones(len(updates), device=updates.device)
+
+    @property
+    def share_noise_multiplier(self) -> float:
+        """z carried by the clients' Skellam shares (distributed mode), 0 otherwise."""
+        return self.noise_multiplier if self.mode == "distributed" else 0.0
+
+    def noise_share(self, n: int, step: float, rng: np.random.Generator) -> np.ndarray | None:
+        """A client's integer noise share in quantization steps (distributed mode), else None."""
+        if self.share_noise_multiplier <= 0:
+            return None
+        return distributed_noise_share(n, self.clip_norm, self.noise_multiplier, self.expected_clients, step, rng)
+
+    # ------------------------------------------------------------ server half
+    def server_half(self, total: torch.Tensor, weight: float, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """The mean update from the sum: central noise z*C added (central mode), divided by the
+        planned cohort size under DP (not the data-dependent weight that reported)."""
+        metrics: dict = {}
+        if self.mode == "central":
+            total, metrics = central_noise(total, self.clip_norm, self.noise_multiplier, gen)
+        return total / (self.expected_clients if self.enabled else weight), metrics
+
+    def noisy_sum(self, total: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """A released sum of values in [0, 1] (e.g. accuracies): Gaussian noise of std z under DP."""
+        return total + self.noise_multiplier * torch.randn((), generator=gen) if self.enabled else total
+
+    # ------------------------------------------------------------ accounting
+    def round_noise(self, survivors: int | None) -> float:
+        """The z a released round achieved: in the distributed mode only the survivors' shares
+        reached the sum."""
+        if self.mode == "distributed":
+            return effective_noise_multiplier(self.noise_multiplier, self.expected_clients, survivors)
+        return self.noise_multiplier
 
 
-def privacy_penalty(logits: torch.Tensor) -> torch.Tensor:
-    """Output-confidence penalty: negative entropy of softmax(logits), averaged over examples.
+def _resolve_noise(p, sample_rate: float, rounds: int) -> float:
+    """0 without DP, the configured z, or the smallest z whose epsilon after all `rounds` stays
+    within `target_epsilon` (Opacus' search)."""
+    from sim.config import DEFAULT_NOISE_MULTIPLIER
 
-    Minimizing it pushes predictions away from overconfidence, shrinking the member/non-member loss
-    gap that membership inference exploits. Pure tensor ops (no in-place, no .item()) so it works
-    under ``torch.func.vmap`` and ``grad``; ``logits`` is (..., classes).
-    """
-    return negative_entropy(logits).mean()
+    if p.mode == "off":
+        return 0.0
+    if p.target_epsilon is None:
+        return p.noise_multiplier if p.noise_multiplier is not None else DEFAULT_NOISE_MULTIPLIER
+    try:
+        return noise_for(p.target_epsilon, sample_rate, rounds, p.delta, p.accountant)
+    except ValueError as e:
+        raise ValueError(f"privacy.target_epsilon: {p.target_epsilon} is out of reach in {rounds} rounds "
+                         f"at sample rate {sample_rate:.4g} ({e})") from None
 
 
-def regularized_loss(task_loss: torch.Tensor, logits: torch.Tensor, lam: float) -> torch.Tensor:
-    """task_loss + lam * privacy_penalty(logits): the privacy-regularized local objective."""
-    if isinstance(lam, (int, float)) and not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lam: must be a finite number >= 0, got {lam}")
-    return task_loss + lam * privacy_penalty(logits)
+@dataclass(frozen=True)
+class SampleLevelDP:
+    """Local DP-SGD inside clients (privacy.local_dp): what its accounting needs."""
+
+    clip: float
+    noise_multiplier: float
+    batch_size: int                   # local batch: the per-step sampling rate is batch / n_train
+
+
+class RunAccounting:
+    """The privacy a run has spent: user-level rounds in an Opacus accountant, and each client's
+    local DP-SGD steps in a ledger. Stepped once per released round; checkpointable."""
+
+    def __init__(self, dp: UserLevelDP, local: SampleLevelDP | None = None):
+        self.dp, self.local = dp, local
+        self.accountant = PrivacyAccountant(dp.accountant) if dp.enabled else None
+        self.ledger = LocalDPLedger(local.noise_multiplier, dp.accountant) if local else None
+
+    def budget_stop(self) -> str | None:
+        """Why the next round must not run (it would overshoot target_epsilon), or None."""
+        dp = self.dp
+        if (self.accountant and dp.target_epsilon is not None
+                and budget_spent(self.accountant, dp.target_epsilon, dp.delta,
+                                 next_round=(dp.noise_multiplier, dp.sample_rate))):
+            return f"privacy budget: one more round would exceed epsilon {dp.target_epsilon}"
+        return None
+
+    def record_round(self, metrics: dict) -> None:
+        """Account a finished round from the aggregator's metrics; a skipped round released nothing."""
+        if metrics.get("skipped"):
+            return
+        if self.accountant:
+            self.accountant.step(self.dp.round_noise(metrics.get("secagg_survivors")), self.dp.sample_rate)
+        if self.ledger:
+            for cid, steps, n_train in metrics.get("local_dp_steps", []):
+                self.ledger.record(cid, steps, min(1.0, self.local.batch_size / n_train))
+
+    def epsilon(self) -> float | None:
+        return self.accountant.epsilon(self.dp.delta) if self.accountant else None
+
+    def local_epsilon(self) -> float | None:
+        return self.ledger.epsilon(self.dp.delta) if self.ledger else None
+
+    def facts(self) -> dict:
+        """What the run's privacy is, for the summary and the model card alike."""
+        dp, on = self.dp, self.dp.enabled
+        local = self.local
+        return {"mode": dp.mode, "differential_privacy": on, "epsilon": self.epsilon(),
+                "delta": dp.delta if on else None, "noise_multiplier": dp.noise_multiplier if on else None,
+                "clip_norm": dp.clip_norm if on else None, "accountant": dp.accountant if on else None,
+                "sample_rate": dp.sample_rate,
+                "local_dp": ({"clip": local.clip, "noise_multiplier": local.noise_multiplier,
+                              "epsilon": self.local_epsilon()} if local else None)}
+
+    def state_dict(self) -> dict:
+        return {"accountant": self.accountant.state_dict() if self.accountant else None,
+                "local_dp": self.ledger.state_dict() if self.ledger else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.accountant and state.get("accountant"):
+            self.accountant.load_state_dict(state["accountant"])
+        if self.ledger and state.get("local_dp"):
+            self.ledger.load_state_dict(state["local_dp"])

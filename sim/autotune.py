@@ -1,28 +1,34 @@
-"""`fedmeta run` with drift detection and auto-tuning (`tune.auto: true`).
+"""`fedmeta run` with drift detection and auto-tuning (`tune.auto: true`), as a hook of the round loop.
 
 After every round the driver takes the inference inputs of a fixed panel of individuals (their
 test splits, as the data stands in that round: with `data.drift` they move at the drift round) and
 feeds them to a drift monitor (sim/drift.py: an auto-encoder detector calibrated on the first
-`reference_rounds` rounds to `false_alarm_rate`). On the first alarm the run checkpoints, Ray Tune
-searches from that checkpoint (sim/tune.py), and the run continues under the best configuration.
+`reference_rounds` rounds to `false_alarm_rate`). On the first alarm the run checkpoints, frees
+its actors, Ray Tune searches from that checkpoint (sim/tune.py), and the run continues under the
+best configuration.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from sim.config import ExperimentConfig, from_dict
-from sim.data import FederatedDataset
+from sim.config import from_dict
 from sim.data.drift import DriftedDataset, data_for_round
 from sim.drift import AutoencoderDetector, DriftMonitor
+from sim.federation import Federation, RoundResult
+from sim.hooks import Hook
 from sim.sampling import eval_individuals
+from sim.state import RunState
 
 
-class AutoTune:
-    def __init__(self, cfg: ExperimentConfig, data: FederatedDataset, run_dir: Path):
-        self.cfg, self.data, self.run_dir = cfg, data, run_dir
+class AutoTune(Hook):
+    def __init__(self, fed: Federation, run_dir: Path, save: Callable[[RunState], None]):
+        self.fed, self.run_dir, self.save = fed, run_dir, save
+        cfg, data = fed.cfg, fed.plan.data
+        self.cfg, self.data = cfg, data
         self.drifted = DriftedDataset(cfg.data, cfg.seed, data) if cfg.data.drift.at_round is not None else None
         self.panel = eval_individuals(cfg.seed + 1, data.num_clients, cfg.tune.watch_individuals).tolist()
         self.reference: list[np.ndarray] = []
@@ -30,33 +36,38 @@ class AutoTune:
         self.alarm_round: int | None = None
         self.result: dict | None = None
 
-    def inputs(self, done: int) -> np.ndarray:
-        """The panel's inference inputs after `done` rounds (their data as of the last trained round)."""
-        data = data_for_round(self.cfg.data, self.data, self.drifted, done - 1)
+    def inputs(self, rounds_done: int) -> np.ndarray:
+        """The panel's inference inputs after `rounds_done` rounds (their data as of the last trained round)."""
+        data = data_for_round(self.cfg.data, self.data, self.drifted, rounds_done - 1)
         return torch.cat([c.x_test for c in data.clients(self.panel)]).flatten(1).numpy()
 
-    def after_round(self, done: int, checkpoint, release) -> ExperimentConfig | None:
-        """Watch this round's inputs; on the first alarm, tune and return the configuration to continue
-        with (`release` frees the run's actors first, so the trials get the CPUs)."""
-        if self.result is not None:
-            return None
-        rows = self.inputs(done)
+    def after_round(self, state: RunState, res: RoundResult) -> None:
+        """Watch this round's inputs; on the first alarm, tune and continue under the best configuration."""
+        if self.result is not None or state.rounds_done >= self.cfg.federation.rounds:
+            return
+        if self._alarm(state.rounds_done):
+            self.fed.restart(self._tune(state))
+
+    def _alarm(self, rounds_done: int) -> bool:
+        rows = self.inputs(rounds_done)
         t = self.cfg.tune
-        if self.monitor is None:
+        if self.monitor is None:    # still calibrating on the first rounds' inputs
             self.reference.append(rows)
             if len(self.reference) >= t.reference_rounds:
                 detector = AutoencoderDetector(seed=self.cfg.seed)
                 detector.fit_calibrated(np.concatenate(self.reference), t.false_alarm_rate, min(64, len(rows)),
                                         np.random.default_rng(self.cfg.seed))
                 self.monitor = DriftMonitor(detector)
-            return None
-        if not self.monitor.update(rows)["alarm"]:
-            return None
-        from sim.tune import apply_params, run_tune
+            return False
+        return bool(self.monitor.update(rows)["alarm"])
 
-        self.alarm_round = done
-        checkpoint()
-        release()
+    def _tune(self, state: RunState):
+        """Checkpoint, free the actors (the trials get the CPUs), search from the checkpoint; the config to continue with."""
+        from sim.tune import apply_params, run_tune  # Ray Tune only when a drift calls for it
+
+        done = self.alarm_round = state.rounds_done
+        self.save(state)
+        self.fed.release()
         base = self.cfg.model_dump(mode="json")
         base["tune"]["auto"] = False
         self.result = run_tune(from_dict(base), start=str(self.run_dir), start_round=done,

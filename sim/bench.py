@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from sim.cluster import init_ray
 from sim.config import ExperimentConfig, default_config_path, from_dict, load
-from sim.data import build_dataset
-from sim.runner import Federation, init_ray
+from sim.federation import Federation
+from sim.plan import FederationPlan
 
 WORKLOADS = {"w1": "bench_w1.yaml", "w2": "bench_w2.yaml", "tune": "bench_tune.yaml"}
 
@@ -27,12 +28,12 @@ def workload_config(workload: str, overrides: list[str]) -> ExperimentConfig:
 
 
 def run_bench(cfg: ExperimentConfig, rounds: int = 5, warmup: int = 1, workload: str = "") -> dict:
-    data = build_dataset(cfg.data, cfg.seed)
+    plan = FederationPlan.from_config(cfg)
     started = init_ray(cfg.ray.address)
     fed = None
     try:
-        fed = Federation(cfg, data)
-        g = fed.init_params
+        fed = Federation(plan)
+        g = plan.init_params
         for r in range(warmup):
             g = fed.train_round(r, g).global_params
         times, clients = [], 0
@@ -43,11 +44,11 @@ def run_bench(cfg: ExperimentConfig, rounds: int = 5, warmup: int = 1, workload:
             times.append(res.seconds)
             clients += res.clients
         total = time.perf_counter() - t0
-        return {"workload": workload, "path": fed.infos[0]["path"], "device": fed.infos[0]["device"],
+        return {"workload": workload, "compute": plan.compute, "path": plan.compute, "device": fed.infos[0]["device"],
                 "num_workers": cfg.ray.num_workers, "clients_per_round": cfg.federation.clients_per_round,
                 "rounds": rounds, "s_per_round": float(np.mean(times)), "s_per_round_min": float(np.min(times)),
                 "clients_per_s": clients / total, "peak_rss_mib": fed.peak_rss_mib(),
-                "n_params": fed.n_params, "cluster_cpus": ray.cluster_resources().get("CPU", 0.0)}
+                "n_params": plan.n_params, "cluster_cpus": ray.cluster_resources().get("CPU", 0.0)}
     finally:
         if fed is not None:
             fed.shutdown()
@@ -214,7 +215,6 @@ def run_tune_bench(base: ExperimentConfig, pre_rounds: int = 10, post_rounds: in
     import copy
     import tempfile
 
-    from sim.runner import Federation
     from sim.tune import build_tuner
 
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="fedmeta-bench-tune-"))
@@ -224,8 +224,8 @@ def run_tune_bench(base: ExperimentConfig, pre_rounds: int = 10, post_rounds: in
         # before the drift: a federation trained with the base hyperparameters, checkpointed
         pre = from_dict(base.model_dump(mode="json") | {"data": {**base.data.model_dump(mode="json"),
                                                                   "drift": {"at_round": None}}})
-        fed = Federation(pre)
-        g = fed.init_params
+        fed = Federation(FederationPlan.from_config(pre))
+        g = fed.plan.init_params
         for r in range(pre_rounds):
             g = fed.train_round(r, g).global_params
         fed.shutdown()
@@ -235,7 +235,7 @@ def run_tune_bench(base: ExperimentConfig, pre_rounds: int = 10, post_rounds: in
         start_dir.mkdir(parents=True, exist_ok=True)
         ckpt.save(start_dir, ckpt.Checkpoint(round=pre_rounds, global_params=g))
         # after the drift, untuned: the same hyperparameters continue
-        fed = Federation(base)
+        fed = Federation(FederationPlan.from_config(base))
         untuned, gu = [], g
         for r in range(pre_rounds, pre_rounds + post_rounds):
             gu = fed.train_round(r, gu).global_params

@@ -98,7 +98,8 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (
     from ray.exceptions import RayTaskError
 
     from actors.aggregator import AggregationError
-    from sim.runner import resume_config, run_experiment
+    from sim.experiment import run_experiment
+    from sim.rundir import resume_config
 
     if resume is not None:
         if config is not None or set_ or dp or secagg:
@@ -301,7 +302,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
 
 @app.command()
 def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped) or w2 (MLP, 10k clients)")] = "w1",
-          path: Annotated[str, typer.Option(help="cohort path: vmap, loop or auto")] = "auto",
+          compute: Annotated[str, typer.Option("--compute", "--path", help="cohort engine: vmap, loop or auto (--path: deprecated name)")] = "auto",
           rounds: Annotated[int, typer.Option(min=1, help="timed rounds (after one warm-up round)")] = 5,
           workers: Annotated[Optional[int], typer.Option(min=1, help="worker actors (default: the workload's)")] = None,
           set_: SetOpt = [],  # noqa: B006
@@ -340,15 +341,15 @@ def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped) o
 
     if workload not in WORKLOADS:
         raise ConfigError(f"--workload: expected one of {', '.join(WORKLOADS)}, got {workload!r}")
-    if path not in ("vmap", "loop", "auto"):
-        raise ConfigError(f"--path: expected vmap, loop or auto, got {path!r}")
-    extra = [f"ray.path={path}"] + ([f"ray.num_workers={workers}"] if workers else []) + list(set_)
+    if compute not in ("vmap", "loop", "auto"):
+        raise ConfigError(f"--compute: expected vmap, loop or auto, got {compute!r}")
+    extra = [f"ray.compute={compute}"] + ([f"ray.num_workers={workers}"] if workers else []) + list(set_)
     cfg = workload_config(workload, extra)
     res = run_secagg_bench(cfg, rounds, workload, repeats) if secagg else run_bench(cfg, rounds=rounds, workload=workload)
     if as_json:
         print(json.dumps(res))
     else:
-        t = Table(title=f"fedmeta bench {workload} ({res['path']} path, {res['num_workers']} workers)")
+        t = Table(title=f"fedmeta bench {workload} ({res['compute']}, {res['num_workers']} workers)")
         t.add_column("s/round", justify="right")
         t.add_column("clients/s", justify="right")
         t.add_column("peak RSS MiB", justify="right")

@@ -6,6 +6,7 @@ one-line message and exit status 2.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -235,7 +236,20 @@ class RayConfig(Section):
     num_workers: int = Field(2, ge=1, description="ClientWorker actors in the pool")
     num_cpus_per_worker: float = Field(1.0, ge=0)
     num_gpus_per_worker: float | None = Field(None, ge=0, description="null = share GPUs if present")
-    path: Literal["auto", "vmap", "loop"] = "auto"
+    compute: Literal["auto", "vmap", "loop"] = Field("auto", description="cohort engine: vmap (torch.func over "
+                                                     "clients), loop (one client at a time), auto (per model kind)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_path(cls, raw: Any) -> Any:
+        """`ray.path` was the compute mode's first name: still read, with a warning."""
+        if isinstance(raw, dict) and "path" in raw:
+            if "compute" in raw:
+                raise ValueError("path: deprecated alias of ray.compute; give only ray.compute")
+            warnings.warn("ray.path is deprecated and will be removed; use ray.compute (same values)",
+                          FutureWarning, stacklevel=2)
+            raw = {("compute" if k == "path" else k): v for k, v in raw.items()}
+        return raw
 
 
 class ProfilesConfig(Section):
@@ -316,8 +330,8 @@ class ExperimentConfig(Section):
         if self.privacy.mode == "distributed" and not self.secagg.enabled:
             raise ValueError("privacy.mode: 'distributed' noise is added under secure aggregation; "
                              "set secagg.enabled: true (or use mode 'central')")
-        if self.privacy.local_dp and self.ray.path == "vmap":
-            raise ValueError("ray.path: local DP-SGD (privacy.local_dp) runs on the loop path; set ray.path "
+        if self.privacy.local_dp and self.ray.compute == "vmap":
+            raise ValueError("ray.compute: local DP-SGD (privacy.local_dp) runs on the loop; set ray.compute "
                              "to 'loop' or 'auto'")
         dumped = self.model_dump()
         for i, param in enumerate(self.tune.params):

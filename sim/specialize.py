@@ -17,7 +17,7 @@ from sklearn.cluster import KMeans
 
 from sim.checkpoint import load, save_member
 from sim.data import build_dataset
-from sim.runner import resume_config
+from sim.rundir import resume_config
 
 
 def input_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:

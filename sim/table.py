@@ -33,11 +33,12 @@ from sim.algorithms.grouping import (
     single_sample_group,
     train_autoencoder,
 )
+from sim.cluster import init_ray
 from sim.config import ConfigError, ExperimentConfig, MethodSpec, from_dict, to_yaml
 from sim.data import build_dataset
-from sim.models import build_model, init_params
+from sim.models import build_model
 from sim.personalization import Job, personalize, split_global, train_on_global
-from sim.runner import init_ray
+from sim.plan import FederationPlan
 from sim.sampling import eval_individuals, split_even
 from sim.seeding import np_rng, torch_gen
 
@@ -141,15 +142,16 @@ def run_table(cfg: ExperimentConfig, run_dir: Path | None = None,
               progress: Callable[[int, int], None] | None = None) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
     """Train and evaluate every (method, individual); returns (run_dir, table, per-individual rows)."""
     p = cfg.personalization
+    plan = FederationPlan.from_config(cfg)      # the federation's data and initial model; config errors first
+    data = plan.data
+    if p.individuals > data.num_clients:
+        raise ConfigError(f"personalization.individuals: {p.individuals} exceeds data.num_clients ({data.num_clients})")
     run_dir = run_dir or Path(cfg.run.out_dir) / f"table-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     raw_json = json.dumps(cfg.model_dump(mode="json"))
-    data = build_dataset(cfg.data, cfg.seed)
-    if p.individuals > data.num_clients:
-        raise ConfigError(f"personalization.individuals: {p.individuals} exceeds data.num_clients ({data.num_clients})")
     dg = split_global(data, p.global_test_fraction, cfg.seed)
-    start = init_params(build_model(cfg.model, data.input_shape, data.num_classes), torch_gen(cfg.seed, "init"))
+    start = torch.from_numpy(plan.init_params)
     individuals = eval_individuals(cfg.seed, data.num_clients, p.individuals)
 
     started = init_ray(cfg.ray.address)

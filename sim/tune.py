@@ -25,8 +25,10 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from sim import checkpoint as ckpt
+from sim.cluster import init_ray, worker_resources
 from sim.config import ExperimentConfig, TuneParam, from_dict
-from sim.runner import Federation, init_ray, worker_resources
+from sim.federation import Federation
+from sim.plan import FederationPlan, input_profile
 
 METRIC_KEYS = ("acc_personalized_DI", "acc_global_DI")
 
@@ -56,12 +58,13 @@ def apply_params(raw: dict, params: dict) -> dict:
     return raw
 
 
-def federation_trial(params: dict, base_raw: dict, start: str | None, rounds: int, start_round: int) -> None:
-    """Tune's function trainable: a few rounds of the federation under `params`."""
-    cfg = from_dict(apply_params(base_raw, params))
-    fed = Federation(cfg)
+def federation_trial(params: dict, plan: FederationPlan, start: str | None, rounds: int, start_round: int) -> None:
+    """Tune's function trainable: a few rounds of the federation under `params`, from the base
+    plan (data, initial model and noise decided once on the driver)."""
+    cfg = from_dict(apply_params(plan.cfg.model_dump(mode="json"), params))
+    fed = Federation(plan.with_config(cfg))
     try:
-        g = ckpt.load(Path(start)).global_params if start else fed.init_params
+        g = ckpt.load(Path(start)).global_params if start else fed.plan.init_params
         for r in range(rounds):
             res = fed.train_round(start_round + r, g)
             g = res.global_params
@@ -84,7 +87,7 @@ def trial_resources(cfg: ExperimentConfig) -> tune.PlacementGroupFactory:
 
 def make_trainable(cfg: ExperimentConfig, start: str | None = None, start_round: int = 0):
     """The trial function with its fixed arguments and resources (also what `Tuner.restore` needs)."""
-    trainable = tune.with_parameters(federation_trial, base_raw=cfg.model_dump(mode="json"), start=start,
+    trainable = tune.with_parameters(federation_trial, plan=FederationPlan.from_config(cfg), start=start,
                                      rounds=cfg.tune.rounds_per_trial, start_round=start_round)
     return tune.with_resources(trainable, trial_resources(cfg))
 
@@ -133,7 +136,6 @@ def run_tune(cfg: ExperimentConfig, start: str | None = None, start_round: int =
 def write_candidate(cfg: ExperimentConfig, params: np.ndarray, out: Path, metrics: dict, config: dict) -> Path:
     """The tuned model as a member checkpoint whose card records the tuned hyperparameters."""
     from sim.data import build_dataset
-    from sim.runner import input_profile
 
     data = build_dataset(cfg.data, cfg.seed)
     shape, classes = list(data.input_shape), data.num_classes

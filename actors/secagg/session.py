@@ -1,4 +1,5 @@
-"""Parameters of secure aggregation for one experiment, derived once from its config.
+"""Secure aggregation for one experiment: its parameters, derived once from the config, and the
+server side of one secure sum (`SecureSum`), the session the aggregator keeps per protocol round.
 
 Updates are L2-clipped to C (`privacy.clip_norm`, so every coordinate is within [-C, C]) and
 quantized with step C / 2^quant_bits; the modulus 2^bits is the smallest for which the sum of a
@@ -9,9 +10,14 @@ cannot both reconstruct (Bonawitz et al. 2017, Sec. 4).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from actors.secagg.quantize import check_no_overflow
+import numpy as np
+
+from actors.messages import MaskedUpdate, SummedUpdates, local_dp_steps
+from actors.secagg.protocol import AdvertiseKeys, EncryptedShares, SecAggServer, UnmaskRequest, UnmaskShares
+from actors.secagg.quantize import check_no_overflow, dequantize
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,11 @@ class SecAggParams:
     bits: int               # modulus 2^bits
     noise_multiplier: float = 0.0   # distributed DP: z of the Skellam shares (0: none)
     cohort: int = 1                 # expected clients per round (each adds 1/cohort of the noise)
+
+    def facts(self) -> dict:
+        """What the summary and the model card report about the protocol."""
+        return {"secure_aggregation": True, "secagg_neighbors": self.neighbors or "complete",
+                "secagg_threshold": self.threshold, "secagg_bits": self.bits}
 
 
 def secagg_params(neighbors: int | None, threshold: int | None, clip_norm: float, quant_bits: int,
@@ -37,5 +48,51 @@ def secagg_params(neighbors: int | None, threshold: int | None, clip_norm: float
     # distributed noise: the summed Skellam noise has std z*C (in value units); leave room for a
     # 10-sigma tail, i.e. as much range as ceil(10 z) more clients at full clip
     headroom = math.ceil(10 * noise_multiplier)
-    bits = check_no_overflow(cohort + headroom, clip_norm, step)
+    try:
+        bits = check_no_overflow(cohort + headroom, clip_norm, step)
+    except ValueError as e:
+        raise ValueError(f"secagg.quant_bits: {e}") from None
     return SecAggParams(neighbors, t, clip_norm, step, bits, noise_multiplier, cohort)
+
+
+class SecureSum:
+    """One execution of the secure-sum protocol, server side (Bonawitz et al. 2017, Sec. 4): the
+    same four phases whatever the clients sum, a round's clipped updates or an evaluation panel's
+    accuracies. The server only ever holds public keys, ciphertexts it cannot read, the running
+    masked sum and the shares revealed for unmasking; `unmask` returns the decoded total."""
+
+    def __init__(self, protocol_id: int, clients: Iterable[int], params: SecAggParams, dim: int,
+                 rng: np.random.Generator):
+        self.params = params
+        self.server = SecAggServer(protocol_id, clients, params.neighbors, params.threshold, params.bits, dim, rng)
+        self._contributed: dict = {}
+
+    def placement(self) -> list[int]:
+        """The ring placement of the mask graph (known before any key: hosts place neighbours together)."""
+        return self.server.placement()
+
+    def keys(self, adverts: Iterable[AdvertiseKeys]) -> dict[int, dict]:
+        """Phase 0: public keys in; each client's neighbours' keys out."""
+        return self.server.receive_keys(adverts)
+
+    def route(self, shares: Iterable[EncryptedShares]) -> dict[int, dict[int, bytes]]:
+        """Phase 1: route the encrypted shares (unreadable to the server)."""
+        return self.server.route_shares(shares)
+
+    def collect(self, messages: Sequence[MaskedUpdate]) -> UnmaskRequest:
+        """Phase 2: add the workers' masked sums; name the survivors and the dropped."""
+        for m in messages:
+            self.server.receive_masked_sum(m.client_ids, m.masked_sum)
+        self._contributed = {"clients": sum(m.num_clients for m in messages), **local_dp_steps(messages),
+                             "train_loss_sum": sum(m.train_loss_sum for m in messages)}
+        return self.server.close_masked()
+
+    def unmask(self, reveals: Iterable[UnmaskShares]) -> SummedUpdates:
+        """Phase 3: unmask the sum from the revealed shares and decode it; its weight is the
+        number of survivors (each contributed weight 1)."""
+        total = dequantize(self.server.unmask(reveals), self.params.step, self.params.bits)   # float64
+        c = self._contributed
+        metrics = {"clients": c["clients"], "train_loss": c["train_loss_sum"] / max(c["clients"], 1),
+                   **{k: v for k, v in c.items() if k == "local_dp_steps"},
+                   "secagg_survivors": len(self.server.survivors), "secagg_dropped": len(self.server.dropped)}
+        return SummedUpdates(total, float(len(self.server.survivors)), metrics)

@@ -13,7 +13,7 @@ Both return the same thing: the clients' parameters after local training, flatte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from actors.privacy import negative_entropy
-from sim.models import Params, flatten, unflatten, param_shapes
+from sim.algorithms.penalty import negative_entropy
+from sim.models import Params, flatten, param_shapes, unflatten
 
 GradFn = Callable[[Params, torch.Tensor, torch.Tensor, torch.Tensor], tuple[Params, torch.Tensor]]
 DescendFn = Callable[[Params, Params, float], Params]
@@ -102,6 +102,20 @@ def module_grad(model: nn.Module, lam: float = 0.0) -> GradFn:
         grads = torch.autograd.grad(loss, plist)
         return dict(zip(params, grads)), loss.detach()
     return g
+
+
+# Which cohort engine trains a model kind when `ray.compute` is auto. Measured on the 2-core dev
+# machine (README, `fedmeta bench`): vmap trains an MLP cohort several times faster than a loop,
+# while for a CNN on CPU vmap becomes grouped convolutions and loses.
+AUTO_COMPUTE = {"mlp": "vmap", "cnn": "loop"}
+
+
+def resolve_compute(compute: str, model_kind: str, local_dp: bool = False) -> Literal["vmap", "loop"]:
+    """The cohort engine a run uses: `ray.compute`, or for auto the measured choice per model kind.
+    Local DP-SGD needs per-sample gradients with per-client noise streams: the loop."""
+    if local_dp:
+        return "loop"
+    return AUTO_COMPUTE[model_kind] if compute == "auto" else compute  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

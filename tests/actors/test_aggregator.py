@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 
 from actors.aggregator import AggregationError, Aggregator
-from actors.client_worker import UpdateMessage
+from actors.messages import MaskedUpdate, PlainUpdate
+from actors.privacy import UserLevelDP
 from sim.config import AlgorithmConfig
 
 
 def msg(rnd, worker, vec, weight, ids):
-    return UpdateMessage(round=rnd, worker=worker, weighted_sum=np.asarray(vec, dtype=np.float32), weight=weight,
-                         num_clients=len(ids), client_ids=ids, train_loss_sum=1.0 * len(ids), compute_s=0.0)
+    return PlainUpdate(rnd, worker, np.asarray(vec, dtype=np.float32), weight, tuple(ids), 1.0 * len(ids))
 
 
 def test_weighted_mean_and_server_lr():
@@ -39,6 +39,14 @@ def test_bad_messages_abort_without_change(bad, match):
     assert agg.rounds_done == 0
 
 
+def test_plain_and_masked_messages_are_refused_where_they_do_not_belong():
+    masked = MaskedUpdate(0, 0, np.zeros(2, np.uint64), (1,))
+    with pytest.raises(AggregationError, match="masked sum outside"):
+        Aggregator(AlgorithmConfig(), 2).aggregate(0, np.zeros(2, np.float32), masked)
+    with pytest.raises(AggregationError, match="unmasked update under secure aggregation"):
+        Aggregator(AlgorithmConfig(), 2, secure=True).aggregate(0, np.zeros(2, np.float32), msg(0, 0, [0, 0], 1.0, [1]))
+
+
 def test_duplicate_clients_rejected():
     agg = Aggregator(AlgorithmConfig(), 1)
     with pytest.raises(AggregationError, match="reported twice"):
@@ -46,14 +54,12 @@ def test_duplicate_clients_rejected():
 
 
 def test_central_dp_noise_and_fixed_denominator():
-    from sim.config import PrivacyConfig
-
-    priv = PrivacyConfig(mode="central", clip_norm=2.0, noise_multiplier=0.5)
+    dp = UserLevelDP("central", clip_norm=2.0, noise_multiplier=0.5, expected_clients=10)
     g = np.zeros(4000, np.float32)
     m = msg(0, 0, np.ones(4000), 3.0, [1, 2, 3])
-    a = Aggregator(AlgorithmConfig(), 4000, priv, noise_multiplier=0.5, expected_clients=10, seed=1)
+    a = Aggregator(AlgorithmConfig(), 4000, dp, seed=1)
     new, met = a.aggregate(0, g, m)
     # mean = (sum + N(0, (zC)^2)) / expected cohort: noise std 1.0 / 10 around 1 / 10
     assert abs(new.mean() - 0.1) < 0.01 and abs(new.std() - 0.1) < 0.01 and met["noise_std"] == 1.0
-    again, _ = Aggregator(AlgorithmConfig(), 4000, priv, 0.5, 10, seed=1).aggregate(0, g, m)
+    again, _ = Aggregator(AlgorithmConfig(), 4000, dp, seed=1).aggregate(0, g, m)
     np.testing.assert_array_equal(new, again)  # the noise stream is (seed, round)

@@ -17,7 +17,7 @@ def test_message_is_the_weighted_sum_of_client_updates(worker):
     g = torch.as_tensor(np.random.default_rng(0).normal(0, 0.1, worker.n_params), dtype=torch.float32)
     ids = [3, 11, 25]
     m = worker.train(5, g.numpy(), ids)
-    assert m.round == 5 and m.client_ids == ids and m.num_clients == 3
+    assert m.round_id == 5 and m.client_ids == tuple(ids) and m.num_clients == 3
     expected = torch.zeros_like(g)
     weight = 0.0
     for c in ids:  # one client at a time, the way a reader would compute it
@@ -34,10 +34,10 @@ def test_message_is_the_weighted_sum_of_client_updates(worker):
 def test_vmap_and_loop_workers_agree():
     raw = tiny_raw()
     msgs = []
-    for path in ("vmap", "loop"):
-        raw["ray"] = {**raw["ray"], "path": path}
+    for compute in ("vmap", "loop"):
+        raw["ray"] = {**raw["ray"], "compute": compute}
         w = ClientWorker(from_dict(raw))
-        assert w.path == path
+        assert w.compute == compute
         g = np.zeros(w.n_params, np.float32) + 0.01
         msgs.append(w.train(0, g, [0, 1, 2, 3, 4]))
     np.testing.assert_allclose(msgs[0].weighted_sum, msgs[1].weighted_sum, atol=1e-5)
@@ -54,3 +54,8 @@ def test_evaluate_and_global_shards(worker):
     assert whole.dtype == bool and len(whole) == len(worker.data.global_data()[1])
     np.testing.assert_array_equal(np.concatenate(parts), whole)
     assert sum(worker.data.global_sizes()) == len(whole)
+
+
+def test_a_dp_config_needs_the_runs_dp_object():
+    with pytest.raises(ValueError, match="UserLevelDP"):
+        ClientWorker(from_dict(tiny_raw(privacy={"mode": "central"})))

@@ -20,8 +20,6 @@ from actors.privacy import (
     epsilon_for,
     mia_auc,
     noise_for,
-    privacy_penalty,
-    regularized_loss,
 )
 from sim.seeding import np_rng, torch_gen
 
@@ -210,45 +208,6 @@ def test_mia_auc_near_one_when_members_fit_better():
     assert auc > 0.99
 
 
-# ---------------------------------------------------------------- privacy penalty
-def test_privacy_penalty_per_sample_grads_under_vmap():
-    d, k, b = 5, 4, 6
-    g = torch_gen(0, "penalty")
-    w = torch.randn(d, k, generator=g)
-    x, y = torch.randn(b, d, generator=g), torch.randint(0, k, (b,), generator=g)
-
-    def loss(w, xi, yi):
-        logits = xi @ w
-        return regularized_loss(torch.nn.functional.cross_entropy(logits, yi), logits, 0.5)
-
-    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(w, x, y)
-    looped = torch.stack([torch.func.grad(loss)(w, x[i], y[i]) for i in range(b)])
-    torch.testing.assert_close(per_sample, looped)
-
-
-def test_minimizing_privacy_penalty_lowers_confidence():
-    logits = torch.tensor([[4.0, 0.0, -1.0], [0.5, 3.0, 0.0]], requires_grad=True)
-    before = torch.softmax(logits, -1).max(-1).values.detach()
-    opt = torch.optim.SGD([logits], lr=0.5)
-    for _ in range(20):
-        opt.zero_grad()
-        privacy_penalty(logits).backward()
-        opt.step()
-    after = torch.softmax(logits, -1).max(-1).values.detach()
-    assert (after < before).all()
-    # argmax is kept: the penalty softens predictions rather than changing them
-    assert torch.equal(logits.argmax(-1), torch.tensor([0, 1]))
-
-
-def test_regularized_loss_is_task_plus_lambda_penalty():
-    logits = torch.tensor([[2.0, 0.0]])
-    task = torch.tensor(0.3)
-    assert regularized_loss(task, logits, 0.0) == task
-    torch.testing.assert_close(regularized_loss(task, logits, 2.0), task + 2 * privacy_penalty(logits))
-    with pytest.raises(ValueError, match="lam"):
-        regularized_loss(task, logits, -1.0)
-
-
 def test_local_ledger_reports_the_worst_client():
     from actors.privacy import LocalDPLedger
 
@@ -265,3 +224,70 @@ def test_local_ledger_reports_the_worst_client():
     assert again.epsilon(1e-5) == ledger.epsilon(1e-5)
     with pytest.raises(ValueError, match="sample_rate"):
         ledger.record(1, 1, 1.5)
+
+
+# ---------------------------------------------------------------- the run's DP object and its accounting
+def test_client_half_clips_and_equalizes_only_when_bounded():
+    from actors.privacy import UserLevelDP
+
+    u = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
+    same, w = UserLevelDP().client_half(u, [5.0, 7.0])
+    assert torch.equal(same, u) and w.tolist() == [5.0, 7.0]
+    for dp in (UserLevelDP("central", clip_norm=1.0, bound_updates=True), UserLevelDP(clip_norm=1.0, bound_updates=True)):
+        clipped, w = dp.client_half(u, [5.0, 7.0])   # DP, or secure aggregation's fixed-point range
+        torch.testing.assert_close(clipped, torch.tensor([[0.6, 0.8], [0.3, 0.4]]))
+        assert w.tolist() == [1.0, 1.0]
+
+
+def test_server_half_noise_and_denominator_by_mode():
+    from actors.privacy import UserLevelDP
+
+    total = torch.zeros(20000)
+    mean, met = UserLevelDP().server_half(total + 6.0, 3.0, torch_gen(0, "x"))
+    assert torch.equal(mean, torch.full((20000,), 2.0)) and met == {}       # off: divided by the weight
+    central = UserLevelDP("central", clip_norm=2.0, noise_multiplier=0.5, expected_clients=10)
+    mean, met = central.server_half(total, 3.0, torch_gen(0, "x"))
+    assert met["noise_std"] == 1.0 and float(mean.std()) == pytest.approx(0.1, rel=0.05)   # z C / cohort
+    distributed = UserLevelDP("distributed", clip_norm=2.0, noise_multiplier=0.5, expected_clients=10)
+    mean, met = distributed.server_half(total + 5.0, 3.0, torch_gen(0, "x"))
+    assert met == {} and torch.equal(mean, torch.full((20000,), 0.5))    # the shares are already in the sum
+
+
+def test_noise_shares_and_round_noise_only_in_the_distributed_mode():
+    from actors.privacy import UserLevelDP
+
+    central = UserLevelDP("central", noise_multiplier=1.2, expected_clients=10)
+    assert central.noise_share(5, 0.01, np_rng(0, "s")) is None and central.round_noise(7) == 1.2
+    dist = UserLevelDP("distributed", noise_multiplier=1.2, expected_clients=10)
+    assert dist.noise_share(5, 0.01, np_rng(0, "s")).dtype == np.int64
+    assert dist.round_noise(7) == pytest.approx(effective_noise_multiplier(1.2, 10, 7))
+
+
+def test_run_accounting_steps_released_rounds_and_stops_before_the_budget():
+    from actors.privacy import RunAccounting, UserLevelDP
+
+    dp = UserLevelDP("central", noise_multiplier=1.0, sample_rate=0.25, target_epsilon=5.0)
+    acc = RunAccounting(dp)
+    acc.record_round({"skipped": True})              # an aborted round released nothing
+    assert acc.epsilon() == 0.0 and acc.budget_stop() is None
+    rounds = 0
+    while acc.budget_stop() is None:
+        acc.record_round({"skipped": False})
+        rounds += 1
+    assert acc.epsilon() == pytest.approx(epsilon_for(1.0, 0.25, rounds, 1e-5)) and acc.epsilon() <= 5.0
+    assert epsilon_for(1.0, 0.25, rounds + 1, 1e-5) > 5.0 and "epsilon 5.0" in acc.budget_stop()
+    again = RunAccounting(dp)
+    again.load_state_dict(acc.state_dict())
+    assert again.epsilon() == acc.epsilon()
+
+
+def test_accounting_facts_are_what_summary_and_card_report():
+    from actors.privacy import RunAccounting, SampleLevelDP, UserLevelDP
+
+    off = RunAccounting(UserLevelDP(sample_rate=0.1)).facts()
+    assert off == {"mode": "off", "differential_privacy": False, "epsilon": None, "delta": None,
+                   "noise_multiplier": None, "clip_norm": None, "accountant": None, "sample_rate": 0.1, "local_dp": None}
+    acc = RunAccounting(UserLevelDP(sample_rate=0.1), SampleLevelDP(clip=1.0, noise_multiplier=0.8, batch_size=8))
+    acc.record_round({"local_dp_steps": [(3, 4, 16), (5, 4, 16)]})
+    assert acc.facts()["local_dp"] == {"clip": 1.0, "noise_multiplier": 0.8,
+                                       "epsilon": pytest.approx(epsilon_for(0.8, 0.5, 4, 1e-5))}

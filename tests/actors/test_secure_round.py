@@ -6,9 +6,10 @@ import torch
 
 from actors.aggregator import Aggregator, SecAggRoundAborted
 from actors.client_worker import ClientWorker
+from actors.messages import MaskedUpdate
 from actors.privacy import clip_updates
-from actors.secagg.session import secagg_params
 from sim.config import from_dict
+from sim.plan import FederationPlan
 from sim.sampling import split_even
 from sim.seeding import np_rng
 from tests.conftest import tiny_raw
@@ -17,21 +18,23 @@ from tests.conftest import tiny_raw
 def setup(neighbors=None, z=0.0):
     privacy = {"clip_norm": 0.5, **({"mode": "distributed", "noise_multiplier": z} if z else {})}
     cfg = from_dict(tiny_raw(secagg={"enabled": True, "neighbors": neighbors}, privacy=privacy))
-    p = secagg_params(neighbors, None, 0.5, 16, 10, z)
-    workers = [ClientWorker(cfg, 0), ClientWorker(cfg, 1)]
-    agg = Aggregator(cfg.algorithm, workers[0].n_params, cfg.privacy, 0.0, 10, cfg.seed, p)
-    return cfg, p, workers, agg
+    plan = FederationPlan.from_config(cfg)
+    workers = [ClientWorker(cfg, 0, plan.dp), ClientWorker(cfg, 1, plan.dp)]
+    agg = Aggregator(cfg.algorithm, plan.n_params, plan.dp, cfg.seed, secure=True)
+    return cfg, plan.secagg, workers, agg
 
 
 def secure_round(workers, agg, p, g, rnd, cohort, alive):
-    ring = agg.secagg_plan(rnd, list(cohort))
+    """The secure-sum flow of a training round, as Federation._secure_sum drives it over Ray."""
+    ring = agg.secure_open(rnd, list(cohort), p, len(g))
     assert sorted(ring) == sorted(cohort)
     pairs = list(zip(workers, split_even(np.array(ring), 2)))
-    keys = agg.secagg_begin(rnd, *[w.secagg_advertise(rnd, sh, p) for w, sh in pairs])
-    inbox = agg.secagg_route(rnd, *[w.secagg_share(rnd, keys) for w, sh in pairs])
+    keys = agg.secure_keys(rnd, *[w.secure_advertise(rnd, sh, p) for w, sh in pairs])
+    inbox = agg.secure_route(rnd, *[w.secure_share(rnd, keys) for w, sh in pairs])
     msgs = [w.train(rnd, g, [c for c in sh if c in alive], inbox) for w, sh in pairs]
-    request = agg.secagg_collect(rnd, *msgs)
-    new, metrics = agg.aggregate_secure(rnd, g, *[w.secagg_unmask(rnd, request) for w, _ in pairs])
+    request = agg.secure_collect(rnd, *msgs)
+    summed = agg.secure_unmask(rnd, *[w.secure_unmask(rnd, request) for w, _ in pairs])
+    new, metrics = agg.apply_sum(rnd, g, summed)
     return new, metrics, msgs
 
 
@@ -41,7 +44,7 @@ def reference(cfg, w, g, rnd, alive):
     for c in sorted(alive):
         d = w.data.client(c)
         u, _ = w.algorithm.client_update(w.model, torch.tensor(g), [d.x_train], [d.y_train],
-                                         [np_rng(cfg.seed, "local-batches", rnd, c)], w.path)
+                                         [np_rng(cfg.seed, "local-batches", rnd, c)], w.compute)
         ups.append(clip_updates(u, 0.5)[0][0])
     return g + torch.stack(ups).mean(0).numpy()
 
@@ -57,7 +60,7 @@ def test_secure_round_equals_the_plain_clipped_mean(neighbors, dropped):
     expected = reference(cfg, workers[0], g, 3, alive)
     np.testing.assert_allclose(new, expected, atol=2 * p.step)   # quantization: < one step per coordinate
     for m in msgs:   # what left the workers: masked sums only, no plain updates
-        assert m.weighted_sum.size == 0 and m.masked_sum.dtype == np.uint64
+        assert isinstance(m, MaskedUpdate) and m.masked_sum.dtype == np.uint64
 
 
 def test_too_many_dropouts_abort_the_round_only():
@@ -73,7 +76,6 @@ def test_too_many_dropouts_abort_the_round_only():
 
 def test_distributed_noise_arrives_in_the_unmasked_sum():
     cfg, p, workers, agg = setup(None, z=1.0)
-    agg.noise_multiplier = 1.0
     g = np.zeros(workers[0].n_params, np.float32)
     cohort = list(range(10))
     new, _, _ = secure_round(workers, agg, p, g, 0, cohort, set(cohort))

@@ -50,7 +50,7 @@ def send(url, x, y, feedback=False):
 def test_drift_alarm_tunes_and_shadow_tests_a_candidate(serve_url, tmp_path):
     from serve.app import Deployment
     from serve.closed_loop import ClosedLoop
-    from sim.runner import run_experiment
+    from sim.experiment import run_experiment
 
     raw = tiny_raw(tmp_path, data={"num_clients": 60, "samples_per_client": 40},
                    federation={"rounds": 2, "clients_per_round": 10})

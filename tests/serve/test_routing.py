@@ -299,7 +299,8 @@ def test_combine_is_the_weighted_average_of_the_top_members():
     out, used = combine(probs, weights, top_k=3)
     assert np.allclose(out, 0.5 * probs["a"] + 0.3 * probs["b"] + 0.2 * probs["c"])
     assert np.allclose(out.sum(axis=1), 1.0)
-    assert used == pytest.approx([("a", 0.5), ("b", 0.3), ("c", 0.2)])
+    assert [m for m, _ in used] == ["a", "b", "c"]
+    assert [w for _, w in used] == pytest.approx([0.5, 0.3, 0.2])   # pytest 9 compares numbers only
     out, used = combine(probs, weights, top_k=2)  # renormalized over a and b
     assert np.allclose(out, (0.5 * probs["a"] + 0.3 * probs["b"]) / 0.8)
     assert [m for m, _ in used] == ["a", "b"] and used[0][1] == pytest.approx(0.625)

@@ -53,7 +53,7 @@ def test_bench_json_last_line(ray_session):
                                    "--set", "ray.num_cpus_per_worker=0.5"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output.strip().splitlines()[-1])
-    assert out["path"] == "vmap" and out["clients_per_s"] > 0 and out["s_per_round"] > 0 and out["peak_rss_mib"] > 0
+    assert out["compute"] == out["path"] == "vmap" and out["clients_per_s"] > 0 and out["s_per_round"] > 0 and out["peak_rss_mib"] > 0
 
 
 def test_notebook_runs_on_a_run_dir(finished_run, monkeypatch):

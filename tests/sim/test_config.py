@@ -33,7 +33,8 @@ def test_defaults_and_quickstart_load():
     ({"nonsense": 1}, "nonsense: unknown key"),
     ({"privacy": {"mode": "distributed"}}, "privacy.mode: 'distributed' noise is added under secure aggregation"),
     ({"secagg": {"neighbors": 5}}, "secagg.neighbors: must be even"),
-    ({"privacy": {"local_dp": True}, "ray": {"path": "vmap"}}, "ray.path: local DP-SGD (privacy.local_dp) runs on the loop"),
+    ({"privacy": {"local_dp": True}, "ray": {"compute": "vmap"}}, "ray.compute: local DP-SGD (privacy.local_dp) runs on the loop"),
+    ({"ray": {"path": "loop", "compute": "vmap"}}, "ray.path: deprecated alias of ray.compute; give only ray.compute"),
     ({"privacy": {"local_clip": 0}}, "privacy.local_clip: Input should be greater than 0"),
     ({"privacy": {"noise_multiplier": 1.0, "target_epsilon": 3.0}}, "privacy.target_epsilon: give either"),
     ([1, 2], "expected a mapping"),
@@ -84,3 +85,9 @@ def test_cli_config_prints_the_resolved_config():
     assert res.exit_code == 0
     again = C.from_dict(__import__("yaml").safe_load(res.output))
     assert again.federation.rounds == 7 and again == C.load(None, ["federation.rounds=7"])
+
+
+def test_ray_path_is_a_deprecated_alias_of_ray_compute():
+    with pytest.warns(FutureWarning, match="ray.path is deprecated"):
+        cfg = C.from_dict({"ray": {"path": "loop"}})
+    assert cfg.ray.compute == "loop" and "path" not in cfg.model_dump()["ray"]

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from sim.cli import app
 from sim.config import ConfigError, from_dict
-from sim.runner import run_experiment
+from sim.experiment import run_experiment
 from sim.specialize import input_stats, pooled_profile
 from tests.conftest import tiny_raw
 

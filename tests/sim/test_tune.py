@@ -30,7 +30,7 @@ def test_tune_search_end_to_end(ray_session, tmp_path):
     from ray import tune
 
     from sim.checkpoint import load_model
-    from sim.runner import run_experiment
+    from sim.experiment import run_experiment
 
     run_dir, _ = run_experiment(from_dict(tiny_raw(tmp_path, federation={"rounds": 2})))
     yaml_path = tmp_path / "t.yaml"

@@ -8,7 +8,7 @@ import pytest
 
 from sim import checkpoint as ckpt
 from sim.config import from_dict
-from sim.runner import run_experiment
+from sim.experiment import run_experiment
 from tests.conftest import tiny_raw
 
 pytestmark = pytest.mark.slow
@@ -227,15 +227,16 @@ def test_local_dp_sgd_run_reports_each_clients_budget(ray_session, tmp_path):
 def test_consent_gates_the_cohort_and_revocation_takes_effect_next_round(ray_session, tmp_path):
     """With the profile store on, only users consenting to 'personalization' train; a user who
     revokes is out of the very next round."""
-    from sim.runner import Federation
+    from sim.federation import Federation
+    from sim.plan import FederationPlan
     from sim.sampling import sample_cohort
 
     cfg = from_dict(tiny_raw(tmp_path, profiles={"enabled": True, "consent_rate": 0.5}))
-    fed = Federation(cfg, run_dir=tmp_path)
+    fed = Federation(FederationPlan.from_config(cfg), run_dir=tmp_path)
     try:
         consenting = set(ray_get_eligible(fed, range(40)))
         assert 10 < len(consenting) < 30                          # about half signed up with consent
-        g = fed.init_params
+        g = fed.plan.init_params
         res = fed.train_round(0, g)
         assert set(res.trained) == set(sample_cohort(3, 0, 40, 10).tolist()) & consenting
         assert res.metrics["not_consenting"] == 10 - len(res.trained)
@@ -251,7 +252,7 @@ def test_consent_gates_the_cohort_and_revocation_takes_effect_next_round(ray_ses
 def ray_get_eligible(fed, ids):
     import ray
 
-    return ray.get(fed.profiles.eligible.remote("personalization", list(ids)))
+    return ray.get(fed.consent.store.eligible.remote("personalization", list(ids)))
 
 
 def test_last_evaluation_exports_personalized_models(ray_session, tmp_path):
@@ -290,12 +291,13 @@ def test_run_with_drift_and_auto_tuning(ray_session, tmp_path):
 def test_tuning_metric_under_secure_aggregation_equals_the_plain_mean(ray_session, tmp_path):
     """With secagg on, Tune's metric is a secure sum of the individuals' accuracies: the aggregator
     sees masked vectors and their total, which equals the plain mean (to quantization)."""
-    from sim.runner import Federation
+    from sim.federation import Federation
+    from sim.plan import FederationPlan
 
     cfg = from_dict(tiny_raw(tmp_path, secagg={"enabled": True, "neighbors": 4}))
-    fed = Federation(cfg)
+    fed = Federation(FederationPlan.from_config(cfg))
     try:
-        g = fed.train_round(0, fed.init_params).global_params
+        g = fed.train_round(0, fed.plan.init_params).global_params
         secure = fed.private_metric(1, g)
         ev = fed.evaluate(1, g)
     finally:

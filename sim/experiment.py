@@ -1,0 +1,108 @@
+"""An experiment: a federation run for `federation.rounds` rounds, with its run directory.
+
+    plan = FederationPlan.from_config(cfg)        # pure: data, model, noise, secure aggregation
+    fed = Federation(plan)                        # the actors
+    while rounds remain and no hook says stop:    # `run_rounds`
+        res = fed.train_round(...); state.advance(...); hook.after_round(state, res) for each hook
+    summary.json, plots
+
+Ctrl-C or a failing round saves a checkpoint of the last completed round and re-raises, so
+`--resume` continues from there.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ray
+
+from actors.privacy import RunAccounting
+from sim import checkpoint as ckpt
+from sim.cluster import init_ray
+from sim.config import ExperimentConfig, to_yaml
+from sim.federation import Federation
+from sim.hooks import Accounting, Checkpointing, Evaluation, Hook, Progress, ProgressFn, RoundLog
+from sim.plan import FederationPlan
+from sim.report import run_summary
+from sim.rundir import new_run_dir
+from sim.state import RunState
+
+
+def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = False,
+                   progress: ProgressFn | None = None) -> tuple[Path, dict]:
+    """Run (or resume) an experiment; returns (run_dir, summary)."""
+    if resume and run_dir is None:
+        raise ValueError("resume needs a run directory")
+    # errors in the config or the data surface before any side effect
+    plan = FederationPlan.from_config(cfg)
+    saved = ckpt.load(run_dir) if resume else None
+    if not resume:
+        run_dir = run_dir or new_run_dir(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    started = init_ray(cfg.ray.address)
+    try:
+        fed = Federation(plan, run_dir)
+        try:
+            return run_dir, _run(cfg, fed, run_dir, saved, progress)
+        finally:
+            fed.shutdown()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run(cfg: ExperimentConfig, fed: Federation, run_dir: Path, saved: ckpt.Checkpoint | None,
+         progress: ProgressFn | None) -> dict:
+    state = initial_state(fed.plan, saved)
+    saver = Checkpointing(fed, run_dir)
+    hooks: list[Hook] = [Accounting(), RoundLog(), Evaluation(fed, run_dir), saver]
+    if cfg.tune.auto:
+        from sim.autotune import AutoTune
+
+        hooks.append(AutoTune(fed, run_dir, saver.save))
+    if progress:
+        hooks.append(Progress(progress, cfg.federation.rounds))
+    try:
+        run_rounds(fed, state, hooks, cfg.federation.rounds)
+    except BaseException:
+        # Ctrl-C or a failed round (e.g. the aggregator refused non-finite updates): keep what is good
+        saver.save(state)
+        raise
+    if state.stopped:
+        saver.save(state)
+    return finish(fed, state, hooks, run_dir)
+
+
+def run_rounds(fed: Federation, state: RunState, hooks: list[Hook], rounds: int) -> None:
+    """Train rounds until `rounds` are done or a hook gives a reason to stop (kept in the state)."""
+    while state.rounds_done < rounds:
+        state.stopped = next((r for r in (h.before_round(state) for h in hooks) if r), None)
+        if state.stopped:
+            return
+        res = fed.train_round(state.rounds_done, state.global_params)
+        state.advance(res.global_params, res.clients, res.seconds, res.dropped)
+        for h in hooks:
+            state.stopped = h.after_round(state, res) or state.stopped
+        if state.stopped:
+            return
+
+
+def initial_state(plan: FederationPlan, saved: ckpt.Checkpoint | None) -> RunState:
+    """A fresh run at the plan's initial model, or the state of a checkpoint."""
+    accounting = RunAccounting(plan.dp, plan.local_dp)
+    if saved is None:
+        return RunState(0, plan.init_params, accounting)
+    return RunState.resume(saved, accounting)
+
+
+def finish(fed: Federation, state: RunState, hooks: list[Hook], run_dir: Path) -> dict:
+    """summary.json (with what hooks add, e.g. the auto-tuner's result) and the plots."""
+    summary = run_summary(fed.cfg, fed.plan, state, run_dir, fed.peak_rss_mib())
+    for h in hooks:
+        summary.update(getattr(h, "summary", dict)())
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    from sim.plots import plot_run  # matplotlib only when a run finishes
+
+    plot_run(state.log, run_dir)
+    return summary

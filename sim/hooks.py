@@ -1,0 +1,115 @@
+"""What happens around each round of an experiment, one hook per job.
+
+The experiment's loop (sim/experiment.py) trains a round, then calls every hook's `after_round`
+in order; a hook's `before_round` or `after_round` may return a reason to stop the run. The order
+is the order of the list `experiment.hooks` builds: accounting, the round's log line, evaluation
+and export, checkpointing, auto-tuning, progress.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from sim import checkpoint as ckpt
+from sim.federation import Federation, RoundResult
+from sim.metrics import describe
+from sim.report import model_card
+from sim.state import RunState
+
+ProgressFn = Callable[[int, int, dict], None]
+
+
+class Hook:
+    """Base: does nothing. Subclasses override what they need."""
+
+    def before_round(self, state: RunState) -> str | None:
+        return None
+
+    def after_round(self, state: RunState, res: RoundResult) -> str | None:
+        return None
+
+
+class Accounting(Hook):
+    """The privacy the round released: stop before a round that would overshoot the budget."""
+
+    def before_round(self, state: RunState) -> str | None:
+        return state.accounting.budget_stop()
+
+    def after_round(self, state: RunState, res: RoundResult) -> None:
+        state.accounting.record_round(res.metrics)
+
+
+class RoundLog(Hook):
+    """One row per round metric: aborts, loss, update norm, counts, time, epsilon so far."""
+
+    def after_round(self, state: RunState, res: RoundResult) -> None:
+        cps = res.clients / res.seconds if res.seconds > 0 else float("nan")
+        eps, local_eps = state.accounting.epsilon(), state.accounting.local_epsilon()
+        state.log.add_many(state.rounds_done, {
+            "aborted": 1.0 if "aborted" in res.metrics else 0.0,
+            "train_loss": res.metrics.get("train_loss", float("nan")),
+            "update_norm": res.metrics.get("update_norm", 0.0), "clients": res.clients,
+            "dropped": res.dropped, "round_s": res.seconds, "clients_per_s": cps,
+            **({"epsilon": eps} if eps is not None else {}),
+            **({"local_epsilon": local_eps} if local_eps is not None else {})})
+        state.shown = {"clients_per_s": cps}
+
+
+class Evaluation(Hook):
+    """Every `eval.every` rounds and after the last: acc(D_G), acc(D_I) before and after
+    personalization, the MIA audit; the last one also exports the personalized models."""
+
+    def __init__(self, fed: Federation, run_dir: Path):
+        self.fed, self.run_dir = fed, run_dir
+
+    def after_round(self, state: RunState, res: RoundResult) -> None:
+        done, rounds = state.rounds_done, self.fed.cfg.federation.rounds
+        if done % self.fed.cfg.eval.every and done != rounds:
+            return
+        ev = self.fed.evaluate(done, state.global_params, export=done == rounds)
+        if "personalized" in ev:
+            export_personalized(self.run_dir, ev["client_ids"], ev["personalized"])
+        stats = state.log.add_eval(done, describe(ev["acc_DG"]), ev["client_ids"],
+                                   ev["acc_global_DI"], ev["acc_personalized_DI"])
+        state.log.add_many(done, {k: ev[k] for k in ("mia_auc_global", "mia_auc_personalized") if k in ev})
+        state.shown.update({k: v["mean"] for k, v in stats.items()})
+
+
+class Checkpointing(Hook):
+    """Every `run.checkpoint_every` rounds and after the last: checkpoint.pt (atomic) and the metric
+    tables. `save` is also what the experiment calls when the run stops or fails."""
+
+    def __init__(self, fed: Federation, run_dir: Path):
+        self.fed, self.run_dir = fed, run_dir
+
+    def after_round(self, state: RunState, res: RoundResult) -> None:
+        done = state.rounds_done
+        if done % self.fed.cfg.run.checkpoint_every == 0 or done == self.fed.cfg.federation.rounds:
+            self.save(state)
+
+    def save(self, state: RunState) -> None:
+        card = model_card(self.fed.plan, state.rounds_done, state.accounting, state.log)
+        ckpt.save(self.run_dir, state.to_checkpoint(card))
+        state.log.save(self.run_dir)
+
+
+class Progress(Hook):
+    def __init__(self, progress: ProgressFn, rounds: int):
+        self.progress, self.rounds = progress, rounds
+
+    def after_round(self, state: RunState, res: RoundResult) -> None:
+        self.progress(state.rounds_done, self.rounds, state.shown)
+
+
+def export_personalized(run_dir: Path, ids: list[int], flats) -> Path:
+    """personalized/<client id>.npy: each evaluated individual's fine-tuned parameters, for serving."""
+    import numpy as np
+
+    out = run_dir / "personalized"
+    out.mkdir(exist_ok=True)
+    for cid, flat in zip(ids, flats):
+        tmp = out / f".{cid}.npy.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(flat, dtype=np.float32))
+        tmp.replace(out / f"{cid}.npy")
+    return out

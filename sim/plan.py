@@ -1,0 +1,115 @@
+"""The plan of a federation: everything that follows from the config and the data, decided
+before any actor starts (pure, no Ray).
+
+`FederationPlan.from_config` probes the data on the driver (bad paths fail here; FEMNIST decides
+the number of clients), sizes the model, draws the initial parameters, resolves the noise
+multiplier (from `target_epsilon` when given) and the secure-aggregation parameters, and checks
+that the cohort fits the population. Every problem is a `ConfigError` naming its key. The
+federation (sim/federation.py) then only starts actors from the plan; Tune trials, the
+benchmarks, `fedmeta table` and the tests build the same plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from actors.privacy import SampleLevelDP, UserLevelDP
+from actors.secagg.session import SecAggParams, secagg_params
+from sim.algorithms.local import resolve_compute
+from sim.config import ConfigError, ExperimentConfig
+from sim.data import FederatedDataset, build_dataset
+from sim.models import build_model, init_params, num_params
+from sim.sampling import eval_individuals
+from sim.seeding import np_rng, torch_gen
+
+
+@dataclass(frozen=True)
+class FederationPlan:
+    cfg: ExperimentConfig
+    data: FederatedDataset
+    input_shape: tuple[int, ...]
+    num_classes: int
+    n_params: int
+    init_params: np.ndarray          # (n_params,) float32, from (seed, "init")
+    compute: str                     # the cohort engine: "vmap" or "loop"
+    dp: UserLevelDP                  # user-level DP, with z resolved
+    local_dp: SampleLevelDP | None   # local DP-SGD inside clients, for its accounting
+    secagg: SecAggParams | None      # None: plain sums
+    eval_ids: np.ndarray             # the evaluation panel of individuals
+    global_sizes: tuple[int, ...]    # samples of each D_G individual, in D_G's block order
+    input_profile: dict              # per-feature mean/var of the training inputs (for serving)
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig, data: FederatedDataset | None = None) -> FederationPlan:
+        data = data or build_dataset(cfg.data, cfg.seed)
+        fed = cfg.federation
+        if fed.clients_per_round > data.num_clients:
+            raise ConfigError(f"federation.clients_per_round: {fed.clients_per_round} exceeds the "
+                              f"{data.num_clients} clients in the data")
+        model = build_model(cfg.model, data.input_shape, data.num_classes)
+        # DP: rate at which a user takes part in a round (fixed-size cohorts, accounted as Poisson
+        # sampling at q = cohort / population) and the noise multiplier, resolved once per run
+        try:
+            dp = UserLevelDP.from_config(cfg.privacy, fed.clients_per_round / data.num_clients, fed.rounds,
+                                         fed.clients_per_round, secure=cfg.secagg.enabled)
+            secagg = _secagg(cfg, dp)
+        except ValueError as e:     # the messages name their key
+            raise ConfigError(str(e)) from None
+        return cls(cfg, data, tuple(data.input_shape), data.num_classes, num_params(model),
+                   init_params(model, torch_gen(cfg.seed, "init")).numpy(),
+                   resolve_compute(cfg.ray.compute, cfg.model.kind, cfg.privacy.local_dp), dp, _local_dp(cfg), secagg,
+                   eval_individuals(cfg.seed, data.num_clients, cfg.eval.num_individuals),
+                   tuple(data.global_sizes()), input_profile(data, cfg.seed))
+
+    def with_config(self, cfg: ExperimentConfig) -> FederationPlan:
+        """The plan under new hyperparameters (a Tune trial, or the run after tuning): the same
+        data, initial model and noise (z, q); clipping, secure aggregation and the rest follow
+        the new config."""
+        try:
+            dp = replace(self.dp, clip_norm=cfg.privacy.clip_norm)
+            secagg = _secagg(cfg, dp)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        compute = resolve_compute(cfg.ray.compute, cfg.model.kind, cfg.privacy.local_dp)
+        panel = eval_individuals(cfg.seed, self.num_clients, cfg.eval.num_individuals)
+        return replace(self, cfg=cfg, dp=dp, local_dp=_local_dp(cfg), secagg=secagg, compute=compute, eval_ids=panel)
+
+    @property
+    def num_clients(self) -> int:
+        return self.data.num_clients
+
+    @property
+    def sample_rate(self) -> float:
+        return self.dp.sample_rate
+
+    def metric_secagg(self) -> SecAggParams:
+        """Secure aggregation of the panel's accuracies: values in [0, 1] (a clip of 1), the panel
+        as the cohort the modulus is sized for."""
+        sa = self.cfg.secagg
+        try:
+            return secagg_params(sa.neighbors, sa.threshold, 1.0, sa.quant_bits, len(self.eval_ids))
+        except ValueError as e:
+            raise ConfigError(f"eval.num_individuals: the secure tuning metric sums the panel: {e}") from None
+
+
+def _local_dp(cfg: ExperimentConfig) -> SampleLevelDP | None:
+    p = cfg.privacy
+    return SampleLevelDP(p.local_clip, p.local_noise_multiplier, cfg.algorithm.batch_size) if p.local_dp else None
+
+
+def _secagg(cfg: ExperimentConfig, dp: UserLevelDP) -> SecAggParams | None:
+    sa = cfg.secagg
+    if not sa.enabled:
+        return None
+    return secagg_params(sa.neighbors, sa.threshold, dp.clip_norm, sa.quant_bits, cfg.federation.clients_per_round,
+                         dp.share_noise_multiplier)
+
+
+def input_profile(data: FederatedDataset, seed: int, clients: int = 64) -> dict:
+    """Per-feature mean and variance of the federation's training inputs, from a seeded sample of
+    clients: what a serving router compares live inputs with. (In a deployment these are sums of
+    x and x^2 over clients, which secure aggregation can release without any client's data.)"""
+    ids = np_rng(seed, "input-profile").choice(data.num_clients, size=min(clients, data.num_clients), replace=False)
+    x = np.concatenate([c.x_train.reshape(len(c.x_train), -1).numpy() for c in data.clients(sorted(ids.tolist()))])
+    return {"mean": x.mean(0).tolist(), "var": x.var(0).tolist(), "n": int(len(x))}

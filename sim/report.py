@@ -1,0 +1,96 @@
+"""What a run reports: the summary (summary.json) and the model card in every checkpoint. Both
+read the same facts: the plan, the run's state, and the privacy accounting's `facts()`."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from actors.privacy import RunAccounting
+from sim.checkpoint import MODEL_CARD_FORMAT
+from sim.config import ExperimentConfig
+from sim.metrics import MetricsLog, describe, finite_or_none
+from sim.plan import FederationPlan
+
+QUALITY = ("acc_global_DI", "acc_personalized_DI", "acc_global_DG")
+
+
+def secagg_facts(plan: FederationPlan) -> dict:
+    off = {"secure_aggregation": False, "secagg_neighbors": None, "secagg_threshold": None, "secagg_bits": None}
+    return plan.secagg.facts() if plan.secagg else off
+
+
+def model_card(plan: FederationPlan, rounds_done: int, accounting: RunAccounting, log: MetricsLog) -> dict:
+    """What a serving or tuning process needs to use a checkpoint without the experiment config:
+    how to rebuild the model, the data it expects, how to adapt it to a user, and the privacy spent
+    to produce it. Refreshed at every checkpoint."""
+    cfg = plan.cfg
+    a, e = cfg.algorithm, cfg.eval
+    ev = log.latest_eval()
+    facts, sa = accounting.facts(), secagg_facts(plan)
+    return {
+        "format": MODEL_CARD_FORMAT,
+        "supports_federated_meta_learning": True,
+        "algorithm": a.name,
+        "model": {"config": cfg.model.model_dump(mode="json"), "n_params": plan.n_params},
+        "data_schema": {"kind": cfg.data.kind, "input_shape": list(plan.input_shape), "num_classes": plan.num_classes,
+                        "dtype": "float32", "layout": "NCHW" if len(plan.input_shape) == 3 else "features",
+                        "value_range": [0.0, 1.0] if cfg.data.kind == "writers" else None},
+        "input_profile": plan.input_profile,
+        "quality": {k: ev[k]["mean"] for k in QUALITY if k in ev},
+        "adaptation": {"method": "sgd_finetune", "lr": e.finetune_lr, "steps": e.finetune_steps,
+                       "batch_size": e.batch_size, "local_lr": a.lr, "inner_lr": a.inner_lr, "server_lr": a.server_lr,
+                       "local_epochs": a.local_epochs, "local_steps": a.local_steps, "local_batch_size": a.batch_size,
+                       "privacy_lambda": a.privacy_lambda},
+        "privacy": {**{k: v for k, v in facts.items() if k != "local_dp"},
+                    **{k: v for k, v in sa.items() if k != "secagg_bits"}, "local_dp": facts["local_dp"]},
+        "training": {"rounds_completed": rounds_done, "rounds_planned": cfg.federation.rounds, "seed": cfg.seed,
+                     "clients_per_round": cfg.federation.clients_per_round, "num_clients": plan.num_clients},
+    }
+
+
+def run_summary(cfg: ExperimentConfig, plan: FederationPlan, state, run_dir: Path, peak_rss: float) -> dict:
+    """summary.json: the fairness statistics of the last evaluation, throughput, and privacy."""
+    log = state.log
+    ev = log.latest_eval()
+    clean = lambda d: {k: finite_or_none(v) for k, v in d.items()}  # noqa: E731
+    pers, glob = ev.get("acc_personalized_DI", {}), ev.get("acc_global_DI", {})
+    rounds, secs = state.rounds_done, state.train_seconds
+    return {
+        "rounds": rounds,
+        "num_clients": plan.num_clients,
+        "clients_per_round": cfg.federation.clients_per_round,
+        "algorithm": cfg.algorithm.name,
+        "model": cfg.model.kind,
+        "data": cfg.data.kind,
+        "seed": cfg.seed,
+        "compute": plan.compute,
+        "path": plan.compute,     # the compute mode's former name, kept for readers of older summaries
+        "num_workers": cfg.ray.num_workers,
+        "acc_global_DG": clean(ev.get("acc_global_DG", describe([]))),
+        "acc_global_DI": clean(glob or describe([])),
+        "acc_personalized_DI": clean(pers or describe([])),
+        "personalization_gain": finite_or_none(pers.get("mean", math.nan) - glob.get("mean", math.nan)),
+        "eval_individuals": len(plan.eval_ids),
+        "dropouts": state.dropouts,
+        "clients_per_s": state.train_clients / secs if secs > 0 else None,
+        "s_per_round": secs / rounds if rounds else None,
+        "peak_rss_mib": peak_rss,
+        "run_dir": str(run_dir),
+        **privacy_summary(plan, state),
+    }
+
+
+def privacy_summary(plan: FederationPlan, state) -> dict:
+    """The formal guarantee next to the measured leakage (loss-threshold MIA AUC, 0.5 = none)."""
+    df = state.log.frame()
+    last = lambda m: finite_or_none(float(df[df.metric == m].value.iloc[-1])) if (df.metric == m).any() else None  # noqa: E731
+    facts, sa = state.accounting.facts(), secagg_facts(plan)
+    local = facts["local_dp"]
+    return {"privacy_mode": facts["mode"],
+            **{k: facts[k] for k in ("epsilon", "delta", "noise_multiplier", "clip_norm", "sample_rate", "accountant")},
+            **{k: sa[k] for k in ("secagg_neighbors", "secagg_threshold", "secagg_bits")},
+            "secagg_aborted_rounds": int(df[df.metric == "aborted"].value.sum()) if plan.secagg else None,
+            "mia_auc": last("mia_auc_global"), "mia_auc_personalized": last("mia_auc_personalized"),
+            "stopped_early": state.stopped,
+            "local_epsilon": local["epsilon"] if local else None,
+            "local_dp": {k: local[k] for k in ("clip", "noise_multiplier")} if local else None}

@@ -1,0 +1,42 @@
+"""The state of a run between rounds: what a checkpoint holds, as one explicit object."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from actors.privacy import RunAccounting
+from sim import checkpoint as ckpt
+from sim.metrics import MetricsLog
+
+
+@dataclass
+class RunState:
+    rounds_done: int
+    global_params: np.ndarray            # the model after the last *completed* round
+    accounting: RunAccounting
+    log: MetricsLog = field(default_factory=MetricsLog)
+    train_clients: int = 0               # clients trained so far (for throughput)
+    train_seconds: float = 0.0           # wall time spent in training rounds so far
+    dropouts: int = 0
+    stopped: str | None = None           # why the run stopped before its last round
+    shown: dict = field(default_factory=dict)   # the latest figures, for the progress bar
+
+    @classmethod
+    def resume(cls, ck: ckpt.Checkpoint, accounting: RunAccounting) -> RunState:
+        accounting.load_state_dict({"accountant": ck.accountant, "local_dp": ck.local_dp})
+        return cls(ck.round, ck.global_params, accounting, MetricsLog(ck.metrics_rows, ck.individuals_rows),
+                   ck.train_clients, ck.train_seconds, ck.dropouts)
+
+    def advance(self, global_params: np.ndarray, clients: int, seconds: float, dropped: int) -> None:
+        """A round completed: the model advances only on success."""
+        self.global_params, self.rounds_done = global_params, self.rounds_done + 1
+        self.train_clients += clients
+        self.train_seconds += seconds
+        self.dropouts += dropped
+
+    def to_checkpoint(self, model_card: dict) -> ckpt.Checkpoint:
+        spent = self.accounting.state_dict()
+        return ckpt.Checkpoint(self.rounds_done, self.global_params, self.log.rows, self.log.individuals,
+                               self.train_clients, self.train_seconds, self.dropouts, model_card,
+                               spent["accountant"], spent["local_dp"])

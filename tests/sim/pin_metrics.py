@@ -1,0 +1,146 @@
+"""Pinned final metrics of a set of seeded runs: what a refactor of the driver must not change.
+
+`python -m tests.sim.pin_metrics` (from the repository root) runs every scenario and rewrites
+tests/sim/pinned_metrics.json; tests/sim/test_pinned_metrics.py re-runs them and compares. The
+figures were first taken on the driver as it stood before the plan/federation/experiment split
+(commit a9b06a1), so the test shows that the split kept every metric, bit for bit.
+
+Exact equality only holds for the same torch build on the same CPU kernels (float sums are not
+associative and BLAS picks its kernels per CPU): the file records that fingerprint, and on another
+one the test compares the accuracies within a tolerance instead of the hashes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+PINNED = Path(__file__).with_name("pinned_metrics.json")
+TIMING = ("round_s", "clients_per_s")   # wall-clock metrics: never pinned
+
+
+def fingerprint() -> dict:
+    import torch
+
+    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
+            "machine": platform.machine(), "numpy": np.__version__}
+
+
+def _tiny(tmp: Path, **sections) -> dict:
+    from tests.conftest import tiny_raw
+
+    return tiny_raw(tmp, **sections)
+
+
+def scenarios(tmp: Path) -> dict[str, dict]:
+    """name -> raw config. Together they drive every branch the driver has: plain and secure
+    rounds, central and distributed DP with target epsilon and a budget stop, dropout, local
+    DP-SGD, the consent gate, both compute modes and every algorithm."""
+    import yaml
+
+    from sim.config import default_config_path
+
+    quick = yaml.safe_load(default_config_path().read_text())
+    quick["federation"]["rounds"] = 30
+    quick["eval"]["every"] = 15
+    quick["run"] = {**quick["run"], "out_dir": str(tmp), "progress": False}
+    return {
+        "quickstart_30_rounds": quick,
+        "secagg_central_dropout_fomaml": _tiny(tmp, secagg={"enabled": True, "neighbors": 4},
+                                               privacy={"mode": "central", "clip_norm": 0.5},
+                                               federation={"dropout": 0.1}, algorithm={"name": "fomaml"}),
+        "secagg_distributed_complete": _tiny(tmp, secagg={"enabled": True, "neighbors": None},
+                                             privacy={"mode": "distributed", "noise_multiplier": 1.2}),
+        "central_target_epsilon_loop_reptile": _tiny(tmp, privacy={"mode": "central", "target_epsilon": 30.0},
+                                                     algorithm={"name": "reptile"},
+                                                     ray={"path": "loop"}),   # the deprecated alias, on purpose
+        "local_dp_sgd": _tiny(tmp, privacy={"local_dp": True, "local_noise_multiplier": 0.8}),
+        "consent_gate_dropout": _tiny(tmp, profiles={"enabled": True, "consent_rate": 0.5},
+                                      federation={"dropout": 0.2}),
+    }
+
+
+def _sha(a) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _frame_sha(df: pd.DataFrame) -> str:
+    return hashlib.sha256(df.to_csv(index=False).encode()).hexdigest()
+
+
+SUMMARY_KEYS = ("rounds", "dropouts", "acc_global_DG", "acc_global_DI", "acc_personalized_DI",
+                "personalization_gain", "epsilon", "noise_multiplier", "sample_rate", "local_epsilon",
+                "mia_auc", "mia_auc_personalized", "secagg_aborted_rounds", "secagg_bits", "stopped_early")
+
+
+def _run_experiment():
+    try:
+        from sim.experiment import run_experiment
+    except ImportError:            # the driver before the split
+        from sim.runner import run_experiment
+    return run_experiment
+
+
+def run_scenario(raw: dict) -> dict:
+    from sim import checkpoint as ckpt
+    from sim.config import from_dict
+
+    run_dir, summary = _run_experiment()(from_dict(raw))
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    metrics = metrics[~metrics.metric.isin(TIMING)].reset_index(drop=True)
+    personal = sorted((run_dir / "personalized").glob("*.npy"), key=lambda p: int(p.stem))
+    return {"summary": {k: summary.get(k) for k in SUMMARY_KEYS},
+            "params_sha256": _sha(ckpt.load(run_dir).global_params),
+            "metrics_sha256": _frame_sha(metrics),
+            "individuals_sha256": _frame_sha(pd.read_parquet(run_dir / "individuals.parquet")),
+            "personalized_sha256": _sha(np.concatenate([np.load(p) for p in personal])) if personal else None}
+
+
+def private_metrics(tmp: Path) -> dict:
+    """Tune's objective after one round, plain (with DP noise) and as a secure sum."""
+    try:
+        from sim.federation import Federation, FederationPlan
+
+        def spawn(cfg):
+            return Federation(FederationPlan.from_config(cfg))
+    except ImportError:
+        from sim.runner import Federation as spawn
+    from sim.config import from_dict
+
+    out = {}
+    for name, sections in (("plain_dp", {"privacy": {"mode": "central"}}),
+                           ("secure", {"secagg": {"enabled": True, "neighbors": 4}})):
+        fed = spawn(from_dict(_tiny(tmp, **sections)))
+        try:
+            init = fed.plan.init_params if hasattr(fed, "plan") else fed.init_params
+            g = fed.train_round(0, init).global_params
+            out[name] = {k: float(v) for k, v in fed.private_metric(1, g).items()}
+        finally:
+            fed.shutdown()
+    return out
+
+
+def measure() -> dict:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d)
+            runs = {name: run_scenario(raw) for name, raw in scenarios(tmp).items()}
+            return {"fingerprint": fingerprint(), "runs": runs, "private_metric": private_metrics(tmp)}
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    result = measure()
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else PINNED
+    out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    print(out)
