@@ -18,7 +18,7 @@ import ray
 import torch
 
 from actors.client_worker import peak_rss_mib
-from actors.messages import MaskedUpdate, PlainUpdate, SummedUpdates, local_dp_steps
+from actors.messages import MaskedUpdate, PlainUpdate, SummedUpdates
 from actors.privacy import UserLevelDP
 from actors.secagg.protocol import (
     AdvertiseKeys,
@@ -92,10 +92,7 @@ class Aggregator:
         if any(isinstance(m, MaskedUpdate) for m in messages):
             raise AggregationError(f"round {round_id}: a masked sum outside a secure-aggregation session")
         total, weight = weighted_sum(messages, self.n_params)
-        clients = sum(m.num_clients for m in messages)
-        metrics = {"clients": clients, **local_dp_steps(messages),
-                   "train_loss": sum(m.train_loss_sum for m in messages) / clients if clients else float("nan")}
-        return SummedUpdates(total, weight, metrics)
+        return SummedUpdates(total, weight, {"clients": sum(m.num_clients for m in messages)})
 
     def aggregate(self, round_id: int, global_params: np.ndarray, *messages: PlainUpdate) -> tuple[np.ndarray, dict]:
         """A plain round: new global parameters (n_params,) float32 and the round's server metrics."""

@@ -18,7 +18,7 @@ import numpy as np
 import ray
 import torch
 
-from actors.messages import MaskedUpdate, PlainUpdate
+from actors.messages import Diagnostics, MaskedUpdate, PlainUpdate
 from actors.privacy import UserLevelDP
 from actors.secagg.protocol import AdvertiseKeys, EncryptedShares, SecAggClient, UnmaskRequest, UnmaskShares
 from actors.secagg.quantize import add_mod, quantize
@@ -85,16 +85,17 @@ class ClientWorker:
 
     # ------------------------------------------------------------ training
     def train(self, round_index: int, global_params: np.ndarray, cids: Sequence[int],
-              inbox: dict[int, dict] | None = None) -> PlainUpdate | MaskedUpdate:
+              inbox: dict[int, dict] | None = None) -> tuple[PlainUpdate | MaskedUpdate, Diagnostics]:
         """Run the algorithm's client rule for every client in `cids`; sum their weighted updates.
         With secure aggregation (`inbox`: the encrypted shares routed to each client) the
-        clients' clipped updates are quantized and masked, and only the masked sum leaves."""
+        clients' clipped updates are quantized and masked, and only the masked sum leaves.
+        Returns (the message for the aggregator, the diagnostics for the driver)."""
         t0 = time.perf_counter()
         g = self._global(global_params)
         total = torch.zeros_like(g)
         masked = None if inbox is None else np.zeros(self.n_params, dtype=np.uint64)
         weight, loss_sum = 0.0, 0.0
-        steps_log: list[tuple[int, int, int]] = []
+        releases: list[tuple[int, int, int]] = []
         here = frozenset(int(c) for c in cids)   # clients summed in this message (their pair masks cancel)
         for chunk in self._chunks(list(cids)):
             clients = self._clients(chunk, round_index)
@@ -102,8 +103,8 @@ class ClientWorker:
             gens = [np_rng(self.cfg.seed, "local-batches", round_index, c) for c in chunk]
             updates, met = self.algorithm.client_update(self.model, g, xs, ys, gens, self.compute,
                                                         self.local_dp)  # (clients, n_params)
-            if self.local_dp is not None:
-                steps_log += [(int(c), int(t), len(y)) for c, t, y in zip(chunk, met["local_steps"], ys)]
+            if self.local_dp is not None:   # each client's noisy gradients, for its own ledger
+                releases += [(int(c), int(r), len(y)) for c, r, y in zip(chunk, met["local_releases"], ys)]
             # DP's client half: clipped with equal weights when bounded, else the algorithm's weights
             updates, w = self.dp.client_half(updates, [self.algorithm.client_weight(len(y)) for y in ys])
             if masked is not None:
@@ -114,11 +115,12 @@ class ClientWorker:
                 total += w @ updates
             weight += float(w.sum())
             loss_sum += float(met["train_loss"].sum())
-        ids, local = tuple(int(c) for c in cids), tuple(steps_log) if self.local_dp is not None else None
+        ids = tuple(int(c) for c in cids)
+        diag = Diagnostics(self.worker_id, len(ids), loss_sum, time.perf_counter() - t0,
+                           tuple(releases) if self.local_dp is not None else None)
         if masked is not None:
-            return MaskedUpdate(round_index, self.worker_id, masked, ids, loss_sum, time.perf_counter() - t0, local)
-        return PlainUpdate(round_index, self.worker_id, total.cpu().numpy(), weight, ids, loss_sum,
-                           time.perf_counter() - t0, local)
+            return MaskedUpdate(round_index, self.worker_id, masked, ids), diag
+        return PlainUpdate(round_index, self.worker_id, total.cpu().numpy(), weight, ids), diag
 
     # ------------------------------------------------------------ secure sums (client side)
     def secure_advertise(self, protocol_id: int, cids: Sequence[int], params: SecAggParams) -> list[AdvertiseKeys]:

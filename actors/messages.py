@@ -4,6 +4,10 @@ A worker sends ONE message per round (or per secure-sum session): sums over its 
 data. A plain update carries the float sum of weighted updates; a masked one carries the sum of
 the clients' quantized, masked vectors mod 2^b, which means nothing until the secure-sum session
 unmasks the total. Both reduce to a `SummedUpdates`, on which the server rule acts.
+
+What the protocol does not release stays out of the messages: the clients' training losses, their
+compute time and their local DP-SGD release counts are `Diagnostics`, which go from the worker to
+the driver only (a simulation's view of its clients that a real deployment would not have).
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-LocalDPSteps = tuple[tuple[int, int, int], ...]   # (client id, local steps, n_train) per client
+LocalDPReleases = tuple[tuple[int, int, int], ...]   # (client id, noisy gradients released, n_train)
 
 
 @dataclass(frozen=True)
@@ -23,9 +27,6 @@ class PlainUpdate:
     weighted_sum: np.ndarray                  # (n_params,) float32
     weight: float
     client_ids: tuple[int, ...]
-    train_loss_sum: float                     # sum over clients of their mean local loss
-    compute_s: float = 0.0
-    local_dp_steps: LocalDPSteps | None = None   # local DP-SGD: for each client's own accounting
 
     @property
     def num_clients(self) -> int:
@@ -41,9 +42,6 @@ class MaskedUpdate:
     worker: int
     masked_sum: np.ndarray                    # (dim,) uint64, each entry < 2^bits
     client_ids: tuple[int, ...]
-    train_loss_sum: float = 0.0
-    compute_s: float = 0.0
-    local_dp_steps: LocalDPSteps | None = None
 
     @property
     def num_clients(self) -> int:
@@ -60,7 +58,22 @@ class SummedUpdates:
     metrics: dict = field(default_factory=dict)
 
 
-def local_dp_steps(messages) -> dict:
-    """The clients' local DP-SGD step counts, passed on for their own accounting ({} when off)."""
-    logs = [m.local_dp_steps for m in messages if m.local_dp_steps is not None]
-    return {"local_dp_steps": [e for log in logs for e in log]} if logs else {}
+@dataclass(frozen=True)
+class Diagnostics:
+    """A worker's round as only the simulation sees it (to the driver, never to the aggregator)."""
+
+    worker: int
+    clients: int
+    train_loss_sum: float                     # sum over clients of their mean local loss
+    compute_s: float
+    local_dp_releases: LocalDPReleases | None = None   # local DP-SGD: each client's own accounting
+
+
+def round_diagnostics(diags) -> dict:
+    """The round's training loss and local DP-SGD releases from the workers' diagnostics."""
+    clients = sum(d.clients for d in diags)
+    out = {"train_loss": sum(d.train_loss_sum for d in diags) / clients if clients else float("nan")}
+    logs = [d.local_dp_releases for d in diags if d.local_dp_releases is not None]
+    if logs:
+        out["local_dp_releases"] = [e for log in logs for e in log]
+    return out

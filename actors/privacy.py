@@ -232,10 +232,11 @@ def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: 
 
 
 class LocalDPLedger:
-    """Each client's own budget for sample-level DP-SGD (privacy.local_dp): a local step is one
-    sampled Gaussian mechanism at rate batch / n_train on that client's data, so a client's
-    epsilon depends on its total local steps and its rate. `epsilon` is the worst client's, a
-    bound that holds for every individual in the federation. Plain counts, checkpointable."""
+    """Each client's own budget for sample-level DP-SGD (privacy.local_dp): every noisy gradient a
+    client releases is one sampled Gaussian mechanism at rate batch / n_train on its data (FedAvg
+    and Reptile release one per local step, FO-MAML two), so a client's epsilon depends on its
+    total releases and its rate. `epsilon` is the worst client's, a bound that holds for every
+    individual in the federation. Plain counts (kept as `steps`: releases), checkpointable."""
 
     def __init__(self, noise_multiplier: float, accountant: AccountantName = "rdp"):
         _positive("noise_multiplier", noise_multiplier)
@@ -244,9 +245,9 @@ class LocalDPLedger:
         self.steps: dict[int, int] = {}
         self.rates: dict[int, float] = {}
 
-    def record(self, cid: int, steps: int, sample_rate: float) -> None:
+    def record(self, cid: int, releases: int, sample_rate: float) -> None:
         _check_sample_rate(sample_rate)
-        self.steps[cid] = self.steps.get(cid, 0) + int(steps)
+        self.steps[cid] = self.steps.get(cid, 0) + int(releases)
         self.rates[cid] = sample_rate
 
     def epsilon(self, delta: float) -> float:
@@ -446,8 +447,8 @@ class RunAccounting:
         if self.accountant:
             self.accountant.step(self.dp.round_noise(metrics.get("secagg_survivors")), self.dp.sample_rate)
         if self.ledger:
-            for cid, steps, n_train in metrics.get("local_dp_steps", []):
-                self.ledger.record(cid, steps, min(1.0, self.local.batch_size / n_train))
+            for cid, releases, n_train in metrics.get("local_dp_releases", []):
+                self.ledger.record(cid, releases, min(1.0, self.local.batch_size / n_train))
 
     def epsilon(self) -> float | None:
         return self.accountant.epsilon(self.dp.delta) if self.accountant else None

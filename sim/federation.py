@@ -21,6 +21,7 @@ from ray.exceptions import RayTaskError
 
 from actors.aggregator import AggregatorActor, SecAggRoundAborted
 from actors.client_worker import LOSS_KEYS, ClientWorkerActor, peak_rss_mib
+from actors.messages import round_diagnostics
 from actors.privacy import mia_auc
 from actors.secagg.session import SecAggParams
 from sim.cluster import worker_resources
@@ -90,9 +91,10 @@ class Federation:
         alive, dropped = apply_dropout(self.cfg.seed, round_index, cohort, fed.dropout)
         g_ref = ray.put(global_params)
         if self.plan.secagg is None:
-            msgs = [w.train.remote(round_index, g_ref, shard)
-                    for w, shard in zip(self.workers, split_even(alive, len(self.workers)))]
-            new, metrics = ray.get(self.aggregator.aggregate.remote(round_index, g_ref, *msgs))
+            trained = [w.train.options(num_returns=2).remote(round_index, g_ref, shard)
+                       for w, shard in zip(self.workers, split_even(alive, len(self.workers)))]
+            new, metrics = ray.get(self.aggregator.aggregate.remote(round_index, g_ref, *[m for m, _ in trained]))
+            metrics.update(round_diagnostics(ray.get([d for _, d in trained])))
         else:
             new, metrics = self._secure_round(round_index, g_ref, cohort, alive, global_params)
         metrics["not_consenting"] = len(sampled) - len(cohort)
@@ -105,19 +107,24 @@ class Federation:
         (the hard case). Too many dropouts for the threshold abort the round: nothing is
         released and the model stays."""
         live = set(alive.tolist())
+        diagnostics = []     # to the driver only
 
         def train(worker, shard, inbox):   # a client trains on the worker that holds its protocol state
-            return worker.train.remote(round_index, g_ref, [c for c in shard if c in live], inbox)
+            msg, diag = worker.train.options(num_returns=2).remote(round_index, g_ref,
+                                                                   [c for c in shard if c in live], inbox)
+            diagnostics.append(diag)
+            return msg
 
         try:
             summed = self._secure_sum(round_index, cohort.tolist(), self.plan.secagg, self.plan.n_params,
                                       "secagg-server", train)
-            return ray.get(self.aggregator.apply_sum.remote(round_index, g_ref, summed))
+            new, metrics = ray.get(self.aggregator.apply_sum.remote(round_index, g_ref, summed))
         except RayTaskError as e:
             cause = e.as_instanceof_cause()
             if not isinstance(cause, SecAggRoundAborted):
                 raise
             return global_params, {"skipped": True, "aborted": str(cause.args[0] if cause.args else cause)}
+        return new, {**metrics, **round_diagnostics(ray.get(diagnostics))}
 
     def _secure_sum(self, protocol_id: int, clients: list[int], params: SecAggParams, dim: int, graph_stream: str,
                     contribute: Callable) -> ray.ObjectRef:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from actors.messages import MaskedUpdate, SummedUpdates, local_dp_steps
+from actors.messages import MaskedUpdate, SummedUpdates
 from actors.secagg.protocol import AdvertiseKeys, EncryptedShares, SecAggServer, UnmaskRequest, UnmaskShares
 from actors.secagg.quantize import check_no_overflow, dequantize
 
@@ -65,7 +65,7 @@ class SecureSum:
                  rng: np.random.Generator):
         self.params = params
         self.server = SecAggServer(protocol_id, clients, params.neighbors, params.threshold, params.bits, dim, rng)
-        self._contributed: dict = {}
+        self._clients = 0
 
     def placement(self) -> list[int]:
         """The ring placement of the mask graph (known before any key: hosts place neighbours together)."""
@@ -83,16 +83,13 @@ class SecureSum:
         """Phase 2: add the workers' masked sums; name the survivors and the dropped."""
         for m in messages:
             self.server.receive_masked_sum(m.client_ids, m.masked_sum)
-        self._contributed = {"clients": sum(m.num_clients for m in messages), **local_dp_steps(messages),
-                             "train_loss_sum": sum(m.train_loss_sum for m in messages)}
+        self._clients = sum(m.num_clients for m in messages)
         return self.server.close_masked()
 
     def unmask(self, reveals: Iterable[UnmaskShares]) -> SummedUpdates:
         """Phase 3: unmask the sum from the revealed shares and decode it; its weight is the
         number of survivors (each contributed weight 1)."""
         total = dequantize(self.server.unmask(reveals), self.params.step, self.params.bits)   # float64
-        c = self._contributed
-        metrics = {"clients": c["clients"], "train_loss": c["train_loss_sum"] / max(c["clients"], 1),
-                   **{k: v for k, v in c.items() if k == "local_dp_steps"},
-                   "secagg_survivors": len(self.server.survivors), "secagg_dropped": len(self.server.dropped)}
+        metrics = {"clients": self._clients, "secagg_survivors": len(self.server.survivors),
+                   "secagg_dropped": len(self.server.dropped)}
         return SummedUpdates(total, float(len(self.server.survivors)), metrics)

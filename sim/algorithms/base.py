@@ -46,20 +46,25 @@ class Algorithm(ABC):
                       ys: Sequence[torch.Tensor], gens: Sequence[np.random.Generator],
                       path: Literal["vmap", "loop"], local_dp: LocalDP | None = None) -> tuple[torch.Tensor, dict]:
         """Updates (clients, n_params) = local - global for a cohort, and metrics. With `local_dp`
-        every local gradient is a DP-SGD one (loop path; its noise comes from each client's stream)."""
+        every local gradient is a DP-SGD one (loop path; its noise comes from each client's stream)
+        and `local_releases` counts each client's noisy gradients."""
         per_client = [self.schedules(len(y), g) for y, g in zip(ys, gens)]
         streams = [[pc[k] for pc in per_client] for k in range(self.batches_per_step)]
         if local_dp is not None:
             if path != "loop":
                 raise ValueError("local DP-SGD runs on the loop path")
             noise = [torch.Generator(global_flat.device).manual_seed(int(g.integers(2**63))) for g in gens]
+            releases: list[int] = []
             local, loss = train_loop(model, self.step, global_flat, xs, ys, streams, self.cfg.batch_size,
-                                     self.cfg.privacy_lambda, local_dp, noise)
+                                     self.cfg.privacy_lambda, local_dp, noise, releases)
+            metrics = {"local_releases": torch.tensor(releases)}
         else:
             train = train_vmap if path == "vmap" else train_loop
             local, loss = train(model, self.step, global_flat, xs, ys, streams, self.cfg.batch_size,
                                 self.cfg.privacy_lambda)
-        return local - global_flat, {"train_loss": loss, "local_steps": torch.tensor([len(s) for s in streams[0]])}
+            metrics = {}
+        steps = torch.tensor([len(s) for s in streams[0]])
+        return local - global_flat, {"train_loss": loss, "local_steps": steps, **metrics}
 
     # ------------------------------------------------------------ server rule
     def server_update(self, global_flat: torch.Tensor, mean_update: torch.Tensor) -> tuple[torch.Tensor, dict]:

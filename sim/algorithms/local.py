@@ -127,12 +127,15 @@ class LocalDP:
     noise_multiplier: float
 
 
-def dp_sgd_grad(gsm: nn.Module, dp: LocalDP, gen: torch.Generator, lam: float = 0.0) -> GradFn:
+def dp_sgd_grad(gsm: nn.Module, dp: LocalDP, gen: torch.Generator, lam: float = 0.0,
+                on_release: Callable[[], None] | None = None) -> GradFn:
     """DP-SGD gradient of one client on the loop path. `gsm` is Opacus' GradSampleModule around a
     private copy of the model (loss_reduction="sum"): its hooks turn each layer's activations and
     backprops into per-sample gradients (`p.grad_sample`). Each is clipped to `dp.clip`, they are
     summed, Gaussian noise from the client's own generator is added, and the sum is divided by the
-    batch size. The client's parameters are swapped into the module's storage as in `module_grad`."""
+    batch size. The client's parameters are swapped into the module's storage as in `module_grad`.
+    `on_release` is called once per noisy gradient: what the client's privacy ledger counts (an
+    algorithm may take several gradients per local step, e.g. FO-MAML two)."""
     plist = list(gsm.parameters())
 
     def g(params: Params, x, y, m):
@@ -151,6 +154,8 @@ def dp_sgd_grad(gsm: nn.Module, dp: LocalDP, gen: torch.Generator, lam: float = 
         for k, p in zip(params, plist):
             noise = torch.randn(p.shape, generator=gen, device=p.device) * (dp.noise_multiplier * dp.clip)
             out[k] = (torch.tensordot(scale, p.grad_sample, dims=1) + noise) / size
+        if on_release is not None:
+            on_release()
         return out, (per_sample.detach() * m).sum() / size
     return g
 
@@ -222,9 +227,10 @@ def train_loop(model: nn.Module, step: StepFn, global_flat: torch.Tensor,
                xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor],
                schedules: Sequence[Sequence[Sequence[np.ndarray]]], batch_size: int, lam: float = 0.0,
                local_dp: LocalDP | None = None, noise_gens: Sequence[torch.Generator] | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               releases: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `train_vmap`, one client at a time with exact-size batches. With
-    `local_dp`, every gradient is a DP-SGD gradient drawing noise from the client's `noise_gens[i]`."""
+    `local_dp`, every gradient is a DP-SGD gradient drawing noise from the client's `noise_gens[i]`,
+    and `releases` (if given) receives each client's number of noisy gradients."""
     device = global_flat.device
     shapes = param_shapes(model)
     ops = Ops(module_grad(model, lam), sgd_)
@@ -232,10 +238,14 @@ def train_loop(model: nn.Module, step: StepFn, global_flat: torch.Tensor,
     out, losses = [], []
     for i, (x, y) in enumerate(zip(xs, ys)):
         if local_dp is not None:
-            ops = Ops(dp_sgd_grad(gsm, local_dp, noise_gens[i], lam), sgd_)
+            count = [0]
+
+            def released(count=count) -> None:
+                count[0] += 1
+            ops = Ops(dp_sgd_grad(gsm, local_dp, noise_gens[i], lam, released), sgd_)
         x, y = _fast_layout(x.to(device)), y.to(device)
         params = {k: v.clone(memory_format=_fast_format(v)) for k, v in unflatten(global_flat, shapes).items()}
-        total, count = torch.zeros((), device=device), 0
+        total, steps = torch.zeros((), device=device), 0
         for batch_idx in zip(*(sched[i] for sched in schedules)):
             batches = []
             for b in batch_idx:
@@ -243,9 +253,11 @@ def train_loop(model: nn.Module, step: StepFn, global_flat: torch.Tensor,
                 batches.append((x[bt], y[bt], torch.ones(len(b), device=device)))
             params, loss = step(ops, params, batches)
             total += loss                                  # stays on the device: no sync per step
-            count += 1
+            steps += 1
         out.append(flatten(params).detach())
-        losses.append(total / max(count, 1))
+        losses.append(total / max(steps, 1))
+        if local_dp is not None and releases is not None:
+            releases.append(count[0])
     return torch.stack(out), torch.stack(losses)
 
 

@@ -8,7 +8,7 @@ from sim.config import AlgorithmConfig
 
 
 def msg(rnd, worker, vec, weight, ids):
-    return PlainUpdate(rnd, worker, np.asarray(vec, dtype=np.float32), weight, tuple(ids), 1.0 * len(ids))
+    return PlainUpdate(rnd, worker, np.asarray(vec, dtype=np.float32), weight, tuple(ids))
 
 
 def test_weighted_mean_and_server_lr():
@@ -17,7 +17,7 @@ def test_weighted_mean_and_server_lr():
     # worker 0: two clients, weights 1 and 3, updates (1,1,1) and (2,0,0) -> sum (7,1,1), weight 4
     new, met = agg.aggregate(0, g, msg(0, 0, [7, 1, 1], 4.0, [0, 1]), msg(0, 1, [1, 3, 3], 4.0, [5]))
     np.testing.assert_allclose(new, g + 0.5 * np.array([8, 4, 4]) / 8.0, rtol=1e-6)
-    assert met["clients"] == 3 and met["train_loss"] == pytest.approx(1.0) and not met["skipped"]
+    assert met["clients"] == 3 and not met["skipped"] and "train_loss" not in met   # losses stay with the driver
 
 
 def test_no_survivors_keeps_model():

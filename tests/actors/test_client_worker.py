@@ -16,7 +16,8 @@ def worker():
 def test_message_is_the_weighted_sum_of_client_updates(worker):
     g = torch.as_tensor(np.random.default_rng(0).normal(0, 0.1, worker.n_params), dtype=torch.float32)
     ids = [3, 11, 25]
-    m = worker.train(5, g.numpy(), ids)
+    m, diag = worker.train(5, g.numpy(), ids)
+    assert diag.clients == 3 and diag.train_loss_sum > 0 and diag.local_dp_releases is None
     assert m.round_id == 5 and m.client_ids == tuple(ids) and m.num_clients == 3
     expected = torch.zeros_like(g)
     weight = 0.0
@@ -39,7 +40,7 @@ def test_vmap_and_loop_workers_agree():
         w = ClientWorker(from_dict(raw))
         assert w.compute == compute
         g = np.zeros(w.n_params, np.float32) + 0.01
-        msgs.append(w.train(0, g, [0, 1, 2, 3, 4]))
+        msgs.append(w.train(0, g, [0, 1, 2, 3, 4])[0])
     np.testing.assert_allclose(msgs[0].weighted_sum, msgs[1].weighted_sum, atol=1e-5)
 
 

@@ -288,6 +288,6 @@ def test_accounting_facts_are_what_summary_and_card_report():
     assert off == {"mode": "off", "differential_privacy": False, "epsilon": None, "delta": None,
                    "noise_multiplier": None, "clip_norm": None, "accountant": None, "sample_rate": 0.1, "local_dp": None}
     acc = RunAccounting(UserLevelDP(sample_rate=0.1), SampleLevelDP(clip=1.0, noise_multiplier=0.8, batch_size=8))
-    acc.record_round({"local_dp_steps": [(3, 4, 16), (5, 4, 16)]})
+    acc.record_round({"local_dp_releases": [(3, 4, 16), (5, 4, 16)]})
     assert acc.facts()["local_dp"] == {"clip": 1.0, "noise_multiplier": 0.8,
                                        "epsilon": pytest.approx(epsilon_for(0.8, 0.5, 4, 1e-5))}

@@ -31,7 +31,7 @@ def secure_round(workers, agg, p, g, rnd, cohort, alive):
     pairs = list(zip(workers, split_even(np.array(ring), 2)))
     keys = agg.secure_keys(rnd, *[w.secure_advertise(rnd, sh, p) for w, sh in pairs])
     inbox = agg.secure_route(rnd, *[w.secure_share(rnd, keys) for w, sh in pairs])
-    msgs = [w.train(rnd, g, [c for c in sh if c in alive], inbox) for w, sh in pairs]
+    msgs = [w.train(rnd, g, [c for c in sh if c in alive], inbox)[0] for w, sh in pairs]
     request = agg.secure_collect(rnd, *msgs)
     summed = agg.secure_unmask(rnd, *[w.secure_unmask(rnd, request) for w, _ in pairs])
     new, metrics = agg.apply_sum(rnd, g, summed)

@@ -62,8 +62,11 @@ def test_table_end_to_end(ray_session, tmp_path):
         group = {int(m) for m in members.split()}
         assert len(group) == 3 and group <= evaluated
     assert (per[per.method.isin(["BaseLine-n-30", "SingleSa.Group-SG-n-30"])].added_samples == 30).all()
-    shaping = [r for r in rows if r["group"] == "shaping"]
-    assert sorted(r["rank_acc_DI"] for r in shaping)[0] == 1
+    for group in ("shaping", "grouping"):   # ranks within each block follow the mean accuracies
+        block = [r for r in rows if r["group"] == group]
+        for r in block:
+            assert r["rank_acc_DI"] == 1 + sum(o["acc_DI"] > r["acc_DI"] for o in block)
+            assert r["rank_acc_DG"] == 1 + sum(o["acc_DG"] > r["acc_DG"] for o in block)
 
 
 def test_table_refuses_groups_larger_than_the_consenting_pool(ray_session, tmp_path):
