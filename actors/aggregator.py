@@ -31,7 +31,7 @@ from actors.secagg.protocol import (
 from actors.secagg.session import SecAggParams, SecureSum
 from sim.algorithms import build_algorithm
 from sim.config import AlgorithmConfig
-from sim.seeding import np_rng, torch_gen
+from sim.seeding import Secrets, np_rng
 
 
 class AggregationError(RuntimeError):
@@ -55,12 +55,13 @@ def weighted_sum(messages: Sequence[PlainUpdate], n_params: int) -> tuple[np.nda
 
 class Aggregator:
     def __init__(self, algorithm: AlgorithmConfig | dict, n_params: int, dp: UserLevelDP | None = None,
-                 seed: int = 0, secure: bool = False):
+                 seed: int = 0, secure: bool = False, secrets: Secrets | None = None):
         cfg = algorithm if isinstance(algorithm, AlgorithmConfig) else AlgorithmConfig.model_validate(algorithm)
         self.algorithm = build_algorithm(cfg)
         self.n_params = n_params
         self.dp = dp or UserLevelDP()
         self.seed = seed
+        self.secrets = secrets or Secrets.fresh(seed)  # the server's own: central and metric noise
         self.secure = secure                          # training rounds must arrive masked
         self._sessions: dict[int, SecureSum] = {}     # open secure sums by protocol round
         self.rounds_done = 0
@@ -102,13 +103,13 @@ class Aggregator:
     def apply_sum(self, round_id: int, global_params: np.ndarray, summed: SummedUpdates) -> tuple[np.ndarray, dict]:
         """DP server half, then the server rule; the round's sum may come plain or unmasked."""
         metrics = dict(summed.metrics)
-        if summed.weight <= 0:
+        if summed.weight <= 0 and not self.dp.noise_without_clients:
             # every sampled client dropped out: the round completes and the model stays
             metrics.update(skipped=True, update_norm=0.0)
             return np.asarray(global_params, dtype=np.float32).copy(), metrics
         g = torch.tensor(global_params, dtype=torch.float32)
         mean, dp_metrics = self.dp.server_half(torch.as_tensor(summed.total, dtype=torch.float32), summed.weight,
-                                               torch_gen(self.seed, "dp-noise", round_id))
+                                               self.secrets.torch_gen("dp-noise", round_id))
         metrics.update(dp_metrics)
         new, server_metrics = self.algorithm.server_update(g, mean)
         if not torch.isfinite(new).all():
@@ -167,7 +168,7 @@ class Aggregator:
         out = {"count": count}
         for key in ("acc_global_DI", "acc_personalized_DI"):
             total = torch.tensor(float(sum(p[key] for p in parts)))
-            total = self.dp.noisy_sum(total, torch_gen(self.seed, "metric", key, round_id))
+            total = self.dp.noisy_sum(total, self.secrets.torch_gen("metric", key, round_id))
             out[key] = float(total) / max(count, 1)
         return out
 

@@ -29,7 +29,7 @@ from sim.config import AlgorithmConfig, ExperimentConfig, from_dict
 from sim.data import build_dataset
 from sim.data.drift import DriftedDataset, data_for_round
 from sim.models import build_model, num_params
-from sim.seeding import np_rng
+from sim.seeding import Secrets, np_rng
 
 # Per-sample losses an evaluation returns for the membership-inference audit.
 LOSS_KEYS = ("loss_global_train", "loss_global_test", "loss_personalized_train", "loss_personalized_test")
@@ -46,9 +46,12 @@ class ClientWorker:
     user-level DP (the driver resolves it once); without it, DP is off."""
 
     def __init__(self, cfg: ExperimentConfig | dict, worker_id: int = 0, dp: UserLevelDP | None = None,
-                 device: str | None = None):
+                 device: str | None = None, secrets: Secrets | None = None):
         self.cfg = cfg if isinstance(cfg, ExperimentConfig) else from_dict(cfg)
         self.worker_id = worker_id
+        # the clients' secret randomness (keys, masks, rounding, noise); public streams use the seed
+        self.secrets = secrets or (Secrets.seeded(self.cfg.seed) if self.cfg.run.seeded_secrets
+                                   else Secrets.fresh(self.cfg.seed))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.data = build_dataset(self.cfg.data, self.cfg.seed)
         # the same individuals after the drift, from data.drift.at_round on
@@ -101,8 +104,8 @@ class ClientWorker:
             clients = self._clients(chunk, round_index)
             xs, ys = [c.x_train for c in clients], [c.y_train for c in clients]
             gens = [np_rng(self.cfg.seed, "local-batches", round_index, c) for c in chunk]
-            updates, met = self.algorithm.client_update(self.model, g, xs, ys, gens, self.compute,
-                                                        self.local_dp)  # (clients, n_params)
+            updates, met = self.algorithm.client_update(self.model, g, xs, ys, gens, self.compute, self.local_dp,
+                                                        self._local_noise(round_index, chunk))  # (clients, n_params)
             if self.local_dp is not None:   # each client's noisy gradients, for its own ledger
                 releases += [(int(c), int(r), len(y)) for c, r, y in zip(chunk, met["local_releases"], ys)]
             # DP's client half: clipped with equal weights when bounded, else the algorithm's weights
@@ -122,12 +125,19 @@ class ClientWorker:
             return MaskedUpdate(round_index, self.worker_id, masked, ids), diag
         return PlainUpdate(round_index, self.worker_id, total.cpu().numpy(), weight, ids), diag
 
+    def _local_noise(self, round_index: int, chunk: Sequence[int]) -> list[torch.Generator] | None:
+        """Each client's secret DP-SGD noise stream (None: seeded secrets, where the noise follows
+        the client's batch stream as it always has)."""
+        if self.local_dp is None or self.secrets.is_seeded:
+            return None
+        return [self.secrets.torch_gen("local-dp-noise", round_index, c, device=self.device) for c in chunk]
+
     # ------------------------------------------------------------ secure sums (client side)
     def secure_advertise(self, protocol_id: int, cids: Sequence[int], params: SecAggParams) -> list[AdvertiseKeys]:
         """Phase 0: every client of this shard makes its key pairs (its state lives here, as on its
         device). One session is open at a time: a new one forgets an aborted one."""
         clients = {int(c): SecAggClient(int(c), protocol_id, params.bits, params.threshold,
-                                        np_rng(self.cfg.seed, "secagg-client", protocol_id, int(c))) for c in cids}
+                                        self.secrets.np_rng("secagg-client", protocol_id, int(c))) for c in cids}
         self._session = {protocol_id: (params, clients)}
         return [client.advertise() for client in clients.values()]
 
@@ -150,11 +160,11 @@ class ClientWorker:
         p, clients = self._session[protocol_id]
         total = np.zeros(dim, dtype=np.uint64)
         for c, v in rows:
-            q = quantize(v, p.clip, p.step, p.bits, np_rng(self.cfg.seed, quantize_stream, protocol_id, c))
+            q = quantize(v, p.clip, p.step, p.bits, self.secrets.np_rng(quantize_stream, protocol_id, c))
             if dp_shares and self.dp.share_noise_multiplier > 0:
                 # this client's Skellam share, in quantization steps, before masking, so the sum the
                 # aggregator unmasks is already private (two's complement into Z_2^b)
-                noise = self.dp.noise_share(len(q), p.step, np_rng(self.cfg.seed, "dp-noise-share", protocol_id, c))
+                noise = self.dp.noise_share(len(q), p.step, self.secrets.np_rng("dp-noise-share", protocol_id, c))
                 q = add_mod(q, noise.astype(np.uint64) & np.uint64((1 << p.bits) - 1), p.bits)
             total = add_mod(total, clients[c].masked_input(q, inbox.get(c, {}), cancels=here).y, p.bits)
         return total
@@ -234,6 +244,7 @@ class ClientWorkerActor(ClientWorker):
     """Ray actor over ClientWorker. Torch math runs with as many threads as CPUs the actor asked
     for (at least one), so N single-CPU actors use N cores without oversubscription."""
 
-    def __init__(self, cfg: dict, worker_id: int, num_threads: int = 1, dp: UserLevelDP | None = None):
+    def __init__(self, cfg: dict, worker_id: int, num_threads: int = 1, dp: UserLevelDP | None = None,
+                 secrets: Secrets | None = None):
         torch.set_num_threads(max(1, num_threads))
-        super().__init__(cfg, worker_id, dp)
+        super().__init__(cfg, worker_id, dp, secrets=secrets)

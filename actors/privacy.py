@@ -29,6 +29,8 @@ No global RNG is used: randomness comes only from the generator passed in (see `
 """
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -170,6 +172,34 @@ def effective_noise_multiplier(noise_multiplier: float, expected_clients: int, s
     return noise_multiplier * math.sqrt(survivors / expected_clients)
 
 
+# ---------------------------------------------------------------- how cohorts are drawn
+@dataclass(frozen=True)
+class Sampling:
+    """How a round's cohort is drawn, which decides the accounting and the adjacency the guarantee
+    is stated for. Poisson: each of `population` users joins independently with rate
+    cohort / population (a variable cohort, `cohort` in expectation); neighbouring federations
+    differ by adding or removing one user. Fixed: exactly `cohort` users drawn without
+    replacement; the bound is for replacing one user (adding one would change the population)."""
+
+    kind: Literal["poisson", "fixed"] = "poisson"
+    population: int = 1
+    cohort: int = 1
+
+    def __post_init__(self):
+        if self.kind not in ("poisson", "fixed"):
+            raise ValueError(f"sampling: expected poisson or fixed, got {self.kind!r}")
+        if not 1 <= self.cohort <= self.population:
+            raise ValueError(f"cohort: must be in [1, population = {self.population}], got {self.cohort}")
+
+    @property
+    def rate(self) -> float:
+        return self.cohort / self.population
+
+    @property
+    def adjacency(self) -> str:
+        return "add/remove one user" if self.kind == "poisson" else "replace one user"
+
+
 # ---------------------------------------------------------------- accounting (Opacus)
 class PrivacyAccountant:
     """Composes rounds of the subsampled Gaussian mechanism with an Opacus accountant.
@@ -218,13 +248,89 @@ class PrivacyAccountant:
         return acc
 
 
+@functools.lru_cache(maxsize=512)
+def _without_replacement_step_rdp(population: int, cohort: int, noise_multiplier: float) -> tuple:
+    """RDP (over dp-accounting's default orders) of one round: a fixed-size cohort drawn without
+    replacement, Gaussian noise z*C on a sum whose replace-one sensitivity is 2C, i.e. noise
+    multiplier z/2 (Wang, Balle & Kasiviswanathan 2019, as implemented in `dp-accounting`)."""
+    import dp_accounting as dpa
+    from dp_accounting.rdp import RdpAccountant
+
+    acc = RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
+    acc.compose(dpa.SampledWithoutReplacementDpEvent(population, cohort, dpa.GaussianDpEvent(noise_multiplier / 2)))
+    return tuple(acc._orders), tuple(acc._rdp)   # one step's RDP: composing T steps multiplies it by T
+
+
+class FixedCohortAccountant:
+    """Composes rounds of fixed-size cohorts (sampling without replacement) under replace-one
+    adjacency: RDP adds up over rounds, then converts to (epsilon, delta). The same interface and
+    checkpointable `history` of (z, q, steps) runs as `PrivacyAccountant`."""
+
+    accountant = "rdp"
+
+    def __init__(self, sampling: Sampling):
+        self.sampling = sampling
+        self.history: list[list] = []
+
+    def step(self, noise_multiplier: float, sample_rate: float | None = None) -> None:
+        _positive("noise_multiplier", noise_multiplier)
+        z, q = float(noise_multiplier), self.sampling.rate
+        if self.history and self.history[-1][:2] == [z, q]:
+            self.history[-1][2] += 1
+        else:
+            self.history.append([z, q, 1])
+
+    @property
+    def steps(self) -> int:
+        return sum(n for _, _, n in self.history)
+
+    def epsilon(self, delta: float) -> float:
+        from dp_accounting.rdp import compute_epsilon
+
+        _check_delta(delta)
+        if not self.history:
+            return 0.0
+        total, orders = 0.0, None
+        for z, _, n in self.history:
+            orders, rdp = _without_replacement_step_rdp(self.sampling.population, self.sampling.cohort, z)
+            total = total + n * np.asarray(rdp)
+        return float(compute_epsilon(orders, total, delta)[0])
+
+    def state_dict(self) -> dict:
+        s = self.sampling
+        return {"accountant": "rdp", "history": [list(h) for h in self.history],
+                "sampling": {"kind": s.kind, "population": s.population, "cohort": s.cohort}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("sampling") != self.state_dict()["sampling"]:
+            raise ValueError(f"sampling: state is for {state.get('sampling')}, this accountant is for "
+                             f"{self.state_dict()['sampling']}")
+        self.history = [[float(z), float(q), int(n)] for z, q, n in state["history"]]
+
+
+def make_accountant(accountant: AccountantName, sampling: Sampling | None = None):
+    """The accountant for how cohorts are drawn: Opacus' (RDP or PRV) for Poisson sampling,
+    dp-accounting's without-replacement RDP for fixed-size cohorts."""
+    if sampling is None or sampling.kind == "poisson":
+        return PrivacyAccountant(accountant)
+    if accountant != "rdp":
+        raise ValueError(f"privacy.accountant: {accountant!r} accounts Poisson sampling only; fixed-size cohorts "
+                         "(federation.sampling: fixed) are accounted with 'rdp'")
+    return FixedCohortAccountant(sampling)
+
+
 def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                accountant: AccountantName = "rdp") -> float:
-    """Epsilon after ``steps`` rounds at fixed (z, q): identical to stepping an accountant T times."""
+                accountant: AccountantName = "rdp", sampling: Sampling | None = None) -> float:
+    """Epsilon after ``steps`` rounds at fixed (z, q): identical to stepping an accountant T times.
+    With a fixed-size `sampling`, its population and cohort define the rounds (q is theirs)."""
     _positive("noise_multiplier", noise_multiplier)
     _check_sample_rate(sample_rate)
     if steps < 1:
         raise ValueError(f"steps: must be >= 1, got {steps}")
+    if sampling is not None and sampling.kind == "fixed":
+        acc = make_accountant(accountant, sampling)
+        acc.history = [[float(noise_multiplier), sampling.rate, int(steps)]]
+        return acc.epsilon(delta)
     # One merged history run is exactly what T identical Opacus steps leave behind.
     acc = PrivacyAccountant(accountant)
     acc.load_state_dict({"accountant": accountant, "history": [[noise_multiplier, sample_rate, steps]]})
@@ -268,7 +374,8 @@ class LocalDPLedger:
 
 
 def noise_for(target_epsilon: float, sample_rate: float, steps: int, delta: float,
-              accountant: AccountantName = "rdp", epsilon_tolerance: float = 0.01) -> float:
+              accountant: AccountantName = "rdp", epsilon_tolerance: float = 0.01,
+              sampling: Sampling | None = None) -> float:
     """Smallest z (to Opacus' bisection tolerance) whose epsilon after ``steps`` rounds is <= target.
 
     Opacus' ``get_noise_multiplier`` returns the upper end of its bracket, so the budget is never
@@ -280,6 +387,9 @@ def noise_for(target_epsilon: float, sample_rate: float, steps: int, delta: floa
     _check_accountant(accountant)
     if steps < 1:
         raise ValueError(f"steps: must be >= 1, got {steps}")
+    if sampling is not None and sampling.kind == "fixed":
+        return _bisect_noise(lambda z: epsilon_for(z, sampling.rate, steps, delta, accountant, sampling),
+                             target_epsilon, epsilon_tolerance)
     from opacus.accountants.utils import get_noise_multiplier
 
     with warnings.catch_warnings():
@@ -288,6 +398,27 @@ def noise_for(target_epsilon: float, sample_rate: float, steps: int, delta: floa
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
                                           steps=steps, accountant=accountant, epsilon_tolerance=epsilon_tolerance))
+
+
+def _bisect_noise(eps_of, target: float, tolerance: float, z_max: float = 1e3) -> float:
+    """The upper end of a bisection bracket on z with eps_of(z) <= target, narrowed until its
+    epsilon lies within `tolerance` below the target (Opacus' rule for its own search)."""
+    lo, hi = 0.0, 1.0
+    while eps_of(hi) > target:
+        lo, hi = hi, 2 * hi
+        if hi > z_max:
+            raise ValueError(f"no noise multiplier up to {z_max:g} reaches epsilon {target}")
+    while True:
+        mid = (lo + hi) / 2
+        eps = eps_of(mid)
+        if eps <= target:
+            hi = mid
+            if target - eps <= tolerance:
+                return hi
+        else:
+            lo = mid
+        if hi - lo < 1e-9:
+            return hi
 
 
 def budget_spent(accountant: PrivacyAccountant, target_epsilon: float, delta: float,
@@ -299,7 +430,7 @@ def budget_spent(accountant: PrivacyAccountant, target_epsilon: float, delta: fl
     """
     _positive("target_epsilon", target_epsilon)
     if next_round is not None:
-        accountant = PrivacyAccountant.from_state_dict(accountant.state_dict())
+        accountant = copy.deepcopy(accountant)
         accountant.step(*next_round)
     return accountant.epsilon(delta) > target_epsilon
 
@@ -337,23 +468,28 @@ class UserLevelDP:
     clip_norm: float = 1.0
     noise_multiplier: float = 0.0     # z, resolved from the config or from target_epsilon
     expected_clients: int = 1         # the planned cohort: DP-FedAvg's fixed denominator
-    sample_rate: float = 1.0          # q = cohort / population, what the accountant is stepped with
+    sampling: Sampling = Sampling()   # how cohorts are drawn: what the accountant composes
     delta: float = 1e-5
     accountant: AccountantName = "rdp"
     target_epsilon: float | None = None
     bound_updates: bool = False
 
     @classmethod
-    def from_config(cls, p, sample_rate: float, rounds: int, expected_clients: int,
-                    secure: bool = False) -> UserLevelDP:
+    def from_config(cls, p, sampling: Sampling, rounds: int, secure: bool = False) -> UserLevelDP:
         """`p` is a `sim.config.PrivacyConfig`. Raises ValueError naming the key when a target
-        epsilon cannot be met in `rounds` rounds."""
-        return cls(p.mode, p.clip_norm, _resolve_noise(p, sample_rate, rounds), expected_clients, sample_rate,
+        epsilon cannot be met in `rounds` rounds, or the accountant cannot account the sampling."""
+        if p.mode != "off":
+            make_accountant(p.accountant, sampling)      # refuses PRV for fixed-size cohorts
+        return cls(p.mode, p.clip_norm, _resolve_noise(p, sampling, rounds), sampling.cohort, sampling,
                    p.delta, p.accountant, p.target_epsilon, bound_updates=p.mode != "off" or secure)
 
     @property
     def enabled(self) -> bool:
         return self.mode != "off"
+
+    @property
+    def sample_rate(self) -> float:
+        return self.sampling.rate
 
     # ------------------------------------------------------------ client half
     def client_half(self, updates: torch.Tensor, natural_weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -376,6 +512,12 @@ class UserLevelDP:
         return distributed_noise_share(n, self.clip_norm, self.noise_multiplier, self.expected_clients, step, rng)
 
     # ------------------------------------------------------------ server half
+    @property
+    def noise_without_clients(self) -> bool:
+        """Central DP releases its noise even when nobody was sampled (a Poisson cohort can be
+        empty): skipping the round would reveal that no one took part."""
+        return self.mode == "central"
+
     def server_half(self, total: torch.Tensor, weight: float, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
         """The mean update from the sum: central noise z*C added (central mode), divided by the
         planned cohort size under DP (not the data-dependent weight that reported)."""
@@ -397,9 +539,9 @@ class UserLevelDP:
         return self.noise_multiplier
 
 
-def _resolve_noise(p, sample_rate: float, rounds: int) -> float:
+def _resolve_noise(p, sampling: Sampling, rounds: int) -> float:
     """0 without DP, the configured z, or the smallest z whose epsilon after all `rounds` stays
-    within `target_epsilon` (Opacus' search)."""
+    within `target_epsilon` (Opacus' search for Poisson sampling, a bisection for fixed cohorts)."""
     from sim.config import DEFAULT_NOISE_MULTIPLIER
 
     if p.mode == "off":
@@ -407,10 +549,10 @@ def _resolve_noise(p, sample_rate: float, rounds: int) -> float:
     if p.target_epsilon is None:
         return p.noise_multiplier if p.noise_multiplier is not None else DEFAULT_NOISE_MULTIPLIER
     try:
-        return noise_for(p.target_epsilon, sample_rate, rounds, p.delta, p.accountant)
+        return noise_for(p.target_epsilon, sampling.rate, rounds, p.delta, p.accountant, sampling=sampling)
     except ValueError as e:
         raise ValueError(f"privacy.target_epsilon: {p.target_epsilon} is out of reach in {rounds} rounds "
-                         f"at sample rate {sample_rate:.4g} ({e})") from None
+                         f"at sample rate {sampling.rate:.4g} ({sampling.kind} sampling; {e})") from None
 
 
 @dataclass(frozen=True)
@@ -428,7 +570,7 @@ class RunAccounting:
 
     def __init__(self, dp: UserLevelDP, local: SampleLevelDP | None = None):
         self.dp, self.local = dp, local
-        self.accountant = PrivacyAccountant(dp.accountant) if dp.enabled else None
+        self.accountant = make_accountant(dp.accountant, dp.sampling) if dp.enabled else None
         self.ledger = LocalDPLedger(local.noise_multiplier, dp.accountant) if local else None
 
     def budget_stop(self) -> str | None:
@@ -463,7 +605,8 @@ class RunAccounting:
         return {"mode": dp.mode, "differential_privacy": on, "epsilon": self.epsilon(),
                 "delta": dp.delta if on else None, "noise_multiplier": dp.noise_multiplier if on else None,
                 "clip_norm": dp.clip_norm if on else None, "accountant": dp.accountant if on else None,
-                "sample_rate": dp.sample_rate,
+                "sample_rate": dp.sample_rate, "sampling": dp.sampling.kind,
+                "adjacency": dp.sampling.adjacency if on else None,
                 "local_dp": ({"clip": local.clip, "noise_multiplier": local.noise_multiplier,
                               "epsilon": self.local_epsilon()} if local else None)}
 

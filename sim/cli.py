@@ -47,7 +47,8 @@ def summary_line(summary: dict) -> str:
     privacy = []
     if summary.get("epsilon") is not None:
         privacy.append(f"DP epsilon {summary['epsilon']:.3g} at delta {summary['delta']:g} "
-                       f"(z={summary['noise_multiplier']:.3g}, C={summary['clip_norm']:g})")
+                       f"(z={summary['noise_multiplier']:.3g}, C={summary['clip_norm']:g}, "
+                       f"{summary.get('sampling')} sampling, {summary.get('adjacency')})")
     if summary.get("local_epsilon") is not None:
         ld = summary["local_dp"]
         privacy.append(f"local DP-SGD epsilon {summary['local_epsilon']:.3g} for the most-sampled client "

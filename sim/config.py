@@ -157,8 +157,13 @@ class SecAggConfig(Section):
 
 class FederationConfig(Section):
     rounds: int = Field(20, ge=1)
-    clients_per_round: int = Field(100, ge=1)
+    clients_per_round: int = Field(100, ge=1, description="the cohort: exact (fixed sampling) or expected (Poisson)")
     dropout: float = Field(0.0, ge=0, lt=1, description="probability a sampled client drops out")
+    sampling: Literal["auto", "poisson", "fixed"] = Field(
+        "auto", description="how cohorts are drawn. poisson: each client joins independently with rate "
+                            "clients_per_round / num_clients (what DP accountants assume); fixed: exactly "
+                            "clients_per_round without replacement (accounted under replace-one adjacency); "
+                            "auto: poisson when DP is on, else fixed")
 
 
 class EvalConfig(Section):
@@ -308,6 +313,9 @@ class RunConfig(Section):
     out_dir: str = "runs"
     checkpoint_every: int = Field(5, ge=1)
     progress: bool = True
+    seeded_secrets: bool = Field(False, description="derive clients' keys, masks and all DP noise from the seed: "
+                                                    "bit-exact runs for tests and debugging, private only against "
+                                                    "parties that do not know the seed (default: a fresh run secret)")
 
 
 class ExperimentConfig(Section):

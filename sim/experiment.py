@@ -24,7 +24,7 @@ from sim.federation import Federation
 from sim.hooks import Accounting, Checkpointing, Evaluation, Hook, Progress, ProgressFn, RoundLog
 from sim.plan import FederationPlan
 from sim.report import run_summary
-from sim.rundir import new_run_dir
+from sim.rundir import new_run_dir, run_secrets
 from sim.state import RunState
 
 
@@ -40,9 +40,10 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, resume: b
         run_dir = run_dir or new_run_dir(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    secrets = run_secrets(cfg, run_dir, resume)
     started = init_ray(cfg.ray.address)
     try:
-        fed = Federation(plan, run_dir)
+        fed = Federation(plan, run_dir, secrets)
         try:
             return run_dir, _run(cfg, fed, run_dir, saved, progress)
         finally:

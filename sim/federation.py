@@ -28,7 +28,8 @@ from sim.cluster import worker_resources
 from sim.config import ExperimentConfig
 from sim.consent import ConsentGate
 from sim.plan import FederationPlan
-from sim.sampling import apply_dropout, sample_cohort, split_even
+from sim.sampling import apply_dropout, draw_cohort, split_even
+from sim.seeding import Secrets
 
 METRIC_ROUND_BASE = 1_000_000      # protocol round ids of secure metric rounds: never a training round's
 
@@ -46,8 +47,12 @@ class RoundResult:
 class Federation:
     """The actor pool of one plan."""
 
-    def __init__(self, plan: FederationPlan, run_dir: Path | None = None):
+    def __init__(self, plan: FederationPlan, run_dir: Path | None = None, secrets: Secrets | None = None):
+        """`secrets`: the run's secret randomness (a fresh run secret unless `run.seeded_secrets`);
+        the workers get it, the aggregator only its own derived part."""
         self.plan = plan
+        seed = plan.cfg.seed
+        self.secrets = secrets or (Secrets.seeded(seed) if plan.cfg.run.seeded_secrets else Secrets.fresh(seed))
         self._spawn()
         self.consent = ConsentGate(plan.cfg, plan.num_clients, run_dir) if plan.cfg.profiles.enabled else None
 
@@ -59,10 +64,11 @@ class Federation:
         cfg, plan = self.plan.cfg, self.plan
         cpus, gpus = worker_resources(cfg)
         raw, threads = cfg.model_dump(mode="json"), max(1, int(cpus))
-        self.workers = [ClientWorkerActor.options(num_cpus=cpus, num_gpus=gpus).remote(raw, i, threads, plan.dp)
+        self.workers = [ClientWorkerActor.options(num_cpus=cpus, num_gpus=gpus).remote(raw, i, threads, plan.dp,
+                                                                                      self.secrets)
                         for i in range(cfg.ray.num_workers)]
         self.aggregator = AggregatorActor.remote(cfg.algorithm.model_dump(), plan.n_params, plan.dp, cfg.seed,
-                                                 plan.secagg is not None)
+                                                 plan.secagg is not None, self.secrets.derive("aggregator"))
         self.infos = ray.get([w.info.remote() for w in self.workers])  # fail fast if an actor cannot start
 
     def release(self) -> None:
@@ -85,10 +91,9 @@ class Federation:
     # ------------------------------------------------------------ training
     def train_round(self, round_index: int, global_params: np.ndarray) -> RoundResult:
         t0 = time.perf_counter()
-        fed = self.cfg.federation
-        sampled = sample_cohort(self.cfg.seed, round_index, self.plan.num_clients, fed.clients_per_round)
+        sampled = draw_cohort(self.cfg.seed, round_index, self.plan.sampling)
         cohort = self.consent.admit(sampled) if self.consent else sampled
-        alive, dropped = apply_dropout(self.cfg.seed, round_index, cohort, fed.dropout)
+        alive, dropped = apply_dropout(self.cfg.seed, round_index, cohort, self.cfg.federation.dropout)
         g_ref = ray.put(global_params)
         if self.plan.secagg is None:
             trained = [w.train.options(num_returns=2).remote(round_index, g_ref, shard)

@@ -10,11 +10,12 @@ benchmarks, `fedmeta table` and the tests build the same plan.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from actors.privacy import SampleLevelDP, UserLevelDP
+from actors.privacy import SampleLevelDP, Sampling, UserLevelDP
 from actors.secagg.session import SecAggParams, secagg_params
 from sim.algorithms.local import resolve_compute
 from sim.config import ConfigError, ExperimentConfig
@@ -48,11 +49,11 @@ class FederationPlan:
             raise ConfigError(f"federation.clients_per_round: {fed.clients_per_round} exceeds the "
                               f"{data.num_clients} clients in the data")
         model = build_model(cfg.model, data.input_shape, data.num_classes)
-        # DP: rate at which a user takes part in a round (fixed-size cohorts, accounted as Poisson
-        # sampling at q = cohort / population) and the noise multiplier, resolved once per run
+        # DP: how cohorts are drawn (what the accountant composes) and the noise multiplier,
+        # resolved once per run
         try:
-            dp = UserLevelDP.from_config(cfg.privacy, fed.clients_per_round / data.num_clients, fed.rounds,
-                                         fed.clients_per_round, secure=cfg.secagg.enabled)
+            dp = UserLevelDP.from_config(cfg.privacy, _sampling(cfg, data.num_clients), fed.rounds,
+                                         secure=cfg.secagg.enabled)
             secagg = _secagg(cfg, dp)
         except ValueError as e:     # the messages name their key
             raise ConfigError(str(e)) from None
@@ -83,6 +84,10 @@ class FederationPlan:
     def sample_rate(self) -> float:
         return self.dp.sample_rate
 
+    @property
+    def sampling(self) -> Sampling:
+        return self.dp.sampling
+
     def metric_secagg(self) -> SecAggParams:
         """Secure aggregation of the panel's accuracies: values in [0, 1] (a clip of 1), the panel
         as the cohort the modulus is sized for."""
@@ -98,12 +103,22 @@ def _local_dp(cfg: ExperimentConfig) -> SampleLevelDP | None:
     return SampleLevelDP(p.local_clip, p.local_noise_multiplier, cfg.algorithm.batch_size) if p.local_dp else None
 
 
+def _sampling(cfg: ExperimentConfig, num_clients: int) -> Sampling:
+    kind = cfg.federation.sampling
+    if kind == "auto":     # what DP accountants assume when DP is on; today's fixed cohorts otherwise
+        kind = "poisson" if cfg.privacy.mode != "off" else "fixed"
+    return Sampling(kind, num_clients, cfg.federation.clients_per_round)
+
+
 def _secagg(cfg: ExperimentConfig, dp: UserLevelDP) -> SecAggParams | None:
     sa = cfg.secagg
     if not sa.enabled:
         return None
-    return secagg_params(sa.neighbors, sa.threshold, dp.clip_norm, sa.quant_bits, cfg.federation.clients_per_round,
-                         dp.share_noise_multiplier)
+    s = dp.sampling
+    # a Poisson cohort varies: size the modulus 10 standard deviations above its mean
+    most = s.cohort if s.kind == "fixed" else min(s.population, s.cohort + 10 * math.ceil(math.sqrt(s.cohort)) + 10)
+    return secagg_params(sa.neighbors, sa.threshold, dp.clip_norm, sa.quant_bits, s.cohort,
+                         dp.share_noise_multiplier, most)
 
 
 def input_profile(data: FederatedDataset, seed: int, clients: int = 64) -> dict:

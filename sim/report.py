@@ -19,6 +19,15 @@ def secagg_facts(plan: FederationPlan) -> dict:
     return plan.secagg.facts() if plan.secagg else off
 
 
+def secrets_facts(cfg: ExperimentConfig) -> dict:
+    """Where the keys, masks and noise came from, and what that means for the guarantee."""
+    if cfg.run.seeded_secrets:
+        return {"secrets": "seeded",
+                "secrets_note": "run.seeded_secrets: keys, masks and noise follow from the seed, so this run's "
+                                "privacy holds only against parties that do not know the seed"}
+    return {"secrets": "csprng", "secrets_note": None}
+
+
 def model_card(plan: FederationPlan, rounds_done: int, accounting: RunAccounting, log: MetricsLog) -> dict:
     """What a serving or tuning process needs to use a checkpoint without the experiment config:
     how to rebuild the model, the data it expects, how to adapt it to a user, and the privacy spent
@@ -42,7 +51,8 @@ def model_card(plan: FederationPlan, rounds_done: int, accounting: RunAccounting
                        "local_epochs": a.local_epochs, "local_steps": a.local_steps, "local_batch_size": a.batch_size,
                        "privacy_lambda": a.privacy_lambda},
         "privacy": {**{k: v for k, v in facts.items() if k != "local_dp"},
-                    **{k: v for k, v in sa.items() if k != "secagg_bits"}, "local_dp": facts["local_dp"]},
+                    **{k: v for k, v in sa.items() if k != "secagg_bits"}, "local_dp": facts["local_dp"],
+                    **secrets_facts(cfg)},
         "training": {"rounds_completed": rounds_done, "rounds_planned": cfg.federation.rounds, "seed": cfg.seed,
                      "clients_per_round": cfg.federation.clients_per_round, "num_clients": plan.num_clients},
     }
@@ -87,10 +97,12 @@ def privacy_summary(plan: FederationPlan, state) -> dict:
     facts, sa = state.accounting.facts(), secagg_facts(plan)
     local = facts["local_dp"]
     return {"privacy_mode": facts["mode"],
-            **{k: facts[k] for k in ("epsilon", "delta", "noise_multiplier", "clip_norm", "sample_rate", "accountant")},
+            **{k: facts[k] for k in ("epsilon", "delta", "noise_multiplier", "clip_norm", "sample_rate", "sampling",
+                                     "adjacency", "accountant")},
             **{k: sa[k] for k in ("secagg_neighbors", "secagg_threshold", "secagg_bits")},
             "secagg_aborted_rounds": int(df[df.metric == "aborted"].value.sum()) if plan.secagg else None,
             "mia_auc": last("mia_auc_global"), "mia_auc_personalized": last("mia_auc_personalized"),
             "stopped_early": state.stopped,
+            **secrets_facts(plan.cfg),
             "local_epsilon": local["epsilon"] if local else None,
             "local_dp": {k: local[k] for k in ("clip", "noise_multiplier")} if local else None}

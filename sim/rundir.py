@@ -1,10 +1,16 @@
-"""Run directories: a fresh one per run, and the config a finished or interrupted run was started with."""
+"""Run directories: a fresh one per run, the config a finished or interrupted run was started with,
+and the run's secret (run_secret.key), which only the driver reads."""
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from pathlib import Path
 
 from sim.config import ConfigError, ExperimentConfig, from_dict
+from sim.seeding import Secrets
+
+SECRET_FILE = "run_secret.key"
 
 
 def new_run_dir(cfg: ExperimentConfig) -> Path:
@@ -25,3 +31,27 @@ def resume_config(run_dir: Path) -> ExperimentConfig:
     if not path.is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
     return from_dict(yaml.safe_load(path.read_text()), source=str(path))
+
+
+def run_secrets(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Secrets:
+    """The run's secret randomness. A new run draws a 32-byte secret from the OS and keeps it in
+    run_secret.key (mode 0600, beside, never inside, the checkpoint that serving reads), so
+    `--resume` continues the same secret streams. `run.seeded_secrets`: derived from the seed."""
+    if cfg.run.seeded_secrets:
+        return Secrets.seeded(cfg.seed)
+    path = run_dir / SECRET_FILE
+    if resume and path.is_file():
+        key = path.read_bytes()
+        if len(key) != 32:
+            raise ConfigError(f"--resume: {path} is not a 32-byte run secret")
+        return Secrets(key, cfg.seed)
+    if resume:
+        warnings.warn(f"{path} is missing: the resumed rounds draw a fresh run secret (their noise and masks "
+                      "differ from an uninterrupted run's)", stacklevel=2)
+    secrets = Secrets.fresh(cfg.seed)
+    tmp = run_dir / f".{SECRET_FILE}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.key)
+    tmp.replace(path)
+    return secrets

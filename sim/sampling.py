@@ -13,6 +13,24 @@ def sample_cohort(seed: int, rnd: int, num_clients: int, k: int) -> np.ndarray:
     return np.sort(np_rng(seed, "cohort", rnd).choice(num_clients, size=k, replace=False))
 
 
+def sample_poisson(seed: int, rnd: int, num_clients: int, rate: float) -> np.ndarray:
+    """Poisson sampling for round `rnd`: every client joins independently with probability `rate`
+    (sorted ids; the cohort's size varies). Drawn as a Binomial(num_clients, rate) size and then
+    that many distinct ids uniformly, which is the same distribution at O(cohort) cost."""
+    if not 0 < rate <= 1:
+        raise ValueError(f"sampling rate {rate} must be in (0, 1]")
+    rng = np_rng(seed, "cohort-poisson", rnd)
+    k = int(rng.binomial(num_clients, rate))
+    return np.sort(rng.choice(num_clients, size=k, replace=False))
+
+
+def draw_cohort(seed: int, rnd: int, sampling) -> np.ndarray:
+    """Round `rnd`'s cohort as `sampling` (an `actors.privacy.Sampling`-like kind/population/cohort) says."""
+    if sampling.kind == "poisson":
+        return sample_poisson(seed, rnd, sampling.population, sampling.cohort / sampling.population)
+    return sample_cohort(seed, rnd, sampling.population, sampling.cohort)
+
+
 def apply_dropout(seed: int, rnd: int, cohort: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray]:
     """(survivors, dropped): each sampled client independently fails to report with probability p."""
     if p <= 0:

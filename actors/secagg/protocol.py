@@ -49,8 +49,8 @@ both). Key material is drawn from numpy Generators: SIMULATION ONLY (see `keys`)
 """
 from __future__ import annotations
 
-from collections.abc import Set as AbstractSet
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 import numpy as np

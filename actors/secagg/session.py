@@ -29,6 +29,7 @@ class SecAggParams:
     bits: int               # modulus 2^bits
     noise_multiplier: float = 0.0   # distributed DP: z of the Skellam shares (0: none)
     cohort: int = 1                 # expected clients per round (each adds 1/cohort of the noise)
+    max_clients: int = 0            # the most clients one sum may have without wrapping (0: cohort)
 
     def facts(self) -> dict:
         """What the summary and the model card report about the protocol."""
@@ -37,7 +38,9 @@ class SecAggParams:
 
 
 def secagg_params(neighbors: int | None, threshold: int | None, clip_norm: float, quant_bits: int,
-                  cohort: int, noise_multiplier: float = 0.0) -> SecAggParams:
+                  cohort: int, noise_multiplier: float = 0.0, max_clients: int | None = None) -> SecAggParams:
+    """`cohort` is the (expected) number of clients; `max_clients` bounds a variable (Poisson)
+    cohort: the modulus is sized so that many clients' sum cannot wrap."""
     if cohort < 2:
         raise ValueError(f"federation.clients_per_round: secure aggregation needs at least 2 clients, got {cohort}")
     degree = cohort - 1 if neighbors is None else min(neighbors, cohort - 1)
@@ -48,11 +51,12 @@ def secagg_params(neighbors: int | None, threshold: int | None, clip_norm: float
     # distributed noise: the summed Skellam noise has std z*C (in value units); leave room for a
     # 10-sigma tail, i.e. as much range as ceil(10 z) more clients at full clip
     headroom = math.ceil(10 * noise_multiplier)
+    most = max(cohort, max_clients or cohort)
     try:
-        bits = check_no_overflow(cohort + headroom, clip_norm, step)
+        bits = check_no_overflow(most + headroom, clip_norm, step)
     except ValueError as e:
         raise ValueError(f"secagg.quant_bits: {e}") from None
-    return SecAggParams(neighbors, t, clip_norm, step, bits, noise_multiplier, cohort)
+    return SecAggParams(neighbors, t, clip_norm, step, bits, noise_multiplier, cohort, most)
 
 
 class SecureSum:
@@ -63,6 +67,9 @@ class SecureSum:
 
     def __init__(self, protocol_id: int, clients: Iterable[int], params: SecAggParams, dim: int,
                  rng: np.random.Generator):
+        clients = list(clients)
+        if params.max_clients and len(clients) > params.max_clients:   # a Poisson cohort far in its tail
+            raise ValueError(f"{len(clients)} clients exceed the {params.max_clients} the modulus is sized for")
         self.params = params
         self.server = SecAggServer(protocol_id, clients, params.neighbors, params.threshold, params.bits, dim, rng)
         self._clients = 0

@@ -44,16 +44,19 @@ class Algorithm(ABC):
 
     def client_update(self, model: nn.Module, global_flat: torch.Tensor, xs: Sequence[torch.Tensor],
                       ys: Sequence[torch.Tensor], gens: Sequence[np.random.Generator],
-                      path: Literal["vmap", "loop"], local_dp: LocalDP | None = None) -> tuple[torch.Tensor, dict]:
+                      path: Literal["vmap", "loop"], local_dp: LocalDP | None = None,
+                      noise_gens: Sequence[torch.Generator] | None = None) -> tuple[torch.Tensor, dict]:
         """Updates (clients, n_params) = local - global for a cohort, and metrics. With `local_dp`
         every local gradient is a DP-SGD one (loop path; its noise comes from each client's stream)
-        and `local_releases` counts each client's noisy gradients."""
+        and `local_releases` counts each client's noisy gradients. `noise_gens`: the clients' secret
+        noise streams (by default each client's noise follows its batch stream `gens`)."""
         per_client = [self.schedules(len(y), g) for y, g in zip(ys, gens)]
         streams = [[pc[k] for pc in per_client] for k in range(self.batches_per_step)]
         if local_dp is not None:
             if path != "loop":
                 raise ValueError("local DP-SGD runs on the loop path")
-            noise = [torch.Generator(global_flat.device).manual_seed(int(g.integers(2**63))) for g in gens]
+            noise = noise_gens or [torch.Generator(global_flat.device).manual_seed(int(g.integers(2**63)))
+                                   for g in gens]
             releases: list[int] = []
             local, loss = train_loop(model, self.step, global_flat, xs, ys, streams, self.cfg.batch_size,
                                      self.cfg.privacy_lambda, local_dp, noise, releases)

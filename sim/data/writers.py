@@ -23,7 +23,6 @@ import functools
 import importlib.util
 import math
 from collections.abc import Sequence
-
 from pathlib import Path
 
 import numpy as np

@@ -5,6 +5,7 @@ from actors.aggregator import AggregationError, Aggregator
 from actors.messages import MaskedUpdate, PlainUpdate
 from actors.privacy import UserLevelDP
 from sim.config import AlgorithmConfig
+from sim.seeding import Secrets
 
 
 def msg(rnd, worker, vec, weight, ids):
@@ -61,5 +62,18 @@ def test_central_dp_noise_and_fixed_denominator():
     new, met = a.aggregate(0, g, m)
     # mean = (sum + N(0, (zC)^2)) / expected cohort: noise std 1.0 / 10 around 1 / 10
     assert abs(new.mean() - 0.1) < 0.01 and abs(new.std() - 0.1) < 0.01 and met["noise_std"] == 1.0
-    again, _ = Aggregator(AlgorithmConfig(), 4000, dp, seed=1).aggregate(0, g, m)
-    np.testing.assert_array_equal(new, again)  # the noise stream is (seed, round)
+    other, _ = Aggregator(AlgorithmConfig(), 4000, dp, seed=1).aggregate(0, g, m)
+    assert not np.array_equal(new, other)      # secret noise: the seed does not determine it
+    seeded = [Aggregator(AlgorithmConfig(), 4000, dp, seed=1, secrets=Secrets.seeded(1)).aggregate(0, g, m)[0]
+              for _ in range(2)]
+    np.testing.assert_array_equal(*seeded)    # run.seeded_secrets: the stream is (seed, round)
+
+
+def test_central_dp_releases_noise_even_for_an_empty_cohort():
+    """A Poisson cohort can be empty; skipping the round would reveal it, so the noise goes out."""
+    dp = UserLevelDP("central", clip_norm=1.0, noise_multiplier=1.0, expected_clients=10)
+    g = np.zeros(50, np.float32)
+    new, met = Aggregator(AlgorithmConfig(), 50, dp, seed=2).aggregate(0, g)
+    assert not met["skipped"] and met["noise_std"] == 1.0 and np.abs(new).max() > 0
+    kept, met = Aggregator(AlgorithmConfig(), 50).aggregate(0, g)     # without DP nothing is released
+    assert met["skipped"] and np.array_equal(kept, g)

@@ -264,9 +264,9 @@ def test_noise_shares_and_round_noise_only_in_the_distributed_mode():
 
 
 def test_run_accounting_steps_released_rounds_and_stops_before_the_budget():
-    from actors.privacy import RunAccounting, UserLevelDP
+    from actors.privacy import RunAccounting, Sampling, UserLevelDP
 
-    dp = UserLevelDP("central", noise_multiplier=1.0, sample_rate=0.25, target_epsilon=5.0)
+    dp = UserLevelDP("central", noise_multiplier=1.0, sampling=Sampling("poisson", 40, 10), target_epsilon=5.0)
     acc = RunAccounting(dp)
     acc.record_round({"skipped": True})              # an aborted round released nothing
     assert acc.epsilon() == 0.0 and acc.budget_stop() is None
@@ -282,12 +282,71 @@ def test_run_accounting_steps_released_rounds_and_stops_before_the_budget():
 
 
 def test_accounting_facts_are_what_summary_and_card_report():
-    from actors.privacy import RunAccounting, SampleLevelDP, UserLevelDP
+    from actors.privacy import RunAccounting, SampleLevelDP, Sampling, UserLevelDP
 
-    off = RunAccounting(UserLevelDP(sample_rate=0.1)).facts()
+    off = RunAccounting(UserLevelDP(sampling=Sampling("fixed", 100, 10))).facts()
     assert off == {"mode": "off", "differential_privacy": False, "epsilon": None, "delta": None,
-                   "noise_multiplier": None, "clip_norm": None, "accountant": None, "sample_rate": 0.1, "local_dp": None}
-    acc = RunAccounting(UserLevelDP(sample_rate=0.1), SampleLevelDP(clip=1.0, noise_multiplier=0.8, batch_size=8))
+                   "noise_multiplier": None, "clip_norm": None, "accountant": None, "sample_rate": 0.1,
+                   "sampling": "fixed", "adjacency": None, "local_dp": None}
+    acc = RunAccounting(UserLevelDP(sampling=Sampling("fixed", 100, 10)),
+                        SampleLevelDP(clip=1.0, noise_multiplier=0.8, batch_size=8))
     acc.record_round({"local_dp_releases": [(3, 4, 16), (5, 4, 16)]})
     assert acc.facts()["local_dp"] == {"clip": 1.0, "noise_multiplier": 0.8,
                                        "epsilon": pytest.approx(epsilon_for(0.8, 0.5, 4, 1e-5))}
+
+
+# ---------------------------------------------------------------- sampling and its accounting
+def test_the_dp_quickstart_under_each_sampling():
+    """Population 2,000, cohort 100, z = 1, 300 rounds, delta 1e-5: Poisson sampling is what
+    Opacus accounts (6.46); fixed-size cohorts without replacement, replace-one, are far weaker."""
+    import dp_accounting as dpa
+    from dp_accounting.rdp import RdpAccountant
+
+    from actors.privacy import Sampling
+
+    assert epsilon_for(1.0, 0.05, 300, 1e-5) == pytest.approx(6.46, abs=0.01)
+    fixed = epsilon_for(1.0, 0.05, 300, 1e-5, sampling=Sampling("fixed", 2000, 100))
+    reference = RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
+    reference.compose(dpa.SelfComposedDpEvent(
+        dpa.SampledWithoutReplacementDpEvent(2000, 100, dpa.GaussianDpEvent(0.5)), 300))   # sensitivity 2C
+    assert fixed == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9) and fixed == pytest.approx(82.5, abs=0.1)
+
+
+def test_fixed_cohort_accountant_composes_varying_rounds_and_checkpoints():
+    from actors.privacy import FixedCohortAccountant, Sampling, make_accountant
+
+    s = Sampling("fixed", 500, 50)
+    acc = make_accountant("rdp", s)
+    assert isinstance(acc, FixedCohortAccountant) and acc.epsilon(1e-5) == 0.0
+    for z in (1.0, 1.0, 0.8, 1.0):      # e.g. distributed noise with dropouts: z varies per round
+        acc.step(z, s.rate)
+    assert acc.steps == 4 and [h[2] for h in acc.history] == [2, 1, 1]
+    one_by_one = [epsilon_for(z, s.rate, 1, 1e-5, sampling=s) for z in (1.0, 0.8)]
+    assert acc.epsilon(1e-5) > max(one_by_one)
+    again = make_accountant("rdp", s)
+    again.load_state_dict(acc.state_dict())
+    assert again.epsilon(1e-5) == acc.epsilon(1e-5)
+    with pytest.raises(ValueError, match="sampling: state is for"):
+        make_accountant("rdp", Sampling("fixed", 500, 60)).load_state_dict(acc.state_dict())
+    with pytest.raises(ValueError, match="^privacy.accountant: 'prv' accounts Poisson sampling only"):
+        make_accountant("prv", s)
+
+
+def test_noise_for_fixed_cohorts_meets_the_target_from_below():
+    from actors.privacy import Sampling
+
+    s = Sampling("fixed", 2000, 100)
+    z = noise_for(8.0, s.rate, 300, 1e-5, sampling=s)
+    eps = epsilon_for(z, s.rate, 300, 1e-5, sampling=s)
+    assert 8.0 - 0.01 <= eps <= 8.0 and z > noise_for(8.0, s.rate, 300, 1e-5)   # fixed needs more noise
+
+
+def test_sampling_is_validated():
+    from actors.privacy import Sampling
+
+    with pytest.raises(ValueError, match="cohort: must be in"):
+        Sampling("fixed", 10, 11)
+    with pytest.raises(ValueError, match="sampling: expected poisson or fixed"):
+        Sampling("uniform", 10, 5)
+    assert Sampling("poisson", 40, 10).adjacency == "add/remove one user"
+    assert Sampling("fixed", 40, 10).adjacency == "replace one user"

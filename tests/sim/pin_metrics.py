@@ -3,7 +3,9 @@
 `python -m tests.sim.pin_metrics` (from the repository root) runs every scenario and rewrites
 tests/sim/pinned_metrics.json; tests/sim/test_pinned_metrics.py re-runs them and compares. The
 figures were first taken on the driver as it stood before the plan/federation/experiment split
-(commit a9b06a1), so the test shows that the split kept every metric, bit for bit.
+(commit a9b06a1), which kept every one bit for bit; the DP scenarios were renewed when Poisson
+sampling became the default under DP. Secrets are seeded (`run.seeded_secrets`) so DP noise and
+masks repeat.
 
 Exact equality only holds for the same torch build on the same CPU kernels (float sums are not
 associative and BLAS picks its kernels per CPU): the file records that fingerprint, and on another
@@ -35,7 +37,9 @@ def fingerprint() -> dict:
 def _tiny(tmp: Path, **sections) -> dict:
     from tests.conftest import tiny_raw
 
-    return tiny_raw(tmp, **sections)
+    raw = tiny_raw(tmp, **sections)
+    raw["run"]["seeded_secrets"] = True      # bit-exact: keys, masks and noise from the seed
+    return raw
 
 
 def scenarios(tmp: Path) -> dict[str, dict]:
@@ -49,7 +53,7 @@ def scenarios(tmp: Path) -> dict[str, dict]:
     quick = yaml.safe_load(default_config_path().read_text())
     quick["federation"]["rounds"] = 30
     quick["eval"]["every"] = 15
-    quick["run"] = {**quick["run"], "out_dir": str(tmp), "progress": False}
+    quick["run"] = {**quick["run"], "out_dir": str(tmp), "progress": False, "seeded_secrets": True}
     return {
         "quickstart_30_rounds": quick,
         "secagg_central_dropout_fomaml": _tiny(tmp, secagg={"enabled": True, "neighbors": 4},

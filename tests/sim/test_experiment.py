@@ -131,6 +131,7 @@ def test_dp_run_accounts_every_round_and_audits(ray_session, tmp_path):
     assert s["epsilon"] == pytest.approx(epsilon_for(1.1, q, 4, 1e-5), rel=1e-9)
     assert 0.0 <= s["mia_auc"] <= 1.0 and 0.0 <= s["mia_auc_personalized"] <= 1.0
     assert s["privacy_mode"] == "central" and s["stopped_early"] is None
+    assert s["sampling"] == "poisson" and s["adjacency"] == "add/remove one user"   # the default under DP
 
 
 def test_dp_target_epsilon_is_met_and_budget_stops_training(ray_session, tmp_path):
@@ -184,15 +185,34 @@ def test_secagg_and_dp_run_end_to_end(ray_session, tmp_path):
         torch.testing.assert_close(model(x), torch.func.functional_call(reference, params, (x,)))
 
 
+def test_fixed_size_cohorts_are_accounted_without_replacement(ray_session, tmp_path):
+    from actors.privacy import Sampling, epsilon_for
+
+    raw = tiny_raw(tmp_path, privacy={"mode": "central", "noise_multiplier": 1.1}, federation={"sampling": "fixed"},
+                   eval={"every": 4})
+    _, s = run_experiment(from_dict(raw))
+    assert s["sampling"] == "fixed" and s["adjacency"] == "replace one user"
+    fixed = epsilon_for(1.1, 0.25, 4, 1e-5, sampling=Sampling("fixed", 40, 10))
+    assert s["epsilon"] == pytest.approx(fixed, rel=1e-9) and fixed > epsilon_for(1.1, 0.25, 4, 1e-5)
+
+
 def test_distributed_dp_accounts_with_the_surviving_shares(ray_session, tmp_path):
-    from actors.privacy import epsilon_for
+    """Each client's Skellam share carries 1/M of the planned variance, so a Poisson cohort of k
+    clients (no dropout) adds k/M of it: every round is accounted at z * sqrt(k / M)."""
+    from actors.privacy import PrivacyAccountant, effective_noise_multiplier
+    from sim.sampling import sample_poisson
 
     raw = tiny_raw(tmp_path, secagg={"enabled": True, "neighbors": 4},
                    privacy={"mode": "distributed", "noise_multiplier": 1.2}, federation={"dropout": 0.0})
-    _, s = run_experiment(from_dict(raw))
-    assert s["privacy_mode"] == "distributed" and s["secagg_aborted_rounds"] == 0
-    # every share arrived, so the effective z is the nominal one
-    assert s["epsilon"] == pytest.approx(epsilon_for(1.2, 0.25, 4, 1e-5), rel=1e-9)
+    run_dir, s = run_experiment(from_dict(raw))
+    assert s["privacy_mode"] == "distributed" and s["sampling"] == "poisson"
+    aborted = pd.read_parquet(run_dir / "metrics.parquet").query("metric == 'aborted'").value.tolist()
+    expected = PrivacyAccountant("rdp")
+    for r, was_aborted in enumerate(aborted):
+        k = len(sample_poisson(3, r, 40, 0.25))
+        if not was_aborted:            # an aborted round released nothing
+            expected.step(effective_noise_multiplier(1.2, 10, k), 0.25)
+    assert expected.steps >= 1 and s["epsilon"] == pytest.approx(expected.epsilon(1e-5), rel=1e-9)
 
 
 def test_secagg_config_problems_are_config_errors(ray_session, tmp_path):
@@ -309,3 +329,22 @@ def test_tuning_metric_under_secure_aggregation_equals_the_plain_mean(ray_sessio
     assert secure["count"] == len(ev["acc_personalized_DI"]) == 8
     for key in ("acc_global_DI", "acc_personalized_DI"):
         assert secure[key] == pytest.approx(float(np.mean(ev[key])), abs=1e-4)
+
+
+def test_dp_noise_is_secret_unless_seeded_secrets_is_asked_for(ray_session, tmp_path):
+    """Two DP runs of one seed release different noise; with run.seeded_secrets they are identical.
+    The run secret stays in run_secret.key (owner-only), never in the checkpoint, card or summary."""
+    raw = tiny_raw(tmp_path, privacy={"mode": "central"}, federation={"rounds": 2}, eval={"every": 2})
+    a_dir, a = run_experiment(from_dict(raw))
+    b_dir, _ = run_experiment(from_dict(raw))
+    pa, pb = ckpt.load(a_dir).global_params, ckpt.load(b_dir).global_params
+    assert not np.array_equal(pa, pb) and a["secrets"] == "csprng"
+    key = (a_dir / "run_secret.key").read_bytes()
+    assert len(key) == 32 and (a_dir / "run_secret.key").stat().st_mode & 0o077 == 0
+    assert key not in (a_dir / "checkpoint.pt").read_bytes() and key.hex() not in (a_dir / "summary.json").read_text()
+    raw["run"]["seeded_secrets"] = True
+    c_dir, c = run_experiment(from_dict(raw))
+    d_dir, _ = run_experiment(from_dict(raw))
+    np.testing.assert_array_equal(ckpt.load(c_dir).global_params, ckpt.load(d_dir).global_params)
+    assert c["secrets"] == "seeded" and "do not know the seed" in c["secrets_note"]
+    assert not (c_dir / "run_secret.key").exists()

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from actors.privacy import RunAccounting, UserLevelDP
+from actors.privacy import RunAccounting, Sampling, UserLevelDP
 from sim.experiment import run_rounds
 from sim.federation import RoundResult
 from sim.hooks import Accounting, Hook, RoundLog
@@ -54,7 +54,7 @@ def test_a_hook_stops_the_run_after_the_others_saw_the_round():
 def test_the_privacy_budget_stops_before_the_round_that_would_overshoot():
     from actors.privacy import epsilon_for
 
-    dp = UserLevelDP("central", noise_multiplier=1.0, sample_rate=0.25, target_epsilon=3.0)
+    dp = UserLevelDP("central", noise_multiplier=1.0, sampling=Sampling("poisson", 40, 10), target_epsilon=3.0)
     state = fresh(dp)
     run_rounds(CountingFederation(), state, [Accounting(), RoundLog()], rounds=1000)
     assert state.stopped.startswith("privacy budget") and state.accounting.epsilon() <= 3.0
