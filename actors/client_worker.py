@@ -27,6 +27,7 @@ from sim.algorithms import SGDClient, build_algorithm
 from sim.algorithms.local import LocalDP, accuracies_stacked, predictions_hit, resolve_compute, sample_losses
 from sim.config import AlgorithmConfig, ExperimentConfig, from_dict
 from sim.data import build_dataset
+from sim.data.canaries import canary_count, canary_direction, canary_ids
 from sim.data.drift import DriftedDataset, data_for_round
 from sim.models import build_model, num_params
 from sim.seeding import Secrets, np_rng
@@ -53,17 +54,20 @@ class ClientWorker:
         self.secrets = secrets or (Secrets.seeded(self.cfg.seed) if self.cfg.run.seeded_secrets
                                    else Secrets.fresh(self.cfg.seed))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        pc = self.cfg.privacy
+        if dp is None and pc.mode != "off":
+            raise ValueError("ClientWorker: privacy.mode is on; pass the run's UserLevelDP (FederationPlan.dp)")
+        self.dp = dp or UserLevelDP(bound_updates=self.cfg.secagg.enabled)
         self.data = build_dataset(self.cfg.data, self.cfg.seed)
+        # the audit's canaries (the last ids): they submit a fixed direction of norm C, not a trained update
+        self.canaries = frozenset(canary_ids(canary_count(pc.audit_canaries, self.data.num_clients, self.dp.enabled),
+                                             self.data.num_clients).tolist())
         # the same individuals after the drift, from data.drift.at_round on
         self.drifted = (DriftedDataset(self.cfg.data, self.cfg.seed, self.data)
                         if self.cfg.data.drift.at_round is not None else None)
         self.model = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
         self.algorithm = build_algorithm(self.cfg.algorithm)
-        pc = self.cfg.privacy
         self.compute = resolve_compute(self.cfg.ray.compute, self.cfg.model.kind, pc.local_dp)
-        if dp is None and pc.mode != "off":
-            raise ValueError("ClientWorker: privacy.mode is on; pass the run's UserLevelDP (FederationPlan.dp)")
-        self.dp = dp or UserLevelDP(bound_updates=self.cfg.secagg.enabled)
         self.local_dp = LocalDP(pc.local_clip, pc.local_noise_multiplier) if pc.local_dp else None
         self.n_params = num_params(self.model)
         ev = self.cfg.eval
@@ -106,6 +110,8 @@ class ClientWorker:
             gens = [np_rng(self.cfg.seed, "local-batches", round_index, c) for c in chunk]
             updates, met = self.algorithm.client_update(self.model, g, xs, ys, gens, self.compute, self.local_dp,
                                                         self._local_noise(round_index, chunk))  # (clients, n_params)
+            if self.canaries.intersection(chunk):
+                updates = self._canary_updates(chunk, updates)
             if self.local_dp is not None:   # each client's noisy gradients, for its own ledger
                 releases += [(int(c), int(r), len(y)) for c, r, y in zip(chunk, met["local_releases"], ys)]
             # DP's client half: clipped with equal weights when bounded, else the algorithm's weights
@@ -124,6 +130,15 @@ class ClientWorker:
         if masked is not None:
             return MaskedUpdate(round_index, self.worker_id, masked, ids), diag
         return PlainUpdate(round_index, self.worker_id, total.cpu().numpy(), weight, ids), diag
+
+    def _canary_updates(self, chunk: Sequence[int], updates: torch.Tensor) -> torch.Tensor:
+        """The audit's canaries in this chunk submit their own direction, scaled to the clip norm."""
+        updates = updates.clone()
+        for j, c in enumerate(chunk):
+            if int(c) in self.canaries:
+                u = canary_direction(self.cfg.seed, int(c), self.n_params) * self.cfg.privacy.clip_norm
+                updates[j] = torch.as_tensor(u, device=updates.device)
+        return updates
 
     def _local_noise(self, round_index: int, chunk: Sequence[int]) -> list[torch.Generator] | None:
         """Each client's secret DP-SGD noise stream (None: seeded secrets, where the noise follows

@@ -261,7 +261,11 @@ class Ensemble:
         return self.routing
 
     def _check(self, req: PredictRequest) -> np.ndarray:
-        x = np.asarray(req.inputs, dtype=np.float32)
+        rows = req.inputs
+        if isinstance(rows[0], list) and len({len(r) for r in rows}) > 1:   # ragged: no array to make
+            raise HTTPException(422, f"inputs: each input must have {self.input_size} numbers (the flattened "
+                                     f"model input), got rows of {sorted({len(r) for r in rows})} numbers")
+        x = np.asarray(rows, dtype=np.float32)
         if x.ndim == 1 and len(x) == self.input_size:     # a single input
             x = x[None, :]
         if x.ndim != 2 or x.shape[1] != self.input_size:

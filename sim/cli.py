@@ -60,6 +60,10 @@ def summary_line(summary: dict) -> str:
     if summary.get("mia_auc") is not None:
         privacy.append(f"membership-inference AUC {summary['mia_auc']:.3f} global, "
                        f"{_fmt(summary.get('mia_auc_personalized'), '.3f')} personalized (0.5 = no leakage)")
+    if summary.get("audit_epsilon_lower") is not None:
+        privacy.append(f"canary audit ({summary['audit_canaries']} canaries): epsilon >= "
+                       f"{summary['audit_epsilon_lower']:.3g} with {summary.get('audit_confidence', 0.95):.0%} "
+                       f"confidence, TPR {_fmt(summary.get('audit_tpr_at_1pct_fpr'), '.2f')} at 1% FPR")
     if summary.get("stopped_early"):
         privacy.append(f"stopped early: {summary['stopped_early']}")
     return "\n".join([line, *privacy])

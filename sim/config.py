@@ -132,6 +132,10 @@ class PrivacyConfig(Section):
                                               "Gaussian noise at every local step; loop path)")
     local_clip: float = Field(1.0, gt=0, description="local DP-SGD: L2 bound on each per-sample gradient")
     local_noise_multiplier: float = Field(1.0, gt=0, description="local DP-SGD: noise std / local_clip")
+    audit_canaries: int | None = Field(None, ge=0, description="canary clients of the one-run audit "
+                                                               "(Steinke et al. 2023); null: 5% of the population "
+                                                               "(at most 100) when DP is on, none otherwise")
+    audit_confidence: float = Field(0.95, gt=0, lt=1, description="the audit's lower bound holds with this probability")
 
     @model_validator(mode="after")
     def _one_noise_source(self) -> "PrivacyConfig":

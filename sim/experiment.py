@@ -21,7 +21,7 @@ from sim import checkpoint as ckpt
 from sim.cluster import init_ray
 from sim.config import ExperimentConfig, to_yaml
 from sim.federation import Federation
-from sim.hooks import Accounting, Checkpointing, Evaluation, Hook, Progress, ProgressFn, RoundLog
+from sim.hooks import Accounting, CanaryAudit, Checkpointing, Evaluation, Hook, Progress, ProgressFn, RoundLog
 from sim.plan import FederationPlan
 from sim.report import run_summary
 from sim.rundir import new_run_dir, run_secrets
@@ -57,7 +57,7 @@ def _run(cfg: ExperimentConfig, fed: Federation, run_dir: Path, saved: ckpt.Chec
          progress: ProgressFn | None) -> dict:
     state = initial_state(fed.plan, saved)
     saver = Checkpointing(fed, run_dir)
-    hooks: list[Hook] = [Accounting(), RoundLog(), Evaluation(fed, run_dir), saver]
+    hooks: list[Hook] = [Accounting(), RoundLog(), Evaluation(fed, run_dir), saver, CanaryAudit(fed, state)]
     if cfg.tune.auto:
         from sim.autotune import AutoTune
 

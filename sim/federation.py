@@ -92,7 +92,8 @@ class Federation:
     def train_round(self, round_index: int, global_params: np.ndarray) -> RoundResult:
         t0 = time.perf_counter()
         sampled = draw_cohort(self.cfg.seed, round_index, self.plan.sampling)
-        cohort = self.consent.admit(sampled) if self.consent else sampled
+        admitted = self.consent.admit(sampled) if self.consent else sampled
+        cohort = admitted[~np.isin(admitted, self.plan.excluded_canaries)]   # 'out' canaries never train
         alive, dropped = apply_dropout(self.cfg.seed, round_index, cohort, self.cfg.federation.dropout)
         g_ref = ray.put(global_params)
         if self.plan.secagg is None:
@@ -102,7 +103,7 @@ class Federation:
             metrics.update(round_diagnostics(ray.get([d for _, d in trained])))
         else:
             new, metrics = self._secure_round(round_index, g_ref, cohort, alive, global_params)
-        metrics["not_consenting"] = len(sampled) - len(cohort)
+        metrics["not_consenting"] = len(sampled) - len(admitted)
         return RoundResult(new, len(alive), len(dropped), time.perf_counter() - t0, metrics, alive.tolist())
 
     def _secure_round(self, round_index: int, g_ref, cohort: np.ndarray, alive: np.ndarray,

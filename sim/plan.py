@@ -20,6 +20,7 @@ from actors.secagg.session import SecAggParams, secagg_params
 from sim.algorithms.local import resolve_compute
 from sim.config import ConfigError, ExperimentConfig
 from sim.data import FederatedDataset, build_dataset
+from sim.data.canaries import canary_count, canary_ids, canary_inclusion
 from sim.models import build_model, init_params, num_params
 from sim.sampling import eval_individuals
 from sim.seeding import np_rng, torch_gen
@@ -37,7 +38,9 @@ class FederationPlan:
     dp: UserLevelDP                  # user-level DP, with z resolved
     local_dp: SampleLevelDP | None   # local DP-SGD inside clients, for its accounting
     secagg: SecAggParams | None      # None: plain sums
-    eval_ids: np.ndarray             # the evaluation panel of individuals
+    canary_ids: np.ndarray           # the audit's canary clients (the last ids), and which of them train
+    canary_included: np.ndarray
+    eval_ids: np.ndarray             # the evaluation panel of individuals (never a canary)
     global_sizes: tuple[int, ...]    # samples of each D_G individual, in D_G's block order
     input_profile: dict              # per-feature mean/var of the training inputs (for serving)
 
@@ -49,6 +52,10 @@ class FederationPlan:
             raise ConfigError(f"federation.clients_per_round: {fed.clients_per_round} exceeds the "
                               f"{data.num_clients} clients in the data")
         model = build_model(cfg.model, data.input_shape, data.num_classes)
+        try:
+            canaries = canary_count(cfg.privacy.audit_canaries, data.num_clients, cfg.privacy.mode != "off")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         # DP: how cohorts are drawn (what the accountant composes) and the noise multiplier,
         # resolved once per run
         try:
@@ -57,10 +64,12 @@ class FederationPlan:
             secagg = _secagg(cfg, dp)
         except ValueError as e:     # the messages name their key
             raise ConfigError(str(e)) from None
+        ids = canary_ids(canaries, data.num_clients)
         return cls(cfg, data, tuple(data.input_shape), data.num_classes, num_params(model),
                    init_params(model, torch_gen(cfg.seed, "init")).numpy(),
                    resolve_compute(cfg.ray.compute, cfg.model.kind, cfg.privacy.local_dp), dp, _local_dp(cfg), secagg,
-                   eval_individuals(cfg.seed, data.num_clients, cfg.eval.num_individuals),
+                   ids, canary_inclusion(cfg.seed, canaries),
+                   eval_individuals(cfg.seed, data.num_clients - canaries, cfg.eval.num_individuals),
                    tuple(data.global_sizes()), input_profile(data, cfg.seed))
 
     def with_config(self, cfg: ExperimentConfig) -> FederationPlan:
@@ -73,7 +82,7 @@ class FederationPlan:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         compute = resolve_compute(cfg.ray.compute, cfg.model.kind, cfg.privacy.local_dp)
-        panel = eval_individuals(cfg.seed, self.num_clients, cfg.eval.num_individuals)
+        panel = eval_individuals(cfg.seed, self.num_clients - len(self.canary_ids), cfg.eval.num_individuals)
         return replace(self, cfg=cfg, dp=dp, local_dp=_local_dp(cfg), secagg=secagg, compute=compute, eval_ids=panel)
 
     @property
@@ -87,6 +96,11 @@ class FederationPlan:
     @property
     def sampling(self) -> Sampling:
         return self.dp.sampling
+
+    @property
+    def excluded_canaries(self) -> np.ndarray:
+        """The canaries that flipped 'out': never in a cohort."""
+        return self.canary_ids[~self.canary_included]
 
     def metric_secagg(self) -> SecAggParams:
         """Secure aggregation of the panel's accuracies: values in [0, 1] (a clip of 1), the panel

@@ -28,6 +28,7 @@ def tiny_raw(tmp_path=None, **sections) -> dict:
         "algorithm": {"name": "fedavg", "batch_size": 8, "lr": 0.1},
         "federation": {"rounds": 4, "clients_per_round": 10},
         "eval": {"every": 2, "num_individuals": 8, "finetune_steps": 5},
+        "privacy": {"audit_canaries": 0},       # tiny federations: the audit's tests ask for canaries
         "ray": {"num_workers": 2, "num_cpus_per_worker": 0.5},
         "run": {"name": "t", "out_dir": str(tmp_path or "runs"), "checkpoint_every": 1, "progress": False},
     }

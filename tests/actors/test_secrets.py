@@ -69,3 +69,13 @@ def test_fresh_secrets_differ_per_federation_and_streams_differ_per_protocol_rou
     assert draw(a, "secagg-client", 5, 1) == draw(Secrets(a.key, 0), "secagg-client", 5, 1)   # resume: same key
     assert a.derive("aggregator").key != a.key
     assert draw(Secrets.seeded(0), "x", 1) == draw(Secrets.seeded(0), "x", 1)
+
+
+def test_two_trials_replaying_one_round_get_unrelated_keys():
+    """Tune trials start from one checkpoint and replay its round ids; each trial's federation has
+    its own run secret, so the same round's keys (hence masks) are unrelated across trials."""
+    cfg = from_dict(tiny_raw(secagg={"enabled": True, "neighbors": 4}))
+    plan = FederationPlan.from_config(cfg)
+    trials = [ClientWorker(cfg, 0, plan.dp), ClientWorker(cfg, 0, plan.dp)]   # each with a fresh secret
+    keys = [{a.client: (a.c_pk, a.s_pk) for a in w.secure_advertise(7, [1, 2, 3], plan.secagg)} for w in trials]
+    assert all(keys[0][c] != keys[1][c] for c in (1, 2, 3))

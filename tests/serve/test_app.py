@@ -91,7 +91,8 @@ def test_malformed_requests_get_4xx(serve_url, tmp_path):
     url = serve_url
     bad = [({"inputs": [[0.1] * 63]}, "64 numbers"), ({"inputs": []}, None), ({"input": [[0.1] * 64]}, None),
            ({"inputs": [[0.1] * 64], "extra": 1}, None), ({"inputs": [["x"] * 64]}, None),
-           ({"inputs": [[0.1] * 64], "user_id": ""}, None)]
+           ({"inputs": [[0.1] * 64], "user_id": ""}, None),
+           ({"inputs": [[0.1] * 64, [0.1] * 63]}, "got rows of [63, 64] numbers")]   # ragged rows
     for body, text in bad:
         r = requests.post(url + "/predict", json=body, timeout=30)
         assert 400 <= r.status_code < 500, (body, r.status_code)

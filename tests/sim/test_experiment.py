@@ -348,3 +348,18 @@ def test_dp_noise_is_secret_unless_seeded_secrets_is_asked_for(ray_session, tmp_
     np.testing.assert_array_equal(ckpt.load(c_dir).global_params, ckpt.load(d_dir).global_params)
     assert c["secrets"] == "seeded" and "do not know the seed" in c["secrets_note"]
     assert not (c_dir / "run_secret.key").exists()
+
+
+def test_the_canary_audit_sees_leakage_without_dp_and_stays_below_epsilon_with_it(ray_session, tmp_path):
+    """One-run audit (Steinke et al. 2023) with 40 canary clients: on a non-private run it shows
+    leakage; under DP its lower bound stays below the accounted epsilon."""
+    raw = tiny_raw(tmp_path, data={"num_clients": 120, "samples_per_client": 20},
+                   federation={"rounds": 30, "clients_per_round": 30}, algorithm={"local_epochs": 5, "lr": 0.3},
+                   eval={"every": 30}, privacy={"audit_canaries": 40}, run={"seeded_secrets": True})
+    _, plain = run_experiment(from_dict(raw))
+    assert plain["audit_canaries"] == 40 and plain["epsilon"] is None
+    assert plain["audit_epsilon_lower"] > 0.5 and plain["audit_tpr_at_1pct_fpr"] > 0.3
+    raw["privacy"]["mode"] = "central"
+    _, private = run_experiment(from_dict(raw))
+    assert 0 <= private["audit_epsilon_lower"] <= private["epsilon"]
+    assert private["audit_tpr_at_1pct_fpr"] < plain["audit_tpr_at_1pct_fpr"]
