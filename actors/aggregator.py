@@ -108,7 +108,7 @@ class Aggregator:
             metrics.update(skipped=True, update_norm=0.0)
             return np.asarray(global_params, dtype=np.float32).copy(), metrics
         g = torch.tensor(global_params, dtype=torch.float32)
-        mean, dp_metrics = self.dp.server_half(torch.as_tensor(summed.total, dtype=torch.float32), summed.weight,
+        mean, dp_metrics = self.dp.server_half(torch.tensor(summed.total, dtype=torch.float32), summed.weight,
                                                self.secrets.torch_gen("dp-noise", round_id))
         metrics.update(dp_metrics)
         new, server_metrics = self.algorithm.server_update(g, mean)
