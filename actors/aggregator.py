@@ -29,7 +29,7 @@ from actors.secagg.protocol import (
     UnmaskShares,
 )
 from actors.secagg.session import SecAggParams, SecureSum
-from sim.algorithms import build_algorithm
+from sim.algorithms import add_code_path, build_algorithm
 from sim.config import AlgorithmConfig
 from sim.seeding import Secrets, np_rng
 
@@ -55,7 +55,8 @@ def weighted_sum(messages: Sequence[PlainUpdate], n_params: int) -> tuple[np.nda
 
 class Aggregator:
     def __init__(self, algorithm: AlgorithmConfig | dict, n_params: int, dp: UserLevelDP | None = None,
-                 seed: int = 0, secure: bool = False, secrets: Secrets | None = None):
+                 seed: int = 0, secure: bool = False, secrets: Secrets | None = None, code_path: Sequence[str] = ()):
+        add_code_path(code_path)      # a researcher's own algorithm brings its own server rule
         cfg = algorithm if isinstance(algorithm, AlgorithmConfig) else AlgorithmConfig.model_validate(algorithm)
         self.algorithm = build_algorithm(cfg)
         self.n_params = n_params
@@ -177,6 +178,13 @@ class Aggregator:
         t = summed.total
         return self.aggregate_metric(protocol_id, {"acc_global_DI": t[0], "acc_personalized_DI": t[1],
                                                    "count": int(round(t[2]))})
+
+    # ------------------------------------------------------------ the server rule's state
+    def server_state(self) -> dict:
+        return self.algorithm.state_dict()
+
+    def load_server_state(self, state: dict) -> None:
+        self.algorithm.load_state_dict(state)
 
     def peak_rss_mib(self) -> float:
         return peak_rss_mib()

@@ -23,7 +23,7 @@ from actors.privacy import UserLevelDP
 from actors.secagg.protocol import AdvertiseKeys, EncryptedShares, SecAggClient, UnmaskRequest, UnmaskShares
 from actors.secagg.quantize import add_mod, quantize
 from actors.secagg.session import SecAggParams
-from sim.algorithms import SGDClient, build_algorithm
+from sim.algorithms import SGDClient, add_code_path, build_algorithm
 from sim.algorithms.local import LocalDP, accuracies_stacked, predictions_hit, resolve_compute, sample_losses
 from sim.config import AlgorithmConfig, ExperimentConfig, from_dict
 from sim.data import build_dataset
@@ -47,7 +47,8 @@ class ClientWorker:
     user-level DP (the driver resolves it once); without it, DP is off."""
 
     def __init__(self, cfg: ExperimentConfig | dict, worker_id: int = 0, dp: UserLevelDP | None = None,
-                 device: str | None = None, secrets: Secrets | None = None):
+                 device: str | None = None, secrets: Secrets | None = None, code_path: Sequence[str] = ()):
+        add_code_path(code_path)      # where the researcher's own algorithm is imported from
         self.cfg = cfg if isinstance(cfg, ExperimentConfig) else from_dict(cfg)
         self.worker_id = worker_id
         # the clients' secret randomness (keys, masks, rounding, noise); public streams use the seed
@@ -67,7 +68,8 @@ class ClientWorker:
                         if self.cfg.data.drift.at_round is not None else None)
         self.model = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
         self.algorithm = build_algorithm(self.cfg.algorithm)
-        self.compute = resolve_compute(self.cfg.ray.compute, self.cfg.model.kind, pc.local_dp)
+        self.compute = resolve_compute(self.cfg.ray.compute, self.cfg.model.kind, pc.local_dp, self.model,
+                                       tuple(self.data.input_shape))
         self.local_dp = LocalDP(pc.local_clip, pc.local_noise_multiplier) if pc.local_dp else None
         self.n_params = num_params(self.model)
         ev = self.cfg.eval
@@ -260,6 +262,6 @@ class ClientWorkerActor(ClientWorker):
     for (at least one), so N single-CPU actors use N cores without oversubscription."""
 
     def __init__(self, cfg: dict, worker_id: int, num_threads: int = 1, dp: UserLevelDP | None = None,
-                 secrets: Secrets | None = None):
+                 secrets: Secrets | None = None, code_path: Sequence[str] = ()):
         torch.set_num_threads(max(1, num_threads))
-        super().__init__(cfg, worker_id, dp, secrets=secrets)
+        super().__init__(cfg, worker_id, dp, secrets=secrets, code_path=code_path)

@@ -24,6 +24,7 @@ class Checkpoint:
     model_card: dict = field(default_factory=dict)
     accountant: dict | None = None   # PrivacyAccountant.state_dict(): the privacy spent so far
     local_dp: dict | None = None     # LocalDPLedger.state_dict(): clients' local DP-SGD steps
+    server_state: dict = field(default_factory=dict)   # the server rule's state (adaptive optimizers)
 
 
 def save(run_dir: Path, ck: Checkpoint) -> Path:

@@ -92,7 +92,7 @@ class _Bar:
 
 
 @app.command()
-def run(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (default: configs/quickstart.yaml)")] = None,
+def run(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML or a preset name, e.g. quickstart (the default)")] = None,
         set_: SetOpt = [],  # noqa: B006 (typer reads the default)
         resume: Annotated[Optional[Path], typer.Option(help="resume the run in this directory")] = None,
         address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start local Ray)")] = None,
@@ -143,7 +143,7 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (
 
 
 @app.command("table")
-def table_cmd(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (default: configs/table.yaml)")] = None,
+def table_cmd(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML or a preset name (default: table)")] = None,
               set_: SetOpt = [],  # noqa: B006
               as_json: Annotated[bool, typer.Option("--json", help="also one JSON line with every row")] = False) -> None:
     """Table I of "Personalization of Deep Learning" (shaping and data grouping, one model per

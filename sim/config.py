@@ -6,12 +6,13 @@ one-line message and exit status 2.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -93,16 +94,34 @@ class DataConfig(Section):
 
 # ---------------------------------------------------------------- model + algorithm
 class ModelConfig(Section):
-    kind: Literal["mlp", "cnn"] = "mlp"
+    kind: Literal["mlp", "cnn", "custom"] = "mlp"
+    target: str | None = Field(None, description="custom: 'package.module:factory', factory(input_shape, num_classes, "
+                                                 "**kwargs) -> nn.Module, importable from the working directory or "
+                                                 "PYTHONPATH")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="custom: keyword arguments of the factory")
     hidden: list[int] = Field(default_factory=lambda: [128], description="MLP hidden widths")
     channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1, description="CNN conv widths")
     kernel_size: int = Field(5, ge=1)
     padding: int = Field(0, ge=0)
     cnn_hidden: int = Field(128, ge=1)
 
+    @model_validator(mode="after")
+    def _custom_needs_target(self) -> "ModelConfig":
+        if self.kind == "custom" and not (self.target and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.target)):
+            raise ValueError(f"target: kind 'custom' needs 'package.module:factory', got {self.target!r}")
+        if self.kind != "custom" and (self.target or self.kwargs):
+            raise ValueError(f"target: only for kind 'custom' (kind is {self.kind!r})")
+        return self
+
+
+BUILTIN_ALGORITHMS = ("fedavg", "reptile", "fomaml", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+
 
 class AlgorithmConfig(Section):
-    name: Literal["fedavg", "reptile", "fomaml"] = "fedavg"
+    name: str = Field("fedavg", description="fedavg, reptile, fomaml, fedprox, fedadam, fedyogi, fedadagrad, or your "
+                                            "own: 'package.module:Class' "
+                                            "(a subclass of fedmeta.Algorithm, importable from the working "
+                                            "directory or PYTHONPATH)")
     local_epochs: int = Field(1, ge=1)
     local_steps: int | None = Field(None, ge=1, description="if set, overrides local_epochs")
     batch_size: int = Field(16, ge=1)
@@ -111,6 +130,17 @@ class AlgorithmConfig(Section):
     server_lr: float = Field(1.0, gt=0, description="server step on the aggregated update")
     weighted: bool | None = Field(None, description="weight updates by train size; null = algorithm default")
     privacy_lambda: float = Field(0.0, ge=0, description="weight of the output-confidence privacy penalty in the local loss")
+    proximal_mu: float = Field(0.01, ge=0, description="fedprox: weight of the proximal term mu/2 ||w - w_global||^2")
+    beta1: float = Field(0.9, ge=0, lt=1, description="fedadam/fedyogi/fedadagrad: server momentum")
+    beta2: float = Field(0.99, ge=0, lt=1, description="fedadam/fedyogi: server second-moment decay")
+    tau: float = Field(1e-3, gt=0, description="fedadam/fedyogi/fedadagrad: adaptivity (epsilon) of the server step")
+
+    @field_validator("name")
+    @classmethod
+    def _known_or_importable(cls, name: str) -> str:
+        if name in BUILTIN_ALGORITHMS or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", name):
+            return name
+        raise ValueError(f"expected one of {', '.join(BUILTIN_ALGORITHMS)} or 'package.module:ClassName', got {name!r}")
 
 
 DEFAULT_NOISE_MULTIPLIER = 1.0
@@ -420,7 +450,7 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 def load_raw(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: config file not found")
+        raise ConfigError(f"{p}: config file not found (nor a preset: {', '.join(presets())})")
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
@@ -430,9 +460,26 @@ def load_raw(path: str | Path) -> dict:
     return raw if raw is not None else {}
 
 
+def config_path(path: str | Path | None) -> Path:
+    """A config file, or the name of a built-in preset (`quickstart`, `table`, `bench_w1`, ...): a path
+    that exists wins; otherwise a preset of that name; None is the quickstart."""
+    if path is None:
+        return default_config_path()
+    p = Path(path)
+    if p.is_file() or p.suffix or len(p.parts) > 1:
+        return p
+    preset = default_config_path(f"{p.name}.yaml")
+    return preset if preset.is_file() else p
+
+
+def presets() -> list[str]:
+    return sorted(Path(str(f)).stem for f in default_config_path().parent.glob("*.yaml"))
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load a YAML experiment (default: the built-in quickstart) with optional `key=value` overrides."""
-    src = Path(path) if path else default_config_path()
+    """Load a YAML experiment (a path or a preset name; default: the built-in quickstart) with
+    optional `key=value` overrides."""
+    src = config_path(path)
     raw = load_raw(src)
     if not isinstance(raw, dict):
         raise ConfigError(f"{src}: expected a mapping of sections at the top level")
@@ -442,13 +489,14 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
 
 
 def default_config_path(name: str = "quickstart.yaml") -> Path:
-    """configs/<name> (default: the quickstart), from a checkout or from the installed package data."""
+    """configs/<name> (default: the quickstart): the checkout's folder, or in an installed wheel the
+    package data of `fedmeta_presets`, found with importlib.resources."""
     here = Path(__file__).resolve().parent.parent / "configs" / name
     if here.is_file():
         return here
     from importlib.resources import files
 
-    return Path(str(files("configs") / name))
+    return Path(str(files("fedmeta_presets") / name))
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

@@ -56,6 +56,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, resume: b
 def _run(cfg: ExperimentConfig, fed: Federation, run_dir: Path, saved: ckpt.Checkpoint | None,
          progress: ProgressFn | None) -> dict:
     state = initial_state(fed.plan, saved)
+    fed.load_server_state(state.server_state)     # a resumed adaptive server continues its moments
     saver = Checkpointing(fed, run_dir)
     hooks: list[Hook] = [Accounting(), RoundLog(), Evaluation(fed, run_dir), saver, CanaryAudit(fed, state)]
     if cfg.tune.auto:

@@ -10,6 +10,7 @@ metric: one flow (`_secure_sum`) for both.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ class Federation:
         """`secrets`: the run's secret randomness (a fresh run secret unless `run.seeded_secrets`);
         the workers get it, the aggregator only its own derived part."""
         self.plan = plan
+        self.workers, self.aggregator, self._server_state = [], None, {}
         seed = plan.cfg.seed
         self.secrets = secrets or (Secrets.seeded(seed) if plan.cfg.run.seeded_secrets else Secrets.fresh(seed))
         self._spawn()
@@ -64,17 +66,25 @@ class Federation:
         cfg, plan = self.plan.cfg, self.plan
         cpus, gpus = worker_resources(cfg)
         raw, threads = cfg.model_dump(mode="json"), max(1, int(cpus))
+        code = [os.getcwd()]    # where a user's own algorithm module lives, as the driver imports it
         self.workers = [ClientWorkerActor.options(num_cpus=cpus, num_gpus=gpus).remote(raw, i, threads, plan.dp,
-                                                                                      self.secrets)
+                                                                                      self.secrets, code)
                         for i in range(cfg.ray.num_workers)]
         self.aggregator = AggregatorActor.remote(cfg.algorithm.model_dump(), plan.n_params, plan.dp, cfg.seed,
-                                                 plan.secagg is not None, self.secrets.derive("aggregator"))
+                                                 plan.secagg is not None, self.secrets.derive("aggregator"), code)
         self.infos = ray.get([w.info.remote() for w in self.workers])  # fail fast if an actor cannot start
 
     def release(self) -> None:
-        """Stop the workers and the aggregator (their CPUs go back to the cluster, e.g. to Tune trials)."""
-        for a in (*self.workers, self.aggregator):
+        """Stop the workers and the aggregator (their CPUs go back to the cluster, e.g. to Tune trials);
+        the server rule's state is kept for `restart`."""
+        if self.aggregator is not None:
+            self._server_state = self.server_state()
+        self._kill()
+
+    def _kill(self) -> None:
+        for a in (*self.workers, *([self.aggregator] if self.aggregator is not None else [])):
             ray.kill(a)
+        self.workers, self.aggregator = [], None
 
     def restart(self, cfg: ExperimentConfig) -> None:
         """Continue under new hyperparameters (after tuning): fresh workers and aggregator with
@@ -83,6 +93,14 @@ class Federation:
         self.release()
         self.plan = plan
         self._spawn()
+        self.load_server_state(self._server_state)   # e.g. an adaptive server optimizer's moments
+
+    def server_state(self) -> dict:
+        """The server rule's state (an adaptive optimizer's moments; {} for FedAvg and the like)."""
+        return ray.get(self.aggregator.server_state.remote())
+
+    def load_server_state(self, state: dict) -> None:
+        ray.get(self.aggregator.load_server_state.remote(state))
 
     def revoke(self, cid: int, purpose: str | None = None) -> None:
         """User `cid` withdraws consent (None: all purposes); they are out of the next round."""
@@ -201,4 +219,4 @@ class Federation:
     def shutdown(self) -> None:
         if self.consent is not None:
             self.consent.close()
-        self.release()
+        self._kill()

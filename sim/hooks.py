@@ -91,6 +91,10 @@ class Checkpointing(Hook):
             self.save(state)
 
     def save(self, state: RunState) -> None:
+        try:
+            state.server_state = self.fed.server_state()
+        except Exception:   # saving after a failure: the aggregator may be gone; keep its last known state
+            pass
         card = model_card(self.fed.plan, state.rounds_done, state.accounting, state.log)
         ckpt.save(self.run_dir, state.to_checkpoint(card))
         state.log.save(self.run_dir)

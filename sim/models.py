@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from sim.config import ModelConfig
+from sim.config import ConfigError, ModelConfig
 
 Params = dict[str, torch.Tensor]
 
@@ -47,7 +47,32 @@ def cnn(input_shape: tuple[int, ...], channels: list[int], kernel_size: int, pad
     return nn.Sequential(*layers)
 
 
+def custom(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The researcher's `factory(input_shape, num_classes, **kwargs)`, checked: an nn.Module whose
+    state is all parameters. Buffers (e.g. BatchNorm's running statistics) would be neither
+    averaged nor sent by the clients, so they are refused rather than silently wrong."""
+    from sim.userimport import import_target
+
+    factory = import_target(cfg.target, "model.target")
+    try:
+        model = factory(tuple(input_shape), num_classes, **cfg.kwargs)
+    except Exception as e:   # the user's code: any failure is a config problem to report in one line
+        raise ConfigError(f"model.target: {cfg.target}(input_shape={tuple(input_shape)}, num_classes={num_classes}, "
+                          f"**{cfg.kwargs}) failed: {type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.target: {cfg.target} returned {type(model).__name__}, not a torch.nn.Module")
+    buffers = [k for k, _ in model.named_buffers()]
+    if buffers:
+        raise ConfigError(f"model.target: the module has buffers ({', '.join(buffers[:3])}), e.g. BatchNorm running "
+                          "statistics, which federated averaging does not carry; use LayerNorm or GroupNorm")
+    if num_params(model) == 0:
+        raise ConfigError(f"model.target: {cfg.target} has no parameters to train")
+    return model
+
+
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if cfg.kind == "custom":
+        return custom(cfg, input_shape, num_classes)
     if cfg.kind == "mlp":
         return mlp(math.prod(input_shape), list(cfg.hidden), num_classes)
     if len(input_shape) == 2:  # (h, w) -> one channel
@@ -57,19 +82,29 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
     return cnn(input_shape, list(cfg.channels), cfg.kernel_size, cfg.padding, cfg.cnn_hidden, num_classes)
 
 
+NORMS = (nn.LayerNorm, nn.GroupNorm)
+
+
 def init_params(model: nn.Module, gen: torch.Generator) -> torch.Tensor:
-    """A seeded initialisation (PyTorch's default scheme, drawn from `gen`) as a flat vector."""
+    """A seeded initialisation (PyTorch's default scheme, drawn from `gen`) as a flat vector, in
+    `named_parameters` order: Linear/Conv weights and biases uniform in +-1/sqrt(fan_in) (what
+    kaiming_uniform(a=sqrt(5)) gives), norm layers' scale 1 and shift 0, embeddings N(0, 1); any
+    other parameter uniform in +-1/sqrt(its last dimension)."""
     out = []
     for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            fan_in = m.weight[0].numel()
-            bound = 1.0 / math.sqrt(fan_in)
-            # kaiming_uniform(a=sqrt(5)) as in torch's reset_parameters gives the same bound for weights
-            out.append((torch.rand(m.weight.shape, generator=gen) * 2 - 1).mul_(bound).flatten())
-            out.append((torch.rand(m.bias.shape, generator=gen) * 2 - 1).mul_(bound).flatten())
+        own = dict(m.named_parameters(recurse=False))
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            bound = 1.0 / math.sqrt(m.weight[0].numel())
+            out += [(torch.rand(p.shape, generator=gen) * 2 - 1).mul_(bound).flatten() for p in own.values()]
+        elif isinstance(m, NORMS):
+            out += [(torch.ones if k == "weight" else torch.zeros)(p.shape).flatten() for k, p in own.items()]
+        elif isinstance(m, nn.Embedding):
+            out += [torch.randn(p.shape, generator=gen).flatten() for p in own.values()]
+        else:
+            out += [(torch.rand(p.shape, generator=gen) * 2 - 1).div_(math.sqrt(p.shape[-1] if p.dim() else 1)).flatten()
+                    for p in own.values()]
     flat = torch.cat(out)
-    if flat.numel() != num_params(model):
-        raise ValueError("init_params supports Linear and Conv2d layers only")
+    assert flat.numel() == num_params(model)
     return flat
 
 

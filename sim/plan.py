@@ -67,7 +67,8 @@ class FederationPlan:
         ids = canary_ids(canaries, data.num_clients)
         return cls(cfg, data, tuple(data.input_shape), data.num_classes, num_params(model),
                    init_params(model, torch_gen(cfg.seed, "init")).numpy(),
-                   resolve_compute(cfg.ray.compute, cfg.model.kind, cfg.privacy.local_dp), dp, _local_dp(cfg), secagg,
+                   resolve_compute(cfg.ray.compute, cfg.model.kind, cfg.privacy.local_dp, model, data.input_shape),
+                   dp, _local_dp(cfg), secagg,
                    ids, canary_inclusion(cfg.seed, canaries),
                    eval_individuals(cfg.seed, data.num_clients - canaries, cfg.eval.num_individuals),
                    tuple(data.global_sizes()), input_profile(data, cfg.seed))
@@ -81,7 +82,8 @@ class FederationPlan:
             secagg = _secagg(cfg, dp)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        compute = resolve_compute(cfg.ray.compute, cfg.model.kind, cfg.privacy.local_dp)
+        compute = resolve_compute(cfg.ray.compute, cfg.model.kind, cfg.privacy.local_dp,
+                                  build_model(cfg.model, self.input_shape, self.num_classes), self.input_shape)
         panel = eval_individuals(cfg.seed, self.num_clients - len(self.canary_ids), cfg.eval.num_individuals)
         return replace(self, cfg=cfg, dp=dp, local_dp=_local_dp(cfg), secagg=secagg, compute=compute, eval_ids=panel)
 

@@ -1,15 +1,30 @@
 """Client rule + server rule per algorithm (pure torch; no Ray)."""
 from sim.algorithms.base import Algorithm, SGDClient
 from sim.algorithms.fedavg import FedAvg
+from sim.algorithms.fedopt import FedAdagrad, FedAdam, FedYogi
+from sim.algorithms.fedprox import FedProx
 from sim.algorithms.fomaml import FOMAML
 from sim.algorithms.reptile import Reptile
-from sim.config import AlgorithmConfig
+from sim.config import AlgorithmConfig, ConfigError
+from sim.userimport import add_code_path, import_target
 
-ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (FedAvg, Reptile, FOMAML)}
+ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (FedAvg, Reptile, FOMAML, FedProx, FedAdam, FedYogi,
+                                                                FedAdagrad)}
 
 
 def build_algorithm(cfg: AlgorithmConfig) -> Algorithm:
-    return ALGORITHMS[cfg.name](cfg)
+    """A built-in algorithm by name, or a user's `package.module:Class` (a subclass of Algorithm)."""
+    return (ALGORITHMS.get(cfg.name) or import_algorithm(cfg.name))(cfg)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "FOMAML", "FedAvg", "Reptile", "SGDClient", "build_algorithm"]
+def import_algorithm(target: str) -> type[Algorithm]:
+    """A user's `package.module:Class`; ConfigError naming `algorithm.name` when it cannot be
+    imported or is not an Algorithm."""
+    cls = import_target(target, "algorithm.name")
+    if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
+        raise ConfigError(f"algorithm.name: {target!r} is not a subclass of fedmeta.Algorithm")
+    return cls
+
+
+__all__ = ["ALGORITHMS", "Algorithm", "FOMAML", "FedAdagrad", "FedAdam", "FedAvg", "FedProx", "FedYogi", "Reptile",
+           "SGDClient", "add_code_path", "build_algorithm", "import_algorithm"]

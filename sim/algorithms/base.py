@@ -75,6 +75,15 @@ class Algorithm(ABC):
         new = global_flat + self.cfg.server_lr * mean_update
         return new, {"update_norm": float(mean_update.norm())}
 
+    def state_dict(self) -> dict:
+        """The server rule's state across rounds (e.g. an adaptive optimizer's moments): tensors in
+        a dict, checkpointed with the run. Stateless rules keep none."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{self.name}: has no server state to load, got keys {sorted(state)}")
+
 
 class SGDClient(Algorithm):
     """Local SGD: one gradient step per batch."""

@@ -110,12 +110,35 @@ def module_grad(model: nn.Module, lam: float = 0.0) -> GradFn:
 AUTO_COMPUTE = {"mlp": "vmap", "cnn": "loop"}
 
 
-def resolve_compute(compute: str, model_kind: str, local_dp: bool = False) -> Literal["vmap", "loop"]:
-    """The cohort engine a run uses: `ray.compute`, or for auto the measured choice per model kind.
-    Local DP-SGD needs per-sample gradients with per-client noise streams: the loop."""
+def resolve_compute(compute: str, model_kind: str, local_dp: bool = False, model: nn.Module | None = None,
+                    input_shape: tuple[int, ...] = ()) -> Literal["vmap", "loop"]:
+    """The cohort engine a run uses: `ray.compute`, or for auto the measured choice per model kind;
+    a custom model gets vmap when `torch.func` can run it (`vmap_works`), else the loop. Local
+    DP-SGD needs per-sample gradients with per-client noise streams: the loop."""
     if local_dp:
         return "loop"
-    return AUTO_COMPUTE[model_kind] if compute == "auto" else compute  # type: ignore[return-value]
+    if compute != "auto":
+        return compute  # type: ignore[return-value]
+    if model_kind == "custom":
+        return "vmap" if model is not None and vmap_works(model, input_shape) else "loop"
+    return AUTO_COMPUTE[model_kind]  # type: ignore[return-value]
+
+
+def vmap_works(model: nn.Module, input_shape: tuple[int, ...]) -> bool:
+    """Whether vmap(grad(loss)) over a stack of parameter copies runs this model (in-place ops,
+    data-dependent control flow or .item() calls in forward make torch.func refuse it)."""
+    params = {k: v.detach().expand(2, *v.shape).clone() for k, v in model.named_parameters()}
+    device = next(iter(params.values())).device
+    x = torch.zeros(2, 3, *input_shape, device=device)
+    y = torch.zeros(2, 3, dtype=torch.long, device=device)
+
+    def loss(p, xb, yb):
+        return F.cross_entropy(functional_call(model, p, (xb,)), yb)
+    try:
+        vmap(torch.func.grad(loss))(params, x, y)
+        return True
+    except Exception:   # whatever torch.func cannot transform: the loop runs any module
+        return False
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 decision, on local Ray over real HTTP."""
 import socket
 
-import numpy as np
 import pytest
 import requests
 import torch

@@ -33,8 +33,9 @@ def test_run_writes_everything(ray_session, tmp_path):
     assert len(ind) == 2 * 8  # 8 individuals x 2 evaluations
 
 
-def test_resume_reaches_the_same_final_metrics(ray_session, tmp_path):
-    raw = tiny_raw(tmp_path, algorithm={"name": "fomaml"})
+@pytest.mark.parametrize("algorithm", ["fomaml", "fedadam"])   # fedadam: its server moments are checkpointed
+def test_resume_reaches_the_same_final_metrics(ray_session, tmp_path, algorithm):
+    raw = tiny_raw(tmp_path, algorithm={"name": algorithm})
     _, full = run_experiment(from_dict(raw))
 
     def interrupt_at_2(done, total, shown):

@@ -1,6 +1,5 @@
 """Specialized members from a run: groups of similar individuals, pooled profiles, averaged models."""
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner

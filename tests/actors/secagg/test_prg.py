@@ -1,7 +1,6 @@
 """ChaCha20 mask expansion: determinism, range, uniformity, batching, speed."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
