@@ -53,12 +53,10 @@ def test_your_own_algorithm_by_import_path(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_fedmeta_run_with_your_own_algorithm(ray_session, tmp_path, monkeypatch):
+    """The module sits in the working directory: the driver imports it from there, and so do the
+    worker and aggregator actors (they are given the driver's working directory)."""
     (tmp_path / "myalgos_run.py").write_text(textwrap.dedent(MY_ALGORITHM))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import os
-
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     result = fedmeta.run(tiny_raw(tmp_path, algorithm={"name": "myalgos_run:SignSGD", "lr": 0.01}),
                          overrides=["federation.rounds=2", "eval.every=2"])
     assert result.summary["algorithm"] == "myalgos_run:SignSGD" and result.summary["rounds"] == 2
