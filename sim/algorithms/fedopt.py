@@ -11,6 +11,8 @@ local SGD as in FedAvg; the server treats the cohort's mean update Delta as a ps
 with v starting at tau^2. The moments are the server's state: kept by the aggregator, checkpointed
 with the run, carried over when the run restarts under tuned hyperparameters.
 """
+from abc import abstractmethod
+
 import torch
 
 from sim.algorithms.base import SGDClient
@@ -24,8 +26,9 @@ class _ServerOptimizer(SGDClient):
         self.m: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
+    @abstractmethod
     def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The second-moment update from the squared mean update `d2`: what tells the three apart."""
 
     def server_update(self, global_flat: torch.Tensor, mean_update: torch.Tensor) -> tuple[torch.Tensor, dict]:
         c = self.cfg
