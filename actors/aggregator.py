@@ -29,9 +29,10 @@ from actors.secagg.protocol import (
     UnmaskShares,
 )
 from actors.secagg.session import SecAggParams, SecureSum
-from sim.algorithms import add_code_path, build_algorithm
+from sim.algorithms import build_algorithm
 from sim.config import AlgorithmConfig
 from sim.seeding import Secrets, np_rng
+from sim.userimport import add_code_path
 
 
 class AggregationError(RuntimeError):

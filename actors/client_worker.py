@@ -23,7 +23,7 @@ from actors.privacy import UserLevelDP
 from actors.secagg.protocol import AdvertiseKeys, EncryptedShares, SecAggClient, UnmaskRequest, UnmaskShares
 from actors.secagg.quantize import add_mod, quantize
 from actors.secagg.session import SecAggParams
-from sim.algorithms import SGDClient, add_code_path, build_algorithm
+from sim.algorithms import SGDClient, build_algorithm
 from sim.algorithms.local import LocalDP, accuracies_stacked, predictions_hit, resolve_compute, sample_losses
 from sim.config import AlgorithmConfig, ExperimentConfig, from_dict
 from sim.data import build_dataset
@@ -31,6 +31,7 @@ from sim.data.canaries import canary_count, canary_direction, canary_ids
 from sim.data.drift import DriftedDataset, data_for_round
 from sim.models import build_model, num_params
 from sim.seeding import Secrets, np_rng
+from sim.userimport import add_code_path
 
 # Per-sample losses an evaluation returns for the membership-inference audit.
 LOSS_KEYS = ("loss_global_train", "loss_global_test", "loss_personalized_train", "loss_personalized_test")

@@ -100,7 +100,7 @@ def initial_state(plan: FederationPlan, saved: ckpt.Checkpoint | None) -> RunSta
 
 def finish(fed: Federation, state: RunState, hooks: list[Hook], run_dir: Path) -> dict:
     """summary.json (with what hooks add, e.g. the auto-tuner's result) and the plots."""
-    summary = run_summary(fed.cfg, fed.plan, state, run_dir, fed.peak_rss_mib())
+    summary = run_summary(fed.plan, state, run_dir, fed.peak_rss_mib())
     for h in hooks:
         summary.update(getattr(h, "summary", dict)())
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -142,8 +142,6 @@ def canary_scores(plan, global_params) -> np.ndarray:
 
 def export_personalized(run_dir: Path, ids: list[int], flats) -> Path:
     """personalized/<client id>.npy: each evaluated individual's fine-tuned parameters, for serving."""
-    import numpy as np
-
     out = run_dir / "personalized"
     out.mkdir(exist_ok=True)
     for cid, flat in zip(ids, flats):

@@ -58,8 +58,9 @@ def model_card(plan: FederationPlan, rounds_done: int, accounting: RunAccounting
     }
 
 
-def run_summary(cfg: ExperimentConfig, plan: FederationPlan, state, run_dir: Path, peak_rss: float) -> dict:
+def run_summary(plan: FederationPlan, state, run_dir: Path, peak_rss: float) -> dict:
     """summary.json: the fairness statistics of the last evaluation, throughput, and privacy."""
+    cfg = plan.cfg
     log = state.log
     ev = log.latest_eval()
     clean = lambda d: {k: finite_or_none(v) for k, v in d.items()}  # noqa: E731

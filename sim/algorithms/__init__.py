@@ -6,7 +6,7 @@ from sim.algorithms.fedprox import FedProx
 from sim.algorithms.fomaml import FOMAML
 from sim.algorithms.reptile import Reptile
 from sim.config import AlgorithmConfig, ConfigError
-from sim.userimport import add_code_path, import_target
+from sim.userimport import import_target
 
 ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (FedAvg, Reptile, FOMAML, FedProx, FedAdam, FedYogi,
                                                                 FedAdagrad)}
@@ -27,4 +27,4 @@ def import_algorithm(target: str) -> type[Algorithm]:
 
 
 __all__ = ["ALGORITHMS", "Algorithm", "FOMAML", "FedAdagrad", "FedAdam", "FedAvg", "FedProx", "FedYogi", "Reptile",
-           "SGDClient", "add_code_path", "build_algorithm", "import_algorithm"]
+           "SGDClient", "build_algorithm", "import_algorithm"]
