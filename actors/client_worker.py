@@ -23,9 +23,9 @@ from actors.privacy import UserLevelDP
 from actors.secagg.protocol import AdvertiseKeys, EncryptedShares, SecAggClient, UnmaskRequest, UnmaskShares
 from actors.secagg.quantize import add_mod, quantize
 from actors.secagg.session import SecAggParams
-from sim.algorithms import SGDClient, build_algorithm
+from sim.algorithms import build_algorithm
 from sim.algorithms.local import LocalDP, accuracies_stacked, predictions_hit, resolve_compute, sample_losses
-from sim.config import AlgorithmConfig, ExperimentConfig, from_dict
+from sim.config import ExperimentConfig, from_dict
 from sim.data import build_dataset
 from sim.data.canaries import canary_count, canary_direction, canary_ids
 from sim.data.drift import DriftedDataset, data_for_round
@@ -49,8 +49,9 @@ class ClientWorker:
 
     def __init__(self, cfg: ExperimentConfig | dict, worker_id: int = 0, dp: UserLevelDP | None = None,
                  device: str | None = None, secrets: Secrets | None = None, code_path: Sequence[str] = ()):
-        add_code_path(code_path)      # where the researcher's own algorithm is imported from
+        add_code_path(code_path)      # where the researcher's own model and algorithm are imported from
         self.cfg = cfg if isinstance(cfg, ExperimentConfig) else from_dict(cfg)
+        add_code_path(self.cfg.run.code_paths)
         self.worker_id = worker_id
         # the clients' secret randomness (keys, masks, rounding, noise); public streams use the seed
         self.secrets = secrets or (Secrets.seeded(self.cfg.seed) if self.cfg.run.seeded_secrets
@@ -73,9 +74,7 @@ class ClientWorker:
                                        tuple(self.data.input_shape))
         self.local_dp = LocalDP(pc.local_clip, pc.local_noise_multiplier) if pc.local_dp else None
         self.n_params = num_params(self.model)
-        ev = self.cfg.eval
-        self.finetuner = SGDClient(AlgorithmConfig(local_steps=max(ev.finetune_steps, 1), lr=ev.finetune_lr,
-                                                   batch_size=ev.batch_size))
+        self.finetuner = self.algorithm.personalizer(self.cfg.eval)   # fine-tuning, or Ditto's proximal objective
         # the one open secure-sum session: protocol round -> (parameters, its clients' protocol state)
         self._session: dict[int, tuple[SecAggParams, dict[int, SecAggClient]]] = {}
 
@@ -202,7 +201,8 @@ class ClientWorker:
     def evaluate(self, global_params: np.ndarray, cids: Sequence[int], rounds_done: int = 0, export: bool = False,
                  audit: bool = True) -> dict:
         """acc(D_I) of the global model and of each individual's personalized model (the global
-        model fine-tuned `eval.finetune_steps` SGD steps on the individual's train split). With the
+        model after `eval.finetune_steps` steps of the algorithm's personalization rule on the
+        individual's train split: plain SGD fine-tuning, Ditto's proximal SGD). With the
         MIA audit on, also per-sample losses of both models on the individuals' train splits
         (members) and test splits (non-members). `export`: also the personalized parameters
         (clients, n_params), which each individual would keep (or, with consent, hand to serving)."""

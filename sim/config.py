@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -57,6 +57,40 @@ class PrototypesConfig(Section):
     noise: float = Field(1.0, ge=0)
 
 
+class PartitionConfig(Section):
+    """How a table without a client column is cut into clients (data.num_clients + data.global_clients
+    of them): the label and quantity skew of Li, Diao, Chen & He, "Federated Learning on Non-IID Data
+    Silos: An Experimental Study" (ICDE 2022), as flwr-datasets' partitioners offer. Seeded."""
+
+    alpha: float | None = Field(None, gt=0, description="label skew: each class's rows are split over the clients "
+                                                       "in Dirichlet(alpha) shares; null = rows dealt at random")
+    size_alpha: float | None = Field(None, gt=0, description="quantity skew: client sizes in Dirichlet(size_alpha) "
+                                                            "shares; null = equal sizes")
+
+
+class TableConfig(Section):
+    """Your own federated data: a Parquet or CSV file with one row per sample."""
+
+    path: str | None = Field(None, description="a .parquet/.pq or .csv file (relative: to the working directory, "
+                                               "else to the config file's folder)")
+    client_column: str | None = Field(None, description="the column naming each row's client; null = a centralised "
+                                                        "table, cut into clients by `partition`")
+    label_column: str = Field("label", description="integer or string class labels")
+    feature_columns: list[str] | None = Field(None, min_length=1, description="default: every other numeric column")
+    input_shape: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=1, max_length=3,
+                                          description="reshape each row's features, e.g. [1, 28, 28] for pixel columns")
+    standardize: bool = Field(True, description="scale features to mean 0, sd 1 with statistics of the federation's "
+                                                "train rows only")
+    partition: PartitionConfig = PartitionConfig()
+
+    @model_validator(mode="after")
+    def _partition_needs_no_clients(self) -> "TableConfig":
+        if self.client_column is not None and self.partition != PartitionConfig():
+            raise ValueError(f"partition: only for tables without a client column (client_column is "
+                             f"{self.client_column!r})")
+        return self
+
+
 class DriftConfig(Section):
     """A drift scenario: from round `at_round` on, every individual's data changes (repeatable from
     the seed). Any combination of: images rotate, writing styles change, label mixes shift."""
@@ -69,7 +103,7 @@ class DriftConfig(Section):
 
 
 class DataConfig(Section):
-    kind: Literal["writers", "synthetic", "femnist", "prototypes"] = "writers"
+    kind: Literal["writers", "synthetic", "femnist", "prototypes", "table"] = "writers"
     num_clients: int = Field(1000, ge=1, description="individuals in the federation")
     samples_per_client: int = Field(64, ge=2)
     train_fraction: float = Field(0.7, gt=0, le=1, description="share of D_I used for training")
@@ -78,12 +112,15 @@ class DataConfig(Section):
     synthetic: SyntheticConfig = SyntheticConfig()
     femnist: FemnistConfig = FemnistConfig()
     prototypes: PrototypesConfig = PrototypesConfig()
+    table: TableConfig = TableConfig()
     drift: DriftConfig = DriftConfig()
 
     @model_validator(mode="after")
     def _femnist_needs_path(self) -> "DataConfig":
         if self.kind == "femnist" and not self.femnist.path:
             raise ValueError("femnist.path: required when kind is 'femnist'")
+        if self.kind == "table" and not self.table.path:
+            raise ValueError("table.path: required when kind is 'table'")
         d = self.drift
         if self.kind != "writers" and (d.style_strength is not None or d.alpha is not None):
             raise ValueError("drift.style_strength: style and label-mix drift need kind 'writers'")
@@ -114,11 +151,12 @@ class ModelConfig(Section):
         return self
 
 
-BUILTIN_ALGORITHMS = ("fedavg", "reptile", "fomaml", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+BUILTIN_ALGORITHMS = ("fedavg", "reptile", "fomaml", "fedprox", "fedadam", "fedyogi", "fedadagrad", "ditto")
 
 
 class AlgorithmConfig(Section):
-    name: str = Field("fedavg", description="fedavg, reptile, fomaml, fedprox, fedadam, fedyogi, fedadagrad, or your "
+    name: str = Field("fedavg", description="fedavg, reptile, fomaml, fedprox, fedadam, fedyogi, fedadagrad, ditto, "
+                                            "or your "
                                             "own: 'package.module:Class' "
                                             "(a subclass of fedmeta.Algorithm, importable from the working "
                                             "directory or PYTHONPATH)")
@@ -134,6 +172,8 @@ class AlgorithmConfig(Section):
     beta1: float = Field(0.9, ge=0, lt=1, description="fedadam/fedyogi/fedadagrad: server momentum")
     beta2: float = Field(0.99, ge=0, lt=1, description="fedadam/fedyogi: server second-moment decay")
     tau: float = Field(1e-3, gt=0, description="fedadam/fedyogi/fedadagrad: adaptivity (epsilon) of the server step")
+    ditto_lambda: float = Field(0.1, ge=0, description="ditto: pull lambda/2 ||v - w_global||^2 of each personalized "
+                                                       "model v towards the global model")
 
     @field_validator("name")
     @classmethod
@@ -347,6 +387,10 @@ class RunConfig(Section):
     out_dir: str = "runs"
     checkpoint_every: int = Field(5, ge=1)
     progress: bool = True
+    code_paths: list[str] = Field(default_factory=list, description="folders your own model/algorithm code is "
+                                                                    "imported from, besides the working directory "
+                                                                    "and PYTHONPATH; loading a config file adds its "
+                                                                    "folder")
     seeded_secrets: bool = Field(False, description="derive clients' keys, masks and all DP noise from the seed: "
                                                     "bit-exact runs for tests and debugging, private only against "
                                                     "parties that do not know the seed (default: a fresh run secret)")
@@ -382,7 +426,8 @@ class ExperimentConfig(Section):
                 node = node.get(part) if isinstance(node, dict) else None
             if isinstance(node, bool) or not isinstance(node, (int, float)):
                 raise ValueError(f"tune.params.{i}.key: {param.key!r} is not a numeric key of this config")
-        if self.data.kind != "femnist":
+        if self.data.kind not in ("femnist", "table") or (self.data.kind == "table"
+                                                           and self.data.table.client_column is None):
             if self.federation.clients_per_round > self.data.num_clients:
                 raise ValueError(
                     f"federation.clients_per_round: must be <= data.num_clients ({self.data.num_clients})")
@@ -485,7 +530,43 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{src}: expected a mapping of sections at the top level")
     for key, val in parse_overrides(overrides or []):
         _set_path(raw, key, val)
+    if src.resolve().parent != default_config_path().resolve().parent:
+        _anchor_to_folder(raw, src.resolve().parent)
     return from_dict(raw, source=str(src))
+
+
+DATA_PATHS = (("data", "table", "path"), ("data", "femnist", "path"))
+
+
+def _anchor_to_folder(raw: dict, folder: Path) -> None:
+    """A config file's folder is where its own code and data are found too: the folder joins
+    `run.code_paths`, and a relative data path missing from the working directory but present next
+    to the file becomes that absolute path (so the saved config resumes from anywhere)."""
+    run = raw.setdefault("run", {})
+    if isinstance(run, dict):
+        paths = run.setdefault("code_paths", [])
+        if isinstance(paths, list) and str(folder) not in paths:
+            paths.append(str(folder))
+    for keys in DATA_PATHS:
+        node: Any = raw
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        value = node.get(keys[-1]) if isinstance(node, dict) else None
+        if isinstance(value, str) and not Path(value).is_absolute() and not Path(value).exists() \
+                and (folder / value).exists():
+            node[keys[-1]] = str(folder / value)
+
+
+def with_absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config with its relative data paths made absolute against this process's working
+    directory, so actors started elsewhere (another folder, another node) read the same files."""
+    data = cfg.data
+    for name in ("table", "femnist"):
+        section = getattr(data, name)
+        if section.path and not Path(section.path).is_absolute():
+            section = section.model_copy(update={"path": str(Path(section.path).resolve())})
+            data = data.model_copy(update={name: section})
+    return cfg if data is cfg.data else cfg.model_copy(update={"data": data})
 
 
 def default_config_path(name: str = "quickstart.yaml") -> Path:

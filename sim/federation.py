@@ -10,7 +10,6 @@ metric: one flow (`_secure_sum`) for both.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from sim.consent import ConsentGate
 from sim.plan import FederationPlan
 from sim.sampling import apply_dropout, draw_cohort, split_even
 from sim.seeding import Secrets
+from sim.userimport import code_paths
 
 METRIC_ROUND_BASE = 1_000_000      # protocol round ids of secure metric rounds: never a training round's
 
@@ -66,7 +66,7 @@ class Federation:
         cfg, plan = self.plan.cfg, self.plan
         cpus, gpus = worker_resources(cfg)
         raw, threads = cfg.model_dump(mode="json"), max(1, int(cpus))
-        code = [os.getcwd()]    # where a user's own algorithm module lives, as the driver imports it
+        code = code_paths(cfg)  # where a user's own model/algorithm modules live, as the driver imports them
         self.workers = [ClientWorkerActor.options(num_cpus=cpus, num_gpus=gpus).remote(raw, i, threads, plan.dp,
                                                                                       self.secrets, code)
                         for i in range(cfg.ray.num_workers)]

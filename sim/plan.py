@@ -18,12 +18,13 @@ import numpy as np
 from actors.privacy import SampleLevelDP, Sampling, UserLevelDP
 from actors.secagg.session import SecAggParams, secagg_params
 from sim.algorithms.local import resolve_compute
-from sim.config import ConfigError, ExperimentConfig
+from sim.config import ConfigError, ExperimentConfig, with_absolute_paths
 from sim.data import FederatedDataset, build_dataset
 from sim.data.canaries import canary_count, canary_ids, canary_inclusion
 from sim.models import build_model, init_params, num_params
 from sim.sampling import eval_individuals
 from sim.seeding import np_rng, torch_gen
+from sim.userimport import add_code_path, code_paths
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,16 @@ class FederationPlan:
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, data: FederatedDataset | None = None) -> FederationPlan:
+        add_code_path(code_paths(cfg))     # the researcher's own model/algorithm modules
+        cfg = with_absolute_paths(cfg)      # the actors may start in another folder
         data = data or build_dataset(cfg.data, cfg.seed)
         fed = cfg.federation
         if fed.clients_per_round > data.num_clients:
             raise ConfigError(f"federation.clients_per_round: {fed.clients_per_round} exceeds the "
                               f"{data.num_clients} clients in the data")
+        if cfg.data.drift.rotation and len(data.input_shape) != 3:
+            raise ConfigError(f"data.drift.rotation: rotates images (channels, h, w); this data's inputs have shape "
+                              f"{tuple(data.input_shape)}")
         model = build_model(cfg.model, data.input_shape, data.num_classes)
         try:
             canaries = canary_count(cfg.privacy.audit_canaries, data.num_clients, cfg.privacy.mode != "off")

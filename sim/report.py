@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from actors.privacy import RunAccounting
+from sim.algorithms import build_algorithm
 from sim.checkpoint import MODEL_CARD_FORMAT
 from sim.config import ExperimentConfig
 from sim.metrics import MetricsLog, describe, finite_or_none
@@ -71,6 +72,7 @@ def run_summary(plan: FederationPlan, state, run_dir: Path, peak_rss: float) -> 
         "num_clients": plan.num_clients,
         "clients_per_round": cfg.federation.clients_per_round,
         "algorithm": cfg.algorithm.name,
+        "personalization": build_algorithm(cfg.algorithm).describe_personalization(),
         "model": cfg.model.kind,
         "data": cfg.data.kind,
         "seed": cfg.seed,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,12 @@ def add_code_path(paths) -> None:
     for p in paths:
         if p not in sys.path:
             sys.path.append(p)
+
+
+def code_paths(cfg) -> list[str]:
+    """The folders user code is imported from: the working directory, then `run.code_paths` (which
+    holds the config file's folder when the config was loaded from a file)."""
+    return [os.getcwd(), *cfg.run.code_paths]
 
 
 def import_target(target: str, key: str):

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# tables read by the tests are cached here, not in ~/.cache (set before Ray starts: actors inherit it)
+os.environ.setdefault("FEDMETA_CACHE_DIR", tempfile.mkdtemp(prefix="fedmeta-test-cache-"))
 
 
 @pytest.fixture(scope="session")

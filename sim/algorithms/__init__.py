@@ -1,5 +1,6 @@
 """Client rule + server rule per algorithm (pure torch; no Ray)."""
 from sim.algorithms.base import Algorithm, SGDClient
+from sim.algorithms.ditto import Ditto
 from sim.algorithms.fedavg import FedAvg
 from sim.algorithms.fedopt import FedAdagrad, FedAdam, FedYogi
 from sim.algorithms.fedprox import FedProx
@@ -9,7 +10,7 @@ from sim.config import AlgorithmConfig, ConfigError
 from sim.userimport import import_target
 
 ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (FedAvg, Reptile, FOMAML, FedProx, FedAdam, FedYogi,
-                                                                FedAdagrad)}
+                                                                FedAdagrad, Ditto)}
 
 
 def build_algorithm(cfg: AlgorithmConfig) -> Algorithm:
@@ -26,5 +27,5 @@ def import_algorithm(target: str) -> type[Algorithm]:
     return cls
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "FOMAML", "FedAdagrad", "FedAdam", "FedAvg", "FedProx", "FedYogi", "Reptile",
+__all__ = ["ALGORITHMS", "Algorithm", "Ditto", "FOMAML", "FedAdagrad", "FedAdam", "FedAvg", "FedProx", "FedYogi", "Reptile",
            "SGDClient", "build_algorithm", "import_algorithm"]

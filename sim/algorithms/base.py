@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sim.algorithms.local import LocalDP, Ops, batch_schedule, train_loop, train_vmap
-from sim.config import AlgorithmConfig
+from sim.config import AlgorithmConfig, EvalConfig
 from sim.models import Params
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x, y, mask)
@@ -74,6 +74,17 @@ class Algorithm(ABC):
         """New global model from the (weighted) mean update of the cohort."""
         new = global_flat + self.cfg.server_lr * mean_update
         return new, {"update_norm": float(mean_update.norm())}
+
+    # ------------------------------------------------------------ personalization rule
+    def personalizer(self, ev: EvalConfig) -> Algorithm:
+        """What an evaluated individual runs on its train split, starting from the global model,
+        to get its personalized model: by default `eval.finetune_steps` steps of plain SGD
+        (fine-tuning). Ditto overrides it with its proximal personal objective."""
+        return SGDClient(AlgorithmConfig(local_steps=max(ev.finetune_steps, 1), lr=ev.finetune_lr,
+                                         batch_size=ev.batch_size))
+
+    def describe_personalization(self) -> str:
+        return "fine-tuning"
 
     def state_dict(self) -> dict:
         """The server rule's state across rounds (e.g. an adaptive optimizer's moments): tensors in

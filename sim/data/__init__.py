@@ -7,6 +7,7 @@
 - ``synthetic``: Synthetic(alpha, beta) of the FedProx paper.
 - ``femnist``: LEAF's FEMNIST JSON files.
 - ``prototypes``: class prototypes plus noise, FEMNIST-shaped, for benchmarks.
+- ``table``: your own Parquet/CSV table, one row per sample (by a client column, or partitioned).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from sim.data.base import ClientData, FederatedDataset
 from sim.data.femnist import FemnistDataset
 from sim.data.prototypes import PrototypesDataset
 from sim.data.synthetic import SyntheticDataset
+from sim.data.tabular import TableDataset
 from sim.data.writers import WritersDataset
 
 DATASETS: dict[str, type[FederatedDataset]] = {
@@ -22,6 +24,7 @@ DATASETS: dict[str, type[FederatedDataset]] = {
     "synthetic": SyntheticDataset,
     "femnist": FemnistDataset,
     "prototypes": PrototypesDataset,
+    "table": TableDataset,
 }
 
 
@@ -35,4 +38,4 @@ def build_dataset(cfg: DataConfig, seed: int) -> FederatedDataset:
 
 
 __all__ = ["DATASETS", "ClientData", "FederatedDataset", "FemnistDataset", "PrototypesDataset",
-           "SyntheticDataset", "WritersDataset", "build_dataset"]
+           "SyntheticDataset", "TableDataset", "WritersDataset", "build_dataset"]

@@ -91,3 +91,32 @@ def test_ray_path_is_a_deprecated_alias_of_ray_compute():
     with pytest.warns(FutureWarning, match="ray.path is deprecated"):
         cfg = C.from_dict({"ray": {"path": "loop"}})
     assert cfg.ray.compute == "loop" and "path" not in cfg.model_dump()["ray"]
+
+
+def test_a_config_files_folder_holds_its_code_and_data(tmp_path, monkeypatch):
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir(), elsewhere.mkdir()
+    (project / "clients.csv").write_text("user,label,x\n")
+    (project / "exp.yaml").write_text("data: {kind: table, table: {path: clients.csv, client_column: user}}\n")
+    monkeypatch.chdir(elsewhere)
+    cfg = C.load(project / "exp.yaml")
+    assert cfg.run.code_paths == [str(project.resolve())]
+    assert cfg.data.table.path == str(project.resolve() / "clients.csv")    # found next to the file
+    (elsewhere / "clients.csv").write_text("user,label,x\n")
+    assert C.load(project / "exp.yaml").data.table.path == "clients.csv"    # the working directory wins
+    assert C.load("quickstart").run.code_paths == []                       # presets bring no code
+    absolute = C.with_absolute_paths(C.load(project / "exp.yaml"))
+    assert absolute.data.table.path == str(elsewhere.resolve() / "clients.csv")
+
+
+def test_table_config_errors_name_their_keys():
+    for raw, expected in (({"data": {"kind": "table"}}, "data.table.path: required when kind is 'table'"),
+                          ({"data": {"kind": "table", "table": {"path": "t.csv", "client_column": "u",
+                                                                 "partition": {"alpha": 0.5}}}},
+                           "data.table.partition: only for tables without a client column"),
+                          ({"data": {"kind": "table", "table": {"path": "t.csv", "colum": "u"}}},
+                           "data.table.colum: unknown key"),
+                          ({"algorithm": {"ditto_lambda": -1.0}}, "algorithm.ditto_lambda: Input should be")):
+        with pytest.raises(C.ConfigError) as e:
+            C.from_dict(raw)
+        assert str(e.value).startswith(f"config: {expected}"), str(e.value)

@@ -40,6 +40,8 @@ def test_the_noise_is_resolved_once_from_the_target_epsilon():
      "federation.clients_per_round: secure aggregation needs at least 2"),
     ({"secagg": {"enabled": True, "quant_bits": 30}, "privacy": {"mode": "distributed", "noise_multiplier": 1e12}},
      "secagg.quant_bits: "),   # the noise headroom would wrap the modulus
+    ({"data": {"kind": "synthetic", "num_clients": 40, "global_clients": 4, "drift": {"at_round": 2, "rotation": 30.0}}},
+     "data.drift.rotation: rotates images (channels, h, w); this data's inputs have shape (60,)"),
 ])
 def test_plan_errors_name_their_key(sections, key, tmp_path):
     raw = tiny_raw(**sections)
