@@ -11,6 +11,7 @@ aborts the round with an error before anything changes: the caller keeps its pre
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -186,6 +187,9 @@ class Aggregator:
 
     def load_server_state(self, state: dict) -> None:
         self.algorithm.load_state_dict(state)
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "rounds_done": self.rounds_done}
 
     def peak_rss_mib(self) -> float:
         return peak_rss_mib()

@@ -10,6 +10,7 @@ Rounds are named two ways: `round_index` is the 0-based index of the round being
 """
 from __future__ import annotations
 
+import os
 import resource
 import time
 from typing import Iterable, Sequence
@@ -79,7 +80,7 @@ class ClientWorker:
         self._session: dict[int, tuple[SecAggParams, dict[int, SecAggClient]]] = {}
 
     def info(self) -> dict:
-        return {"worker": self.worker_id, "device": str(self.device), "compute": self.compute,
+        return {"worker": self.worker_id, "pid": os.getpid(), "device": str(self.device), "compute": self.compute,
                 "n_params": self.n_params, "num_threads": torch.get_num_threads()}
 
     def _chunks(self, cids: Sequence[int]) -> list[Sequence[int]]:
@@ -128,7 +129,7 @@ class ClientWorker:
             loss_sum += float(met["train_loss"].sum())
         ids = tuple(int(c) for c in cids)
         diag = Diagnostics(self.worker_id, len(ids), loss_sum, time.perf_counter() - t0,
-                           tuple(releases) if self.local_dp is not None else None)
+                           tuple(releases) if self.local_dp is not None else None, os.getpid())
         if masked is not None:
             return MaskedUpdate(round_index, self.worker_id, masked, ids), diag
         return PlainUpdate(round_index, self.worker_id, total.cpu().numpy(), weight, ids), diag

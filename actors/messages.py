@@ -67,6 +67,7 @@ class Diagnostics:
     train_loss_sum: float                     # sum over clients of their mean local loss
     compute_s: float
     local_dp_releases: LocalDPReleases | None = None   # local DP-SGD: each client's own accounting
+    pid: int = 0                              # the worker's process: a new one means Ray restarted it
 
 
 def round_diagnostics(diags) -> dict:

@@ -20,7 +20,7 @@ from sim.config import ExperimentConfig, default_config_path, from_dict, load
 from sim.federation import Federation
 from sim.plan import FederationPlan
 
-WORKLOADS = {"w1": "bench_w1.yaml", "w2": "bench_w2.yaml", "tune": "bench_tune.yaml"}
+WORKLOADS = {"w1": "bench_w1.yaml", "w2": "bench_w2.yaml", "w3": "bench_w3.yaml", "tune": "bench_tune.yaml"}
 
 
 def workload_config(workload: str, overrides: list[str]) -> ExperimentConfig:

@@ -25,6 +25,7 @@ class Checkpoint:
     accountant: dict | None = None   # PrivacyAccountant.state_dict(): the privacy spent so far
     local_dp: dict | None = None     # LocalDPLedger.state_dict(): clients' local DP-SGD steps
     server_state: dict = field(default_factory=dict)   # the server rule's state (adaptive optimizers)
+    faults: dict = field(default_factory=dict)         # actor losses survived so far (sim/faults.py)
 
 
 def save(run_dir: Path, ck: Checkpoint) -> Path:

@@ -44,6 +44,11 @@ def summary_line(summary: dict) -> str:
     gain, cps = summary.get("personalization_gain"), summary.get("clients_per_s")
     line = (f"personalization gain {_fmt(gain, '+.4f')} | {_fmt(cps, '.1f')} clients/s | "
             f"peak RSS {_fmt(summary.get('peak_rss_mib'), '.0f')} MiB | dropouts {summary.get('dropouts')}")
+    lost = (summary.get("worker_failures") or 0) + (summary.get("aggregator_failures") or 0)
+    if lost:
+        line += (f" | actors lost {lost} (workers {summary['worker_failures']}, aggregator "
+                 f"{summary['aggregator_failures']}), shards retried {summary.get('retried_shards')}, "
+                 f"rounds retried {summary.get('retried_rounds')}, workers dropped {summary.get('workers_dropped')}")
     privacy = []
     if summary.get("epsilon") is not None:
         privacy.append(f"DP epsilon {summary['epsilon']:.3g} at delta {summary['delta']:g} "
@@ -85,6 +90,8 @@ class _Bar:
     def __call__(self, done: int, total: int, shown: dict) -> None:
         self.last.update(shown)
         parts = [f"{self.last['clients_per_s']:.0f} clients/s"]
+        if self.last.get("actor_failures"):
+            parts.append(f"{self.last['actor_failures']} actors lost and recovered")
         for k, label in (("acc_global_DG", "acc D_G"), ("acc_personalized_DI", "pers D_I")):
             if k in self.last:
                 parts.insert(0, f"{label} {self.last[k]:.3f}")
@@ -104,6 +111,7 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML o
 
     from actors.aggregator import AggregationError
     from sim.experiment import run_experiment
+    from sim.faults import RoundFailed
     from sim.rundir import resume_config
 
     if resume is not None:
@@ -136,6 +144,10 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML o
             raise
         print(f"error: {cause.args[0] if cause.args else cause}; the global model was not changed and the last "
               "completed round is checkpointed", file=sys.stderr)
+        raise typer.Exit(1) from None
+    except RoundFailed as e:
+        print(f"error: {e}; the last completed round is checkpointed (continue with `fedmeta run --resume RUN_DIR`)",
+              file=sys.stderr)
         raise typer.Exit(1) from None
     out.print(summary_table(summary))
     print(summary_line(summary))
@@ -306,7 +318,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
 
 
 @app.command()
-def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped) or w2 (MLP, 10k clients)")] = "w1",
+def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped), w2 (MLP, 10k clients) or w3 (MLP, 1M clients, 10k per round)")] = "w1",
           compute: Annotated[str, typer.Option("--compute", "--path", help="cohort engine: vmap, loop or auto (--path: deprecated name)")] = "auto",
           rounds: Annotated[int, typer.Option(min=1, help="timed rounds (after one warm-up round)")] = 5,
           workers: Annotated[Optional[int], typer.Option(min=1, help="worker actors (default: the workload's)")] = None,

@@ -317,6 +317,14 @@ class RayConfig(Section):
     num_gpus_per_worker: float | None = Field(None, ge=0, description="null = share GPUs if present")
     compute: Literal["auto", "vmap", "loop"] = Field("auto", description="cohort engine: vmap (torch.func over "
                                                      "clients), loop (one client at a time), auto (per model kind)")
+    placement: Literal["spread", "pack"] = Field("spread", description="spread: worker actors over as many nodes as "
+                                                                       "have room (Ray's SPREAD strategy); pack: "
+                                                                       "Ray's default (fill a node first)")
+    max_failures_per_round: int = Field(3, ge=0, description="lost worker/aggregator actors one round survives (Ray "
+                                                             "restarts them and the lost work is repeated); beyond "
+                                                             "it the run stops at its last checkpoint")
+    restart_timeout_s: float = Field(120.0, gt=0, description="how long a lost actor may take to come back before "
+                                                              "the pool goes on without it")
 
     @model_validator(mode="before")
     @classmethod

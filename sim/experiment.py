@@ -57,6 +57,7 @@ def _run(cfg: ExperimentConfig, fed: Federation, run_dir: Path, saved: ckpt.Chec
          progress: ProgressFn | None) -> dict:
     state = initial_state(fed.plan, saved)
     fed.load_server_state(state.server_state)     # a resumed adaptive server continues its moments
+    fed.faults.counts.update(state.faults)        # and the tally of lost actors continues
     saver = Checkpointing(fed, run_dir)
     hooks: list[Hook] = [Accounting(), RoundLog(), Evaluation(fed, run_dir), saver, CanaryAudit(fed, state)]
     if cfg.tune.auto:
@@ -84,6 +85,7 @@ def run_rounds(fed: Federation, state: RunState, hooks: list[Hook], rounds: int)
             return
         res = fed.train_round(state.rounds_done, state.global_params)
         state.advance(res.global_params, res.clients, res.seconds, res.dropped)
+        state.faults = res.faults or state.faults
         for h in hooks:
             state.stopped = h.after_round(state, res) or state.stopped
         if state.stopped:

@@ -17,16 +17,18 @@ from typing import Callable
 
 import numpy as np
 import ray
-from ray.exceptions import RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.aggregator import AggregatorActor, SecAggRoundAborted
 from actors.client_worker import LOSS_KEYS, ClientWorkerActor, peak_rss_mib
 from actors.messages import round_diagnostics
 from actors.privacy import mia_auc
 from actors.secagg.session import SecAggParams
+from sim.algorithms import Algorithm, build_algorithm
 from sim.cluster import worker_resources
 from sim.config import ExperimentConfig
 from sim.consent import ConsentGate
+from sim.faults import LOST, FaultLog, RoundFailed, lost_actor
 from sim.plan import FederationPlan
 from sim.sampling import apply_dropout, draw_cohort, split_even
 from sim.seeding import Secrets
@@ -43,6 +45,7 @@ class RoundResult:
     seconds: float
     metrics: dict
     trained: list[int] = field(default_factory=list)   # the clients whose updates went in
+    faults: dict = field(default_factory=dict)          # the run's actor losses so far (FaultLog.counts)
 
 
 class Federation:
@@ -53,6 +56,10 @@ class Federation:
         the workers get it, the aggregator only its own derived part."""
         self.plan = plan
         self.workers, self.aggregator, self._server_state = [], None, {}
+        self.faults = FaultLog(plan.cfg.ray.max_failures_per_round)
+        # the server rule's state is kept on the driver after every round when it has any, so a
+        # lost aggregator comes back where it was
+        self._stateful = type(build_algorithm(plan.cfg.algorithm)).state_dict is not Algorithm.state_dict
         seed = plan.cfg.seed
         self.secrets = secrets or (Secrets.seeded(seed) if plan.cfg.run.seeded_secrets else Secrets.fresh(seed))
         self._spawn()
@@ -67,12 +74,22 @@ class Federation:
         cpus, gpus = worker_resources(cfg)
         raw, threads = cfg.model_dump(mode="json"), max(1, int(cpus))
         code = code_paths(cfg)  # where a user's own model/algorithm modules live, as the driver imports them
-        self.workers = [ClientWorkerActor.options(num_cpus=cpus, num_gpus=gpus).remote(raw, i, threads, plan.dp,
-                                                                                      self.secrets, code)
-                        for i in range(cfg.ray.num_workers)]
-        self.aggregator = AggregatorActor.remote(cfg.algorithm.model_dump(), plan.n_params, plan.dp, cfg.seed,
-                                                 plan.secagg is not None, self.secrets.derive("aggregator"), code)
+        # max_restarts=-1: Ray brings a lost actor back (same arguments, so the same state); the rounds
+        # repeat the lost work on it (sim/faults.py)
+        # inside a Tune trial the actors belong to the trial's placement group, which already places them
+        in_group = ray.util.get_current_placement_group() is not None
+        spread = {"scheduling_strategy": "SPREAD"} if cfg.ray.placement == "spread" and not in_group else {}
+        self._new_worker = lambda i: ClientWorkerActor.options(  # noqa: E731
+            num_cpus=cpus, num_gpus=gpus, max_restarts=-1, **spread).remote(raw, i, threads, plan.dp, self.secrets,
+                                                                             code)
+        self._new_aggregator = lambda: AggregatorActor.options(max_restarts=-1).remote(  # noqa: E731
+            cfg.algorithm.model_dump(), plan.n_params, plan.dp, cfg.seed, plan.secagg is not None,
+            self.secrets.derive("aggregator"), code)
+        self.workers = [self._new_worker(i) for i in range(cfg.ray.num_workers)]
+        self.aggregator = self._new_aggregator()
         self.infos = ray.get([w.info.remote() for w in self.workers])  # fail fast if an actor cannot start
+        self._pids = {i["worker"]: i["pid"] for i in self.infos}     # a new pid: Ray restarted that worker
+        self._aggregator_pid = ray.get(self.aggregator.info.remote())["pid"]
 
     def release(self) -> None:
         """Stop the workers and the aggregator (their CPUs go back to the cluster, e.g. to Tune trials);
@@ -101,6 +118,7 @@ class Federation:
 
     def load_server_state(self, state: dict) -> None:
         ray.get(self.aggregator.load_server_state.remote(state))
+        self._server_state = state
 
     def revoke(self, cid: int, purpose: str | None = None) -> None:
         """User `cid` withdraws consent (None: all purposes); they are out of the next round."""
@@ -114,15 +132,147 @@ class Federation:
         cohort = admitted[~np.isin(admitted, self.plan.excluded_canaries)]   # 'out' canaries never train
         alive, dropped = apply_dropout(self.cfg.seed, round_index, cohort, self.cfg.federation.dropout)
         g_ref = ray.put(global_params)
-        if self.plan.secagg is None:
-            trained = [w.train.options(num_returns=2).remote(round_index, g_ref, shard)
-                       for w, shard in zip(self.workers, split_even(alive, len(self.workers)))]
-            new, metrics = ray.get(self.aggregator.aggregate.remote(round_index, g_ref, *[m for m, _ in trained]))
-            metrics.update(round_diagnostics(ray.get([d for _, d in trained])))
-        else:
-            new, metrics = self._secure_round(round_index, g_ref, cohort, alive, global_params)
+        self.faults.begin_round()
+        while True:
+            try:
+                if self.plan.secagg is None:
+                    new, metrics = self._plain_round(round_index, g_ref, alive)
+                else:
+                    new, metrics = self._secure_round(round_index, g_ref, cohort, alive, global_params)
+                if not (self._stateful and self._aggregator_restarted()):
+                    break
+                # Ray restarted the aggregator without a call failing: it served this round without
+                # the server state, so the round repeats once the state is back
+                self._heal(round_index, "the aggregator was restarted by Ray")
+                self.faults.retried("rounds")
+                continue
+            except Exception as e:
+                if not lost_actor(e):
+                    raise
+                # the aggregator, or a worker inside a secure sum, was lost: the pool is healed and
+                # the whole round repeats (same protocol round, same secrets: the same messages)
+                self._heal(round_index, e)
+                self.faults.retried("rounds")
+        if self._stateful:
+            self._server_state = self.server_state()
         metrics["not_consenting"] = len(sampled) - len(admitted)
-        return RoundResult(new, len(alive), len(dropped), time.perf_counter() - t0, metrics, alive.tolist())
+        return RoundResult(new, len(alive), len(dropped), time.perf_counter() - t0, metrics, alive.tolist(),
+                           dict(self.faults.counts))
+
+    def _plain_round(self, round_index: int, g_ref, alive: np.ndarray) -> tuple[np.ndarray, dict]:
+        shards = split_even(alive, len(self.workers))
+        submit = lambda w, shard: w.train.options(num_returns=2).remote(round_index, g_ref, shard)  # noqa: E731
+        trained = [submit(w, shard) for w, shard in zip(self.workers, shards)]
+        try:
+            # the aggregator starts as soon as the messages exist: no stop at the driver in between
+            new, metrics = ray.get(self.aggregator.aggregate.remote(round_index, g_ref, *[m for m, _ in trained]))
+        except Exception as e:
+            if not lost_actor(e):
+                raise
+            # a worker (or the aggregator) was lost: repeat the lost shards, then aggregate again (a lost
+            # aggregator fails this second call, and train_round heals it and repeats the round)
+            trained = self._on_workers(round_index, shards, submit, started=trained)
+            new, metrics = ray.get(self.aggregator.aggregate.remote(round_index, g_ref, *[m for m, _ in trained]))
+        diags = ray.get([d for _, d in trained])
+        self._note_restarts(round_index, diags)
+        metrics.update(round_diagnostics(diags))
+        return new, metrics
+
+    def _note_restarts(self, round_index: int, diags) -> None:
+        """A worker Ray restarted between two calls loses no work (the calls wait for it), but it
+        was lost all the same: count it."""
+        for d in diags:
+            if d.pid and self._pids.get(d.worker, d.pid) != d.pid:
+                self.faults.lost(round_index, f"worker {d.worker}", "restarted by Ray between two calls")
+            self._pids[d.worker] = d.pid
+
+    # ------------------------------------------------------------ lost actors
+    def _on_workers(self, round_index: int, shards: list, submit: Callable, started: list | None = None) -> list:
+        """`submit(worker, shard)` for every shard (one per worker; `started`: the refs of calls already
+        submitted that way); returns each shard's refs, in shard order. A shard whose worker is lost is submitted again, to the restarted worker (or,
+        when it does not come back, to another one): same shard, same result."""
+        def call(worker, shard):
+            refs = submit(worker, shard)
+            return worker, (refs if isinstance(refs, (list, tuple)) else (refs,))
+
+        calls = ({i: (w, tuple(refs)) for i, (w, refs) in enumerate(zip(self.workers, started))} if started
+                 else {i: call(w, s) for i, (w, s) in enumerate(zip(self.workers, shards))})
+        done: dict[int, tuple] = {}
+        while calls:
+            last = {refs[-1]: i for i, (_, refs) in calls.items()}
+            ready, _ = ray.wait(list(last), num_returns=1)
+            i = last[ready[0]]
+            worker, refs = calls.pop(i)
+            try:
+                ray.get(ready[0])
+                done[i] = refs
+            except LOST as e:
+                self.faults.lost(round_index, f"worker {i}", e)
+                self.faults.retried("shards")
+                calls[i] = call(self._revive(worker, i), shards[i])
+        return [done[i] if len(done[i]) > 1 else done[i][0] for i in range(len(shards))]
+
+    def _revive(self, worker, slot: int):
+        """The lost worker once Ray has restarted it; a fresh actor if it is gone for good; when
+        neither answers within `ray.restart_timeout_s` (its node is gone and the cluster has no
+        room), the pool goes on without it and another worker takes the shard."""
+        timeout = self.cfg.ray.restart_timeout_s
+        if worker not in self.workers:            # already dropped while retrying another shard
+            return self._any_worker(slot)
+        try:
+            info = ray.get(worker.info.remote(), timeout=timeout)
+            self._pids[info["worker"]] = info["pid"]      # this loss is counted already
+            return worker
+        except RayActorError:
+            fresh = self._new_worker(slot)
+            try:
+                info = ray.get(fresh.info.remote(), timeout=timeout)
+                self._pids[info["worker"]] = info["pid"]
+                self.workers[self.workers.index(worker)] = fresh
+                return fresh
+            except (RayActorError, GetTimeoutError):
+                ray.kill(fresh)
+        except GetTimeoutError:
+            pass
+        self.workers.remove(worker)
+        ray.kill(worker)
+        self.faults.counts["workers_dropped"] += 1
+        return self._any_worker(slot)
+
+    def _any_worker(self, slot: int):
+        if not self.workers:
+            raise RoundFailed("every worker actor was lost and none came back within ray.restart_timeout_s")
+        return self.workers[slot % len(self.workers)]
+
+    def _aggregator_restarted(self) -> bool:
+        return ray.get(self.aggregator.info.remote())["pid"] != self._aggregator_pid
+
+    def _heal(self, round_index: int, err: BaseException | str) -> None:
+        """After a loss somewhere in a round: find who was lost (restarted actors come back with a
+        new process id), bring them back, and give a restarted aggregator the server state."""
+        before = self.faults.this_round
+        for slot, worker in enumerate(list(self.workers)):
+            try:
+                info = ray.get(worker.info.remote(), timeout=self.cfg.ray.restart_timeout_s)
+                if self._pids.get(info["worker"], info["pid"]) != info["pid"]:
+                    self.faults.lost(round_index, f"worker {info['worker']}", err)
+                self._pids[info["worker"]] = info["pid"]
+            except (RayActorError, GetTimeoutError):
+                self.faults.lost(round_index, f"worker {slot}", err)
+                self._revive(worker, slot)
+        self.infos = ray.get([w.info.remote() for w in self.workers])
+        try:
+            restarted = ray.get(self.aggregator.info.remote(), timeout=self.cfg.ray.restart_timeout_s)["pid"] \
+                != self._aggregator_pid
+        except (RayActorError, GetTimeoutError):
+            ray.kill(self.aggregator)
+            self.aggregator, restarted = self._new_aggregator(), True
+        if restarted:
+            self.faults.lost(round_index, "aggregator", err)
+            self.load_server_state(self._server_state)
+        self._aggregator_pid = ray.get(self.aggregator.info.remote())["pid"]
+        if self.faults.this_round == before:    # an object was lost though every actor answers: still a loss
+            self.faults.lost(round_index, "object store", err)
 
     def _secure_round(self, round_index: int, g_ref, cohort: np.ndarray, alive: np.ndarray,
                       global_params: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -148,7 +298,9 @@ class Federation:
             if not isinstance(cause, SecAggRoundAborted):
                 raise
             return global_params, {"skipped": True, "aborted": str(cause.args[0] if cause.args else cause)}
-        return new, {**metrics, **round_diagnostics(ray.get(diagnostics))}
+        diags = ray.get(diagnostics)
+        self._note_restarts(round_index, diags)
+        return new, {**metrics, **round_diagnostics(diags)}
 
     def _secure_sum(self, protocol_id: int, clients: list[int], params: SecAggParams, dim: int, graph_stream: str,
                     contribute: Callable) -> ray.ObjectRef:
@@ -175,10 +327,10 @@ class Federation:
     def evaluate(self, rounds_done: int, global_params: np.ndarray, export: bool = False) -> dict:
         g_ref = ray.put(global_params)
         n = len(self.workers)
-        ind = [w.evaluate.remote(g_ref, s, rounds_done, export)
-               for w, s in zip(self.workers, split_even(self.plan.eval_ids, n))]
-        hits = np.concatenate(ray.get([w.evaluate_global.remote(g_ref, i, n) for i, w in enumerate(self.workers)]))
-        parts = ray.get(ind)
+        parts = ray.get(self._on_workers(rounds_done, split_even(self.plan.eval_ids, n),
+                                         lambda w, s: w.evaluate.remote(g_ref, s, rounds_done, export)))
+        hits = np.concatenate(ray.get(self._on_workers(rounds_done, list(range(n)),
+                                                       lambda w, i: w.evaluate_global.remote(g_ref, i, n))))
         # D_G is laid out one block per individual: accuracy per D_G individual (the fairness view)
         blocks = np.split(hits, np.cumsum(self.plan.global_sizes)[:-1])
         out = {"acc_DG": np.array([b.mean() if len(b) else np.nan for b in blocks]),
@@ -198,7 +350,7 @@ class Federation:
         g_ref = ray.put(global_params)
         shards = split_even(self.plan.eval_ids, len(self.workers))
         if self.plan.secagg is None:
-            parts = [w.evaluate_sums.remote(g_ref, s, rounds_done) for w, s in zip(self.workers, shards)]
+            parts = self._on_workers(rounds_done, shards, lambda w, s: w.evaluate_sums.remote(g_ref, s, rounds_done))
             return ray.get(self.aggregator.aggregate_metric.remote(rounds_done, *parts))
         pid = METRIC_ROUND_BASE + rounds_done
 

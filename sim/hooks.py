@@ -55,7 +55,8 @@ class RoundLog(Hook):
             "dropped": res.dropped, "round_s": res.seconds, "clients_per_s": cps,
             **({"epsilon": eps} if eps is not None else {}),
             **({"local_epsilon": local_eps} if local_eps is not None else {})})
-        state.shown = {"clients_per_s": cps}
+        failures = state.faults.get("worker_failures", 0) + state.faults.get("aggregator_failures", 0)
+        state.shown = {"clients_per_s": cps, **({"actor_failures": failures} if failures else {})}
 
 
 class Evaluation(Hook):

@@ -9,6 +9,7 @@ from actors.privacy import RunAccounting
 from sim.algorithms import build_algorithm
 from sim.checkpoint import MODEL_CARD_FORMAT
 from sim.config import ExperimentConfig
+from sim.faults import FAULT_KEYS
 from sim.metrics import MetricsLog, describe, finite_or_none
 from sim.plan import FederationPlan
 
@@ -85,6 +86,7 @@ def run_summary(plan: FederationPlan, state, run_dir: Path, peak_rss: float) -> 
         "personalization_gain": finite_or_none(pers.get("mean", math.nan) - glob.get("mean", math.nan)),
         "eval_individuals": len(plan.eval_ids),
         "dropouts": state.dropouts,
+        **{k: state.faults.get(k, 0) for k in FAULT_KEYS},
         "clients_per_s": state.train_clients / secs if secs > 0 else None,
         "s_per_round": secs / rounds if rounds else None,
         "peak_rss_mib": peak_rss,

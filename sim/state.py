@@ -20,6 +20,7 @@ class RunState:
     train_seconds: float = 0.0           # wall time spent in training rounds so far
     dropouts: int = 0
     server_state: dict = field(default_factory=dict)   # the server rule's, as of the last save
+    faults: dict = field(default_factory=dict)          # actor losses survived so far (sim/faults.py)
     stopped: str | None = None           # why the run stopped before its last round
     shown: dict = field(default_factory=dict)   # the latest figures, for the progress bar
 
@@ -27,7 +28,7 @@ class RunState:
     def resume(cls, ck: ckpt.Checkpoint, accounting: RunAccounting) -> RunState:
         accounting.load_state_dict({"accountant": ck.accountant, "local_dp": ck.local_dp})
         return cls(ck.round, ck.global_params, accounting, MetricsLog(ck.metrics_rows, ck.individuals_rows),
-                   ck.train_clients, ck.train_seconds, ck.dropouts, ck.server_state)
+                   ck.train_clients, ck.train_seconds, ck.dropouts, ck.server_state, faults=dict(ck.faults))
 
     def advance(self, global_params: np.ndarray, clients: int, seconds: float, dropped: int) -> None:
         """A round completed: the model advances only on success."""
@@ -40,4 +41,4 @@ class RunState:
         spent = self.accounting.state_dict()
         return ckpt.Checkpoint(self.rounds_done, self.global_params, self.log.rows, self.log.individuals,
                                self.train_clients, self.train_seconds, self.dropouts, model_card,
-                               spent["accountant"], spent["local_dp"], self.server_state)
+                               spent["accountant"], spent["local_dp"], self.server_state, dict(self.faults))
