@@ -189,14 +189,14 @@ class Federation:
     # ------------------------------------------------------------ lost actors
     def _on_workers(self, round_index: int, shards: list, submit: Callable, started: list | None = None) -> list:
         """`submit(worker, shard)` for every shard (one per worker; `started`: the refs of calls already
-        submitted that way); returns each shard's refs, in shard order. A shard whose worker is lost is submitted again, to the restarted worker (or,
-        when it does not come back, to another one): same shard, same result."""
-        def call(worker, shard):
-            refs = submit(worker, shard)
-            return worker, (refs if isinstance(refs, (list, tuple)) else (refs,))
+        submitted that way); returns each shard's refs, in shard order. A shard whose worker is lost
+        is submitted again, to the restarted worker (or, when it does not come back, to another
+        one): same shard, same result."""
+        def as_tuple(refs):
+            return tuple(refs) if isinstance(refs, (list, tuple)) else (refs,)
 
-        calls = ({i: (w, tuple(refs)) for i, (w, refs) in enumerate(zip(self.workers, started))} if started
-                 else {i: call(w, s) for i, (w, s) in enumerate(zip(self.workers, shards))})
+        started = started or [submit(w, s) for w, s in zip(self.workers, shards)]
+        calls = {i: (w, as_tuple(refs)) for i, (w, refs) in enumerate(zip(self.workers, started))}
         done: dict[int, tuple] = {}
         while calls:
             last = {refs[-1]: i for i, (_, refs) in calls.items()}
@@ -209,7 +209,8 @@ class Federation:
             except LOST as e:
                 self.faults.lost(round_index, f"worker {i}", e)
                 self.faults.retried("shards")
-                calls[i] = call(self._revive(worker, i), shards[i])
+                fresh = self._revive(worker, i)
+                calls[i] = fresh, as_tuple(submit(fresh, shards[i]))
         return [done[i] if len(done[i]) > 1 else done[i][0] for i in range(len(shards))]
 
     def _revive(self, worker, slot: int):
@@ -244,8 +245,8 @@ class Federation:
             raise RoundFailed("every worker actor was lost and none came back within ray.restart_timeout_s")
         return self.workers[slot % len(self.workers)]
 
-    def _aggregator_restarted(self) -> bool:
-        return ray.get(self.aggregator.info.remote())["pid"] != self._aggregator_pid
+    def _aggregator_restarted(self, timeout: float | None = None) -> bool:
+        return ray.get(self.aggregator.info.remote(), timeout=timeout)["pid"] != self._aggregator_pid
 
     def _heal(self, round_index: int, err: BaseException | str) -> None:
         """After a loss somewhere in a round: find who was lost (restarted actors come back with a
@@ -262,8 +263,7 @@ class Federation:
                 self._revive(worker, slot)
         self.infos = ray.get([w.info.remote() for w in self.workers])
         try:
-            restarted = ray.get(self.aggregator.info.remote(), timeout=self.cfg.ray.restart_timeout_s)["pid"] \
-                != self._aggregator_pid
+            restarted = self._aggregator_restarted(self.cfg.ray.restart_timeout_s)
         except (RayActorError, GetTimeoutError):
             ray.kill(self.aggregator)
             self.aggregator, restarted = self._new_aggregator(), True
@@ -327,10 +327,19 @@ class Federation:
     def evaluate(self, rounds_done: int, global_params: np.ndarray, export: bool = False) -> dict:
         g_ref = ray.put(global_params)
         n = len(self.workers)
-        parts = ray.get(self._on_workers(rounds_done, split_even(self.plan.eval_ids, n),
-                                         lambda w, s: w.evaluate.remote(g_ref, s, rounds_done, export)))
-        hits = np.concatenate(ray.get(self._on_workers(rounds_done, list(range(n)),
-                                                       lambda w, i: w.evaluate_global.remote(g_ref, i, n))))
+        shards, dg_parts = split_even(self.plan.eval_ids, n), list(range(n))
+
+        def individuals(w, shard):
+            return w.evaluate.remote(g_ref, shard, rounds_done, export)
+
+        def general(w, part):
+            return w.evaluate_global.remote(g_ref, part, n)
+
+        # both kinds of call are queued on every worker before any is waited for
+        started = [individuals(w, s) for w, s in zip(self.workers, shards)], \
+            [general(w, p) for w, p in zip(self.workers, dg_parts)]
+        parts = ray.get(self._on_workers(rounds_done, shards, individuals, started[0]))
+        hits = np.concatenate(ray.get(self._on_workers(rounds_done, dg_parts, general, started[1])))
         # D_G is laid out one block per individual: accuracy per D_G individual (the fairness view)
         blocks = np.split(hits, np.cumsum(self.plan.global_sizes)[:-1])
         out = {"acc_DG": np.array([b.mean() if len(b) else np.nan for b in blocks]),
