@@ -19,7 +19,7 @@ import numpy as np
 import ray
 import torch
 
-from actors.messages import Diagnostics, MaskedUpdate, PlainUpdate
+from actors.messages import Diagnostics, MaskedUpdate, PlainUpdate, ProtocolStateLost
 from actors.privacy import UserLevelDP
 from actors.secagg.protocol import AdvertiseKeys, EncryptedShares, SecAggClient, UnmaskRequest, UnmaskShares
 from actors.secagg.quantize import add_mod, quantize
@@ -38,10 +38,24 @@ from sim.userimport import add_code_path
 LOSS_KEYS = ("loss_global_train", "loss_global_test", "loss_personalized_train", "loss_personalized_test")
 # Bound on clients trained in lockstep: (clients x n_params) floats of parameters and grads.
 VMAP_FLOATS = 1 << 25
+DEADLINE_CHUNK = 32     # clients per vectorized step when a round has a deadline (checked between steps)
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _now() -> float:
+    """The wall clock deadlines are set in (the driver's time.time(); hosts keep it in sync)."""
+    return time.time()
+
+
+def _cancelled() -> bool:
+    """Whether the driver cancelled the running call (never, outside a Ray worker)."""
+    try:
+        return ray.get_runtime_context().is_canceled()
+    except RuntimeError:
+        return False
 
 
 class ClientWorker:
@@ -83,8 +97,10 @@ class ClientWorker:
         return {"worker": self.worker_id, "pid": os.getpid(), "device": str(self.device), "compute": self.compute,
                 "n_params": self.n_params, "num_threads": torch.get_num_threads()}
 
-    def _chunks(self, cids: Sequence[int]) -> list[Sequence[int]]:
+    def _chunks(self, cids: Sequence[int], deadline: float | None = None) -> list[Sequence[int]]:
         size = len(cids) if self.compute == "loop" else max(1, VMAP_FLOATS // (4 * self.n_params))
+        if deadline is not None:     # the deadline is checked between chunks: keep them short
+            size = 1 if self.compute == "loop" else min(size, DEADLINE_CHUNK)
         return [cids[i:i + size] for i in range(0, len(cids), size)]
 
     def _global(self, global_params: np.ndarray) -> torch.Tensor:
@@ -95,19 +111,29 @@ class ClientWorker:
 
     # ------------------------------------------------------------ training
     def train(self, round_index: int, global_params: np.ndarray, cids: Sequence[int],
-              inbox: dict[int, dict] | None = None) -> tuple[PlainUpdate | MaskedUpdate, Diagnostics]:
+              inbox: dict[int, dict] | None = None, quota: int | None = None,
+              deadline: float | None = None) -> tuple[PlainUpdate | MaskedUpdate, Diagnostics]:
         """Run the algorithm's client rule for every client in `cids`; sum their weighted updates.
         With secure aggregation (`inbox`: the encrypted shares routed to each client) the
         clients' clipped updates are quantized and masked, and only the masked sum leaves.
-        Returns (the message for the aggregator, the diagnostics for the driver)."""
+        Stragglers: only the first `quota` clients to finish report (over-selection), and none
+        that has not finished by `deadline` (time.time()) or once the driver cancelled this call;
+        the others are dropouts. Returns (the message for the aggregator, the diagnostics)."""
         t0 = time.perf_counter()
+        if inbox is not None:
+            self._protocol(round_index)     # fail before training when the protocol state is gone
+        sampled, cids = len(cids), list(cids)[:quota]     # a worker's clients finish in the order it trains them
         g = self._global(global_params)
         total = torch.zeros_like(g)
         masked = None if inbox is None else np.zeros(self.n_params, dtype=np.uint64)
         weight, loss_sum = 0.0, 0.0
         releases: list[tuple[int, int, int]] = []
         here = frozenset(int(c) for c in cids)   # clients summed in this message (their pair masks cancel)
-        for chunk in self._chunks(list(cids)):
+        done: list[int] = []
+        for chunk in self._chunks(cids, deadline):
+            if deadline is not None and (_now() > deadline or _cancelled()):
+                break
+            done += chunk
             clients = self._clients(chunk, round_index)
             xs, ys = [c.x_train for c in clients], [c.y_train for c in clients]
             gens = [np_rng(self.cfg.seed, "local-batches", round_index, c) for c in chunk]
@@ -121,15 +147,17 @@ class ClientWorker:
             updates, w = self.dp.client_half(updates, [self.algorithm.client_weight(len(y)) for y in ys])
             if masked is not None:
                 rows = zip(chunk, updates.cpu().numpy())
-                part = self._masked_sum(round_index, self.n_params, rows, inbox, here, "quantize", True)
-                masked = add_mod(masked, part, self._session[round_index][0].bits)
+                # a chunk reports whole or not at all: under a deadline only its own pair masks may cancel
+                together = here if deadline is None else frozenset(int(c) for c in chunk)
+                part = self._masked_sum(round_index, self.n_params, rows, inbox, together, "quantize", True)
+                masked = add_mod(masked, part, self._protocol(round_index)[0].bits)
             else:
                 total += w @ updates
             weight += float(w.sum())
             loss_sum += float(met["train_loss"].sum())
-        ids = tuple(int(c) for c in cids)
+        ids = tuple(int(c) for c in done)
         diag = Diagnostics(self.worker_id, len(ids), loss_sum, time.perf_counter() - t0,
-                           tuple(releases) if self.local_dp is not None else None, os.getpid())
+                           tuple(releases) if self.local_dp is not None else None, os.getpid(), sampled - len(ids))
         if masked is not None:
             return MaskedUpdate(round_index, self.worker_id, masked, ids), diag
         return PlainUpdate(round_index, self.worker_id, total.cpu().numpy(), weight, ids), diag
@@ -159,15 +187,22 @@ class ClientWorker:
         self._session = {protocol_id: (params, clients)}
         return [client.advertise() for client in clients.values()]
 
+    def _protocol(self, protocol_id: int) -> tuple[SecAggParams, dict[int, SecAggClient]]:
+        if protocol_id not in self._session:   # e.g. Ray restarted this worker mid-protocol
+            raise ProtocolStateLost(f"worker {self.worker_id}: no secure-aggregation state for protocol round "
+                                    f"{protocol_id}: its clients drop out")
+        return self._session[protocol_id]
+
     def secure_share(self, protocol_id: int, neighbour_keys: dict[int, dict]) -> list[EncryptedShares]:
         """Phase 1: Shamir shares of each client's secrets, encrypted for its neighbours.
         `neighbour_keys` is the server's answer for the cohort; each client here reads its entry."""
-        _, clients = self._session[protocol_id]
+        _, clients = self._protocol(protocol_id)
         return [client.share_keys(neighbour_keys[c]) for c, client in clients.items() if c in neighbour_keys]
 
     def secure_unmask(self, protocol_id: int, request: UnmaskRequest) -> list[UnmaskShares]:
         """Phase 3: the clients still online reveal the shares the server needs; then forget the session."""
-        _, clients = self._session.pop(protocol_id)
+        _, clients = self._protocol(protocol_id)
+        self._session.pop(protocol_id)
         return [client.unmask(request) for c, client in clients.items() if c in request.survivors]
 
     def _masked_sum(self, protocol_id: int, dim: int, rows: Iterable[tuple[int, np.ndarray]], inbox: dict[int, dict],
@@ -175,7 +210,7 @@ class ClientWorker:
         """Phase 2 for some clients: quantize each client's vector (with its distributed-DP noise
         share when `dp_shares`), mask it, return the sum mod 2^b. Pair masks between two clients
         both summed here (`here`) cancel in this worker's sum, so they are never expanded."""
-        p, clients = self._session[protocol_id]
+        p, clients = self._protocol(protocol_id)
         total = np.zeros(dim, dtype=np.uint64)
         for c, v in rows:
             q = quantize(v, p.clip, p.step, p.bits, self.secrets.np_rng(quantize_stream, protocol_id, c))

@@ -68,13 +68,20 @@ class Diagnostics:
     compute_s: float
     local_dp_releases: LocalDPReleases | None = None   # local DP-SGD: each client's own accounting
     pid: int = 0                              # the worker's process: a new one means Ray restarted it
+    late: int = 0                             # clients that did not report: past the deadline or the quota
 
 
 def round_diagnostics(diags) -> dict:
     """The round's training loss and local DP-SGD releases from the workers' diagnostics."""
     clients = sum(d.clients for d in diags)
-    out = {"train_loss": sum(d.train_loss_sum for d in diags) / clients if clients else float("nan")}
+    out = {"train_loss": sum(d.train_loss_sum for d in diags) / clients if clients else float("nan"),
+           "late_clients": sum(d.late for d in diags)}
     logs = [d.local_dp_releases for d in diags if d.local_dp_releases is not None]
     if logs:
         out["local_dp_releases"] = [e for log in logs for e in log]
     return out
+
+
+class ProtocolStateLost(RuntimeError):
+    """A worker was asked for a protocol step whose state it no longer holds (Ray restarted it
+    mid-protocol): its clients are dropouts of that secure sum."""

@@ -475,12 +475,16 @@ class UserLevelDP:
     bound_updates: bool = False
 
     @classmethod
-    def from_config(cls, p, sampling: Sampling, rounds: int, secure: bool = False) -> UserLevelDP:
-        """`p` is a `sim.config.PrivacyConfig`. Raises ValueError naming the key when a target
-        epsilon cannot be met in `rounds` rounds, or the accountant cannot account the sampling."""
+    def from_config(cls, p, sampling: Sampling, rounds: int, secure: bool = False,
+                    reporting: int | None = None) -> UserLevelDP:
+        """`p` is a `sim.config.PrivacyConfig`; `reporting`: the clients expected to report when
+        more are sampled (over-selection; default: the cohort). Raises ValueError naming the key
+        when a target epsilon cannot be met in `rounds` rounds, or the accountant cannot account
+        the sampling."""
         if p.mode != "off":
             make_accountant(p.accountant, sampling)      # refuses PRV for fixed-size cohorts
-        return cls(p.mode, p.clip_norm, _resolve_noise(p, sampling, rounds), sampling.cohort, sampling,
+        expected = min(reporting or sampling.cohort, sampling.cohort)
+        return cls(p.mode, p.clip_norm, _resolve_noise(p, sampling, rounds), expected, sampling,
                    p.delta, p.accountant, p.target_epsilon, bound_updates=p.mode != "off" or secure)
 
     @property

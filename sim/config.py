@@ -233,6 +233,12 @@ class FederationConfig(Section):
     rounds: int = Field(20, ge=1)
     clients_per_round: int = Field(100, ge=1, description="the cohort: exact (fixed sampling) or expected (Poisson)")
     dropout: float = Field(0.0, ge=0, lt=1, description="probability a sampled client drops out")
+    over_selection: float = Field(1.0, ge=1, le=10, description=(
+        "stragglers: sample this many times clients_per_round and keep the first clients_per_round to "
+        "finish (production FL's over-selection, e.g. 1.3); the privacy accounting uses the larger sample"))
+    deadline_s: float | None = Field(None, gt=0, description=(
+        "stragglers: a round's training deadline in seconds; clients not finished by then drop out, and a "
+        "worker's shard not back by 1.5x the deadline is cancelled (its clients drop out)"))
     sampling: Literal["auto", "poisson", "fixed"] = Field(
         "auto", description="how cohorts are drawn. poisson: each client joins independently with rate "
                             "clients_per_round / num_clients (what DP accountants assume); fixed: exactly "

@@ -12,6 +12,9 @@ Ctrl-C or a failing round saves a checkpoint of the last completed round and re-
 from __future__ import annotations
 
 import json
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -84,12 +87,37 @@ def run_rounds(fed: Federation, state: RunState, hooks: list[Hook], rounds: int)
         if state.stopped:
             return
         res = fed.train_round(state.rounds_done, state.global_params)
-        state.advance(res.global_params, res.clients, res.seconds, res.dropped)
-        state.faults = res.faults or state.faults
-        for h in hooks:
-            state.stopped = h.after_round(state, res) or state.stopped
+        with _interrupt_after():       # the round and its bookkeeping (accounting, log) land together
+            state.advance(res.global_params, res.clients, res.seconds, res.dropped)
+            state.faults = res.faults or state.faults
+            for h in hooks:
+                state.stopped = h.after_round(state, res) or state.stopped
         if state.stopped:
             return
+
+
+@contextmanager
+def _interrupt_after():
+    """Ctrl-C inside the block takes effect when it ends (a second one at once), so a checkpoint
+    never holds a round whose privacy spend or log row is missing. Only the main thread can
+    take signals; elsewhere (a Tune trial) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def defer(signum, frame):
+        if pending:
+            raise KeyboardInterrupt
+        pending.append(signum)
+
+    previous = signal.signal(signal.SIGINT, defer)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
 
 
 def initial_state(plan: FederationPlan, saved: ckpt.Checkpoint | None) -> RunState:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
+from actors.messages import ProtocolStateLost
+
 # an actor died or is unreachable, or an object it held is gone with it
 LOST = (RayActorError, ObjectLostError)
 
@@ -26,12 +28,13 @@ class RoundFailed(RuntimeError):
 
 
 def lost_actor(err: BaseException) -> bool:
-    """Whether `err` means an actor (or an object it held) was lost, also when a task that
-    depended on the lost actor's result reports it."""
+    """Whether `err` means an actor (or an object it held, or the protocol state it held) was
+    lost, also when a task that depended on the lost actor's result reports it."""
     if isinstance(err, LOST):
         return True
     if isinstance(err, RayTaskError):
-        return isinstance(getattr(err, "cause", None), LOST) or isinstance(err.as_instanceof_cause(), LOST)
+        return isinstance(getattr(err, "cause", None), (*LOST, ProtocolStateLost)) \
+            or isinstance(err.as_instanceof_cause(), (*LOST, ProtocolStateLost))
     return False
 
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError, TaskCancelledError
 
 from actors.aggregator import AggregatorActor, SecAggRoundAborted
 from actors.client_worker import LOSS_KEYS, ClientWorkerActor, peak_rss_mib
@@ -31,6 +31,7 @@ from sim.consent import ConsentGate
 from sim.faults import LOST, FaultLog, RoundFailed, lost_actor
 from sim.plan import FederationPlan
 from sim.sampling import apply_dropout, draw_cohort, split_even
+from sim.secure_sum import SecureSumRun
 from sim.seeding import Secrets
 from sim.userimport import code_paths
 
@@ -139,7 +140,11 @@ class Federation:
                     new, metrics = self._plain_round(round_index, g_ref, alive)
                 else:
                     new, metrics = self._secure_round(round_index, g_ref, cohort, alive, global_params)
-                if not (self._stateful and self._aggregator_restarted()):
+                if not self._stateful:
+                    break
+                state = self.server_state()    # read before the pid check: it is the state of that process
+                if not self._aggregator_restarted():
+                    self._server_state = state
                     break
                 # Ray restarted the aggregator without a call failing: it served this round without
                 # the server state, so the round repeats once the state is back
@@ -149,20 +154,49 @@ class Federation:
             except Exception as e:
                 if not lost_actor(e):
                     raise
-                # the aggregator, or a worker inside a secure sum, was lost: the pool is healed and
-                # the whole round repeats (same protocol round, same secrets: the same messages)
+                # the aggregator was lost (a lost worker is retried, or under secure aggregation a
+                # dropout): the pool is healed and the whole round repeats on a fresh aggregator
                 self._heal(round_index, e)
                 self.faults.retried("rounds")
-        if self._stateful:
-            self._server_state = self.server_state()
         metrics["not_consenting"] = len(sampled) - len(admitted)
-        return RoundResult(new, len(alive), len(dropped), time.perf_counter() - t0, metrics, alive.tolist(),
-                           dict(self.faults.counts))
+        # who reported: not a lost or cancelled worker's clients (named), nor those past a deadline or quota (counted)
+        out = np.isin(alive, metrics.pop("lost_clients", []))
+        if out.any():
+            metrics["lost_clients"] = int(out.sum())
+        reported = len(alive) - int(out.sum()) - metrics.get("late_clients", 0) if not metrics.get("aborted") \
+            else len(alive)
+        return RoundResult(new, reported, len(cohort) - reported, time.perf_counter() - t0, metrics,
+                           alive[~out].tolist(), dict(self.faults.counts))
+
+    def _deadline(self) -> tuple[float | None, float | None]:
+        """The round's deadline for starting a client, and the later cutoff past which a worker's
+        message is no longer waited for (time.time(); None: no deadline)."""
+        d = self.cfg.federation.deadline_s
+        now = time.time()
+        return (now + d, now + 1.5 * d) if d else (None, None)
+
+    def _quotas(self, shards: list[list[int]], live: set[int] | None = None) -> list[int | None]:
+        """Over-selection: how many of each shard's live clients report, the round's
+        clients_per_round split in proportion (None: all of them)."""
+        fed = self.cfg.federation
+        sizes = [len(s) if live is None else sum(c in live for c in s) for s in shards]
+        if fed.over_selection <= 1 or sum(sizes) <= fed.clients_per_round:
+            return [None] * len(shards)
+        edges = np.round(np.cumsum([0, *sizes]) * fed.clients_per_round / sum(sizes)).astype(int)
+        return np.diff(edges).tolist()
 
     def _plain_round(self, round_index: int, g_ref, alive: np.ndarray) -> tuple[np.ndarray, dict]:
-        shards = split_even(alive, len(self.workers))
-        submit = lambda w, shard: w.train.options(num_returns=2).remote(round_index, g_ref, shard)  # noqa: E731
+        parts = split_even(alive, len(self.workers))
+        shards = list(zip(parts, self._quotas(parts)))       # (clients, how many of them report)
+        deadline, cutoff = self._deadline()
+
+        def submit(w, shard):
+            return w.train.options(num_returns=2).remote(round_index, g_ref, shard[0], quota=shard[1],
+                                                         deadline=deadline)
+
         trained = [submit(w, shard) for w, shard in zip(self.workers, shards)]
+        if deadline is not None:
+            return self._by_deadline(round_index, g_ref, shards, trained, cutoff)
         try:
             # the aggregator starts as soon as the messages exist: no stop at the driver in between
             new, metrics = ray.get(self.aggregator.aggregate.remote(round_index, g_ref, *[m for m, _ in trained]))
@@ -176,6 +210,36 @@ class Federation:
         diags = ray.get([d for _, d in trained])
         self._note_restarts(round_index, diags)
         metrics.update(round_diagnostics(diags))
+        return new, metrics
+
+    def _by_deadline(self, round_index: int, g_ref, shards: list, trained: list,
+                     cutoff: float) -> tuple[np.ndarray, dict]:
+        """A round with a deadline cannot wait for a retry: the workers stop starting clients at
+        the deadline, and a shard not back by the cutoff (1.5x the deadline: a stuck worker), or
+        whose worker is lost, is cancelled; its clients are dropouts."""
+        messages = [m for m, _ in trained]
+        ready, _ = ray.wait(messages, num_returns=len(messages), timeout=max(0.0, cutoff - time.time()),
+                            fetch_local=False)
+        kept, out = [], []
+        for i, (m, d) in enumerate(trained):
+            if m not in ready:
+                ray.cancel(m)
+                out += shards[i][0]
+                continue
+            try:
+                ray.get(d)
+                kept.append(i)
+            except Exception as e:
+                if not lost_actor(e):
+                    raise
+                self.faults.lost(round_index, f"worker {i}", e)
+                self._revive(self.workers[i], i)
+                out += shards[i][0]
+        new, metrics = ray.get(self.aggregator.aggregate.remote(round_index, g_ref, *[messages[i] for i in kept]))
+        diags = ray.get([trained[i][1] for i in kept])
+        self._note_restarts(round_index, diags)
+        metrics.update(round_diagnostics(diags))
+        metrics["lost_clients"] = out
         return new, metrics
 
     def _note_restarts(self, round_index: int, diags) -> None:
@@ -217,17 +281,17 @@ class Federation:
         """The lost worker once Ray has restarted it; a fresh actor if it is gone for good; when
         neither answers within `ray.restart_timeout_s` (its node is gone and the cluster has no
         room), the pool goes on without it and another worker takes the shard."""
-        timeout = self.cfg.ray.restart_timeout_s
+        until = time.monotonic() + self.cfg.ray.restart_timeout_s
         if worker not in self.workers:            # already dropped while retrying another shard
             return self._any_worker(slot)
         try:
-            info = ray.get(worker.info.remote(), timeout=timeout)
+            info = _answer(worker, until)
             self._pids[info["worker"]] = info["pid"]      # this loss is counted already
             return worker
-        except RayActorError:
+        except RayActorError:                     # dead for good: a fresh actor in its place
             fresh = self._new_worker(slot)
             try:
-                info = ray.get(fresh.info.remote(), timeout=timeout)
+                info = _answer(fresh, until)
                 self._pids[info["worker"]] = info["pid"]
                 self.workers[self.workers.index(worker)] = fresh
                 return fresh
@@ -246,7 +310,9 @@ class Federation:
         return self.workers[slot % len(self.workers)]
 
     def _aggregator_restarted(self, timeout: float | None = None) -> bool:
-        return ray.get(self.aggregator.info.remote(), timeout=timeout)["pid"] != self._aggregator_pid
+        info = ray.get(self.aggregator.info.remote()) if timeout is None else \
+            _answer(self.aggregator, time.monotonic() + timeout)
+        return info["pid"] != self._aggregator_pid
 
     def _heal(self, round_index: int, err: BaseException | str) -> None:
         """After a loss somewhere in a round: find who was lost (restarted actors come back with a
@@ -254,7 +320,7 @@ class Federation:
         before = self.faults.this_round
         for slot, worker in enumerate(list(self.workers)):
             try:
-                info = ray.get(worker.info.remote(), timeout=self.cfg.ray.restart_timeout_s)
+                info = _answer(worker, time.monotonic() + self.cfg.ray.restart_timeout_s)
                 if self._pids.get(info["worker"], info["pid"]) != info["pid"]:
                     self.faults.lost(round_index, f"worker {info['worker']}", err)
                 self._pids[info["worker"]] = info["pid"]
@@ -283,45 +349,60 @@ class Federation:
         live = set(alive.tolist())
         diagnostics = []     # to the driver only
 
+        quota_of = {}
+        deadline, cutoff = self._deadline()
+
         def train(worker, shard, inbox):   # a client trains on the worker that holds its protocol state
-            msg, diag = worker.train.options(num_returns=2).remote(round_index, g_ref,
-                                                                   [c for c in shard if c in live], inbox)
+            clients = [c for c in shard if c in live]
+            msg, diag = worker.train.options(num_returns=2).remote(round_index, g_ref, clients, inbox,
+                                                                   quota=quota_of.get(tuple(shard)), deadline=deadline)
             diagnostics.append(diag)
             return msg
 
+        def placed(shards):       # the ring placement is known before training: split the quota by it
+            quota_of.update({tuple(s): q for s, q in zip(shards, self._quotas(shards, live))})
+
         try:
-            summed = self._secure_sum(round_index, cohort.tolist(), self.plan.secagg, self.plan.n_params,
-                                      "secagg-server", train)
-            new, metrics = ray.get(self.aggregator.apply_sum.remote(round_index, g_ref, summed))
+            (new, metrics), lost = self._secure_sum(
+                round_index, round_index, cohort.tolist(), self.plan.secagg, self.plan.n_params, "secagg-server",
+                train, lambda summed: self.aggregator.apply_sum.remote(round_index, g_ref, summed), placed, cutoff)
         except RayTaskError as e:
             cause = e.as_instanceof_cause()
             if not isinstance(cause, SecAggRoundAborted):
                 raise
             return global_params, {"skipped": True, "aborted": str(cause.args[0] if cause.args else cause)}
-        diags = ray.get(diagnostics)
+        diags = _survivors(diagnostics)          # a lost worker's clients are dropouts: no diagnostics
         self._note_restarts(round_index, diags)
-        return new, {**metrics, **round_diagnostics(diags)}
+        return new, {**metrics, **round_diagnostics(diags), "lost_clients": lost}
 
-    def _secure_sum(self, protocol_id: int, clients: list[int], params: SecAggParams, dim: int, graph_stream: str,
-                    contribute: Callable) -> ray.ObjectRef:
-        """One secure sum over `clients`, with Ray as the network between the clients (hosted by
-        the workers) and the server (the aggregator); `contribute(worker, shard, inbox)` submits
-        a worker's masked message. Returns a reference to the unmasked `SummedUpdates`.
+    def _secure_sum(self, round_index: int, protocol_id: int, clients: list[int], params: SecAggParams, dim: int,
+                    graph_stream: str, contribute: Callable, finish: Callable, placed: Callable | None = None,
+                    cutoff: float | None = None):
+        """One secure sum over `clients` (sim/secure_sum.py); `contribute(worker, shard, inbox)`
+        submits a worker's masked message, `finish(summed)` the aggregator's call on the unmasked
+        sum. Returns its result and the clients of the workers lost on the way or left behind at
+        the deadline: they are dropouts of this sum (lost workers are brought back, or replaced,
+        for the next one)."""
+        lost = {}
+        workers = list(self.workers)
 
-        Clients are placed on workers in contiguous stretches of the server's Harary ring, so
-        most neighbours share a worker, where their pair masks cancel in the worker's sum and
-        are never expanded. Every phase is submitted at once, chained by object refs: no round
-        trip through the driver between phases."""
-        agg = self.aggregator
-        ring = np.array(ray.get(agg.secure_open.remote(protocol_id, clients, params, dim, graph_stream)))
-        shards = split_even(ring, len(self.workers))
-        adverts = [w.secure_advertise.remote(protocol_id, shard, params) for w, shard in zip(self.workers, shards)]
-        keys = agg.secure_keys.remote(protocol_id, *adverts)
-        inbox = agg.secure_route.remote(protocol_id, *[w.secure_share.remote(protocol_id, keys) for w in self.workers])
-        masked = [contribute(w, shard, inbox) for w, shard in zip(self.workers, shards)]
-        request = agg.secure_collect.remote(protocol_id, *masked)
-        return agg.secure_unmask.remote(protocol_id, *[w.secure_unmask.remote(protocol_id, request)
-                                                       for w in self.workers])
+        def on_lost(slot, err):
+            self.faults.lost(round_index, f"worker {slot}", err)
+            lost[slot] = workers[slot]
+
+        run = SecureSumRun(self.aggregator, workers, protocol_id, clients, params, dim, graph_stream,
+                           contribute, on_lost, placed, cutoff)
+        try:
+            try:
+                result = ray.get(finish(run.result))
+            except Exception as e:
+                if not lost_actor(e):
+                    raise
+                result = ray.get(finish(run.recover()))
+            return result, sorted(int(c) for slot in [*lost, *run.late] for c in run.shards[slot])
+        finally:
+            for slot, worker in lost.items():
+                self._revive(worker, slot)
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self, rounds_done: int, global_params: np.ndarray, export: bool = False) -> dict:
@@ -357,6 +438,16 @@ class Federation:
         the aggregator from per-worker sums (with DP noise when DP is on); under secure
         aggregation the sums are masked per individual and the aggregator sees only their total."""
         g_ref = ray.put(global_params)
+        self.faults.begin_round()
+        while True:
+            try:
+                return self._private_metric(rounds_done, g_ref)
+            except Exception as e:
+                if not lost_actor(e):
+                    raise
+                self._heal(rounds_done, e)      # the aggregator was lost: heal and ask again
+
+    def _private_metric(self, rounds_done: int, g_ref) -> dict:
         shards = split_even(self.plan.eval_ids, len(self.workers))
         if self.plan.secagg is None:
             parts = self._on_workers(rounds_done, shards, lambda w, s: w.evaluate_sums.remote(g_ref, s, rounds_done))
@@ -366,9 +457,10 @@ class Federation:
         def accuracies(worker, shard, inbox):
             return worker.secure_metric.remote(pid, g_ref, shard, inbox, rounds_done)
 
-        summed = self._secure_sum(pid, self.plan.eval_ids.tolist(), self.plan.metric_secagg(), 3,
-                                  "secagg-metric-server", accuracies)
-        return ray.get(self.aggregator.metric_from_sum.remote(pid, summed))
+        metric, _ = self._secure_sum(rounds_done, pid, self.plan.eval_ids.tolist(), self.plan.metric_secagg(), 3,
+                                     "secagg-metric-server", accuracies,
+                                     lambda summed: self.aggregator.metric_from_sum.remote(pid, summed))
+        return metric
 
     # ------------------------------------------------------------ lifecycle
     def peak_rss_mib(self) -> float:
@@ -381,3 +473,33 @@ class Federation:
         if self.consent is not None:
             self.consent.close()
         self._kill()
+
+
+def _survivors(refs: list) -> list:
+    """The values of `refs`, leaving out those of lost workers and of calls cancelled as late."""
+    try:
+        return ray.get(refs)
+    except Exception:
+        out = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref))
+            except TaskCancelledError:
+                pass
+            except Exception as e:
+                if not lost_actor(e):
+                    raise
+        return out
+
+
+def _answer(actor, until: float) -> dict:
+    """The actor's `info()` once it answers. An actor Ray is restarting is only unavailable for
+    now: ask again until `until` (time.monotonic()), then GetTimeoutError; RayActorError if it
+    is dead for good."""
+    while True:
+        try:
+            return ray.get(actor.info.remote(), timeout=max(0.1, until - time.monotonic()))
+        except ActorUnavailableError:
+            if time.monotonic() >= until:
+                raise GetTimeoutError("the actor did not come back in time") from None
+            time.sleep(0.5)

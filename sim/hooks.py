@@ -53,6 +53,7 @@ class RoundLog(Hook):
             "train_loss": res.metrics.get("train_loss", float("nan")),
             "update_norm": res.metrics.get("update_norm", 0.0), "clients": res.clients,
             "dropped": res.dropped, "round_s": res.seconds, "clients_per_s": cps,
+            **{k: res.metrics[k] for k in ("lost_clients", "late_clients") if res.metrics.get(k)},
             **({"epsilon": eps} if eps is not None else {}),
             **({"local_epsilon": local_eps} if local_eps is not None else {})})
         failures = state.faults.get("worker_failures", 0) + state.faults.get("aggregator_failures", 0)

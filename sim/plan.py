@@ -66,7 +66,7 @@ class FederationPlan:
         # resolved once per run
         try:
             dp = UserLevelDP.from_config(cfg.privacy, _sampling(cfg, data.num_clients), fed.rounds,
-                                         secure=cfg.secagg.enabled)
+                                         secure=cfg.secagg.enabled, reporting=fed.clients_per_round)
             secagg = _secagg(cfg, dp)
         except ValueError as e:     # the messages name their key
             raise ConfigError(str(e)) from None
@@ -129,7 +129,12 @@ def _sampling(cfg: ExperimentConfig, num_clients: int) -> Sampling:
     kind = cfg.federation.sampling
     if kind == "auto":     # what DP accountants assume when DP is on; today's fixed cohorts otherwise
         kind = "poisson" if cfg.privacy.mode != "off" else "fixed"
-    return Sampling(kind, num_clients, cfg.federation.clients_per_round)
+    fed = cfg.federation
+    sampled = math.ceil(fed.over_selection * fed.clients_per_round - 1e-9)   # over-selection draws more
+    if sampled > num_clients:
+        raise ValueError(f"federation.over_selection: {fed.over_selection} x clients_per_round samples {sampled} "
+                         f"clients, more than the {num_clients} in the data")
+    return Sampling(kind, num_clients, sampled)
 
 
 def _secagg(cfg: ExperimentConfig, dp: UserLevelDP) -> SecAggParams | None:

@@ -60,3 +60,23 @@ def test_evaluate_and_global_shards(worker):
 def test_a_dp_config_needs_the_runs_dp_object():
     with pytest.raises(ValueError, match="UserLevelDP"):
         ClientWorker(from_dict(tiny_raw(privacy={"mode": "central"})))
+
+
+def test_a_quota_keeps_the_first_clients_and_a_deadline_stops_between_clients(monkeypatch):
+    import actors.client_worker as cw
+
+    raw = tiny_raw()
+    raw["ray"] = {**raw["ray"], "compute": "loop"}          # under a deadline: one client per step
+    w = ClientWorker(from_dict(raw))
+    g = np.zeros(w.n_params, np.float32) + 0.01
+    ids = [3, 11, 25, 30, 31]
+    full, _ = w.train(1, g, ids[:2])
+    m, diag = w.train(1, g, ids, quota=2)                   # over-selection: the first 2 to finish report
+    assert m.client_ids == (3, 11) and diag.clients == 2 and diag.late == 3
+    np.testing.assert_allclose(m.weighted_sum, full.weighted_sum, atol=1e-6)
+    clock = iter(range(100))
+    monkeypatch.setattr(cw, "_now", lambda: next(clock))    # each step takes one second
+    m, diag = w.train(1, g, ids, deadline=2.5)              # steps start at 0, 1, 2; not at 3
+    assert m.client_ids == (3, 11, 25) and diag.late == 2
+    m, diag = w.train(1, g, ids, deadline=-1.0)             # already late: nobody reports
+    assert m.client_ids == () and diag.late == 5 and not m.weighted_sum.any()

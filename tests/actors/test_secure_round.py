@@ -82,3 +82,34 @@ def test_distributed_noise_arrives_in_the_unmasked_sum():
     noise = new - reference(cfg, workers[0], g, 0, set(cohort))
     # the 10 Skellam shares sum to std z*C = 0.5 per coordinate; divided by the cohort of 10
     assert abs(noise.mean()) < 0.005 and noise.std() == pytest.approx(0.05, rel=0.1)
+
+
+def test_a_deadline_inside_a_secure_round_drops_the_late_clients_exactly(monkeypatch):
+    """A worker cut off by its deadline sends the masked sum of the clients it finished; the pair
+    masks between them and its late clients must not cancel, so the unmasked sum is exactly the
+    reporting clients' clipped mean."""
+    import actors.client_worker as cw
+
+    cfg = from_dict(tiny_raw(secagg={"enabled": True, "neighbors": None}, privacy={"clip_norm": 0.5},
+                             ray={"compute": "loop"}))
+    plan = FederationPlan.from_config(cfg)
+    workers = [ClientWorker(cfg, 0, plan.dp), ClientWorker(cfg, 1, plan.dp)]
+    agg = Aggregator(cfg.algorithm, plan.n_params, plan.dp, cfg.seed, secure=True)
+    p, rnd, g = plan.secagg, 4, np.random.default_rng(1).normal(0, 0.05, workers[0].n_params).astype(np.float32)
+    cohort = list(range(10, 20))
+    ring = agg.secure_open(rnd, cohort, p, len(g))
+    pairs = list(zip(workers, split_even(np.array(ring), 2)))
+    keys = agg.secure_keys(rnd, *[w.secure_advertise(rnd, sh, p) for w, sh in pairs])
+    inbox = agg.secure_route(rnd, *[w.secure_share(rnd, keys) for w, sh in pairs])
+    clock = iter(range(100))
+    monkeypatch.setattr(cw, "_now", lambda: next(clock))
+    (w0, sh0), (w1, sh1) = pairs
+    cut, _ = w0.train(rnd, g, sh0, inbox, deadline=1.5)      # two of its five clients finish
+    whole, _ = w1.train(rnd, g, sh1, inbox)
+    assert cut.client_ids == tuple(sh0[:2])
+    request = agg.secure_collect(rnd, cut, whole)
+    summed = agg.secure_unmask(rnd, *[w.secure_unmask(rnd, request) for w, _ in pairs])
+    new, metrics = agg.apply_sum(rnd, g, summed)
+    reported = set(sh0[:2]) | set(sh1)
+    assert metrics["secagg_survivors"] == len(reported) and metrics["secagg_dropped"] == 3
+    np.testing.assert_allclose(new, reference(cfg, w0, g, rnd, reported), atol=2e-4)

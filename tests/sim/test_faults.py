@@ -57,14 +57,11 @@ def run(tmp_path, name, **sections):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["worker_between_rounds", "worker_mid_round", "aggregator_fedadam",
-                                  "worker_mid_secure_round"])
+@pytest.mark.parametrize("case", ["worker_between_rounds", "worker_mid_round", "aggregator_fedadam"])
 def test_a_killed_actor_costs_nothing_but_time(ray_session, tmp_path, monkeypatch, case):
     sections = {}
     if case == "aggregator_fedadam":
         sections["algorithm"] = {"name": "fedadam", "server_lr": 0.01}    # server moments must survive
-    if case == "worker_mid_secure_round":
-        sections["secagg"] = {"enabled": True}
     calm, calm_model = run(tmp_path, "calm", **sections)
     who = "aggregator" if case.startswith("aggregator") else "worker"
     killing(monkeypatch, at_round=2, who=who, delay=0.0 if case == "worker_between_rounds" else 0.05)
@@ -74,3 +71,59 @@ def test_a_killed_actor_costs_nothing_but_time(ray_session, tmp_path, monkeypatc
         assert hit[key] == calm[key], key
     assert hit[f"{who}_failures"] >= 1 and calm["worker_failures"] == calm["aggregator_failures"] == 0
     assert hit["retried_shards"] + hit["retried_rounds"] >= 1 and hit["workers_dropped"] == 0
+
+
+DYING = '''
+import os
+from sim.algorithms.fedavg import FedAvg
+
+class DyingFedAvg(FedAvg):
+    """FedAvg whose worker process dies while training, once, when the test arms it."""
+    def client_update(self, *args, **kwargs):
+        try:
+            os.remove({arm!r})       # exactly one process wins the removal, and dies
+        except FileNotFoundError:
+            return super().client_update(*args, **kwargs)
+        os._exit(1)
+'''
+
+
+def round_metrics(run_dir) -> dict[int, dict[str, float]]:
+    import pandas as pd
+    df = pd.read_csv(run_dir / "metrics.csv")
+    df = df[df.stat == "value"]
+    return {int(r): dict(zip(g.metric, g.value)) for r, g in df.groupby("round")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [4, 2])
+def test_a_worker_lost_inside_a_secure_sum_is_a_dropout_of_its_clients(ray_session, tmp_path, monkeypatch, workers):
+    """Killed while its clients compute their masked inputs, a worker's clients drop out: with 4
+    workers the survivors' shares recover their masks and the round completes without them; with
+    2, half the cohort is gone, below the threshold, and the round aborts with the model untouched.
+    Either way no protocol round runs twice, and the restarted worker takes part again."""
+    arm = tmp_path / "arm"
+    (tmp_path / "dying.py").write_text(DYING.format(arm=str(arm)))
+    raw = tiny_raw(tmp_path / "run", algorithm={"name": "dying:DyingFedAvg"}, secagg={"enabled": True},
+                   ray={"num_workers": workers, "num_cpus_per_worker": 0.5})
+    raw["run"]["code_paths"] = [str(tmp_path)]
+    original = Federation.train_round
+
+    def train_round(self, round_index, global_params):
+        if round_index == 2:
+            arm.touch()
+        return original(self, round_index, global_params)
+
+    monkeypatch.setattr(Federation, "train_round", train_round)
+    result = fedmeta.run(raw, overrides=["federation.rounds=4", "eval.every=4"])
+    s, rounds = result.summary, round_metrics(result.run_dir)
+    assert not arm.exists() and s["worker_failures"] == 1 and s["retried_rounds"] == 0
+    assert np.isfinite(s["acc_global_DI"]["mean"] if isinstance(s["acc_global_DI"], dict) else s["acc_global_DI"])
+    hit = rounds[3]                          # round index 2 is logged as rounds_done 3
+    if workers == 4:
+        assert hit["aborted"] == 0 and 1 <= hit["lost_clients"] <= 3
+        assert hit["clients"] + hit["dropped"] == 10 and hit["clients"] <= 10 - hit["lost_clients"]
+    else:
+        assert hit["aborted"] == 1
+    assert all(rounds[r]["aborted"] == 0 and rounds[r]["clients"] + rounds[r]["dropped"] == 10 for r in (1, 2, 4))
+    assert "lost_clients" not in rounds[4]
