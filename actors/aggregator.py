@@ -19,7 +19,7 @@ import ray
 import torch
 
 from actors.client_worker import peak_rss_mib
-from actors.messages import MaskedUpdate, PlainUpdate, SummedUpdates
+from actors.messages import MaskedUpdate, PlainUpdate, SummedUpdates, one_client_update, wire_bytes
 from actors.privacy import UserLevelDP
 from actors.secagg.protocol import (
     AdvertiseKeys,
@@ -96,7 +96,11 @@ class Aggregator:
         if any(isinstance(m, MaskedUpdate) for m in messages):
             raise AggregationError(f"round {round_id}: a masked sum outside a secure-aggregation session")
         total, weight = weighted_sum(messages, self.n_params)
-        return SummedUpdates(total, weight, {"clients": sum(m.num_clients for m in messages)})
+        clients = sum(m.num_clients for m in messages)
+        # every client uploads its own update: a one-client message of the shape the workers sent
+        up = wire_bytes(one_client_update(messages[0])) if clients else 0
+        return SummedUpdates(total, weight, {"clients": clients, "bytes_up": clients * up,
+                                             "bytes_up_per_client": up, "bytes_down": 0, "bytes_down_per_client": 0})
 
     def aggregate(self, round_id: int, global_params: np.ndarray, *messages: PlainUpdate) -> tuple[np.ndarray, dict]:
         """A plain round: new global parameters (n_params,) float32 and the round's server metrics."""
@@ -106,6 +110,10 @@ class Aggregator:
     def apply_sum(self, round_id: int, global_params: np.ndarray, summed: SummedUpdates) -> tuple[np.ndarray, dict]:
         """DP server half, then the server rule; the round's sum may come plain or unmasked."""
         metrics = dict(summed.metrics)
+        if "bytes_down" in metrics:      # and every reporting client downloaded the global model
+            model = wire_bytes(np.asarray(global_params, dtype=np.float32))
+            metrics["bytes_down"] += metrics["clients"] * model
+            metrics["bytes_down_per_client"] += model if metrics["clients"] else 0
         if summed.weight <= 0 and not self.dp.noise_without_clients:
             # every sampled client dropped out: the round completes and the model stays
             metrics.update(skipped=True, update_norm=0.0)

@@ -11,6 +11,7 @@ the driver only (a simulation's view of its clients that a real deployment would
 """
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,6 +70,18 @@ class Diagnostics:
     local_dp_releases: LocalDPReleases | None = None   # local DP-SGD: each client's own accounting
     pid: int = 0                              # the worker's process: a new one means Ray restarted it
     late: int = 0                             # clients that did not report: past the deadline or the quota
+
+
+def wire_bytes(message) -> int:
+    """The size of a message as it travels: its pickle (protocol 5, what Ray serializes with),
+    numpy buffers included. Communication accounting measures the messages actually built."""
+    return len(pickle.dumps(message, protocol=5))
+
+
+def one_client_update(m: PlainUpdate) -> PlainUpdate:
+    """The message one client would send in place of a worker's sum: same vector shape and type,
+    one client id (a worker sums many, a device sends its own)."""
+    return PlainUpdate(m.round_id, m.worker, m.weighted_sum, 1.0, m.client_ids[:1])
 
 
 def round_diagnostics(diags) -> dict:

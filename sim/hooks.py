@@ -42,6 +42,9 @@ class Accounting(Hook):
         state.accounting.record_round(res.metrics)
 
 
+BYTES_KEYS = ("bytes_up", "bytes_down", "bytes_up_per_client", "bytes_down_per_client")
+
+
 class RoundLog(Hook):
     """One row per round metric: aborts, loss, update norm, counts, time, epsilon so far."""
 
@@ -54,6 +57,7 @@ class RoundLog(Hook):
             "update_norm": res.metrics.get("update_norm", 0.0), "clients": res.clients,
             "dropped": res.dropped, "round_s": res.seconds, "clients_per_s": cps,
             **{k: res.metrics[k] for k in ("lost_clients", "late_clients") if res.metrics.get(k)},
+            **{k: res.metrics[k] for k in BYTES_KEYS if k in res.metrics},
             **({"epsilon": eps} if eps is not None else {}),
             **({"local_epsilon": local_eps} if local_eps is not None else {})})
         failures = state.faults.get("worker_failures", 0) + state.faults.get("aggregator_failures", 0)

@@ -90,9 +90,24 @@ def run_summary(plan: FederationPlan, state, run_dir: Path, peak_rss: float) -> 
         "clients_per_s": state.train_clients / secs if secs > 0 else None,
         "s_per_round": secs / rounds if rounds else None,
         "peak_rss_mib": peak_rss,
+        **communication_summary(log),
         "run_dir": str(run_dir),
         **privacy_summary(plan, state),
     }
+
+
+def communication_summary(log) -> dict:
+    """Bytes over the run (every client's messages, as built) and per reporting client and round."""
+    df = log.frame()
+    per_round = df[df.stat == "value"].pivot_table(index="round", columns="metric", values="value", aggfunc="last")
+    if "bytes_up" not in per_round:
+        return {k: None for k in ("bytes_up_per_client", "bytes_down_per_client", "bytes_up_total", "bytes_down_total")}
+    rounds = per_round.dropna(subset=["bytes_up"])
+    clients = rounds["clients"].sum()
+    return {"bytes_up_per_client": float((rounds.bytes_up_per_client * rounds.clients).sum() / clients) if clients else None,
+            "bytes_down_per_client": float((rounds.bytes_down_per_client * rounds.clients).sum() / clients)
+            if clients else None,
+            "bytes_up_total": int(rounds.bytes_up.sum()), "bytes_down_total": int(rounds.bytes_down.sum())}
 
 
 def privacy_summary(plan: FederationPlan, state) -> dict:

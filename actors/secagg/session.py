@@ -10,13 +10,21 @@ cannot both reconstruct (Bonawitz et al. 2017, Sec. 4).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from actors.messages import MaskedUpdate, SummedUpdates
-from actors.secagg.protocol import AdvertiseKeys, EncryptedShares, SecAggServer, UnmaskRequest, UnmaskShares
+from actors.messages import MaskedUpdate, SummedUpdates, wire_bytes
+from actors.secagg.protocol import (
+    AdvertiseKeys,
+    EncryptedShares,
+    MaskedInput,
+    SecAggServer,
+    UnmaskRequest,
+    UnmaskShares,
+)
 from actors.secagg.quantize import check_no_overflow, dequantize
 
 
@@ -73,6 +81,9 @@ class SecureSum:
         self.params = params
         self.server = SecAggServer(protocol_id, clients, params.neighbors, params.threshold, params.bits, dim, rng)
         self._clients = 0
+        # communication accounting: the bytes of every message each client sends and receives
+        self.up: Counter[int] = Counter()
+        self.down: Counter[int] = Counter()
 
     def placement(self) -> list[int]:
         """The ring placement of the mask graph (known before any key: hosts place neighbours together)."""
@@ -80,23 +91,47 @@ class SecureSum:
 
     def keys(self, adverts: Iterable[AdvertiseKeys]) -> dict[int, dict]:
         """Phase 0: public keys in; each client's neighbours' keys out."""
-        return self.server.receive_keys(adverts)
+        adverts = list(adverts)
+        self.up.update({a.client: wire_bytes(a) for a in adverts})
+        return self._sent(self.server.receive_keys(adverts))
 
     def route(self, shares: Iterable[EncryptedShares]) -> dict[int, dict[int, bytes]]:
         """Phase 1: route the encrypted shares (unreadable to the server)."""
-        return self.server.route_shares(shares)
+        shares = list(shares)
+        self.up.update({x.sender: wire_bytes(x) for x in shares})
+        return self._sent(self.server.route_shares(shares))
+
+    def _sent(self, answers: dict[int, object]) -> dict[int, object]:
+        self.down.update({c: wire_bytes(a) for c, a in answers.items()})
+        return answers
 
     def collect(self, messages: Sequence[MaskedUpdate]) -> UnmaskRequest:
         """Phase 2: add the workers' masked sums; name the survivors and the dropped."""
         for m in messages:
             self.server.receive_masked_sum(m.client_ids, m.masked_sum)
         self._clients = sum(m.num_clients for m in messages)
-        return self.server.close_masked()
+        request = self.server.close_masked()
+        # each survivor sent its own masked vector (a worker's sum has the same shape) and
+        # receives the request
+        sent = next((m for m in messages if m.client_ids), None)
+        masked = wire_bytes(MaskedInput(sent.client_ids[0], sent.masked_sum)) if sent else 0
+        asked = wire_bytes(request)
+        for c in request.survivors:
+            self.up[c] += masked
+            self.down[c] += asked
+        return request
 
     def unmask(self, reveals: Iterable[UnmaskShares]) -> SummedUpdates:
         """Phase 3: unmask the sum from the revealed shares and decode it; its weight is the
         number of survivors (each contributed weight 1)."""
+        reveals = list(reveals)
         total = dequantize(self.server.unmask(reveals), self.params.step, self.params.bits)   # float64
-        metrics = {"clients": self._clients, "secagg_survivors": len(self.server.survivors),
-                   "secagg_dropped": len(self.server.dropped)}
+        self.up.update({u.client: wire_bytes(u) for u in reveals})
+        survivors = self.server.survivors
+        metrics = {"clients": self._clients, "secagg_survivors": len(survivors),
+                   "secagg_dropped": len(self.server.dropped),
+                   # everyone's traffic in the totals; per client: what a reporting client sent and received
+                   "bytes_up": sum(self.up.values()), "bytes_down": sum(self.down.values()),
+                   "bytes_up_per_client": sum(self.up[c] for c in survivors) / max(len(survivors), 1),
+                   "bytes_down_per_client": sum(self.down[c] for c in survivors) / max(len(survivors), 1)}
         return SummedUpdates(total, float(len(self.server.survivors)), metrics)

@@ -80,3 +80,18 @@ def test_a_quota_keeps_the_first_clients_and_a_deadline_stops_between_clients(mo
     assert m.client_ids == (3, 11, 25) and diag.late == 2
     m, diag = w.train(1, g, ids, deadline=-1.0)             # already late: nobody reports
     assert m.client_ids == () and diag.late == 5 and not m.weighted_sum.any()
+
+
+def test_a_plain_round_counts_each_client_as_the_message_it_would_send_alone(worker):
+    """bytes up per client = the size of a worker's message for one client; down = the model's."""
+    import pickle
+
+    from actors.aggregator import Aggregator
+
+    g = np.zeros(worker.n_params, np.float32) + 0.01
+    alone, _ = worker.train(2, g, [7])
+    together = [worker.train(2, g, ids)[0] for ids in ([3, 11, 25], [30, 31])]
+    _, metrics = Aggregator(worker.cfg.algorithm, worker.n_params).aggregate(2, g, *together)
+    size = lambda m: len(pickle.dumps(m, protocol=5))  # noqa: E731
+    assert metrics["bytes_up_per_client"] == size(alone) and metrics["bytes_up"] == 5 * size(alone)
+    assert metrics["bytes_down_per_client"] == size(g) and metrics["bytes_down"] == 5 * size(g)

@@ -113,3 +113,43 @@ def test_a_deadline_inside_a_secure_round_drops_the_late_clients_exactly(monkeyp
     reported = set(sh0[:2]) | set(sh1)
     assert metrics["secagg_survivors"] == len(reported) and metrics["secagg_dropped"] == 3
     np.testing.assert_allclose(new, reference(cfg, w0, g, rnd, reported), atol=2e-4)
+
+
+def test_bytes_are_the_sizes_of_the_messages_each_client_sent_and_received():
+    """Communication accounting against the messages themselves: each survivor's keys, encrypted
+    shares, masked vector and unmask shares up; its neighbours' keys, its routed shares, the
+    unmask request and the model down."""
+    import pickle
+    from collections import Counter
+
+    from actors.secagg.protocol import MaskedInput
+
+    cfg, p, workers, agg = setup(4)
+    g = np.random.default_rng(2).normal(0, 0.05, workers[0].n_params).astype(np.float32)
+    cohort, rnd = list(range(10, 20)), 6
+    alive = set(cohort) - {13}
+    size = lambda m: len(pickle.dumps(m, protocol=5))  # noqa: E731
+    up, down = Counter(), Counter()
+    ring = agg.secure_open(rnd, cohort, p, len(g))
+    pairs = list(zip(workers, split_even(np.array(ring), 2)))
+    adverts = [a for w, sh in pairs for a in w.secure_advertise(rnd, sh, p)]
+    up.update({a.client: size(a) for a in adverts})
+    keys = agg.secure_keys(rnd, adverts)
+    down.update({c: size(k) for c, k in keys.items()})
+    shares = [s for w, _ in pairs for s in w.secure_share(rnd, keys)]
+    up.update({s.sender: size(s) for s in shares})
+    inbox = agg.secure_route(rnd, shares)
+    down.update({c: size(x) for c, x in inbox.items()})
+    msgs = [w.train(rnd, g, [c for c in sh if c in alive], inbox)[0] for w, sh in pairs]
+    for c in alive:   # what each client would send alone: its masked vector (uint64, the model's length)
+        up[c] += size(MaskedInput(c, np.zeros(len(g), np.uint64)))
+    request = agg.secure_collect(rnd, *msgs)
+    reveals = [u for w, _ in pairs for u in w.secure_unmask(rnd, request)]
+    up.update({u.client: size(u) for u in reveals})
+    for c in alive:
+        down[c] += size(request) + size(g)
+    _, metrics = agg.apply_sum(rnd, g, agg.secure_unmask(rnd, reveals))
+    assert metrics["bytes_up"] == sum(up.values())
+    assert metrics["bytes_up_per_client"] == pytest.approx(sum(up[c] for c in alive) / len(alive))
+    assert metrics["bytes_down_per_client"] == pytest.approx(sum(down[c] for c in alive) / len(alive))
+    assert metrics["bytes_down"] == sum(down.values())
