@@ -19,9 +19,16 @@ import numpy as np
 import ray
 import torch
 
-from actors.messages import Diagnostics, MaskedUpdate, PlainUpdate, ProtocolStateLost
+from actors.messages import Diagnostics, MaskedUpdate, PlainUpdate, ProtocolStateLost, wire_bytes
 from actors.privacy import UserLevelDP
-from actors.secagg.protocol import AdvertiseKeys, EncryptedShares, SecAggClient, UnmaskRequest, UnmaskShares
+from actors.secagg.protocol import (
+    AdvertiseKeys,
+    EncryptedShares,
+    MaskedInput,
+    SecAggClient,
+    UnmaskRequest,
+    UnmaskShares,
+)
 from actors.secagg.quantize import add_mod, quantize
 from actors.secagg.session import SecAggParams
 from sim.algorithms import build_algorithm
@@ -32,6 +39,7 @@ from sim.data.canaries import canary_count, canary_direction, canary_ids
 from sim.data.drift import DriftedDataset, data_for_round
 from sim.models import build_model, num_params
 from sim.seeding import Secrets, np_rng
+from sim.system import choose, device, duration
 from sim.userimport import add_code_path
 
 # Per-sample losses an evaluation returns for the membership-inference audit.
@@ -85,6 +93,7 @@ class ClientWorker:
                         if self.cfg.data.drift.at_round is not None else None)
         self.model = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
         self.algorithm = build_algorithm(self.cfg.algorithm)
+        self.system = self.cfg.federation.system          # simulated devices (sim/system.py), if enabled
         self.compute = resolve_compute(self.cfg.ray.compute, self.cfg.model.kind, pc.local_dp, self.model,
                                        tuple(self.data.input_shape))
         self.local_dp = LocalDP(pc.local_clip, pc.local_noise_multiplier) if pc.local_dp else None
@@ -122,7 +131,12 @@ class ClientWorker:
         t0 = time.perf_counter()
         if inbox is not None:
             self._protocol(round_index)     # fail before training when the protocol state is gone
-        sampled, cids = len(cids), list(cids)[:quota]     # a worker's clients finish in the order it trains them
+        sampled, sim_s = len(cids), 0.0
+        if self.system.enabled:             # simulated devices decide who reports, and the round's time
+            cids, sim_s = self._simulated(round_index, global_params, list(cids), quota, deadline, inbox is not None)
+            deadline = None
+        else:
+            cids = list(cids)[:quota]       # a worker's clients finish in the order it trains them
         g = self._global(global_params)
         total = torch.zeros_like(g)
         masked = None if inbox is None else np.zeros(self.n_params, dtype=np.uint64)
@@ -157,10 +171,30 @@ class ClientWorker:
             loss_sum += float(met["train_loss"].sum())
         ids = tuple(int(c) for c in done)
         diag = Diagnostics(self.worker_id, len(ids), loss_sum, time.perf_counter() - t0,
-                           tuple(releases) if self.local_dp is not None else None, os.getpid(), sampled - len(ids))
+                           tuple(releases) if self.local_dp is not None else None, os.getpid(), sampled - len(ids),
+                           sim_s)
         if masked is not None:
             return MaskedUpdate(round_index, self.worker_id, masked, ids), diag
         return PlainUpdate(round_index, self.worker_id, total.cpu().numpy(), weight, ids), diag
+
+    def _simulated(self, round_index: int, global_params: np.ndarray, cids: list[int], quota: int | None,
+                   deadline: float | None, secure: bool) -> tuple[list[int], float]:
+        """The clients that report on their simulated devices (none past the deadline, in
+        simulated seconds; the `quota` fastest) and how long the round lasts for them. Transfer
+        time counts the model down and the update (or masked vector) up, as built here."""
+        n = self.n_params
+        down = wire_bytes(np.asarray(global_params, dtype=np.float32))
+        up = wire_bytes(MaskedInput(0, np.zeros(n, np.uint64)) if secure else
+                        PlainUpdate(round_index, self.worker_id, np.zeros(n, np.float32), 1.0, (0,)))
+        durations = []
+        for chunk in self._chunks(cids):
+            for c, data in zip(chunk, self._clients(chunk, round_index)):
+                plan = self.algorithm.schedules(len(data.y_train), np_rng(self.cfg.seed, "local-batches", round_index, c))
+                batches = sum(len(s) for s in plan)
+                durations.append(duration(device(self.cfg.seed, c, self.system), batches, down, up,
+                                          self.system.step_s))
+        keep, sim_s = choose(np.array(durations), quota, deadline)
+        return [c for c, k in zip(cids, keep) if k], sim_s
 
     def _canary_updates(self, chunk: Sequence[int], updates: torch.Tensor) -> torch.Tensor:
         """The audit's canaries in this chunk submit their own direction, scaled to the clip norm."""

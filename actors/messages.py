@@ -70,6 +70,7 @@ class Diagnostics:
     local_dp_releases: LocalDPReleases | None = None   # local DP-SGD: each client's own accounting
     pid: int = 0                              # the worker's process: a new one means Ray restarted it
     late: int = 0                             # clients that did not report: past the deadline or the quota
+    sim_s: float = 0.0                        # simulated seconds this worker's reporting clients took (system model)
 
 
 def wire_bytes(message) -> int:
@@ -89,6 +90,8 @@ def round_diagnostics(diags) -> dict:
     clients = sum(d.clients for d in diags)
     out = {"train_loss": sum(d.train_loss_sum for d in diags) / clients if clients else float("nan"),
            "late_clients": sum(d.late for d in diags)}
+    if any(d.sim_s for d in diags):     # a synchronous round lasts as long as its slowest reporting client
+        out["sim_round_s"] = max(d.sim_s for d in diags)
     logs = [d.local_dp_releases for d in diags if d.local_dp_releases is not None]
     if logs:
         out["local_dp_releases"] = [e for log in logs for e in log]

@@ -229,6 +229,18 @@ class SecAggConfig(Section):
         return self
 
 
+class SystemConfig(Section):
+    """A seeded model of the clients' devices, for simulated time (as FedScale and FedBuff's
+    simulations use): each device's compute speed and bandwidths are log-normal around a median."""
+
+    enabled: bool = False
+    step_s: float = Field(0.05, gt=0, description="seconds a median device takes for one local batch")
+    speed_sigma: float = Field(0.0, ge=0, le=5, description="log-normal sigma of device speed (0: all alike)")
+    down_mbps: float = Field(20.0, gt=0, description="median download bandwidth, Mbit/s")
+    up_mbps: float = Field(5.0, gt=0, description="median upload bandwidth, Mbit/s")
+    bandwidth_sigma: float = Field(0.0, ge=0, le=5, description="log-normal sigma of both bandwidths")
+
+
 class FederationConfig(Section):
     rounds: int = Field(20, ge=1)
     clients_per_round: int = Field(100, ge=1, description="the cohort: exact (fixed sampling) or expected (Poisson)")
@@ -238,7 +250,9 @@ class FederationConfig(Section):
         "finish (production FL's over-selection, e.g. 1.3); the privacy accounting uses the larger sample"))
     deadline_s: float | None = Field(None, gt=0, description=(
         "stragglers: a round's training deadline in seconds; clients not finished by then drop out, and a "
-        "worker's shard not back by 1.5x the deadline is cancelled (its clients drop out)"))
+        "worker's shard not back by 1.5x the deadline is cancelled (its clients drop out). With "
+        "federation.system enabled: in simulated seconds"))
+    system: SystemConfig = SystemConfig()
     sampling: Literal["auto", "poisson", "fixed"] = Field(
         "auto", description="how cohorts are drawn. poisson: each client joins independently with rate "
                             "clients_per_round / num_clients (what DP accountants assume); fixed: exactly "
@@ -252,6 +266,10 @@ class EvalConfig(Section):
     finetune_steps: int = Field(20, ge=0, description="personalization: SGD steps on the individual's train split")
     finetune_lr: float = Field(0.05, gt=0)
     batch_size: int = Field(16, ge=1)
+    target: float | None = Field(None, gt=0, le=1, description=(
+        "an accuracy to reach: the summary gives the rounds and the simulated time (federation.system) to it"))
+    target_metric: Literal["acc_global_DI", "acc_personalized_DI", "acc_global_DG"] = Field(
+        "acc_global_DI", description="which evaluation mean `target` is for")
 
 
 class MethodSpec(Section):

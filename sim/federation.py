@@ -170,10 +170,13 @@ class Federation:
 
     def _deadline(self) -> tuple[float | None, float | None]:
         """The round's deadline for starting a client, and the later cutoff past which a worker's
-        message is no longer waited for (time.time(); None: no deadline)."""
-        d = self.cfg.federation.deadline_s
+        message is no longer waited for (time.time(); None: no deadline). With simulated devices
+        the deadline is in simulated seconds and nothing is cut off in real time."""
+        fed = self.cfg.federation
+        if fed.system.enabled:        # simulated devices: the deadline is in simulated seconds, kept by the workers
+            return fed.deadline_s, None
         now = time.time()
-        return (now + d, now + 1.5 * d) if d else (None, None)
+        return (now + fed.deadline_s, now + 1.5 * fed.deadline_s) if fed.deadline_s else (None, None)
 
     def _quotas(self, shards: list[list[int]], live: set[int] | None = None) -> list[int | None]:
         """Over-selection: how many of each shard's live clients report, the round's
@@ -195,7 +198,7 @@ class Federation:
                                                          deadline=deadline)
 
         trained = [submit(w, shard) for w, shard in zip(self.workers, shards)]
-        if deadline is not None:
+        if cutoff is not None:
             return self._by_deadline(round_index, g_ref, shards, trained, cutoff)
         try:
             # the aggregator starts as soon as the messages exist: no stop at the driver in between

@@ -91,6 +91,7 @@ def run_summary(plan: FederationPlan, state, run_dir: Path, peak_rss: float) -> 
         "s_per_round": secs / rounds if rounds else None,
         "peak_rss_mib": peak_rss,
         **communication_summary(log),
+        **time_summary(log, cfg.eval),
         "run_dir": str(run_dir),
         **privacy_summary(plan, state),
     }
@@ -108,6 +109,24 @@ def communication_summary(log) -> dict:
             "bytes_down_per_client": float((rounds.bytes_down_per_client * rounds.clients).sum() / clients)
             if clients else None,
             "bytes_up_total": int(rounds.bytes_up.sum()), "bytes_down_total": int(rounds.bytes_down.sum())}
+
+
+def time_summary(log, ev) -> dict:
+    """Simulated time (federation.system) over the run, and the rounds and simulated time until
+    the evaluation mean of `eval.target_metric` first reached `eval.target`."""
+    df = log.frame()
+    rounds = df[(df.metric == "sim_round_s") & (df.stat == "value")].set_index("round").value
+    out = {"sim_time_s": float(rounds.sum()) if len(rounds) else None, "rounds_to_target": None,
+           "time_to_target_s": None}
+    if ev.target is None:
+        return out
+    means = df[(df.metric == ev.target_metric) & (df.stat == "mean")].sort_values("round")
+    reached = means[means.value >= ev.target]
+    if len(reached):
+        r = int(reached["round"].iloc[0])
+        out["rounds_to_target"] = r
+        out["time_to_target_s"] = float(rounds[rounds.index <= r].sum()) if len(rounds) else None
+    return out
 
 
 def privacy_summary(plan: FederationPlan, state) -> dict:

@@ -95,3 +95,30 @@ def test_a_plain_round_counts_each_client_as_the_message_it_would_send_alone(wor
     size = lambda m: len(pickle.dumps(m, protocol=5))  # noqa: E731
     assert metrics["bytes_up_per_client"] == size(alone) and metrics["bytes_up"] == 5 * size(alone)
     assert metrics["bytes_down_per_client"] == size(g) and metrics["bytes_down"] == 5 * size(g)
+
+
+def test_simulated_devices_pick_who_reports_and_say_how_long_the_round_took():
+    """With federation.system the fastest simulated devices report (over-selection), none past a
+    deadline in simulated seconds, and the round lasts as long as its slowest reporting client."""
+    import pickle
+
+    from actors.messages import PlainUpdate
+    from sim.system import device, duration
+
+    raw = tiny_raw(federation={"system": {"enabled": True, "speed_sigma": 1.0, "step_s": 0.2}})
+    w = ClientWorker(from_dict(raw))
+    g = np.zeros(w.n_params, np.float32)
+    ids = list(range(12))
+    down = len(pickle.dumps(g, protocol=5))
+    up = len(pickle.dumps(PlainUpdate(1, 0, g, 1.0, (0,)), protocol=5))
+    seconds = {}
+    for c, d in zip(ids, w.data.clients(ids)):
+        plan = w.algorithm.schedules(len(d.y_train), np_rng(w.cfg.seed, "local-batches", 1, c))
+        seconds[c] = duration(device(w.cfg.seed, c, w.system), sum(map(len, plan)), down, up, 0.2)
+    fastest = sorted(ids, key=seconds.get)[:5]
+    m, diag = w.train(1, g, ids, quota=5)
+    assert m.client_ids == tuple(sorted(fastest)) and diag.late == 7
+    assert diag.sim_s == pytest.approx(max(seconds[c] for c in fastest))
+    limit = sorted(seconds.values())[8] - 1e-9                              # 8 devices finish in time
+    m, diag = w.train(1, g, ids, deadline=limit)
+    assert len(m.client_ids) == 8 and diag.sim_s == limit and max(seconds[c] for c in m.client_ids) <= limit
