@@ -70,11 +70,15 @@ class Aggregator:
         self.rounds_done = 0
 
     # ------------------------------------------------------------ plain rounds
-    def check(self, round_id: int, messages: Sequence[PlainUpdate | MaskedUpdate], dim: int) -> None:
+    def check(self, round_id: int, messages: Sequence[PlainUpdate | MaskedUpdate], dim: int,
+              versions: Sequence[int] | None = None) -> None:
+        """`versions`: the round each message must be for (FedBuff: the step a client trained from)."""
         seen: set[int] = set()
-        for m in messages:
-            if m.round_id != round_id:
-                raise AggregationError(f"round {round_id}: message from worker {m.worker} is for round {m.round_id}")
+        for i, m in enumerate(messages):
+            expected = round_id if versions is None else versions[i]
+            if m.round_id != expected:
+                raise AggregationError(f"round {round_id}: message from worker {m.worker} is for round {m.round_id}, "
+                                       f"expected {expected}")
             if isinstance(m, MaskedUpdate):
                 if m.masked_sum.shape != (dim,) or m.masked_sum.dtype != np.uint64:
                     raise AggregationError(f"round {round_id}: worker {m.worker} sent a malformed masked sum")
@@ -106,6 +110,18 @@ class Aggregator:
         """A plain round: new global parameters (n_params,) float32 and the round's server metrics."""
         self.check(round_id, messages, self.n_params)
         return self.apply_sum(round_id, global_params, self.combine(round_id, messages))
+
+    def aggregate_buffered(self, round_id: int, global_params: np.ndarray, versions: Sequence[int],
+                           weights: Sequence[float], *messages: PlainUpdate) -> tuple[np.ndarray, dict]:
+        """A FedBuff server step (sim/fedbuff.py): message i trained from server step `versions[i]`
+        and counts with its staleness weight `weights[i]` (<= 1, so a clipped update's
+        sensitivity stays C); the mean divides by the unweighted total weight, so staleness
+        shrinks stale updates rather than being normalized away."""
+        self.check(round_id, messages, self.n_params, versions)
+        summed = self.combine(round_id, messages)
+        total = sum((float(w) * m.weighted_sum.astype(np.float64) for m, w in zip(messages, weights)),
+                    np.zeros(self.n_params))
+        return self.apply_sum(round_id, global_params, SummedUpdates(total, summed.weight, summed.metrics))
 
     def apply_sum(self, round_id: int, global_params: np.ndarray, summed: SummedUpdates) -> tuple[np.ndarray, dict]:
         """DP server half, then the server rule; the round's sum may come plain or unmasked."""

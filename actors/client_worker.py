@@ -182,19 +182,24 @@ class ClientWorker:
         """The clients that report on their simulated devices (none past the deadline, in
         simulated seconds; the `quota` fastest) and how long the round lasts for them. Transfer
         time counts the model down and the update (or masked vector) up, as built here."""
+        keep, sim_s = choose(np.array(self.device_seconds(round_index, cids, secure)), quota, deadline)
+        return [c for c, k in zip(cids, keep) if k], sim_s
+
+    def device_seconds(self, round_index: int, cids: Sequence[int], secure: bool = False) -> list[float]:
+        """Each client's simulated duration for a round started at `round_index` (its batch
+        stream's): the model down, its local batches on its device, its update up."""
         n = self.n_params
-        down = wire_bytes(np.asarray(global_params, dtype=np.float32))
+        down = wire_bytes(np.zeros(n, dtype=np.float32))
         up = wire_bytes(MaskedInput(0, np.zeros(n, np.uint64)) if secure else
                         PlainUpdate(round_index, self.worker_id, np.zeros(n, np.float32), 1.0, (0,)))
         durations = []
-        for chunk in self._chunks(cids):
+        for chunk in self._chunks(list(cids)):
             for c, data in zip(chunk, self._clients(chunk, round_index)):
                 plan = self.algorithm.schedules(len(data.y_train), np_rng(self.cfg.seed, "local-batches", round_index, c))
                 batches = sum(len(s) for s in plan)
                 durations.append(duration(device(self.cfg.seed, c, self.system), batches, down, up,
                                           self.system.step_s))
-        keep, sim_s = choose(np.array(durations), quota, deadline)
-        return [c for c, k in zip(cids, keep) if k], sim_s
+        return durations
 
     def _canary_updates(self, chunk: Sequence[int], updates: torch.Tensor) -> torch.Tensor:
         """The audit's canaries in this chunk submit their own direction, scaled to the clip norm."""

@@ -241,8 +241,20 @@ class SystemConfig(Section):
     bandwidth_sigma: float = Field(0.0, ge=0, le=5, description="log-normal sigma of both bandwidths")
 
 
+class FedBuffConfig(Section):
+    """Buffered asynchronous aggregation (FedBuff, Nguyen et al. 2022)."""
+
+    concurrency: int = Field(20, ge=1, description="clients training at any moment (each finished one is replaced)")
+    staleness: Literal["sqrt", "constant"] = Field(
+        "sqrt", description="weight of an update that started tau server steps ago: 1/sqrt(1+tau), or 1")
+
+
 class FederationConfig(Section):
     rounds: int = Field(20, ge=1)
+    mode: Literal["sync", "fedbuff"] = Field(
+        "sync", description="sync: rounds of a sampled cohort; fedbuff: buffered asynchronous aggregation on the "
+                            "simulated clock (federation.system), a server step every clients_per_round updates")
+    fedbuff: FedBuffConfig = FedBuffConfig()
     clients_per_round: int = Field(100, ge=1, description="the cohort: exact (fixed sampling) or expected (Poisson)")
     dropout: float = Field(0.0, ge=0, lt=1, description="probability a sampled client drops out")
     over_selection: float = Field(1.0, ge=1, le=10, description=(
@@ -448,6 +460,20 @@ class ExperimentConfig(Section):
         if self.privacy.mode == "distributed" and not self.secagg.enabled:
             raise ValueError("privacy.mode: 'distributed' noise is added under secure aggregation; "
                              "set secagg.enabled: true (or use mode 'central')")
+        fed = self.federation
+        if fed.mode == "fedbuff":
+            if not fed.system.enabled:
+                raise ValueError("federation.mode: fedbuff runs on the simulated clock; set federation.system.enabled: "
+                                 "true")
+            if self.secagg.enabled:
+                raise ValueError("federation.mode: fedbuff is not combined with secure aggregation here (a buffered "
+                                 "secure sum needs a trusted aggregator, as FedBuff assumes); set secagg.enabled: false")
+            if fed.over_selection != 1 or fed.deadline_s is not None or fed.dropout:
+                raise ValueError("federation.mode: fedbuff has no rounds to over-select, time out or drop from; "
+                                 "unset over_selection, deadline_s and dropout")
+            if fed.fedbuff.concurrency < fed.clients_per_round:
+                raise ValueError(f"federation.fedbuff.concurrency: must be >= clients_per_round (the buffer, "
+                                 f"{fed.clients_per_round})")
         if self.privacy.local_dp and self.ray.compute == "vmap":
             raise ValueError("ray.compute: local DP-SGD (privacy.local_dp) runs on the loop; set ray.compute "
                              "to 'loop' or 'auto'")

@@ -29,6 +29,7 @@ from sim.cluster import worker_resources
 from sim.config import ExperimentConfig
 from sim.consent import ConsentGate
 from sim.faults import LOST, FaultLog, RoundFailed, lost_actor
+from sim.fedbuff import BufferClock, staleness_weight
 from sim.plan import FederationPlan
 from sim.sampling import apply_dropout, draw_cohort, split_even
 from sim.secure_sum import SecureSumRun
@@ -57,6 +58,8 @@ class Federation:
         the workers get it, the aggregator only its own derived part."""
         self.plan = plan
         self.workers, self.aggregator, self._server_state = [], None, {}
+        self._clock: BufferClock | None = None        # FedBuff's simulated clock and the model versions in flight
+        self._versions: dict[int, np.ndarray] = {}
         self.faults = FaultLog(plan.cfg.ray.max_failures_per_round)
         # the server rule's state is kept on the driver after every round when it has any, so a
         # lost aggregator comes back where it was
@@ -127,6 +130,8 @@ class Federation:
 
     # ------------------------------------------------------------ training
     def train_round(self, round_index: int, global_params: np.ndarray) -> RoundResult:
+        if self.cfg.federation.mode == "fedbuff":
+            return self._fedbuff_step(round_index, global_params)
         t0 = time.perf_counter()
         sampled = draw_cohort(self.cfg.seed, round_index, self.plan.sampling)
         admitted = self.consent.admit(sampled) if self.consent else sampled
@@ -244,6 +249,67 @@ class Federation:
         metrics.update(round_diagnostics(diags))
         metrics["lost_clients"] = out
         return new, metrics
+
+    # ------------------------------------------------------------ buffered asynchronous aggregation
+    def _fedbuff_step(self, step: int, global_params: np.ndarray) -> RoundResult:
+        """One FedBuff server step (sim/fedbuff.py): the next clients_per_round completions on the
+        simulated clock, each trained from the model it started with, weighted by staleness; then
+        as many new clients start from the new model. A run resumed from a checkpoint starts its
+        in-flight clients afresh (the clock is not checkpointed)."""
+        t0 = time.perf_counter()
+        fed = self.cfg.federation
+        if self._clock is None:                    # the first step (or a resume): fill the pipeline
+            self._clock = BufferClock(self.cfg.seed, self.plan.num_clients, self._eligible)
+            self._versions = {step: global_params}
+            self._start_clients(fed.fedbuff.concurrency, step)
+        before = self._clock.now
+        self.faults.begin_round()
+        arrived = self._clock.pop(fed.clients_per_round)
+        versions = sorted({a.version for a in arrived})
+        submit = lambda w, shard: w.train.options(num_returns=2).remote(shard[1], shard[2], shard[0])  # noqa: E731
+        groups = []
+        for v in versions:                         # one batch per model version, split over the workers
+            ref = ray.put(self._versions[v])
+            groups.append([(part, v, ref) for part in split_even(np.array([a.cid for a in arrived if a.version == v]),
+                                                                   len(self.workers))])
+        started = [[submit(w, shard) for w, shard in zip(self.workers, g)] for g in groups]
+        trained = [t for g, s in zip(groups, started) for t in self._on_workers(step, g, submit, started=s)]
+        tags = [shard[1] for g in groups for shard in g]
+        weights = [staleness_weight(step - v, fed.fedbuff.staleness) for v in tags]
+        g_ref, messages = ray.put(global_params), [m for m, _ in trained]
+        while True:
+            try:
+                new, metrics = ray.get(self.aggregator.aggregate_buffered.remote(step, g_ref, tags, weights, *messages))
+                if self._stateful:
+                    self._server_state = self.server_state()
+                break
+            except Exception as e:
+                if not lost_actor(e):
+                    raise
+                self._heal(step, e)               # the updates are still held: only the server step repeats
+                self.faults.retried("rounds")
+        diags = ray.get([d for _, d in trained])
+        self._note_restarts(step, diags)
+        metrics.update(round_diagnostics(diags))
+        taus = [step - a.version for a in arrived]
+        metrics.update(sim_round_s=self._clock.now - before, staleness_mean=float(np.mean(taus)),
+                       staleness_max=int(max(taus)))
+        self._versions[step + 1] = new             # the next clients start from the new model
+        self._start_clients(len(arrived), step + 1)
+        self._versions = {v: p for v, p in self._versions.items() if v in self._clock.versions_in_flight()}
+        return RoundResult(new, len(arrived), 0, time.perf_counter() - t0, metrics, [a.cid for a in arrived],
+                           dict(self.faults.counts))
+
+    def _start_clients(self, n: int, version: int) -> None:
+        cids = self._clock.draw(n)
+        shards = split_even(np.array(cids), len(self.workers))
+        seconds = ray.get(self._on_workers(version, shards, lambda w, s: w.device_seconds.remote(version, s)))
+        self._clock.start([c for s in shards for c in s], [d for part in seconds for d in part], version)
+
+    def _eligible(self, ids: np.ndarray) -> np.ndarray:
+        """Clients that may start: consenting, and not an audit canary that stays out."""
+        ids = self.consent.admit(ids) if self.consent else ids
+        return ids[~np.isin(ids, self.plan.excluded_canaries)]
 
     def _note_restarts(self, round_index: int, diags) -> None:
         """A worker Ray restarted between two calls loses no work (the calls wait for it), but it

@@ -57,7 +57,8 @@ class RoundLog(Hook):
             "update_norm": res.metrics.get("update_norm", 0.0), "clients": res.clients,
             "dropped": res.dropped, "round_s": res.seconds, "clients_per_s": cps,
             **{k: res.metrics[k] for k in ("lost_clients", "late_clients") if res.metrics.get(k)},
-            **{k: res.metrics[k] for k in (*BYTES_KEYS, "sim_round_s") if k in res.metrics},
+            **{k: res.metrics[k] for k in (*BYTES_KEYS, "sim_round_s", "staleness_mean", "staleness_max")
+               if k in res.metrics},
             **({"epsilon": eps} if eps is not None else {}),
             **({"local_epsilon": local_eps} if local_eps is not None else {})})
         failures = state.faults.get("worker_failures", 0) + state.faults.get("aggregator_failures", 0)

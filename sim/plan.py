@@ -130,6 +130,13 @@ def _sampling(cfg: ExperimentConfig, num_clients: int) -> Sampling:
     if kind == "auto":     # what DP accountants assume when DP is on; today's fixed cohorts otherwise
         kind = "poisson" if cfg.privacy.mode != "off" else "fixed"
     fed = cfg.federation
+    if fed.mode == "fedbuff":
+        # who lands in a FedBuff buffer depends on device speed, so uniform-sampling amplification
+        # does not hold: account every step as if every user were in it (q = 1), a valid upper bound
+        if fed.fedbuff.concurrency > num_clients:
+            raise ValueError(f"federation.fedbuff.concurrency: {fed.fedbuff.concurrency} clients in flight, more "
+                             f"than the {num_clients} in the data")
+        return Sampling(kind, num_clients, num_clients)
     sampled = math.ceil(fed.over_selection * fed.clients_per_round - 1e-9)   # over-selection draws more
     if sampled > num_clients:
         raise ValueError(f"federation.over_selection: {fed.over_selection} x clients_per_round samples {sampled} "
