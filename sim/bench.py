@@ -20,7 +20,8 @@ from sim.config import ExperimentConfig, default_config_path, from_dict, load
 from sim.federation import Federation
 from sim.plan import FederationPlan
 
-WORKLOADS = {"w1": "bench_w1.yaml", "w2": "bench_w2.yaml", "w3": "bench_w3.yaml", "tune": "bench_tune.yaml"}
+WORKLOADS = {"w1": "bench_w1.yaml", "w2": "bench_w2.yaml", "w3": "bench_w3.yaml", "tune": "bench_tune.yaml",
+             "heterogeneous": "heterogeneous.yaml"}
 
 
 def workload_config(workload: str, overrides: list[str]) -> ExperimentConfig:
@@ -63,8 +64,11 @@ SECAGG_CASES = {"k20": {"secagg.neighbors": 20}, "complete": {"secagg.neighbors"
 def _with(cfg: ExperimentConfig, changes: dict) -> ExperimentConfig:
     raw = cfg.model_dump(mode="json")
     for key, value in changes.items():
-        section, field = key.split(".")
-        raw[section][field] = value
+        *path, last = key.split(".")
+        node = raw
+        for part in path:
+            node = node[part]
+        node[last] = value
     return from_dict(raw)
 
 
@@ -89,6 +93,48 @@ def run_secagg_bench(cfg: ExperimentConfig, rounds: int, workload: str, repeats:
         r = run_bench(secure[name], rounds=rounds, workload=workload)
         res["secagg"][name] = {k: r[k] for k in keep}
     res["secagg_overhead"] = res["secagg"]["k20"]["s_per_round"] / res["s_per_round"]
+    return res
+
+
+# ---------------------------------------------------------------- synchronous vs buffered asynchronous
+def run_async_bench(cfg: ExperimentConfig, seeds: int = 3, steps_per_round: int = 4) -> dict:
+    """Synchronous FedAvg vs FedBuff on simulated heterogeneous devices (the workload's
+    `federation.system`), each seed run both ways: the sync rounds as configured; FedBuff with
+    `fedbuff.concurrency` clients in flight and a server step every clients_per_round /
+    `steps_per_round` completions, for the same number of client updates, evaluated after the
+    same numbers of updates. Compared: the simulated time until `eval.target` (medians over seeds,
+    and every seed's figures)."""
+    import tempfile
+
+    from sim.experiment import run_experiment
+
+    if cfg.eval.target is None or not cfg.federation.system.enabled:
+        raise ValueError("bench --async: the workload needs eval.target and federation.system.enabled")
+    fed = cfg.federation
+    buffer = max(1, fed.clients_per_round // steps_per_round)
+    scale = fed.clients_per_round / buffer
+    runs = {"sync": [], "fedbuff": []}
+    with tempfile.TemporaryDirectory() as out:
+        for seed in range(cfg.seed, cfg.seed + seeds):
+            variants = {"sync": {}, "fedbuff": {"federation.mode": "fedbuff", "federation.clients_per_round": buffer,
+                                                "federation.rounds": round(fed.rounds * scale),
+                                                "eval.every": round(cfg.eval.every * scale)}}
+            for name, changes in variants.items():
+                run_cfg = _with(cfg, {"seed": seed, "run.out_dir": out, "run.progress": False, **changes})
+                _, summary = run_experiment(run_cfg)
+                runs[name].append({k: summary[k] for k in ("time_to_target_s", "rounds_to_target", "sim_time_s")}
+                                  | {"acc_global_DI": summary["acc_global_DI"]["mean"], "seed": seed})
+
+    def median(name: str, key: str):
+        values = [r[key] for r in runs[name] if r[key] is not None]
+        return float(np.median(values)) if len(values) == len(runs[name]) else None    # None: some seed missed
+
+    res = {"workload": "heterogeneous", "target": cfg.eval.target, "target_metric": cfg.eval.target_metric,
+           "seeds": seeds, "fedbuff_buffer": buffer, "fedbuff_concurrency": fed.fedbuff.concurrency,
+           "sync_time_to_target_s": median("sync", "time_to_target_s"),
+           "fedbuff_time_to_target_s": median("fedbuff", "time_to_target_s"), "runs": runs}
+    both = res["sync_time_to_target_s"], res["fedbuff_time_to_target_s"]
+    res["fedbuff_speedup"] = both[0] / both[1] if None not in both else None
     return res
 
 

@@ -264,6 +264,60 @@ def tune_cmd(config: Annotated[Optional[Path], typer.Argument(help="experiment Y
     print(res["candidate"])
 
 
+@app.command("study")
+def study_cmd(study: Annotated[str, typer.Argument(metavar="STUDY.yaml|report",
+                                                  help="a study file, or `report` followed by a study directory")],
+              directory: Annotated[Optional[Path], typer.Argument(metavar="[DIR]", help="with `report`: the study directory to re-plot")] = None,
+              resume: Annotated[Optional[Path], typer.Option(help="finish the study in this directory (its Tune experiment)")] = None,
+              as_json: Annotated[bool, typer.Option("--json", help="also one JSON line with every row")] = False) -> None:
+    """A scaling study: the base experiment over a grid of config values (and seeds), one Ray Tune
+    trial per cell; writes study.parquet, study.csv and plots. Last line: the study directory.
+    `fedmeta study report DIR` re-plots a study directory."""
+    if study == "report":
+        from sim.study_plots import report as replot
+
+        if directory is None or resume is not None:
+            raise ConfigError("study report: expected `fedmeta study report DIR` (a study directory, no --resume)")
+        for path in replot(directory):
+            print(path)
+        print(directory)
+        return
+    if directory is not None:
+        raise ConfigError(f"study: unexpected argument {directory} (to re-plot: `fedmeta study report DIR`)")
+    from sim.study import StudyIncomplete, run_study
+
+    try:
+        study_dir = run_study(Path(study), resume=resume, progress=True)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]: finish the study with `fedmeta study STUDY.yaml --resume DIR`")
+        raise typer.Exit(130) from None
+    except StudyIncomplete as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(130 if e.interrupted else 1) from None
+    import pandas as pd
+
+    table = pd.read_parquet(study_dir / "study.parquet")
+    out.print(study_table(table))
+    if as_json:
+        print(json.dumps({"study_dir": str(study_dir), "cells": len(table),
+                          "rows": json.loads(table.to_json(orient="records"))}))
+    print(study_dir)
+
+
+def study_table(table) -> Table:
+    """The study's rows: grid keys, seed and the headline metrics."""
+    shown = {"clients_per_s": "clients/s", "s_per_round": "s/round", "acc_personalized_DI": "pers D_I",
+             "acc_global_DI": "glob D_I", "bytes_up_per_client": "B up/client", "epsilon": "epsilon"}
+    keys = list(table.columns[:list(table.columns).index("seed") + 1])
+    t = Table(title=f"fedmeta study: {len(table)} runs")
+    for col in keys + list(shown.values()):
+        t.add_column(col, justify="right")
+    for values in table.to_dict(orient="records"):
+        t.add_row(*(str(values[k]) for k in keys),
+                  *("-" if values[m] != values[m] else f"{values[m]:.4g}" for m in shown))    # NaN: missing
+    return t
+
+
 drift_app = typer.Typer(help="Drift analyzer: detectors on streams with known change points.")
 app.add_typer(drift_app, name="drift")
 
@@ -328,9 +382,29 @@ def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped), 
           serve_: Annotated[bool, typer.Option("--serve", help="load-test the routed ensemble (3 members) against a single model")] = False,
           tune_: Annotated[bool, typer.Option("--tune", help="after a drift: tuned vs untuned recovery, Bayesian vs 4x random search")] = False,
           seconds: Annotated[float, typer.Option(min=0.5, help="--serve: seconds per concurrency level")] = 5.0,
+          async_: Annotated[bool, typer.Option("--async", help="synchronous FedAvg vs FedBuff to eval.target on simulated heterogeneous devices (configs/heterogeneous.yaml)")] = False,
+          seeds: Annotated[int, typer.Option(min=1, help="--async: seeds, each run both ways (medians compared)")] = 3,
           as_json: Annotated[bool, typer.Option("--json", help="last line: one JSON object")] = False) -> None:
     """Throughput of the actor pool on a fixed workload (or, with --serve, of the Serve app)."""
     from sim.bench import WORKLOADS, run_bench, run_secagg_bench, run_serve_bench, workload_config
+
+    if async_:
+        from sim.bench import run_async_bench
+
+        res = run_async_bench(workload_config("heterogeneous", list(set_)), seeds=seeds)
+        for name in ("sync", "fedbuff"):
+            for r in res["runs"][name]:
+                print(f"seed {r['seed']} {name:7s}: {res['target_metric']} >= {res['target']} after "
+                      f"{r['time_to_target_s'] if r['time_to_target_s'] is None else round(r['time_to_target_s'], 1)} "
+                      f"simulated s (round {r['rounds_to_target']}); final {r['acc_global_DI']:.3f} at "
+                      f"{r['sim_time_s']:.1f} s")
+        fmt = lambda x: "not reached by every seed" if x is None else f"{x:.1f} s"  # noqa: E731
+        print(f"median simulated time to target: sync {fmt(res['sync_time_to_target_s'])}, FedBuff "
+              f"{fmt(res['fedbuff_time_to_target_s'])}"
+              + (f" ({res['fedbuff_speedup']:.1f}x faster)" if res["fedbuff_speedup"] else ""))
+        if as_json:
+            print(json.dumps(res))
+        return
 
     if tune_:
         from sim.bench import run_tune_bench

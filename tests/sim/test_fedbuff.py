@@ -108,3 +108,19 @@ def test_dp_fedbuff_is_accounted_without_sampling_amplification(ray_session, tmp
     s = fedmeta.run(raw, overrides=["federation.rounds=3", "eval.every=3"]).summary
     assert s["sample_rate"] == 1.0
     assert s["epsilon"] == pytest.approx(epsilon_for(2.0, 1.0, 3, s["delta"]), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_the_async_bench_compares_time_to_target_over_seeds(ray_session, tmp_path):
+    from sim.bench import run_async_bench
+
+    raw = tiny_raw(tmp_path, federation={"clients_per_round": 8, "rounds": 4,
+                                         "system": {"enabled": True, "speed_sigma": 1.0},
+                                         "fedbuff": {"concurrency": 8}},
+                   eval={"every": 2, "target": 0.05})
+    res = run_async_bench(fedmeta.load_config(raw), seeds=2, steps_per_round=4)
+    assert res["fedbuff_buffer"] == 2 and [r["seed"] for r in res["runs"]["sync"]] == [3, 4]
+    assert all(r["rounds_to_target"] in (8, 16) for r in res["runs"]["fedbuff"])   # evaluated every 16 updates
+    assert all(r["rounds_to_target"] in (2, 4) for r in res["runs"]["sync"])       # as the sync rounds are
+    assert res["sync_time_to_target_s"] > 0 and res["fedbuff_time_to_target_s"] > 0
+    assert res["fedbuff_speedup"] == pytest.approx(res["sync_time_to_target_s"] / res["fedbuff_time_to_target_s"])
