@@ -102,7 +102,8 @@ class Aggregator:
         total, weight = weighted_sum(messages, self.n_params)
         clients = sum(m.num_clients for m in messages)
         # every client uploads its own update: a one-client message of the shape the workers sent
-        up = wire_bytes(one_client_update(messages[0])) if clients else 0
+        first = messages[0] if clients else None
+        up = 0 if first is None else first.upload_bytes or wire_bytes(one_client_update(first))
         return SummedUpdates(total, weight, {"clients": clients, "bytes_up": clients * up,
                                              "bytes_up_per_client": up, "bytes_down": 0, "bytes_down_per_client": 0})
 

@@ -20,7 +20,7 @@ import ray
 import torch
 
 from actors.messages import Diagnostics, MaskedUpdate, PlainUpdate, ProtocolStateLost, wire_bytes
-from actors.privacy import UserLevelDP
+from actors.privacy import UserLevelDP, clip_updates
 from actors.secagg.protocol import (
     AdvertiseKeys,
     EncryptedShares,
@@ -33,12 +33,13 @@ from actors.secagg.quantize import add_mod, quantize
 from actors.secagg.session import SecAggParams
 from sim.algorithms import build_algorithm
 from sim.algorithms.local import LocalDP, accuracies_stacked, predictions_hit, resolve_compute, sample_losses
+from sim.compression import compress
 from sim.config import ExperimentConfig, from_dict
 from sim.data import build_dataset
 from sim.data.canaries import canary_count, canary_direction, canary_ids
 from sim.data.drift import DriftedDataset, data_for_round
 from sim.models import build_model, num_params
-from sim.seeding import Secrets, np_rng
+from sim.seeding import Secrets, np_rng, torch_gen
 from sim.system import choose, device, duration
 from sim.userimport import add_code_path
 
@@ -94,6 +95,8 @@ class ClientWorker:
         self.model = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
         self.algorithm = build_algorithm(self.cfg.algorithm)
         self.system = self.cfg.federation.system          # simulated devices (sim/system.py), if enabled
+        self.compression = self.cfg.federation.compression
+        self._residuals: dict[int, torch.Tensor] = {}     # top-k error feedback: what each client left out
         self.compute = resolve_compute(self.cfg.ray.compute, self.cfg.model.kind, pc.local_dp, self.model,
                                        tuple(self.data.input_shape))
         self.local_dp = LocalDP(pc.local_clip, pc.local_noise_multiplier) if pc.local_dp else None
@@ -159,6 +162,8 @@ class ClientWorker:
                 releases += [(int(c), int(r), len(y)) for c, r, y in zip(chunk, met["local_releases"], ys)]
             # DP's client half: clipped with equal weights when bounded, else the algorithm's weights
             updates, w = self.dp.client_half(updates, [self.algorithm.client_weight(len(y)) for y in ys])
+            if self.compression.kind != "none":
+                updates, upload = self._compressed(round_index, chunk, updates)
             if masked is not None:
                 rows = zip(chunk, updates.cpu().numpy())
                 # a chunk reports whole or not at all: under a deadline only its own pair masks may cancel
@@ -170,12 +175,30 @@ class ClientWorker:
             weight += float(w.sum())
             loss_sum += float(met["train_loss"].sum())
         ids = tuple(int(c) for c in done)
+        upload = upload if self.compression.kind != "none" and ids else 0
         diag = Diagnostics(self.worker_id, len(ids), loss_sum, time.perf_counter() - t0,
                            tuple(releases) if self.local_dp is not None else None, os.getpid(), sampled - len(ids),
                            sim_s)
         if masked is not None:
             return MaskedUpdate(round_index, self.worker_id, masked, ids), diag
-        return PlainUpdate(round_index, self.worker_id, total.cpu().numpy(), weight, ids), diag
+        return PlainUpdate(round_index, self.worker_id, total.cpu().numpy(), weight, ids, upload), diag
+
+    def _compressed(self, round_index: int, chunk: Sequence[int], updates: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """What the server decodes from these clients' updates (sim/compression.py), each client's
+        residual kept here for its next round (error feedback; clients stay on one worker then),
+        and the bytes one client's encoded message takes. Under DP the decoded update is clipped
+        again, so a round's sensitivity stays C."""
+        cfg = self.compression
+        feedback = cfg.kind == "topk" and cfg.error_feedback
+        residual = torch.stack([self._residuals.get(int(c), torch.zeros_like(updates[0])) for c in chunk]) \
+            if feedback else None
+        gens = [torch_gen(self.cfg.seed, "compress", round_index, int(c), device=self.device) for c in chunk]
+        decoded, kept, sample = compress(cfg.kind, updates, residual, cfg.topk_fraction, gens)
+        if kept is not None:
+            self._residuals.update({int(c): r for c, r in zip(chunk, kept)})
+        if self.dp.bound_updates:
+            decoded, _ = clip_updates(decoded, self.dp.clip_norm)
+        return decoded, wire_bytes(sample)
 
     def _simulated(self, round_index: int, global_params: np.ndarray, cids: list[int], quota: int | None,
                    deadline: float | None, secure: bool) -> tuple[list[int], float]:

@@ -28,6 +28,7 @@ class PlainUpdate:
     weighted_sum: np.ndarray                  # (n_params,) float32
     weight: float
     client_ids: tuple[int, ...]
+    upload_bytes: int = 0                     # what each client uploaded, when compressed (0: the update itself)
 
     @property
     def num_clients(self) -> int:

@@ -241,6 +241,15 @@ class SystemConfig(Section):
     bandwidth_sigma: float = Field(0.0, ge=0, le=5, description="log-normal sigma of both bandwidths")
 
 
+class CompressionConfig(Section):
+    """What a client does to its update before the upload (sim/compression.py)."""
+
+    kind: Literal["none", "int8", "topk"] = Field(
+        "none", description="int8: stochastic 8-bit quantization; topk: the largest coordinates only")
+    topk_fraction: float = Field(0.01, gt=0, le=1, description="topk: the share of coordinates sent")
+    error_feedback: bool = Field(True, description="topk: a client keeps what it left out and adds it next time")
+
+
 class FedBuffConfig(Section):
     """Buffered asynchronous aggregation (FedBuff, Nguyen et al. 2022)."""
 
@@ -265,6 +274,7 @@ class FederationConfig(Section):
         "worker's shard not back by 1.5x the deadline is cancelled (its clients drop out). With "
         "federation.system enabled: in simulated seconds"))
     system: SystemConfig = SystemConfig()
+    compression: CompressionConfig = CompressionConfig()
     sampling: Literal["auto", "poisson", "fixed"] = Field(
         "auto", description="how cohorts are drawn. poisson: each client joins independently with rate "
                             "clients_per_round / num_clients (what DP accountants assume); fixed: exactly "
@@ -474,6 +484,9 @@ class ExperimentConfig(Section):
             if fed.fedbuff.concurrency < fed.clients_per_round:
                 raise ValueError(f"federation.fedbuff.concurrency: must be >= clients_per_round (the buffer, "
                                  f"{fed.clients_per_round})")
+        if fed.compression.kind != "none" and self.secagg.enabled:
+            raise ValueError("federation.compression: secure aggregation sends masked vectors, which do not "
+                             "compress; set secagg.enabled: false or compression.kind: none")
         if self.privacy.local_dp and self.ray.compute == "vmap":
             raise ValueError("ray.compute: local DP-SGD (privacy.local_dp) runs on the loop; set ray.compute "
                              "to 'loop' or 'auto'")

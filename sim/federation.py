@@ -194,7 +194,7 @@ class Federation:
         return np.diff(edges).tolist()
 
     def _plain_round(self, round_index: int, g_ref, alive: np.ndarray) -> tuple[np.ndarray, dict]:
-        parts = split_even(alive, len(self.workers))
+        parts = self._split(alive)
         shards = list(zip(parts, self._quotas(parts)))       # (clients, how many of them report)
         deadline, cutoff = self._deadline()
 
@@ -219,6 +219,17 @@ class Federation:
         self._note_restarts(round_index, diags)
         metrics.update(round_diagnostics(diags))
         return new, metrics
+
+    def _split(self, alive: np.ndarray) -> list[list[int]]:
+        """One shard per worker: contiguous stretches of the cohort; with top-k error feedback a
+        client always goes to the same worker (its residual lives there), by its place in the
+        population."""
+        c = self.cfg.federation.compression
+        if c.kind == "topk" and c.error_feedback:
+            n = len(self.workers)
+            home = alive * n // self.plan.num_clients
+            return [alive[home == w].tolist() for w in range(n)]
+        return split_even(alive, len(self.workers))
 
     def _by_deadline(self, round_index: int, g_ref, shards: list, trained: list,
                      cutoff: float) -> tuple[np.ndarray, dict]:
