@@ -563,16 +563,21 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def load_raw(path: str | Path) -> dict:
-    p = Path(path)
+def read_yaml(p: Path, missing: str) -> Any:
+    """The YAML document in file `p`; a one-line ConfigError when it is not there (`missing` says
+    what it should have been) or is not valid YAML (where)."""
     if not p.is_file():
-        raise ConfigError(f"{p}: config file not found (nor a preset: {', '.join(presets())})")
+        raise ConfigError(f"{p}: {missing}")
     try:
-        raw = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError(f"{p}: not valid YAML{where}") from None
+
+
+def load_raw(path: str | Path) -> dict:
+    raw = read_yaml(Path(path), f"config file not found (nor a preset: {', '.join(presets())})")
     return raw if raw is not None else {}
 
 

@@ -43,6 +43,7 @@ from sim.config import (
     load,
     load_raw,
     presets,
+    read_yaml,
     with_absolute_paths,
 )
 from sim.experiment import run_experiment
@@ -159,13 +160,7 @@ def load_study(path: str | Path) -> Study:
 
 
 def _parse_spec(path: Path) -> StudySpec:
-    if not path.is_file():
-        raise ConfigError(f"{path}: study file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"{path}: not valid YAML" + (f" (line {mark.line + 1})" if mark else "")) from None
+    raw = read_yaml(path, "study file not found")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with base, set, grid (and repeats, name, out_dir)")
     try:
