@@ -239,6 +239,9 @@ class SystemConfig(Section):
     down_mbps: float = Field(20.0, gt=0, description="median download bandwidth, Mbit/s")
     up_mbps: float = Field(5.0, gt=0, description="median upload bandwidth, Mbit/s")
     bandwidth_sigma: float = Field(0.0, ge=0, le=5, description="log-normal sigma of both bandwidths")
+    availability: float = Field(1.0, gt=0, le=1, description=(
+        "probability a device is online when it is asked (each round, independently); offline ones never "
+        "answer, not even to secure aggregation's key set-up"))
 
 
 class CompressionConfig(Section):

@@ -34,6 +34,7 @@ from sim.plan import FederationPlan
 from sim.sampling import apply_dropout, draw_cohort, split_even
 from sim.secure_sum import SecureSumRun
 from sim.seeding import Secrets
+from sim.system import online
 from sim.userimport import code_paths
 
 METRIC_ROUND_BASE = 1_000_000      # protocol round ids of secure metric rounds: never a training round's
@@ -135,7 +136,9 @@ class Federation:
         t0 = time.perf_counter()
         sampled = draw_cohort(self.cfg.seed, round_index, self.plan.sampling)
         admitted = self.consent.admit(sampled) if self.consent else sampled
-        cohort = admitted[~np.isin(admitted, self.plan.excluded_canaries)]   # 'out' canaries never train
+        asked = admitted[~np.isin(admitted, self.plan.excluded_canaries)]   # 'out' canaries never train
+        system = self.cfg.federation.system
+        cohort = asked[online(self.cfg.seed, round_index, asked, system.availability)] if system.enabled else asked
         alive, dropped = apply_dropout(self.cfg.seed, round_index, cohort, self.cfg.federation.dropout)
         g_ref = ray.put(global_params)
         self.faults.begin_round()
@@ -170,7 +173,8 @@ class Federation:
             metrics["lost_clients"] = int(out.sum())
         reported = len(alive) - int(out.sum()) - metrics.get("late_clients", 0) if not metrics.get("aborted") \
             else len(alive)
-        return RoundResult(new, reported, len(cohort) - reported, time.perf_counter() - t0, metrics,
+        metrics["offline"] = len(asked) - len(cohort)
+        return RoundResult(new, reported, len(asked) - reported, time.perf_counter() - t0, metrics,
                            alive[~out].tolist(), dict(self.faults.counts))
 
     def _deadline(self) -> tuple[float | None, float | None]:
@@ -318,9 +322,11 @@ class Federation:
         self._clock.start([c for s in shards for c in s], [d for part in seconds for d in part], version)
 
     def _eligible(self, ids: np.ndarray) -> np.ndarray:
-        """Clients that may start: consenting, and not an audit canary that stays out."""
+        """Clients that may start: consenting, not an audit canary that stays out, and online when
+        asked (`federation.system.availability`, seeded by the draw)."""
         ids = self.consent.admit(ids) if self.consent else ids
-        return ids[~np.isin(ids, self.plan.excluded_canaries)]
+        ids = ids[~np.isin(ids, self.plan.excluded_canaries)]
+        return ids[online(self.cfg.seed, self._clock.draws, ids, self.cfg.federation.system.availability)]
 
     def _note_restarts(self, round_index: int, diags) -> None:
         """A worker Ray restarted between two calls loses no work (the calls wait for it), but it

@@ -52,3 +52,10 @@ def choose(durations: np.ndarray, quota: int | None, deadline: float | None) -> 
     if deadline is not None and bool((durations > deadline).any()) and not filled:
         return keep, float(deadline)                                # the server waited for the deadline
     return keep, last
+
+
+def online(seed: int, round_index: int, cids: np.ndarray, availability: float) -> np.ndarray:
+    """Which of the asked devices are online this round (a boolean mask; seeded by the round)."""
+    if availability >= 1:
+        return np.ones(len(cids), dtype=bool)
+    return np_rng(seed, "availability", round_index).random(len(cids)) < availability

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim.config import SystemConfig
-from sim.system import choose, device, duration
+from sim.system import choose, device, duration, online
 
 
 def test_a_device_is_the_same_every_time_and_medians_without_spread():
@@ -15,6 +15,13 @@ def test_a_device_is_the_same_every_time_and_medians_without_spread():
     assert (flat.speed, flat.down_bps, flat.up_bps) == (1.0, 1e6, 5e5)
     # 1 MB down at 1 MB/s, 10 batches of 0.05 s, 0.5 MB up at 0.5 MB/s
     assert duration(flat, 10, 10**6, 5 * 10**5, 0.05) == pytest.approx(1.0 + 0.5 + 1.0)
+
+
+def test_devices_are_online_with_the_configured_probability():
+    ids = np.arange(20000)
+    mask = online(5, 2, ids, 0.3)
+    assert abs(mask.mean() - 0.3) < 0.02 and (online(5, 2, ids, 0.3) == mask).all()
+    assert (online(5, 3, ids, 0.3) != mask).any() and online(5, 2, ids, 1.0).all()
 
 
 def test_speeds_are_log_normal_around_the_median():
@@ -58,5 +65,10 @@ def test_a_run_on_simulated_devices_reports_its_time_and_time_to_target(ray_sess
     assert s["rounds_to_target"] == 1 and s["time_to_target_s"] == pytest.approx(rounds[1]["sim_round_s"])
     assert runs[1].summary["sim_time_s"] == s["sim_time_s"]                  # seeded: no wall clock in it
     assert runs[1].summary["acc_global_DI"] == s["acc_global_DI"]
+    away = dict(system, availability=0.8)
+    offline = fedmeta.run(tiny_raw(tmp_path, federation={"system": away}, secagg={"enabled": True, "neighbors": None}),
+                          overrides=["federation.rounds=2", "eval.every=2", "run.name=away"])
+    for r in round_metrics(offline.run_dir).values():      # offline devices never answer, not even key set-up
+        assert r["offline"] >= 1 and r["clients"] + r["dropped"] == 10 and r["aborted"] == 0
     plain = fedmeta.run(tiny_raw(tmp_path), overrides=["federation.rounds=1", "run.name=plain"]).summary
     assert plain["sim_time_s"] is None and plain["time_to_target_s"] is None
