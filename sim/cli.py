@@ -134,10 +134,10 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML o
     try:
         with bar.p:
             run_dir, summary = run_experiment(cfg, run_dir=resume, resume=resume is not None, progress=bar)
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]: the last completed round is checkpointed; "
+    except KeyboardInterrupt as e:
+        err.print(f"[yellow]{_stopped(e)}[/]: the last completed round is checkpointed; "
                   "continue with `fedmeta run --resume RUN_DIR`")
-        raise typer.Exit(130) from None
+        raise typer.Exit(_stop_code(e)) from None
     except RayTaskError as e:
         cause = e.as_instanceof_cause()
         if not isinstance(cause, AggregationError):
@@ -168,8 +168,13 @@ def table_cmd(config: Annotated[Optional[Path], typer.Argument(help="experiment 
     bar = Progress(TextColumn("table shards"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(), console=err,
                    disable=not cfg.run.progress)
     task = bar.add_task("table", total=None)
-    with bar:
-        run_dir, table, _ = run_table(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    try:
+        with bar:
+            run_dir, table, _ = run_table(cfg, progress=lambda done, total: bar.update(task, completed=done,
+                                                                                      total=total))
+    except KeyboardInterrupt as e:
+        err.print(f"[yellow]{_stopped(e)}[/]: no table written (the profile store keeps what it holds)")
+        raise typer.Exit(_stop_code(e)) from None
     print(to_markdown(table), end="")
     if as_json:
         print(json.dumps(table.to_dict(orient="records")))
@@ -255,7 +260,11 @@ def tune_cmd(config: Annotated[Optional[Path], typer.Argument(help="experiment Y
     if start is not None and not (start / "checkpoint.pt").is_file():
         raise ConfigError(f"--start: {start} has no checkpoint.pt")
     start_round = load_ckpt(start).round if start is not None else 0
-    res = run_tune(cfg, start=str(start.resolve()) if start else None, start_round=start_round, name=name)
+    try:
+        res = run_tune(cfg, start=str(start.resolve()) if start else None, start_round=start_round, name=name)
+    except KeyboardInterrupt as e:
+        err.print(f"[yellow]{_stopped(e)}[/]: the Tune experiment keeps its trials (tune.Tuner.restore continues it)")
+        raise typer.Exit(_stop_code(e)) from None
     print(f"{res['trials']} trials ({cfg.tune.searcher}), best {res['metric']} {res['best_metric']:.4f} with "
           + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res["best_config"].items()))
     print(f"Tune experiment: {res['experiment']} (restorable with tune.Tuner.restore)")
@@ -288,12 +297,12 @@ def study_cmd(study: Annotated[str, typer.Argument(metavar="STUDY.yaml|report",
 
     try:
         study_dir = run_study(Path(study), resume=resume, progress=True)
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]: finish the study with `fedmeta study STUDY.yaml --resume DIR`")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:
+        err.print(f"[yellow]{_stopped(e)}[/]: finish the study with `fedmeta study STUDY.yaml --resume DIR`")
+        raise typer.Exit(_stop_code(e)) from None
     except StudyIncomplete as e:
         print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(130 if e.interrupted else 1) from None
+        raise typer.Exit(_stop_code(KeyboardInterrupt()) if e.interrupted else 1) from None
     import pandas as pd
 
     table = pd.read_parquet(study_dir / "study.parquet")
@@ -452,8 +461,22 @@ def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped), 
             print(f"secagg_overhead (k=20 / plain): {res['secagg_overhead']:.2f}x")
 
 
+def _stopped(e: KeyboardInterrupt) -> str:
+    from sim.signals import TERMINATED, Terminated
+
+    return "terminated" if isinstance(e, Terminated) or TERMINATED else "interrupted"
+
+
+def _stop_code(e: KeyboardInterrupt) -> int:
+    """128 + the signal: 143 for SIGTERM, 130 for Ctrl-C."""
+    return 143 if _stopped(e) == "terminated" else 130
+
+
 def main() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from sim.signals import take_sigterm
+
+    take_sigterm()                      # SIGTERM stops a command the way Ctrl-C does
     try:
         app()
     except ConfigError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ray
 
 from sim.config import ConfigError, ExperimentConfig
+from sim.signals import retake_sigterm
 
 
 def init_ray(address: str | None) -> bool:
@@ -22,6 +23,7 @@ def init_ray(address: str | None) -> bool:
     else:
         kwargs["include_dashboard"] = False
     ray.init(**kwargs)
+    retake_sigterm()            # ray.init put its own SIGTERM handler in place of a command's
     return True
 
 

@@ -96,28 +96,38 @@ def run_rounds(fed: Federation, state: RunState, hooks: list[Hook], rounds: int)
             return
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
 def _interrupt_after():
-    """Ctrl-C inside the block takes effect when it ends (a second one at once), so a checkpoint
-    never holds a round whose privacy spend or log row is missing. Only the main thread can
-    take signals; elsewhere (a Tune trial) the block runs as it is."""
+    """Ctrl-C or SIGTERM inside the block takes effect when it ends (a second one at once), so a
+    checkpoint never holds a round whose privacy spend or log row is missing. Only the main
+    thread can take signals; elsewhere (a Tune trial) the block runs as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     pending: list[int] = []
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+
+    def restore():
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
     def defer(signum, frame):
-        if pending:
-            raise KeyboardInterrupt
         pending.append(signum)
+        if len(pending) > 1:            # asked twice: stop now, as the signal would have
+            restore()
+            signal.raise_signal(signum)
 
-    previous = signal.signal(signal.SIGINT, defer)
+    for s in STOP_SIGNALS:
+        signal.signal(s, defer)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-    if pending:
-        raise KeyboardInterrupt
+        restore()
+    if pending:                         # delivered late, to the handlers that were there before
+        signal.raise_signal(pending[0])
 
 
 def initial_state(plan: FederationPlan, saved: ckpt.Checkpoint | None) -> RunState:

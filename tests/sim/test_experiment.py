@@ -364,3 +364,51 @@ def test_the_canary_audit_sees_leakage_without_dp_and_stays_below_epsilon_with_i
     _, private = run_experiment(from_dict(raw))
     assert 0 <= private["audit_epsilon_lower"] <= private["epsilon"]
     assert private["audit_tpr_at_1pct_fpr"] < plain["audit_tpr_at_1pct_fpr"]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_143_and_the_resume_ends_where_an_uninterrupted_run_does(tmp_path):
+    """SIGTERM to `fedmeta run` (its own local Ray) is Ctrl-C's twin: the last full round is
+    checkpointed, exit 143; `--resume` then ends at the final metrics of a run never stopped."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+
+    def cli(*args):
+        return subprocess.Popen([sys.executable, "-m", "sim.cli", *args, "--no-progress"], cwd=root,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    for name in ("stopped", "calm"):
+        raw = tiny_raw(tmp_path / name, federation={"rounds": 60}, eval={"every": 60})
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+    proc = cli("run", str(tmp_path / "stopped.yaml"))
+    try:
+        deadline = time.time() + 120
+        while not list((tmp_path / "stopped").glob("t-*/checkpoint.pt")):
+            assert proc.poll() is None and time.time() < deadline, "run ended or never checkpointed"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "terminated" in err and "--resume" in err
+    run_dir = next((tmp_path / "stopped").glob("t-*"))
+    assert 1 <= ckpt.load(run_dir).round < 60
+    resumed = cli("run", "--resume", str(run_dir))
+    calm = cli("run", str(tmp_path / "calm.yaml"))
+    for p in (resumed, calm):
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    stopped = json.loads((run_dir / "summary.json").read_text())
+    whole = json.loads(next((tmp_path / "calm").glob("t-*/summary.json")).read_text())
+    for key in ("acc_global_DI", "acc_personalized_DI", "acc_global_DG"):
+        assert stopped[key] == whole[key], key
+    np.testing.assert_array_equal(ckpt.load(run_dir).global_params,
+                                  ckpt.load(next((tmp_path / "calm").glob("t-*"))).global_params)
