@@ -30,7 +30,7 @@ def workload_config(workload: str, overrides: list[str]) -> ExperimentConfig:
 
 def run_bench(cfg: ExperimentConfig, rounds: int = 5, warmup: int = 1, workload: str = "") -> dict:
     plan = FederationPlan.from_config(cfg)
-    started = init_ray(cfg.ray.address)
+    started = init_ray(cfg.ray.address, cfg.ray.connect_timeout_s)
     fed = None
     try:
         fed = Federation(plan)
@@ -265,7 +265,7 @@ def run_tune_bench(base: ExperimentConfig, pre_rounds: int = 10, post_rounds: in
 
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="fedmeta-bench-tune-"))
     metric = base.tune.metric
-    started = init_ray(base.ray.address)
+    started = init_ray(base.ray.address, base.ray.connect_timeout_s)
     try:
         # before the drift: a federation trained with the base hyperparameters, checkpointed
         pre = from_dict(base.model_dump(mode="json") | {"data": {**base.data.model_dump(mode="json"),

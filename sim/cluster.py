@@ -1,19 +1,28 @@
 """Where the actors run: connecting to Ray, and the resources a worker pool asks for."""
 from __future__ import annotations
 
+import os
+import socket
+import time
+
 import ray
 
 from sim.config import ConfigError, ExperimentConfig
 from sim.signals import retake_sigterm
 
 
-def init_ray(address: str | None) -> bool:
+def init_ray(address: str | None, timeout_s: float = 60.0) -> bool:
     """Connect to `address` (an existing cluster) or start local Ray. True if we started it.
 
     On an existing cluster the `sim` and `actors` packages travel with the job (Ray's
-    `py_modules`), so the cluster's nodes need fedmeta's dependencies but not fedmeta itself."""
+    `py_modules`), so the cluster's nodes need fedmeta's dependencies but not fedmeta itself. A
+    cluster (`address`, RAY_ADDRESS, or the one `auto` finds in Ray's cluster file) that does not
+    answer within `timeout_s` is a one-line ConfigError, never a hang."""
     if ray.is_initialized():
         return False
+    target = cluster_target(address)
+    if target is not None:
+        wait_for_cluster(target, timeout_s)
     kwargs: dict = dict(address=address, logging_level="ERROR", log_to_driver=True)
     if address:
         import actors
@@ -22,9 +31,46 @@ def init_ray(address: str | None) -> bool:
         kwargs["runtime_env"] = {"py_modules": [sim, actors]}
     else:
         kwargs["include_dashboard"] = False
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as e:        # e.g. `auto` with no cluster running
+        raise ConfigError(f"ray.address: {str(e).splitlines()[0] if str(e) else e} (start a cluster with "
+                          "`ray start --head`, or leave --address and RAY_ADDRESS unset to start local Ray)") from None
     retake_sigterm()            # ray.init put its own SIGTERM handler in place of a command's
     return True
+
+
+def cluster_target(address: str | None) -> str | None:
+    """The host:port `ray.init(address)` will connect to (None: it starts local Ray, or `auto`
+    finds no cluster file and Ray says so)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address == "local":
+        return None
+    if address == "auto":
+        from ray._private.utils import read_ray_address
+
+        address = read_ray_address()        # the last cluster `ray start` wrote down (maybe stale)
+        if not address:
+            return None
+    return address.split("://", 1)[-1]
+
+
+def wait_for_cluster(target: str, timeout_s: float) -> None:
+    """Return once something listens at `target` (host:port); a ConfigError after `timeout_s`."""
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"ray.address: expected host:port, got {target!r}")
+    until = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=max(0.1, min(2.0, until - time.monotonic()))).close()
+            return
+        except OSError:
+            if time.monotonic() >= until:
+                raise ConfigError(f"ray.address: no Ray cluster answers at {target} within {timeout_s:g} s "
+                                  "(ray.connect_timeout_s); start one with `ray start --head`, or leave --address "
+                                  "and RAY_ADDRESS unset to start local Ray") from None
+            time.sleep(0.5)
 
 
 def worker_resources(cfg: ExperimentConfig) -> tuple[float, float]:

@@ -361,6 +361,8 @@ class PersonalizationConfig(Section):
 
 class RayConfig(Section):
     address: str | None = Field(None, description="existing cluster address; null = start local Ray")
+    connect_timeout_s: float = Field(60.0, gt=0, description="how long a cluster at `address` may take to answer "
+                                                             "before the command fails (exit 2)")
     num_workers: int = Field(2, ge=1, description="ClientWorker actors in the pool")
     num_cpus_per_worker: float = Field(1.0, ge=0)
     num_gpus_per_worker: float | None = Field(None, ge=0, description="null = share GPUs if present")

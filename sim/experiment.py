@@ -44,7 +44,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, resume: b
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     secrets = run_secrets(cfg, run_dir, resume)
-    started = init_ray(cfg.ray.address)
+    started = init_ray(cfg.ray.address, cfg.ray.connect_timeout_s)
     try:
         fed = Federation(plan, run_dir, secrets)
         try:

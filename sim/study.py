@@ -269,7 +269,7 @@ def run_study(path: str | Path, resume: str | Path | None = None, progress: bool
     study = load_study(path)
     directory = Path(resume) if resume is not None else study.directory
     restore = _restorable(study, directory, explicit=resume is not None)
-    started = init_ray(study.configs[0].ray.address)
+    started = init_ray(study.configs[0].ray.address, study.configs[0].ray.connect_timeout_s)
     try:
         trainable = make_trainable(study, directory, trial_placements(study))
         directory.mkdir(parents=True, exist_ok=True)

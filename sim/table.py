@@ -154,7 +154,7 @@ def run_table(cfg: ExperimentConfig, run_dir: Path | None = None,
     start = torch.from_numpy(plan.init_params)
     individuals = eval_individuals(cfg.seed, data.num_clients, p.individuals)
 
-    started = init_ray(cfg.ray.address)
+    started = init_ray(cfg.ray.address, cfg.ray.connect_timeout_s)
     store = None
     try:
         # server: the auto-encoder and the D_G-only model TL starts from, in parallel

@@ -113,7 +113,7 @@ def run_tune(cfg: ExperimentConfig, start: str | None = None, start_round: int =
              out_dir: Path | None = None, name: str = "tune") -> dict:
     """Search, then write the best trial's model as a candidate member. Returns a summary."""
     storage = Path(out_dir or Path(cfg.run.out_dir) / "tune")
-    started = init_ray(cfg.ray.address)
+    started = init_ray(cfg.ray.address, cfg.ray.connect_timeout_s)
     try:
         results = build_tuner(cfg, storage, name, start, start_round).fit()
     finally:
