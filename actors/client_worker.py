@@ -21,6 +21,7 @@ import torch
 
 from actors.messages import Diagnostics, MaskedUpdate, PlainUpdate, ProtocolStateLost, wire_bytes
 from actors.privacy import UserLevelDP, clip_updates
+from actors.screening import screen, without_rejected
 from actors.secagg.protocol import (
     AdvertiseKeys,
     EncryptedShares,
@@ -96,6 +97,7 @@ class ClientWorker:
         self.algorithm = build_algorithm(self.cfg.algorithm)
         self.system = self.cfg.federation.system          # simulated devices (sim/system.py), if enabled
         self.compression = self.cfg.federation.compression
+        self.max_update_norm = self.cfg.federation.max_update_norm
         self._residuals: dict[int, torch.Tensor] = {}     # top-k error feedback: what each client left out
         self.compute = resolve_compute(self.cfg.ray.compute, self.cfg.model.kind, pc.local_dp, self.model,
                                        tuple(self.data.input_shape))
@@ -143,7 +145,7 @@ class ClientWorker:
         g = self._global(global_params)
         total = torch.zeros_like(g)
         masked = None if inbox is None else np.zeros(self.n_params, dtype=np.uint64)
-        weight, loss_sum = 0.0, 0.0
+        weight, loss_sum, rejected = 0.0, 0.0, 0
         releases: list[tuple[int, int, int]] = []
         here = frozenset(int(c) for c in cids)   # clients summed in this message (their pair masks cancel)
         done: list[int] = []
@@ -158,10 +160,19 @@ class ClientWorker:
                                                         self._local_noise(round_index, chunk))  # (clients, n_params)
             if self.canaries.intersection(chunk):
                 updates = self._canary_updates(chunk, updates)
+            # the admission check: a NaN, an infinity or an oversized update never enters the sum
+            keep, bad = screen(updates, self.max_update_norm)
+            if bad["non_finite"] or bad["oversized"]:
+                rejected += bad["non_finite"] + bad["oversized"]
+                updates = without_rejected(updates, keep)
+                loss = torch.as_tensor(met["train_loss"])
+                met = {**met, "train_loss": torch.where(keep.to(loss.device), loss, 0.0)}
             if self.local_dp is not None:   # each client's noisy gradients, for its own ledger
                 releases += [(int(c), int(r), len(y)) for c, r, y in zip(chunk, met["local_releases"], ys)]
             # DP's client half: clipped with equal weights when bounded, else the algorithm's weights
             updates, w = self.dp.client_half(updates, [self.algorithm.client_weight(len(y)) for y in ys])
+            if masked is None and not bool(keep.all()):
+                w = w * keep.to(w.device, w.dtype)     # plain sums: a rejected client weighs nothing
             if self.compression.kind != "none":
                 updates, upload = self._compressed(round_index, chunk, updates)
             if masked is not None:
@@ -178,7 +189,7 @@ class ClientWorker:
         upload = upload if self.compression.kind != "none" and ids else 0
         diag = Diagnostics(self.worker_id, len(ids), loss_sum, time.perf_counter() - t0,
                            tuple(releases) if self.local_dp is not None else None, os.getpid(), sampled - len(ids),
-                           sim_s)
+                           sim_s, rejected)
         if masked is not None:
             return MaskedUpdate(round_index, self.worker_id, masked, ids), diag
         return PlainUpdate(round_index, self.worker_id, total.cpu().numpy(), weight, ids, upload), diag

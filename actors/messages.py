@@ -72,6 +72,7 @@ class Diagnostics:
     pid: int = 0                              # the worker's process: a new one means Ray restarted it
     late: int = 0                             # clients that did not report: past the deadline or the quota
     sim_s: float = 0.0                        # simulated seconds this worker's reporting clients took (system model)
+    rejected: int = 0                         # clients whose update failed the admission check (actors/screening.py)
 
 
 def wire_bytes(message) -> int:
@@ -90,7 +91,7 @@ def round_diagnostics(diags) -> dict:
     """The round's training loss and local DP-SGD releases from the workers' diagnostics."""
     clients = sum(d.clients for d in diags)
     out = {"train_loss": sum(d.train_loss_sum for d in diags) / clients if clients else float("nan"),
-           "late_clients": sum(d.late for d in diags)}
+           "late_clients": sum(d.late for d in diags), "rejected_updates": sum(d.rejected for d in diags)}
     if any(d.sim_s for d in diags):     # a synchronous round lasts as long as its slowest reporting client
         out["sim_round_s"] = max(d.sim_s for d in diags)
     logs = [d.local_dp_releases for d in diags if d.local_dp_releases is not None]

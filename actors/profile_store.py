@@ -285,6 +285,12 @@ class ProfileStore:
         self.path = str(path)
         self.key_file = None if key_file is None else Path(key_file)
         self.vacuum = vacuum
+        if key_file is not None and not self.key_file.exists() and self.path != ":memory:" \
+                and os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+            # a new key could never open this store; creating one would leave a wrong key file in the
+            # place the user's backup has to go back to
+            raise MasterKeyMismatch(f"key file {self.key_file} is missing, and {self.path} was made with a key: "
+                                    "restore that key file (a new key cannot open the store)")
         self._master_key = check_master_key(master_key) if key_file is None else load_or_create_key_file(key_file)
         self._lock = threading.Lock()   # one connection, shared by the threads of a threaded actor
         self._conn = self._connect()

@@ -11,28 +11,42 @@ handles looked up by application name.
 
 A request's inputs go to the top-k active members by routing weight (in parallel) and the answer is
 their weighted average (serve/routing.py `combine`); the response names the members and weights.
-With a user id whose personalized model exists, that model answers instead. A candidate under test
-answers a stable fraction of requests as *shadow* (logged and scored, never returned) or as an
-*A/B arm* (by hashing the user id). Inputs and what answered reach the Router in batches; labelled
+With a user id whose personalized model exists, that model answers instead (`personal_id`: only the
+canonical ASCII decimal spelling of an id selects a model; any other id is answered by the ensemble).
+A candidate under test answers a stable fraction of requests as *shadow* (logged and scored, never
+returned) or as an *A/B arm* (by hashing the user id). Inputs and what answered reach the Router in batches; labelled
 feedback (`/feedback`) is scored there. The Router recomputes weights every `reweight_s` seconds
 and pushes the routing state to every running ingress replica's `reconfigure` (a broadcast: no
 redeploy, no restart); replicas that start later pull it on their first request.
+
+Hostile input never gets a 5xx: every rejected request gets a 4xx whose JSON `detail` is one line
+naming the field and what was expected (schema errors included, `one_line`); request bodies over
+MAX_BODY_BYTES get a 413 before they are read (`BodyLimit`); numbers must be finite float32 values
+and the answer finite (a JSON body cannot carry NaN).
 """
 # No `from __future__ import annotations`: FastAPI must see the request models as real classes
 # on the ingress methods (Serve rebinds them), not as strings.
 import asyncio
+import logging
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+import ray.exceptions
+import ray.serve.exceptions
 import torch
-from fastapi import FastAPI, HTTPException
-from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.routing import combine
 from serve.shadow import ab_arm, in_shadow
@@ -41,15 +55,49 @@ from sim.checkpoint import load_model
 
 api = FastAPI(title="fedmeta ensemble")
 MAX_USER_MODELS = 8        # personalized models kept per PersonalModels replica (LRU)
+MAX_BATCH = 1024           # inputs per request
+# The largest request body accepted, in bytes: a full batch of MAX_BATCH inputs of the 8 x 8 default
+# written at full float64 precision (~21 bytes a number with its separator) takes 1.4 MiB, of 28 x 28
+# images with 4 decimals 6.4 MiB; bigger inputs come in smaller batches. The bound matters: parsed,
+# a body takes up to ~10 times its size in Python objects.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+logger = logging.getLogger("ray.serve")    # Serve writes this logger to the replica's log file
 
 
 # ---------------------------------------------------------------- schemas
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    inputs: list[list[float]] | list[float] = Field(
-        min_length=1, max_length=1024,
-        description="one input (a flat list) or a batch of inputs, each flattened to the model's input size")
-    user_id: str | None = Field(None, min_length=1, max_length=128)
+class _Request(BaseModel):
+    """What every request body shares. strict: "1.5" or true is not a number, 1.5 not a label.
+    allow_inf_nan=False: NaN and Infinity (which Python's JSON parser accepts) are refused with their
+    position. Lists stop at their first bad item (fail_fast): pydantic would otherwise report every
+    item, and a body of a million bad numbers would take seconds and gigabytes to refuse."""
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: object) -> object:
+        # one error for any number of unknown fields (extra="forbid" reports each one)
+        if isinstance(data, dict):
+            unknown = [k for k in data if k not in cls.model_fields]
+            if unknown:
+                raise ValueError(f"unknown field '{_printable(unknown[0])}'; the fields are {sorted(cls.model_fields)}")
+        return data
+
+
+# the models compute in float32: a larger number would become inf there
+Number = Annotated[float, Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+Row = Annotated[list[Number], Field(fail_fast=True)]
+
+
+class PredictRequest(_Request):
+    # the limits on each branch (on the union they would bound a flat input to MAX_BATCH numbers, and
+    # the OpenAPI schema would not show them)
+    inputs: Annotated[list[Row], Field(min_length=1, max_length=MAX_BATCH, fail_fast=True)] \
+        | Annotated[list[Number], Field(min_length=1, fail_fast=True)] = Field(
+            description="one input (a flat list) or a batch of inputs, each flattened to the model's input size")
+    user_id: str | None = Field(None, min_length=1, max_length=128,
+                                description="selects a personalized model in canonical decimal form (\"42\"), "
+                                            "and an A/B arm; an id without a model gets the ensemble")
 
 
 class MemberWeight(BaseModel):
@@ -65,17 +113,191 @@ class PredictResponse(BaseModel):
     answered_by: str = Field(description="ensemble | candidate | personal")
 
 
-class FeedbackRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FeedbackRequest(_Request):
     request_id: str = Field(min_length=1, max_length=64)
-    labels: list[int] = Field(min_length=1, max_length=1024)
+    labels: list[int] = Field(min_length=1, max_length=MAX_BATCH, fail_fast=True,
+                              description="the true label of each input of the request, in order")
 
 
-class CandidateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CandidateRequest(_Request):
     name: str = Field(min_length=1, max_length=64)
     mode: str = Field(pattern="^(shadow|ab)$")
     fraction: float = Field(gt=0, le=1)
+
+
+# ---------------------------------------------------------------- hostile input
+def _printable(value: object, limit: int = 100) -> str:
+    """Safe in a one-line JSON answer: a key sent by the client may hold a lone surrogate (legal in
+    JSON, not encodable as UTF-8: the response would fail) or a newline."""
+    text = str(value)[:limit]
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _where(loc: tuple | list) -> str:
+    """pydantic's error location as `inputs[3][0]`. The request models are flat, so a string after
+    the field name is pydantic's tag of a union branch (e.g. "list[float]"): left out."""
+    parts = list(loc)
+    parts = parts[1:] if parts[:1] == ["body"] else parts
+    text = "".join(f"[{p}]" if isinstance(p, int) else _printable(p) if i == 0 else "" for i, p in enumerate(parts))
+    return text or "body"
+
+
+def _meant(errors: list[dict], body: object) -> list[dict]:
+    """pydantic reports `inputs` (one input or a batch: a union) once per branch; keep the branch the
+    client meant: a batch when the first input is a list."""
+    inputs = body.get("inputs") if isinstance(body, dict) else None
+    if not isinstance(inputs, list) or not inputs:
+        return errors
+    batch_meant = isinstance(inputs[0], list)
+    return [e for e in errors if _branch(e.get("loc", ())) in (None, batch_meant)] or errors
+
+
+def _branch(loc: tuple | list) -> bool | None:
+    """Whether an error is in the batch branch of `inputs` (tagged "list[list[...]]"), None if in no branch."""
+    tag = next((p for p in loc if isinstance(p, str) and p.startswith("list[")), None)
+    return None if tag is None else tag.startswith("list[list[")
+
+
+_BOUNDS = {"le": "<=", "ge": ">=", "lt": "<", "gt": ">"}
+
+
+def one_line(errors: list[dict], body: object = None) -> str:
+    """One line for a request the schema refused (`body`: as parsed): which field (and position) and
+    what was expected. Of several errors the deepest is the most specific."""
+    errors = _meant(errors, body)
+    if not errors:
+        return "body: invalid request"
+    error = max(errors, key=lambda e: len(e.get("loc", ())))
+    if error.get("type") == "json_invalid":
+        return f"body: invalid JSON ({_printable(error.get('ctx', {}).get('error', 'cannot parse'))})"
+    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")     # pydantic's prefix
+    bound = {k: v for k, v in error.get("ctx", {}).items() if k in _BOUNDS and isinstance(v, (int, float))}
+    if bound:      # pydantic writes float bounds in full: 340282346638528860000000000000000000000
+        (key, value), = bound.items()
+        message = f"Input should be {_BOUNDS[key]} {value:.7g}"
+    return f"{_where(error.get('loc', ()))}: {_printable(message, 300)}"
+
+
+def _count_refusal(scope: dict) -> None:
+    """Count a /predict refused before the endpoint ran (schema error, undecodable or too large body)
+    among the errors. Kept on the app, not in a global: Serve's ingress holds a pickled copy of `api`
+    (with copies of whatever its handlers reference); the /metrics endpoint reads it back there."""
+    app = scope.get("app")
+    if app is not None and scope.get("path", "").endswith("/predict"):
+        app.state.refused_predictions = getattr(app.state, "refused_predictions", 0) + 1
+
+
+@api.exception_handler(RequestValidationError)
+async def _refused(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's default answer echoes every input (a whole batch) and can hold unencodable strings
+    _count_refusal(request.scope)
+    return JSONResponse({"detail": one_line(exc.errors(), exc.body)}, status_code=422)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # FastAPI's 400 for a body it could not decode (not UTF-8, nested too deeply) says only "There was
+    # an error parsing the body": name what was expected. Our own refusals are raised `from None`.
+    if exc.status_code != 400 or exc.__cause__ is None:
+        return await http_exception_handler(request, exc)
+    _count_refusal(request.scope)
+    return JSONResponse({"detail": f"body: expected a JSON object in UTF-8 ({type(exc.__cause__).__name__})"},
+                        status_code=400)
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            return int(value) if value.isdigit() else None      # the HTTP server refuses a malformed one
+    return None
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets a 413 with a JSON `detail`, and is never
+    parsed. A declared Content-Length is checked before anything is read; a body streamed without one
+    (chunked) is read only up to the limit. The app gets the body once it is known to fit (FastAPI
+    reads a whole body before validating it anyway)."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = _content_length(scope.get("headers", []))
+        messages = None if declared is not None and declared > self.limit else await self._read(receive)
+        if messages is None:
+            return await self._too_large(scope, receive, send)
+        await self.app(scope, _replay(messages, receive), send)
+
+    async def _read(self, receive) -> list[dict] | None:
+        """The body's messages, or None once they pass the limit (the rest is never read)."""
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":       # the client left: the app learns it as usual
+                return messages
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return None
+            if not message.get("more_body", False):
+                return messages
+
+    async def _too_large(self, scope, receive, send) -> None:
+        _count_refusal(scope)
+        detail = f"request body: larger than the limit of {self.limit} bytes ({self.limit / 2**20:g} MiB)"
+        # close: the unread rest of the body must not be taken for the next request on this connection
+        response = JSONResponse({"detail": detail}, status_code=413, headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
+def _replay(messages: list[dict], receive):
+    """A `receive` that hands out the messages already read, then reads on (a disconnect, later)."""
+    pending = list(messages)
+
+    async def replayed() -> dict:
+        return pending.pop(0) if pending else await receive()
+    return replayed
+
+
+api.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+
+
+def batch(inputs: list, size: int) -> np.ndarray:
+    """`inputs` (one flat input or a list of them, as the schema allows) as float32 rows of `size`
+    numbers; anything else is a ValueError with one line naming the field and what was expected."""
+    rows = inputs if inputs and isinstance(inputs[0], list) else [inputs]
+    widths = sorted({len(r) for r in rows})
+    if widths != [size]:       # checked before numpy sees ragged rows (it would refuse them with a 500)
+        got = f"rows of {widths} numbers" if len(widths) > 1 else str(widths[0])
+        raise ValueError(f"inputs: each input must have {size} numbers (the flattened model input), got {got}")
+    x = np.asarray(rows, dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError("inputs: numbers must be finite (no NaN or Infinity)")
+    if np.abs(x).max() > FLOAT32_MAX:     # would become inf in float32
+        raise ValueError(f"inputs: numbers must be within +-{FLOAT32_MAX:.4g} (the models compute in float32)")
+    return x.astype(np.float32)
+
+
+_DECIMAL = re.compile(r"0|[1-9][0-9]*")     # ASCII only: \d would take any script's digits
+
+
+def personal_id(user_id: str | None) -> str | None:
+    """The id of the user's personalized model, or None. Only the canonical ASCII decimal spelling
+    selects one ("0", "42"; not "042", "+42", " 42", "٤٢" or "²", which `str.isdigit` or `int`
+    accept), so that no other spelling reaches a model, least of all another user's. Any other id
+    is an ordinary id: it still picks an A/B arm, and the ensemble answers it as it answers a user
+    without a model (no error: ids are opaque to clients)."""
+    return user_id if user_id is not None and _DECIMAL.fullmatch(user_id) else None
+
+
+def _finite_answer(probs: np.ndarray) -> np.ndarray:
+    """Finite inputs can still overflow a model (e.g. 1e38 times a weight): that is the inputs'
+    fault, and a NaN could not be written as JSON."""
+    if not np.isfinite(probs).all():
+        raise HTTPException(422, "inputs: the model's output is not finite for these inputs (values too large)")
+    return probs
 
 
 # ---------------------------------------------------------------- member models
@@ -125,8 +347,13 @@ class PersonalModels:
         self.shape = tuple(self.card["data_schema"]["input_shape"])
         self.loads = 0
 
+    def _path(self, user_id: str) -> Path:
+        if personal_id(user_id) != user_id:       # never a path from another spelling of an id
+            raise KeyError(f"user_id: {user_id!r} is not a canonical decimal id")
+        return self.directory / f"{user_id}.npy"
+
     def known(self, user_id: str) -> bool:
-        return user_id.isdigit() and (self.directory / f"{int(user_id)}.npy").is_file()
+        return personal_id(user_id) == user_id and self._path(user_id).is_file()
 
     @serve.multiplexed(max_num_models_per_replica=MAX_USER_MODELS)
     async def get_model(self, user_id: str) -> torch.nn.Module:
@@ -134,7 +361,7 @@ class PersonalModels:
 
         from sim.models import param_shapes, unflatten
 
-        flat = torch.as_tensor(np.load(self.directory / f"{int(user_id)}.npy"))
+        flat = torch.as_tensor(np.load(self._path(user_id)))
         model = copy.deepcopy(self.base)
         model.load_state_dict(unflatten(flat, param_shapes(model)))
         self.loads += 1
@@ -146,6 +373,12 @@ class PersonalModels:
     async def predict(self, x: np.ndarray) -> np.ndarray:
         model = await self.get_model(serve.get_multiplexed_model_id())
         return _probabilities(model, x.reshape(-1, *self.shape))
+
+
+# What a push meets while ingress replicas stop: the actor is gone or unreachable, or Serve has no
+# replica (left) to send to.
+PUSH_TRANSIENT = (ray.exceptions.RayActorError, ray.serve.exceptions.DeploymentUnavailableError,
+                  ray.serve.exceptions.ReplicaUnavailableError, ray.serve.exceptions.RequestCancelledError)
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, **SHUTDOWN)
@@ -164,11 +397,18 @@ class Router:
     async def _every(self) -> None:
         while True:
             await asyncio.sleep(self.reweight_s)
-            try:
-                await self.push()
-            except Exception as e:  # noqa: BLE001 -- a failed push must not end the schedule (e.g. the app is being deleted)
-                if "Unavailable" not in type(e).__name__:
-                    print(f"routing push failed: {e!r}")
+            await self.scheduled_push()
+
+    async def scheduled_push(self) -> None:
+        """One push of the schedule: no failure ends the schedule. Replicas going away (the app
+        being deleted or scaled down) is expected and logged at debug level; the next push reaches
+        the replicas that run then. Anything else is a bug and logged with its traceback."""
+        try:
+            await self.push()
+        except PUSH_TRANSIENT as e:
+            logger.debug("routing push skipped, replicas going away: %r", e)
+        except Exception:  # noqa: BLE001 -- see the docstring: logged, and the schedule goes on
+            logger.exception("routing push failed")
 
     async def push(self) -> dict:
         """Collect the replicas' buffered inputs and records, recompute, then push the routing
@@ -220,12 +460,10 @@ def member_app_name(name: str, app: str = "fedmeta") -> str:
     return f"{app}-member-{name}"
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    for line in reversed(text):      # Ray wraps the cause; its message is the last line
-        if line.strip():
-            return line.strip()[:500]
-    return type(e).__name__
+def _reason(e: Exception) -> str:
+    """What the router said, one line: Ray wraps the exception a replica raised (`cause`)."""
+    cause = getattr(e, "cause", None) or e
+    return _printable(cause.args[0] if cause.args else type(cause).__name__, 500)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64, **SHUTDOWN)
@@ -261,19 +499,10 @@ class Ensemble:
         return self.routing
 
     def _check(self, req: PredictRequest) -> np.ndarray:
-        rows = req.inputs
-        if isinstance(rows[0], list) and len({len(r) for r in rows}) > 1:   # ragged: no array to make
-            raise HTTPException(422, f"inputs: each input must have {self.input_size} numbers (the flattened "
-                                     f"model input), got rows of {sorted({len(r) for r in rows})} numbers")
-        x = np.asarray(rows, dtype=np.float32)
-        if x.ndim == 1 and len(x) == self.input_size:     # a single input
-            x = x[None, :]
-        if x.ndim != 2 or x.shape[1] != self.input_size:
-            raise HTTPException(422, f"inputs: each input must have {self.input_size} numbers "
-                                     f"(the flattened model input), got {x.shape[1] if x.ndim == 2 else 'ragged rows'}")
-        if not np.isfinite(x).all():
-            raise HTTPException(422, "inputs: contains NaN or infinite values")
-        return x
+        try:
+            return batch(req.inputs, self.input_size)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
 
     def _active_weights(self) -> dict[str, float]:
         r = self.routing
@@ -284,7 +513,7 @@ class Ensemble:
         weights = self._active_weights()
         top = sorted(weights.items(), key=lambda kv: (-kv[1], kv[0]))[: self.routing.get("top_k", 2)]
         outs = await asyncio.gather(*(self.member(m).predict.remote(x) for m, _ in top))
-        probs = dict(zip([m for m, _ in top], outs))
+        probs = {m: _finite_answer(p) for (m, _), p in zip(top, outs)}      # `combine` refuses NaN
         answer, used = combine(probs, weights, len(top))
         return answer, used, {m: p.argmax(-1).tolist() for m, p in probs.items()}
 
@@ -298,35 +527,41 @@ class Ensemble:
             await self.router.observe.remote(inputs, records)
 
     # ------------------------------------------------ endpoints
+    async def _answer(self, x: np.ndarray, user_id: str | None, request_id: str) -> tuple:
+        """Who answers and what: (probabilities, members used with weights, each member's labels, the
+        arm, the log entry for feedback). A user's personalized model, else the candidate for users in
+        its A/B arm, else the ensemble (with the candidate in the shadow for a fraction of requests)."""
+        cand = (await self._current()).get("candidate")
+        entry = {"trial": None, "candidate": None}
+        uid = personal_id(user_id)
+        if uid is not None and self.personal is not None and await self.personal.known.remote(uid):
+            probs = await self.personal.options(multiplexed_model_id=uid).predict.remote(x)
+            return probs, [("personal", 1.0)], {}, "personal", entry
+        ab = cand and cand["mode"] == "ab" and user_id is not None
+        if ab and ab_arm(user_id, cand["fraction"], cand["salt"]) == "candidate":
+            entry["trial"] = cand["name"]
+            return await self.member(cand["name"]).predict.remote(x), [(cand["name"], 1.0)], {}, "candidate", entry
+        shadow = cand and cand["mode"] == "shadow" and in_shadow(request_id, cand["fraction"], cand["salt"])
+        if shadow:   # the candidate answers the same inputs; its answer is logged, never returned
+            shadow_ref = self.member(cand["name"]).predict.remote(x)
+        probs, used, member_preds = await self._ensemble(x)
+        if shadow:
+            entry.update(trial=cand["name"], candidate=(await shadow_ref).argmax(-1).tolist())
+        elif ab:
+            entry["trial"] = cand["name"]          # the production arm of the A/B test
+        return probs, used, member_preds, "ensemble", entry
+
     @api.post("/predict", response_model=PredictResponse)
     async def predict(self, req: PredictRequest) -> PredictResponse:
         t0 = time.perf_counter()
+        request_id = uuid.uuid4().hex
         try:
             x = self._check(req)
+            probs, used, member_preds, answered_by, entry = await self._answer(x, req.user_id, request_id)
+            _finite_answer(probs)
         except HTTPException:
             self.counters["errors"] += 1
             raise
-        request_id = uuid.uuid4().hex
-        cand = (await self._current()).get("candidate")
-        answered_by, entry = "ensemble", {"trial": None, "candidate": None}
-        if req.user_id is not None and self.personal is not None and await self.personal.known.remote(req.user_id):
-            probs = await self.personal.options(multiplexed_model_id=req.user_id).predict.remote(x)
-            used, member_preds, answered_by = [("personal", 1.0)], {}, "personal"
-        elif cand and cand["mode"] == "ab" and req.user_id is not None \
-                and ab_arm(req.user_id, cand["fraction"], cand["salt"]) == "candidate":
-            probs = await self.member(cand["name"]).predict.remote(x)
-            used, member_preds, answered_by = [(cand["name"], 1.0)], {}, "candidate"
-            entry["trial"] = cand["name"]
-        else:
-            shadow = cand and cand["mode"] == "shadow" and in_shadow(request_id, cand["fraction"], cand["salt"])
-            if shadow:   # the candidate answers the same inputs; its answer is logged, never returned
-                shadow_ref = self.member(cand["name"]).predict.remote(x)
-            probs, used, member_preds = await self._ensemble(x)
-            if shadow:
-                entry.update(trial=cand["name"], candidate=(await shadow_ref).argmax(-1).tolist())
-                self.counters["shadow"] += 1
-            elif cand and cand["mode"] == "ab" and req.user_id is not None:
-                entry["trial"] = cand["name"]          # the production arm of the A/B test
         preds = probs.argmax(-1)
         entry.update(members=member_preds, answer=preds.tolist(), arm=answered_by)
         self._inputs.append(x)
@@ -334,18 +569,22 @@ class Ensemble:
         await self._flush()
         self.counters["requests"] += 1
         self.counters[answered_by] = self.counters.get(answered_by, 0) + 1
+        self.counters["shadow"] += entry["candidate"] is not None
         self.latency_sum += time.perf_counter() - t0
         return PredictResponse(request_id=request_id, predictions=preds.tolist(), probabilities=probs.tolist(),
                                members=[MemberWeight(name=m, weight=w) for m, w in used], answered_by=answered_by)
 
     @api.post("/feedback")
     async def feedback(self, req: FeedbackRequest) -> dict:
+        """Score a request's answer against its true labels. A wrong label count is refused (422) and
+        the request stays open for a corrected retry; an unknown or expired request id is a 404."""
         await self._flush(force=True)      # the request may still sit in this replica's buffer
         try:
             return await self.router.feedback.remote(req.request_id, req.labels)
-        except Exception as e:  # noqa: BLE001 -- Ray wraps the cause; the router refuses only bad input: an unknown id, a wrong label count
-            message = _first_line(e)
-            raise HTTPException(404 if "unknown" in message else 422, message) from None
+        except KeyError as e:      # Ray's wrapper of the router's error is also an instance of it
+            raise HTTPException(404, _reason(e)) from None
+        except ValueError as e:
+            raise HTTPException(422, _reason(e)) from None
 
     @api.get("/routing")
     async def routing_weights(self) -> dict:
@@ -364,8 +603,10 @@ class Ensemble:
         return {"status": "ok", "members": len(self._active_weights()), "version": routing.get("version", 0)}
 
     @api.get("/metrics", response_class=PlainTextResponse)
-    async def metrics(self) -> str:
-        lines = [f"# TYPE fedmeta_{k}_total counter\nfedmeta_{k}_total {v}" for k, v in self.counters.items()]
+    async def metrics(self, request: Request) -> str:
+        refused = getattr(request.app.state, "refused_predictions", 0)     # before `predict` ran
+        counts = {**self.counters, "errors": self.counters["errors"] + refused}
+        lines = [f"# TYPE fedmeta_{k}_total counter\nfedmeta_{k}_total {v}" for k, v in counts.items()]
         mean = self.latency_sum / max(self.counters["requests"], 1)
         lines.append(f"# TYPE fedmeta_latency_seconds_mean gauge\nfedmeta_latency_seconds_mean {mean:.6f}")
         for m, w in self._active_weights().items():

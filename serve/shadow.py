@@ -97,7 +97,9 @@ def stable_fraction(key: str | int, salt: str) -> float:
         raise TypeError(f"key must be a str or int, got {type(key).__name__}")
     if not isinstance(salt, str):
         raise TypeError(f"salt must be a str, got {type(salt).__name__}")
-    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
+    # surrogatepass: a JSON string may hold a lone surrogate, which plain UTF-8 cannot encode; every
+    # other string encodes as before, so no key moves
+    digest = hashlib.sha256(f"{salt}:{key}".encode("utf-8", "surrogatepass")).digest()
     # keep 53 bits: a float holds them exactly, so the result can never round up to 1.0
     return (int.from_bytes(digest[:8], "big") >> 11) / float(1 << 53)
 

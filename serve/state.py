@@ -75,14 +75,17 @@ class RouterState:
             self._log.popitem(last=False)
 
     def feedback(self, request_id: str, labels: np.ndarray) -> dict:
-        """Score a logged request against its true labels; unknown (or expired) ids are a KeyError."""
+        """Score a logged request against its true labels; unknown (or expired) ids are a KeyError, a
+        wrong label count a ValueError. The entry is consumed only by a successful scoring, so a
+        refused call can be retried with the right labels."""
         if request_id not in self._log:
             raise KeyError(f"request_id {request_id!r} is unknown or older than the last "
                            f"{self.settings.log_requests} requests")
-        entry = self._log.pop(request_id)
         labels = np.asarray(labels)
-        if len(labels) != len(entry["answer"]):
-            raise ValueError(f"labels: request {request_id!r} had {len(entry['answer'])} inputs, got {len(labels)} labels")
+        expected = len(self._log[request_id]["answer"])
+        if labels.ndim != 1 or len(labels) != expected:
+            raise ValueError(f"labels: request {request_id!r} had {expected} inputs, got {labels.size} labels")
+        entry = self._log.pop(request_id)
         scored = {}
         for member, preds in entry["members"].items():
             if member in self.controller.profiles:          # pruned or rejected since: nothing to learn

@@ -45,7 +45,10 @@ def run_bench(cfg: ExperimentConfig, rounds: int = 5, warmup: int = 1, workload:
             times.append(res.seconds)
             clients += res.clients
         total = time.perf_counter() - t0
-        return {"workload": workload, "compute": plan.compute, "path": plan.compute, "device": fed.infos[0]["device"],
+        flops = train_flops_per_client(plan)
+        sgemm = sgemm_gflops(threads=max(1, int(cfg.ray.num_workers * cfg.ray.num_cpus_per_worker)))
+        return {"gflops": flops * clients / total / 1e9, "sgemm_gflops": sgemm,
+                "train_mflop_per_client": flops / 1e6, "workload": workload, "compute": plan.compute, "path": plan.compute, "device": fed.infos[0]["device"],
                 "num_workers": cfg.ray.num_workers, "clients_per_round": cfg.federation.clients_per_round,
                 "rounds": rounds, "s_per_round": float(np.mean(times)), "s_per_round_min": float(np.min(times)),
                 "clients_per_s": clients / total, "peak_rss_mib": fed.peak_rss_mib(),
@@ -55,6 +58,50 @@ def run_bench(cfg: ExperimentConfig, rounds: int = 5, warmup: int = 1, workload:
             fed.shutdown()
         if started:
             ray.shutdown()
+
+
+def train_flops_per_client(plan: FederationPlan) -> float:
+    """A typical client's local training FLOPs, counted by torch (FlopCounterMode, matmuls and
+    convolutions, forward + backward) on one batch, times the batches the algorithm's schedule
+    gives a client with the workload's mean train size. Elementwise work is not counted, as in
+    the usual model-FLOPs convention."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sim.algorithms import build_algorithm
+    from sim.models import build_model
+
+    cfg = plan.cfg
+    model = build_model(cfg.model, plan.input_shape, plan.num_classes)
+    sizes = [len(plan.data.client(c).y_train) for c in range(min(plan.num_clients, 20))]
+    n_train = int(round(float(np.mean(sizes))))
+    batch = min(cfg.algorithm.batch_size, n_train)
+    x = torch.randn(batch, *plan.input_shape)
+    y = torch.randint(0, plan.num_classes, (batch,))
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    schedule = build_algorithm(cfg.algorithm).schedules(n_train, np.random.default_rng(0))
+    return float(counter.get_total_flops()) * sum(len(s) for s in schedule)
+
+
+def sgemm_gflops(threads: int, n: int = 1024, repeats: int = 7) -> float:
+    """This machine's float32 matmul rate with `threads` threads (the median of `repeats`
+    n x n x n products): the compute bound the bench's `gflops` is printed against."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b                                          # warm-up (allocations, thread pool)
+        rates = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            rates.append(2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+        return float(np.median(rates))
+    finally:
+        torch.set_num_threads(before)
 
 
 SECAGG_CASES = {"k20": {"secagg.neighbors": 20}, "complete": {"secagg.neighbors": None},

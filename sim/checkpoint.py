@@ -1,14 +1,27 @@
 """Checkpoints: written to a temporary file and renamed, so a crash or Ctrl-C mid-write leaves the
-previous checkpoint intact; a checkpoint carries everything a resumed run needs."""
+previous checkpoint intact; a checkpoint carries everything a resumed run needs.
+
+On disk: a magic line, the SHA-256 of the body, and the body, a `torch.save` of plain containers
+and tensors (numpy arrays are stored as tensors and given back as arrays). Loading checks the
+digest (a truncated or altered file is refused, never half-read) and unpickles with
+`weights_only=True`, so a checkpoint cannot run code, whoever wrote it."""
 from __future__ import annotations
 
+import hashlib
+import io
+import os
+import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sim.config import ConfigError
+
 CHECKPOINT = "checkpoint.pt"
+MAGIC = b"fedmeta-checkpoint/2\n"
 MODEL_CARD_FORMAT = "fedmeta-model-card/1"
 
 
@@ -28,21 +41,77 @@ class Checkpoint:
     faults: dict = field(default_factory=dict)         # actor losses survived so far (sim/faults.py)
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be trusted: truncated, altered, or not a fedmeta checkpoint (a bad
+    input like a bad config: the CLI prints its one line and exits 2)."""
+
+
+_ARRAY = "__ndarray__"
+
+
+def _plain(obj):
+    """numpy arrays/scalars as tensors/Python numbers: what `weights_only` loading accepts."""
+    if isinstance(obj, np.ndarray):
+        return {_ARRAY: torch.from_numpy(np.array(obj, order="C", copy=True))}   # a copy: never shares or needs a writable buffer
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
+def _restore(obj):
+    if isinstance(obj, dict):
+        if set(obj) == {_ARRAY}:
+            return obj[_ARRAY].numpy()
+        return {k: _restore(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_restore(v) for v in obj)
+    return obj
+
+
 def save(run_dir: Path, ck: Checkpoint) -> Path:
     path = run_dir / CHECKPOINT
     tmp = run_dir / f".{CHECKPOINT}.tmp"
-    torch.save({**ck.__dict__, "global_params": torch.tensor(np.asarray(ck.global_params, dtype=np.float32))}, tmp)
+    state = _plain({**ck.__dict__, "global_params": np.asarray(ck.global_params, dtype=np.float32)})
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    body = buf.getvalue()
+    with open(tmp, "wb") as f:
+        f.write(MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+        f.flush()
+        os.fsync(f.fileno())           # the rename below must not point at unwritten blocks after a crash
     tmp.replace(path)
     return path
+
+
+def _body(path: Path) -> bytes:
+    data = path.read_bytes()
+    if not data.startswith(MAGIC):
+        if data.startswith(b"PK"):     # a zip: torch.save of a fedmeta older than the digest
+            raise CheckpointError(f"{path}: written by an older fedmeta (no digest); re-run to resume or serve it")
+        raise CheckpointError(f"{path}: not a fedmeta checkpoint")
+    digest, _, body = data[len(MAGIC):].partition(b"\n")
+    if hashlib.sha256(body).hexdigest().encode() != digest:
+        raise CheckpointError(f"{path}: damaged (its SHA-256 does not match: truncated or altered after writing)")
+    return body
 
 
 def load(run_dir: Path) -> Checkpoint:
     path = run_dir / CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no {CHECKPOINT} to resume from")
-    raw = torch.load(path, weights_only=False)
-    raw["global_params"] = raw["global_params"].numpy()
-    return Checkpoint(**raw)
+    try:
+        raw = torch.load(io.BytesIO(_body(path)), weights_only=True)
+        raw = _restore(raw)
+        return Checkpoint(**raw)
+    except CheckpointError:
+        raise
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, TypeError, KeyError) as e:
+        # the digest matched, so the writer put this there: refuse what weights_only will not load
+        raise CheckpointError(f"{path}: not loadable as a fedmeta checkpoint ({type(e).__name__})") from None
 
 
 def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
@@ -56,8 +125,13 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
     card = ck.model_card
     if card.get("format") != MODEL_CARD_FORMAT:
         raise ValueError(f"{path}: checkpoint has no {MODEL_CARD_FORMAT} model card (written by an older fedmeta?)")
-    schema = card["data_schema"]
-    model = build_model(ModelConfig(**card["model"]["config"]), tuple(schema["input_shape"]), schema["num_classes"])
+    try:
+        schema = card["data_schema"]
+        model = build_model(ModelConfig(**card["model"]["config"]), tuple(schema["input_shape"]),
+                            schema["num_classes"])
+    except (KeyError, TypeError, ValueError) as e:     # pydantic's ValidationError is a ValueError
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: its model card does not describe a model ({first})") from None
     flat = torch.as_tensor(ck.global_params, dtype=torch.float32)
     if flat.numel() != card["model"]["n_params"]:
         raise ValueError(f"{path}: {flat.numel()} parameters, the model card says {card['model']['n_params']}")

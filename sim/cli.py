@@ -194,11 +194,16 @@ def serve_cmd(run_dirs: Annotated[list[Path], typer.Argument(help="run directori
     import time
 
     from serve.app import Deployment
+    from sim.checkpoint import load_model
 
     names: dict[str, str] = {}
     for d in run_dirs:
         if not (d / "checkpoint.pt").is_file():
             raise ConfigError(f"RUN_DIRS: {d} has no checkpoint.pt")
+        try:
+            load_model(d)                     # a damaged or foreign checkpoint fails here, before Ray starts
+        except ValueError as e:
+            raise ConfigError(f"RUN_DIRS: {e}") from None
         name = "".join(ch if ch.isalnum() else "-" for ch in d.resolve().name)[:40] or "member"
         while name in names:
             name += "-2"
@@ -375,7 +380,10 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
     path = run_dir / "summary.json"
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no summary.json (not a finished run directory)")
-    summary = json.loads(path.read_text())
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
     out.print(summary_table(summary))
     print(summary_line(summary))
 
@@ -453,7 +461,9 @@ def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped), 
         t.add_column("s/round", justify="right")
         t.add_column("clients/s", justify="right")
         t.add_column("peak RSS MiB", justify="right")
-        t.add_row(f"{res['s_per_round']:.3f}", f"{res['clients_per_s']:.1f}", f"{res['peak_rss_mib']:.0f}")
+        t.add_column("GFLOP/s (sgemm)", justify="right")
+        t.add_row(f"{res['s_per_round']:.3f}", f"{res['clients_per_s']:.1f}", f"{res['peak_rss_mib']:.0f}",
+                  f"{res['gflops']:.1f} ({res['sgemm_gflops']:.0f}: {res['gflops'] / res['sgemm_gflops']:.0%})")
         out.print(t)
         for name, r in res.get("secagg", {}).items():
             print(f"secagg {name}: {r['s_per_round']:.3f} s/round, {r['clients_per_s']:.1f} clients/s")

@@ -7,6 +7,7 @@ one-line message and exit status 2.
 from __future__ import annotations
 
 import re
+import reprlib
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,8 +21,9 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    # strict: a YAML string "5" for an int field is an error, not silently coerced.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # strict: a YAML string "5" for an int field is an error, not silently coerced; .nan/.inf are
+    # never a setting (YAML reads 1.0e+999 as inf).
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- data
@@ -147,7 +149,8 @@ class ModelConfig(Section):
         if self.kind == "custom" and not (self.target and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.target)):
             raise ValueError(f"target: kind 'custom' needs 'package.module:factory', got {self.target!r}")
         if self.kind != "custom" and (self.target or self.kwargs):
-            raise ValueError(f"target: only for kind 'custom' (kind is {self.kind!r})")
+            key = "target" if self.target else "kwargs"
+            raise ValueError(f"{key}: only for kind 'custom' (kind is {self.kind!r})")
         return self
 
 
@@ -218,13 +221,41 @@ class SecAggConfig(Section):
     """Masked secure aggregation (Bonawitz et al. 2017; SecAgg+ neighbour graph, Bell et al. 2020)."""
 
     enabled: bool = False
-    neighbors: int | None = Field(20, ge=2, description="k of the k-regular mask graph (even; SecAgg+); null = complete graph")
-    threshold: int | None = Field(None, ge=1, description="t shares recover a secret; null = k // 2 + 1")
+    neighbors: int | Literal["auto"] | None = Field(
+        "auto", description="k of the k-regular mask graph (even, >= 2; SecAgg+); auto = the smallest k (and its "
+                            "threshold) that meets the targets below for the cohort (Bell et al. 2020's parameter "
+                            "finder, actors/secagg/params.py; the complete graph when no sparser one does); "
+                            "null = complete graph")
+    threshold: int | None = Field(None, ge=1, description="t shares recover a secret; null = the finder's t with "
+                                                          "neighbors: auto, else k // 2 + 1")
     quant_bits: int = Field(16, ge=1, le=30, description="quantization step = privacy.clip_norm / 2^quant_bits")
+    # security targets: what `auto` is chosen for, and what an explicit k/t is checked against (a
+    # UserWarning at plan time when it falls short); the summary reports them (secagg_targets)
+    dropout_rate: float | None = Field(None, ge=0, lt=1, description=(
+        "delta: the most a round's cohort may lose after key set-up (a bound, not a mean); null = the larger of "
+        "0.33 (Bell et al.'s example) and the share the federation drops by design (federation.dropout and the "
+        "over-selected clients)"))
+    adversarial_fraction: float = Field(0.05, ge=0, lt=1, description=(
+        "gamma: the most clients that may collude with the server"))
+    security_bits: int = Field(40, ge=1, le=128, description="sigma: the adversary learns more than the sum, or a "
+                                                             "sum over part of the cohort, with probability < 2^-sigma")
+    correctness_bits: int = Field(20, ge=1, le=64, description="eta: a round with at most dropout_rate dropouts "
+                                                               "aborts with probability < 2^-eta")
+    adversary: Literal["semi_honest", "semi_malicious"] = Field("semi_honest", description=(
+        "the server auto sizes k and t against: semi_honest follows the protocol (this simulation's model, and "
+        "Bell et al.'s tables: k = 72, t = 24 for 1,000 clients); semi_malicious may lie about who dropped out, "
+        "which needs t > k/2 (k = 398, t = 223 there)"))
+
+    @field_validator("neighbors", mode="before")
+    @classmethod
+    def _auto_int_or_null(cls, v: Any) -> Any:
+        if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 2):
+            return v
+        raise ValueError(f"expected an even integer >= 2, 'auto' or null, got {_SHORT.repr(v)}")
 
     @model_validator(mode="after")
     def _even_k(self) -> "SecAggConfig":
-        if self.neighbors is not None and self.neighbors % 2:
+        if isinstance(self.neighbors, int) and self.neighbors % 2:
             raise ValueError(f"neighbors: must be even (a k-regular Harary graph), got {self.neighbors}")
         return self
 
@@ -276,6 +307,9 @@ class FederationConfig(Section):
         "stragglers: a round's training deadline in seconds; clients not finished by then drop out, and a "
         "worker's shard not back by 1.5x the deadline is cancelled (its clients drop out). With "
         "federation.system enabled: in simulated seconds"))
+    max_update_norm: float | None = Field(None, gt=0, description=(
+        "reject a client's update whose L2 norm exceeds this (before any clipping), as one with a NaN or an "
+        "infinity always is: rejected updates are counted (round log rejected_updates) and never summed"))
     system: SystemConfig = SystemConfig()
     compression: CompressionConfig = CompressionConfig()
     sampling: Literal["auto", "poisson", "fixed"] = Field(
@@ -526,8 +560,37 @@ def _describe(err: dict[str, Any], prefix: tuple[str, ...] = ()) -> str:
     if err["type"] == "extra_forbidden":
         return f"{loc}: unknown key"
     got = err.get("input")
-    shown = repr(got) if not isinstance(got, dict) else "a mapping"
+    # reprlib: a hostile value (YAML aliases nest a list 9^9 deep cheaply) is shown in bounded time
+    shown = _SHORT.repr(got) if not isinstance(got, dict) else "a mapping"
     return f"{loc}: {msg} (got {shown})"
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 4, 40, 40, 40
+INT64 = 2**63 - 1
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _check_plain(node: Any, path: tuple = (), seen: set | None = None) -> None:
+    """Values no field can take, named by their key path before pydantic sees them: integers beyond
+    int64 (numpy, torch and Ray would fail later with a traceback) and non-string keys. Shared
+    subtrees (YAML aliases) are checked once, so an alias bomb costs its size on disk, not 9^9."""
+    seen = set() if seen is None else seen
+    if isinstance(node, (dict, list)):
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+    where = ".".join(map(str, path)) or "<root>"
+    if isinstance(node, int) and not isinstance(node, bool) and abs(node) > INT64:
+        raise ConfigError(f"{where}: {_SHORT.repr(node)} is out of range (at most {INT64:,} in magnitude)")
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{where}: keys are names, got the {type(k).__name__} {_SHORT.repr(k)}")
+            _check_plain(v, (*path, k), seen)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _check_plain(v, (*path, i), seen)
 
 
 def from_dict(raw: Any, source: str = "config") -> ExperimentConfig:
@@ -535,6 +598,12 @@ def from_dict(raw: Any, source: str = "config") -> ExperimentConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        _check_plain(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as e:
@@ -563,7 +632,7 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
         try:
             out.append((key.strip(), yaml.safe_load(val)))
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             raise ConfigError(f"--set {key}: value {val!r} is not valid YAML") from None
     return out
 
@@ -573,8 +642,15 @@ def read_yaml(p: Path, missing: str) -> Any:
     what it should have been) or is not valid YAML (where)."""
     if not p.is_file():
         raise ConfigError(f"{p}: {missing}")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: {p.stat().st_size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,} (is this the "
+                          f"right file?)")
     try:
-        return yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to be a config") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

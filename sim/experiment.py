@@ -143,7 +143,9 @@ def finish(fed: Federation, state: RunState, hooks: list[Hook], run_dir: Path) -
     summary = run_summary(fed.plan, state, run_dir, fed.peak_rss_mib())
     for h in hooks:
         summary.update(getattr(h, "summary", dict)())
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    tmp = run_dir / ".summary.json.tmp"     # renamed into place: a crash never leaves half a summary
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(run_dir / "summary.json")
     from sim.plots import plot_run  # matplotlib only when a run finishes
 
     plot_run(state.log, run_dir)

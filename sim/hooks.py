@@ -56,7 +56,7 @@ class RoundLog(Hook):
             "train_loss": res.metrics.get("train_loss", float("nan")),
             "update_norm": res.metrics.get("update_norm", 0.0), "clients": res.clients,
             "dropped": res.dropped, "round_s": res.seconds, "clients_per_s": cps,
-            **{k: res.metrics[k] for k in ("lost_clients", "late_clients", "offline") if res.metrics.get(k)},
+            **{k: res.metrics[k] for k in ("lost_clients", "late_clients", "offline", "rejected_updates") if res.metrics.get(k)},
             **{k: res.metrics[k] for k in (*BYTES_KEYS, "sim_round_s", "staleness_mean", "staleness_max")
                if k in res.metrics},
             **({"epsilon": eps} if eps is not None else {}),

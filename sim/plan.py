@@ -11,11 +11,18 @@ benchmarks, `fedmeta table` and the tests build the same plan.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from actors.privacy import SampleLevelDP, Sampling, UserLevelDP
+from actors.secagg.params import (
+    HararyParams,
+    SecAggTargetWarning,
+    evaluate_harary_params,
+    find_harary_params,
+)
 from actors.secagg.session import SecAggParams, secagg_params
 from sim.algorithms.local import resolve_compute
 from sim.config import ConfigError, ExperimentConfig, with_absolute_paths
@@ -113,11 +120,14 @@ class FederationPlan:
     def metric_secagg(self) -> SecAggParams:
         """Secure aggregation of the panel's accuracies: values in [0, 1] (a clip of 1), the panel
         as the cohort the modulus is sized for."""
-        sa = self.cfg.secagg
+        sa, n = self.cfg.secagg, len(self.eval_ids)
         try:
-            return secagg_params(sa.neighbors, sa.threshold, 1.0, sa.quant_bits, len(self.eval_ids))
+            k, t, low = _secagg_graph(self.cfg, n)
+            params = secagg_params(k, t, 1.0, sa.quant_bits, n, allow_low_threshold=low)
         except ValueError as e:
             raise ConfigError(f"eval.num_individuals: the secure tuning metric sums the panel: {e}") from None
+        _warn_below_targets(self.cfg, params, "the secure tuning metric's panel")
+        return params
 
 
 def _local_dp(cfg: ExperimentConfig) -> SampleLevelDP | None:
@@ -151,8 +161,82 @@ def _secagg(cfg: ExperimentConfig, dp: UserLevelDP) -> SecAggParams | None:
     s = dp.sampling
     # a Poisson cohort varies: size the modulus 10 standard deviations above its mean
     most = s.cohort if s.kind == "fixed" else min(s.population, s.cohort + 10 * math.ceil(math.sqrt(s.cohort)) + 10)
-    return secagg_params(sa.neighbors, sa.threshold, dp.clip_norm, sa.quant_bits, s.cohort,
-                         dp.share_noise_multiplier, most)
+    # the graph is chosen for the (expected) cohort: k = O(log n) changes little over a Poisson cohort's spread
+    k, t, low = _secagg_graph(cfg, s.cohort)
+    params = secagg_params(k, t, dp.clip_norm, sa.quant_bits, s.cohort, dp.share_noise_multiplier, most, low)
+    _warn_below_targets(cfg, params, "each round's cohort")
+    return params
+
+
+# Which server `secagg.neighbors: auto` is sized against (secagg.adversary). Bell et al. 2020 (and
+# federated-compute's finder) have two: a semi-honest server, which needs only t > (corrupt
+# neighbours) -- often t < k/2, e.g. k = 72, t = 24 for 1,000 clients with 5% corrupt and 33% dropout
+# -- and a semi-malicious one, which may tell different clients different stories about who dropped
+# out and so collect the shares of both secrets of one client; that needs 2t - k > (corrupt
+# neighbours), hence t > k/2 (k = 398, t = 223). protocol.py's scope is the honest-but-curious
+# server (one unmask request for all, no consistency round), so semi_honest is the default and its
+# t <= k/2 is passed to the protocol as allow_low_threshold; semi_malicious never needs it.
+SECAGG_DROPOUT_FLOOR = 0.33    # secagg.dropout_rate: null takes at least this (Bell et al.'s and the finder's example)
+
+
+def secagg_targets(cfg: ExperimentConfig) -> dict:
+    """The security targets of the secure aggregation (arguments of actors.secagg.params): the
+    configured ones, with `dropout_rate: null` resolved to the larger of SECAGG_DROPOUT_FLOOR and the
+    share of a sampled cohort that drops after key set-up by design (federation.dropout, and the
+    over-selected clients beyond clients_per_round)."""
+    sa, fed = cfg.secagg, cfg.federation
+    delta = sa.dropout_rate
+    if delta is None:
+        sampled = max(fed.clients_per_round, math.ceil(fed.over_selection * fed.clients_per_round - 1e-9))
+        delta = max(SECAGG_DROPOUT_FLOOR, 1 - (1 - fed.dropout) * fed.clients_per_round / sampled)
+    return {"dropout": float(delta), "adversarial": sa.adversarial_fraction, "security_bits": sa.security_bits,
+            "correctness_bits": sa.correctness_bits, "adversary": sa.adversary}
+
+
+def _secagg_graph(cfg: ExperimentConfig, n: int) -> tuple[int | None, int | None, bool]:
+    """(neighbors, threshold, allow_low_threshold) for `secagg_params` and a cohort of `n`: the
+    config's, or with `neighbors: auto` the smallest k (and t) that meet `secagg_targets` (an
+    explicit threshold still wins; `_warn_below_targets` checks it)."""
+    sa = cfg.secagg
+    if sa.neighbors != "auto":
+        return sa.neighbors, sa.threshold, False
+    if n < 2:            # secagg_params says what is wrong
+        return None, sa.threshold, False
+    targets = secagg_targets(cfg)
+    try:
+        found = find_harary_params(n, **targets)
+    except ValueError as e:
+        raise ValueError(f"secagg.neighbors: auto: {e}; or set secagg.neighbors (null: the complete graph) and "
+                         f"secagg.threshold and accept the bounds they reach") from None
+    k, t = found.k, (found.t if sa.threshold is None else sa.threshold)
+    honest = sa.adversary == "semi_honest"
+    if found.complete:
+        # The complete graph (k = n - 1). Pass an even k >= n - 1: the protocol builds the complete
+        # graph for up to k + 1 clients and a k-regular one (odd k is refused there) for a larger
+        # Poisson cohort. Against a semi-malicious server t > k/2 must still hold there: keep the
+        # finder's t when it does, else k/2 + 1 if that still meets the targets, else the plain
+        # complete graph.
+        k += k % 2
+        if not honest and 2 * t <= k:
+            if k // 2 + 1 <= n - 1 and evaluate_harary_params(n, n - 1, k // 2 + 1, **targets).meets_targets:
+                t = k // 2 + 1
+            else:
+                k = None
+    return k, t, honest and k is not None and 2 * t <= k
+
+
+def secagg_guarantee(cfg: ExperimentConfig, params: SecAggParams) -> HararyParams:
+    """What the resolved (k, t) achieves for its cohort against `secagg_targets`."""
+    return evaluate_harary_params(params.cohort, params.neighbors, params.threshold, **secagg_targets(cfg))
+
+
+def _warn_below_targets(cfg: ExperimentConfig, params: SecAggParams, what: str) -> None:
+    got = secagg_guarantee(cfg, params)
+    if not got.meets_targets:
+        graph = "the complete graph" if got.complete else f"k = {got.k}"
+        warnings.warn(f"secagg: {graph}, t = {got.t} for {what} ({got.n} clients, {got.dropout:g} dropout, "
+                      f"{got.adversarial:g} adversarial) falls short of the targets: {got.shortfall()}; "
+                      f"secagg.neighbors: auto picks k and t that meet them", SecAggTargetWarning, stacklevel=3)
 
 
 def input_profile(data: FederatedDataset, seed: int, clients: int = 64) -> dict:

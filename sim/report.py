@@ -11,7 +11,7 @@ from sim.checkpoint import MODEL_CARD_FORMAT
 from sim.config import ExperimentConfig
 from sim.faults import FAULT_KEYS
 from sim.metrics import MetricsLog, describe, finite_or_none
-from sim.plan import FederationPlan
+from sim.plan import FederationPlan, secagg_guarantee
 
 QUALITY = ("acc_global_DI", "acc_personalized_DI", "acc_global_DG")
 
@@ -19,6 +19,15 @@ QUALITY = ("acc_global_DI", "acc_personalized_DI", "acc_global_DG")
 def secagg_facts(plan: FederationPlan) -> dict:
     off = {"secure_aggregation": False, "secagg_neighbors": None, "secagg_threshold": None, "secagg_bits": None}
     return plan.secagg.facts() if plan.secagg else off
+
+
+def secagg_targets_facts(plan: FederationPlan) -> dict | None:
+    """The targets secure aggregation's graph is held to (secagg.dropout_rate, adversarial_fraction,
+    security_bits, correctness_bits) and what the resolved k and t achieve, in bits."""
+    if plan.secagg is None:
+        return None
+    got = secagg_guarantee(plan.cfg, plan.secagg)
+    return {"neighbors_setting": plan.cfg.secagg.neighbors, "cohort": got.n, "complete_graph": got.complete, **got.summary()}
 
 
 def secrets_facts(cfg: ExperimentConfig) -> dict:
@@ -86,6 +95,7 @@ def run_summary(plan: FederationPlan, state, run_dir: Path, peak_rss: float) -> 
         "personalization_gain": finite_or_none(pers.get("mean", math.nan) - glob.get("mean", math.nan)),
         "eval_individuals": len(plan.eval_ids),
         "dropouts": state.dropouts,
+        "rejected_updates": rejected_updates(log),
         **{k: state.faults.get(k, 0) for k in FAULT_KEYS},
         "clients_per_s": state.train_clients / secs if secs > 0 else None,
         "s_per_round": secs / rounds if rounds else None,
@@ -95,6 +105,13 @@ def run_summary(plan: FederationPlan, state, run_dir: Path, peak_rss: float) -> 
         "run_dir": str(run_dir),
         **privacy_summary(plan, state),
     }
+
+
+def rejected_updates(log) -> int:
+    """Clients' updates the admission check refused over the run (NaN, inf, or above max_update_norm)."""
+    df = log.frame()
+    rows = df[(df.metric == "rejected_updates") & (df.stat == "value")]
+    return int(rows.value.sum()) if len(rows) else 0
 
 
 def communication_summary(log) -> dict:
@@ -139,6 +156,7 @@ def privacy_summary(plan: FederationPlan, state) -> dict:
             **{k: facts[k] for k in ("epsilon", "delta", "noise_multiplier", "clip_norm", "sample_rate", "sampling",
                                      "adjacency", "accountant")},
             **{k: sa[k] for k in ("secagg_neighbors", "secagg_threshold", "secagg_bits")},
+            "secagg_targets": secagg_targets_facts(plan),
             "secagg_aborted_rounds": int(df[df.metric == "aborted"].value.sum()) if plan.secagg else None,
             "mia_auc": last("mia_auc_global"), "mia_auc_personalized": last("mia_auc_personalized"),
             "stopped_early": state.stopped,

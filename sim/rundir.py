@@ -7,7 +7,7 @@ import time
 import warnings
 from pathlib import Path
 
-from sim.config import ConfigError, ExperimentConfig, from_dict
+from sim.config import ConfigError, ExperimentConfig, from_dict, read_yaml
 from sim.seeding import Secrets
 
 SECRET_FILE = "run_secret.key"
@@ -25,12 +25,10 @@ def new_run_dir(cfg: ExperimentConfig) -> Path:
 
 def resume_config(run_dir: Path) -> ExperimentConfig:
     """The config a run was started with (its run dir's config.yaml)."""
-    import yaml
-
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-    return from_dict(yaml.safe_load(path.read_text()), source=str(path))
+    return from_dict(read_yaml(path, "not a run directory (no config.yaml)"), source=str(path))
 
 
 def run_secrets(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Secrets:

@@ -337,8 +337,10 @@ def study_trial(config: dict, cells: dict, study_dir: str) -> None:
 def _finished_run(cfg: ExperimentConfig, run_dir: Path) -> dict:
     """The run's summary: read when the run finished before (a restored study repeats no run),
     continued from the run's checkpoint when it stopped midway, else a fresh run."""
-    if (run_dir / "summary.json").is_file():
+    try:
         return json.loads((run_dir / "summary.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        pass                        # not finished, or its summary was damaged: the checkpoint decides
     resume = (run_dir / "checkpoint.pt").is_file()
     return run_experiment(cfg, run_dir=run_dir, resume=resume, progress=None)[1]
 

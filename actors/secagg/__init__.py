@@ -12,6 +12,8 @@ neighbour graph of SecAgg+ (Bell et al. 2020, "Secure Single-Server Aggregation 
 - `shamir`: t-of-n Shamir secret sharing over the Mersenne prime field GF(2^521 - 1).
 - `graph`: Harary neighbour graphs (SecAgg+) and the complete graph (original SecAgg).
 - `masking`: adding self and pairwise masks on a client; removing them from the sum on the server.
+- `params`: the SecAgg+ parameter finder (Bell et al. 2020): k and t from the cohort size, dropout
+  and adversarial fractions and the security/correctness targets.
 
 Nothing here imports ray, reads files, or touches a global RNG: simulation randomness comes in as
 a `numpy.random.Generator`, cryptographic randomness as explicit bytes.

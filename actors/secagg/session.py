@@ -38,6 +38,7 @@ class SecAggParams:
     noise_multiplier: float = 0.0   # distributed DP: z of the Skellam shares (0: none)
     cohort: int = 1                 # expected clients per round (each adds 1/cohort of the noise)
     max_clients: int = 0            # the most clients one sum may have without wrapping (0: cohort)
+    allow_low_threshold: bool = False   # t <= k/2: sized for a server that follows the protocol (protocol.py)
 
     def facts(self) -> dict:
         """What the summary and the model card report about the protocol."""
@@ -46,7 +47,8 @@ class SecAggParams:
 
 
 def secagg_params(neighbors: int | None, threshold: int | None, clip_norm: float, quant_bits: int,
-                  cohort: int, noise_multiplier: float = 0.0, max_clients: int | None = None) -> SecAggParams:
+                  cohort: int, noise_multiplier: float = 0.0, max_clients: int | None = None,
+                  allow_low_threshold: bool = False) -> SecAggParams:
     """`cohort` is the (expected) number of clients; `max_clients` bounds a variable (Poisson)
     cohort: the modulus is sized so that many clients' sum cannot wrap."""
     if cohort < 2:
@@ -64,7 +66,7 @@ def secagg_params(neighbors: int | None, threshold: int | None, clip_norm: float
         bits = check_no_overflow(most + headroom, clip_norm, step)
     except ValueError as e:
         raise ValueError(f"secagg.quant_bits: {e}") from None
-    return SecAggParams(neighbors, t, clip_norm, step, bits, noise_multiplier, cohort, most)
+    return SecAggParams(neighbors, t, clip_norm, step, bits, noise_multiplier, cohort, most, allow_low_threshold)
 
 
 class SecureSum:
@@ -79,7 +81,8 @@ class SecureSum:
         if params.max_clients and len(clients) > params.max_clients:   # a Poisson cohort far in its tail
             raise ValueError(f"{len(clients)} clients exceed the {params.max_clients} the modulus is sized for")
         self.params = params
-        self.server = SecAggServer(protocol_id, clients, params.neighbors, params.threshold, params.bits, dim, rng)
+        self.server = SecAggServer(protocol_id, clients, params.neighbors, params.threshold, params.bits, dim, rng,
+                                   allow_low_threshold=params.allow_low_threshold)
         self._clients = 0
         # communication accounting: the bytes of every message each client sends and receives
         self.up: Counter[int] = Counter()

@@ -350,6 +350,26 @@ def test_key_file_is_created_private_and_reused(tmp_path, db):
         np.testing.assert_array_equal(store.get_vector(1, token, "v"), LATENTS)
 
 
+def test_missing_or_wrong_key_file_is_an_error_and_changes_nothing(tmp_path, db):
+    key_file = tmp_path / "master.key"
+    with ProfileStore(db, key_file=key_file) as store:
+        token = store.register(1)
+        store.put_vector(1, token, "v", LATENTS)
+    backup = tmp_path / "backup.key"
+    key_file.rename(backup)
+    before = db.read_bytes()
+    with pytest.raises(MasterKeyMismatch, match=f"key file {key_file} is missing"):
+        ProfileStore(db, key_file=key_file)
+    assert not key_file.exists() and db.read_bytes() == before       # no new key in the backup's place
+    key_file.write_bytes(OTHER_KEY)
+    with pytest.raises(MasterKeyMismatch, match="does not open"):
+        ProfileStore(db, key_file=key_file)
+    assert key_file.read_bytes() == OTHER_KEY and db.read_bytes() == before
+    backup.replace(key_file)
+    with ProfileStore(db, key_file=key_file) as store:
+        np.testing.assert_array_equal(store.get_vector(1, token, "v"), LATENTS)
+
+
 def test_bad_master_keys(tmp_path, db):
     bad = tmp_path / "short.key"
     bad.write_bytes(b"x" * 31)

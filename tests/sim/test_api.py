@@ -148,3 +148,23 @@ def test_fedmeta_run_with_your_own_model(ray_session, tmp_path, monkeypatch):
     s = result.summary
     assert s["compute"] == "vmap" and s["model"] == "custom"
     assert s["personalization_gain"] > 0 and s["rounds"] == 4     # the personalized models beat the global one
+
+
+def test_the_lock_pins_every_declared_dependency_and_refreshes_in_one_command():
+    import re
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")      # Python 3.11+
+
+    root = Path(__file__).resolve().parents[2]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    lock = {re.split(r"[=@ ]", line)[0].lower().replace("_", "-"): line
+            for line in (root / "requirements/lock.txt").read_text().splitlines() if line and not line.startswith("#")}
+    declared = project["dependencies"] + project["optional-dependencies"]["test"]
+    for req in declared:
+        name = re.split(r"[<>=\[ ;]", req)[0].lower().replace("_", "-")
+        assert name in lock and "==" in lock[name], f"{name} is not pinned in requirements/lock.txt"
+    assert project["optional-dependencies"]["fresh"] == ["fedmeta[test]"]
+    assert "bash requirements/refresh.sh" in (root / "requirements/lock.txt").read_text()
+    r = subprocess.run(["bash", "-n", str(root / "requirements/refresh.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

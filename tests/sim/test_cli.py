@@ -54,6 +54,12 @@ def test_bench_json_last_line(ray_session):
     assert res.exit_code == 0, res.output
     out = json.loads(res.output.strip().splitlines()[-1])
     assert out["compute"] == out["path"] == "vmap" and out["clients_per_s"] > 0 and out["s_per_round"] > 0 and out["peak_rss_mib"] > 0
+    # MLP 64-128-30, batch 16: forward 2*16*(64*128 + 128*30); backward the weight gradients (as much
+    # again) and layer 2's input gradient (layer 1's is not needed); 4 batches of a 64-sample client
+    per_batch = 2 * 16 * (64 * 128 + 128 * 30) * 2 + 2 * 16 * 128 * 30
+    assert out["train_mflop_per_client"] == pytest.approx(4 * per_batch / 1e6)
+    assert out["sgemm_gflops"] > 0 and out["gflops"] == pytest.approx(
+        out["train_mflop_per_client"] * 1e6 * out["clients_per_s"] / 1e9)
 
 
 def test_notebook_runs_on_a_run_dir(finished_run, monkeypatch):
