@@ -95,6 +95,11 @@ class Aggregator:
             if dup:
                 raise AggregationError(f"round {round_id}: clients {sorted(dup)[:5]} reported twice")
             seen.update(m.client_ids)
+        rejected = sum(getattr(m, "rejected", 0) for m in messages)
+        if rejected and rejected == len(seen):
+            # some rejections are a broken or hostile device; all of them is the run's own training
+            raise AggregationError(f"round {round_id}: every client's update ({rejected}) was non-finite or oversized "
+                                   "(diverging local training? lower algorithm.lr)")
 
     def combine(self, round_id: int, messages: Sequence[PlainUpdate]) -> SummedUpdates:
         if any(isinstance(m, MaskedUpdate) for m in messages):

@@ -192,7 +192,7 @@ class ClientWorker:
                            sim_s, rejected)
         if masked is not None:
             return MaskedUpdate(round_index, self.worker_id, masked, ids), diag
-        return PlainUpdate(round_index, self.worker_id, total.cpu().numpy(), weight, ids, upload), diag
+        return PlainUpdate(round_index, self.worker_id, total.cpu().numpy(), weight, ids, upload, rejected), diag
 
     def _compressed(self, round_index: int, chunk: Sequence[int], updates: torch.Tensor) -> tuple[torch.Tensor, int]:
         """What the server decodes from these clients' updates (sim/compression.py), each client's
@@ -270,7 +270,9 @@ class ClientWorker:
         """Phase 1: Shamir shares of each client's secrets, encrypted for its neighbours.
         `neighbour_keys` is the server's answer for the cohort; each client here reads its entry."""
         _, clients = self._protocol(protocol_id)
-        return [client.share_keys(neighbour_keys[c]) for c, client in clients.items() if c in neighbour_keys]
+        pair_keys: dict[bytes, bytes] = {}       # co-hosted neighbours derive each pair's key once
+        return [client.share_keys(neighbour_keys[c], pair_keys) for c, client in clients.items()
+                if c in neighbour_keys]
 
     def secure_unmask(self, protocol_id: int, request: UnmaskRequest) -> list[UnmaskShares]:
         """Phase 3: the clients still online reveal the shares the server needs; then forget the session."""

@@ -29,6 +29,7 @@ class PlainUpdate:
     weight: float
     client_ids: tuple[int, ...]
     upload_bytes: int = 0                     # what each client uploaded, when compressed (0: the update itself)
+    rejected: int = 0                         # of client_ids, those whose update the admission check refused
 
     @property
     def num_clients(self) -> int:

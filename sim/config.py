@@ -110,6 +110,13 @@ class DataConfig(Section):
     samples_per_client: int = Field(64, ge=2)
     train_fraction: float = Field(0.7, gt=0, le=1, description="share of D_I used for training")
     global_clients: int = Field(50, ge=1, description="individuals outside the federation forming D_G")
+    cache: bool = Field(False, description="writers, synthetic, prototypes: generate every federation client once "
+                                           "into memory-mapped files that the driver and all workers share "
+                                           "(sim/data/cache.py, under ~/.cache/fedmeta/clients, never evicted), "
+                                           "instead of regenerating each cohort every round; the benchmark "
+                                           "workloads turn it on")
+    cache_max_mb: int = Field(1024, ge=0, description="the largest federation (estimated MB of inputs and labels) "
+                                                      "that is cached; larger ones are generated on demand")
     writers: WritersConfig = WritersConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
     femnist: FemnistConfig = FemnistConfig()

@@ -1,14 +1,20 @@
 """Shared fixtures: one local Ray for the whole test session, tiny configs."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# tables read by the tests are cached here, not in ~/.cache (set before Ray starts: actors inherit it)
-os.environ.setdefault("FEDMETA_CACHE_DIR", tempfile.mkdtemp(prefix="fedmeta-test-cache-"))
+# tables and generated clients the tests read are cached here, not in ~/.cache (set before Ray
+# starts: actors inherit it), and removed when the session ends
+if "FEDMETA_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="fedmeta-test-cache-")
+    os.environ["FEDMETA_CACHE_DIR"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -241,8 +241,14 @@ class SecAggClient:
         self._phase = "advertised"
         return AdvertiseKeys(self.client_id, c_pk, s_pk)
 
-    def share_keys(self, neighbour_keys: Mapping[int, tuple[bytes, bytes]]) -> EncryptedShares:
-        """Round 1: Shamir-share b_i and s_i^SK among the neighbours, encrypt one bundle each."""
+    def share_keys(self, neighbour_keys: Mapping[int, tuple[bytes, bytes]],
+                   pair_keys: dict[bytes, bytes] | None = None) -> EncryptedShares:
+        """Round 1: Shamir-share b_i and s_i^SK among the neighbours, encrypt one bundle each.
+
+        `pair_keys`: a dict shared by the clients one simulation process hosts. A pair's key is
+        the same at both ends (X25519 is symmetric), so the second of two co-hosted neighbours
+        takes the one the first derived instead of repeating the agreement: the same bytes, half
+        the curve operations."""
         self._expect("advertised", "share_keys")
         keys: dict[int, tuple[bytes, bytes]] = {}
         for j, pair in neighbour_keys.items():
@@ -267,7 +273,12 @@ class SecAggClient:
         # in round 3 without a second key exchange
         self._share_keys: dict[int, bytes] = {}
         for j, sb, ss in zip(order, b_shares, s_shares):
-            key = shared_seed(self._c_sk, keys[j][0], pair_info(SHARE_PURPOSE, self.round_id, self.client_id, j))
+            info = pair_info(SHARE_PURPOSE, self.round_id, self.client_id, j)
+            key = pair_keys.pop(info, None) if pair_keys is not None else None
+            if key is None:
+                key = shared_seed(self._c_sk, keys[j][0], info)
+                if pair_keys is not None:
+                    pair_keys[info] = key
             self._share_keys[j] = key
             plaintext = shamir.share_to_bytes(sb) + shamir.share_to_bytes(ss)
             out[j] = encrypt_share(

@@ -112,13 +112,18 @@ def quantize(x: np.ndarray, clip: float, step: float, bits: int, rng: np.random.
     """
     _check_bits(bits)
     max_level(clip, step)  # validates clip and step
-    x = np.asarray(x, dtype=np.float64)
-    if not np.all(np.isfinite(x)):
+    x = np.asarray(x)
+    if not np.isfinite(x).all():
         raise ValueError("quantize: input contains NaN or infinite values")
-    v = np.clip(x, -clip, clip) / step  # same shape as x
+    # in place on one float64 copy (the hot path of a secure round): the same values as
+    # clip(x) / step, floor, and the fractional part, without a temporary per step
+    v = np.clip(x, -clip, clip, dtype=np.float64)
+    v /= step
     lo = np.floor(v)
-    up = rng.random(v.shape) < (v - lo)  # P(up) = fractional part -> unbiased
-    ints = lo.astype(np.int64) + up
+    v -= lo                                   # the fractional part
+    up = rng.random(v.shape) < v              # P(up) = fractional part -> unbiased
+    ints = lo.astype(np.int64)
+    ints += up
     # Two's complement int64 bit pattern, truncated to b bits, is the value mod 2^b.
     return ints.view(np.uint64) & _mask(bits)
 

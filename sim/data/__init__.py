@@ -8,11 +8,16 @@
 - ``femnist``: LEAF's FEMNIST JSON files.
 - ``prototypes``: class prototypes plus noise, FEMNIST-shaped, for benchmarks.
 - ``table``: your own Parquet/CSV table, one row per sample (by a client column, or partitioned).
+
+The generated sources (writers, synthetic, prototypes) come as their cached classes: the same
+source, whose federation is generated once into memory-mapped files that every process shares
+(sim/data/cache.py), when ``data.cache`` is on and it fits ``data.cache_max_mb``.
 """
 from __future__ import annotations
 
 from sim.config import DataConfig
 from sim.data.base import ClientData, FederatedDataset
+from sim.data.cache import CachedClients
 from sim.data.femnist import FemnistDataset
 from sim.data.prototypes import PrototypesDataset
 from sim.data.synthetic import SyntheticDataset
@@ -28,14 +33,36 @@ DATASETS: dict[str, type[FederatedDataset]] = {
 }
 
 
+class CachedWritersDataset(CachedClients, WritersDataset):
+    """WritersDataset whose clients come from the shared cache (sim/data/cache.py)."""
+
+
+class CachedSyntheticDataset(CachedClients, SyntheticDataset):
+    """SyntheticDataset whose clients come from the shared cache (sim/data/cache.py)."""
+
+
+class CachedPrototypesDataset(CachedClients, PrototypesDataset):
+    """PrototypesDataset whose clients come from the shared cache (sim/data/cache.py)."""
+
+
+# module-level classes, so a pickled dataset finds its class again in another process
+CACHED: dict[str, type[FederatedDataset]] = {
+    "writers": CachedWritersDataset,
+    "synthetic": CachedSyntheticDataset,
+    "prototypes": CachedPrototypesDataset,
+}
+
+
 def build_dataset(cfg: DataConfig, seed: int) -> FederatedDataset:
-    """The federated dataset described by cfg, with all randomness keyed by seed."""
-    try:
-        kind = DATASETS[cfg.kind]
-    except KeyError:
-        raise ValueError(f"data.kind: unknown dataset {cfg.kind!r}; expected one of {sorted(DATASETS)}") from None
-    return kind(cfg, seed)
+    """The federated dataset described by cfg, with all randomness keyed by seed: a generated source
+    through its cached class when `data.cache` is on (it still generates on demand when the
+    federation exceeds `data.cache_max_mb` or the cache folder is unusable)."""
+    if cfg.kind not in DATASETS:
+        raise ValueError(f"data.kind: unknown dataset {cfg.kind!r}; expected one of {sorted(DATASETS)}")
+    kind = CACHED.get(cfg.kind) if cfg.cache else None
+    return (kind or DATASETS[cfg.kind])(cfg, seed)
 
 
-__all__ = ["DATASETS", "ClientData", "FederatedDataset", "FemnistDataset", "PrototypesDataset",
+__all__ = ["CACHED", "DATASETS", "CachedPrototypesDataset", "CachedSyntheticDataset", "CachedWritersDataset",
+           "ClientData", "FederatedDataset", "FemnistDataset", "PrototypesDataset",
            "SyntheticDataset", "TableDataset", "WritersDataset", "build_dataset"]

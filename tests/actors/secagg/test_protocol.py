@@ -507,3 +507,19 @@ def test_placement_is_the_ring_the_graph_is_built_on(advertised):
     request = server.collect_masked([clients[c].masked_input(vectors[c], inbox[c]) for c in here])
     result = server.unmask([clients[c].unmask(request) for c in request.survivors])
     np.testing.assert_array_equal(result, _plain_sum(vectors, here, 20))
+
+
+def test_co_hosted_clients_sharing_pair_keys_send_the_same_bytes():
+    """A simulation process hosting several clients derives each pair's share key once
+    (`pair_keys`); every ciphertext must be byte-identical to fully separate clients'."""
+    ids, bits, t = list(range(8)), 16, 3
+
+    def shares(pair_keys):
+        child = np.random.default_rng(5).spawn(len(ids) + 1)
+        server = SecAggServer(0, ids, 4, t, bits, 3, child[0])
+        clients = {c: SecAggClient(c, 0, bits, t, g) for c, g in zip(ids, child[1:])}
+        keys = server.receive_keys([clients[c].advertise() for c in ids])
+        return [clients[c].share_keys(keys[c], pair_keys).shares for c in keys]
+
+    cache: dict = {}
+    assert shares(cache) == shares(None) and not cache      # every co-hosted pair used its key once
