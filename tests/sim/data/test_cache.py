@@ -260,7 +260,7 @@ RACER = """
 import hashlib, sys, torch
 from sim.config import DataConfig
 from sim.data import build_dataset
-ds = build_dataset(DataConfig(kind="writers", num_clients=800, samples_per_client=20, global_clients=2), 9)
+ds = build_dataset(DataConfig(kind="writers", num_clients=800, samples_per_client=20, global_clients=2, cache=True), 9)
 h = hashlib.sha256()
 for c in ds.clients(range(ds.num_clients)):
     h.update(c.x_train.numpy().tobytes()); h.update(c.y_test.numpy().tobytes())
