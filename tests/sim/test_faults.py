@@ -104,7 +104,10 @@ def test_a_worker_lost_inside_a_secure_sum_is_a_dropout_of_its_clients(ray_sessi
     Either way no protocol round runs twice, and the restarted worker takes part again."""
     arm = tmp_path / "arm"
     (tmp_path / "dying.py").write_text(DYING.format(arm=str(arm)))
-    raw = tiny_raw(tmp_path / "run", algorithm={"name": "dying:DyingFedAvg"}, secagg={"enabled": True},
+    # the complete graph of the 10-client cohort with t = 5 (what k = 20 gave before `auto`): losing half
+    # the cohort falls below t (auto's k = 6, t = 2 is sized to survive a third dropping, and would)
+    raw = tiny_raw(tmp_path / "run", algorithm={"name": "dying:DyingFedAvg"},
+                   secagg={"enabled": True, "neighbors": None},
                    ray={"num_workers": workers, "num_cpus_per_worker": 0.5})
     raw["run"]["code_paths"] = [str(tmp_path)]
     original = Federation.train_round
