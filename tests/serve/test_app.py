@@ -1,5 +1,4 @@
 """The Serve application end to end over real HTTP on loopback (a free port, never 8000)."""
-import socket
 import threading
 import time
 
@@ -28,19 +27,6 @@ def member(path, seed=0, mean=0.3, constant=None):
     save_member(path, MLP, flat.numpy(), [1, 8, 8], 10, {"mean": [mean] * 64, "var": [0.02] * 64, "n": 100},
                 {"acc_global_DI": 0.5})
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def serve_url(ray_session):
-    from ray import serve
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
 
 
 @pytest.fixture(autouse=True)

@@ -48,19 +48,6 @@ def with_personal_model(run):
     np.save(run / "personalized" / f"0{PERSONAL_USER}.npy", params)
 
 
-@pytest.fixture(scope="module")
-def serve_url(ray_session):
-    from ray import serve
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-
-
 @pytest.fixture(scope="module", params=["plain", "personalized"])
 def app(request, serve_url, tmp_path_factory):
     from ray import serve
