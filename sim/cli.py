@@ -396,7 +396,7 @@ def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped), 
           set_: SetOpt = [],  # noqa: B006
           secagg: Annotated[bool, typer.Option("--secagg", help="also secure aggregation: k=20, complete graph, 10% dropout")] = False,
           repeats: Annotated[int, typer.Option(min=1, help="--secagg: plain/k=20 alternations (medians compared)")] = 3,
-          serve_: Annotated[bool, typer.Option("--serve", help="load-test the routed ensemble (3 members) against a single model")] = False,
+          serve_: Annotated[bool, typer.Option("--serve", help="load-test the routed ensemble (3 members) against a single model and a no-op Serve app")] = False,
           tune_: Annotated[bool, typer.Option("--tune", help="after a drift: tuned vs untuned recovery, Bayesian vs 4x random search")] = False,
           seconds: Annotated[float, typer.Option(min=0.5, help="--serve: seconds per concurrency level")] = 5.0,
           async_: Annotated[bool, typer.Option("--async", help="synchronous FedAvg vs FedBuff to eval.target on simulated heterogeneous devices (configs/heterogeneous.yaml)")] = False,
@@ -437,12 +437,19 @@ def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped), 
                                                    "bo_trials", "random_best", "untuned_curve", "tuned_curve")}))
         return
     if serve_:
+        from sim.bench import SERVE_TARGETS
+
         res = run_serve_bench(seconds=seconds)
-        for label in ("single", "ensemble"):
+        for label in SERVE_TARGETS:
             for c, r in res[label].items():
+                shared = f"  {r['requests_per_fan_out']:.1f} requests a member call" if "requests_per_fan_out" in r else ""
                 print(f"{label:8s} concurrency {c:3d}: {r['rps']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms  "
-                      f"p99 {r['p99_ms']:6.1f} ms  errors {r['errors']}")
-        print(f"ensemble / single throughput at concurrency {res['at_concurrency']}: {res['throughput_ratio']:.2f}")
+                      f"p99 {r['p99_ms']:6.1f} ms  errors {r['errors']}{shared}")
+        ratio = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+        print(f"at concurrency {res['at_concurrency']}: " + ", ".join(
+            f"{label} {res[f'{label}_rps']:.1f} req/s (p99 {res[f'{label}_p99_ms']:.1f} ms)" for label in SERVE_TARGETS))
+        print(f"ensemble / single throughput: {ratio(res['throughput_ratio'])}; single / no-op (Serve's ceiling): "
+              f"{ratio(res['single_to_noop'])}; errors {res['errors']}")
         if as_json:
             print(json.dumps(res))
         return

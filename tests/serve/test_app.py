@@ -72,6 +72,34 @@ def test_predictions_match_the_models_run_directly(serve_url, tmp_path):
     np.testing.assert_allclose(single["probabilities"], expected[:1], rtol=1e-5, atol=1e-6)
 
 
+def test_concurrent_requests_batched_together_get_their_own_answers(serve_url, tmp_path):
+    """Concurrent requests share member calls and forward passes (`serve.batch` at the ingress and at
+    the members): each still gets the answer to its own inputs, whatever their row counts, and a
+    request the models cannot answer (non-finite output) fails alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    dep = deploy(tmp_path, {"a": {"seed": 1}, "b": {"seed": 2}}, top_k=2)
+    models = {n: load_model(p)[0] for n, p in dep.members.items()}
+    rng = np.random.default_rng(5)
+    xs = [rng.random((1 + i % 4, 64)).astype(np.float32) * (i + 1) for i in range(24)]
+    # the last overflows member a: its first hidden unit sums 64 products of 3e38 with one sign
+    overflow = 3e38 * np.sign(dict(models["a"].named_parameters())["1.weight"][0].detach().numpy())
+    bodies = [{"inputs": x.tolist()} for x in xs] + [{"inputs": overflow.tolist()}]
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda b: requests.post(serve_url + "/predict", json=b, timeout=60), bodies))
+    assert answers[-1].status_code == 422 and "not finite" in answers[-1].text
+    for x, r in zip(xs, answers):
+        assert r.status_code == 200, r.text
+        out = r.json()
+        expected = 0
+        for m in out["members"]:
+            with torch.no_grad():
+                probs = torch.softmax(models[m["name"]](torch.as_tensor(x).view(len(x), 1, 8, 8)), -1).numpy()
+            expected = expected + m["weight"] * probs
+        np.testing.assert_allclose(out["probabilities"], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_malformed_requests_get_4xx(serve_url, tmp_path):
     deploy(tmp_path, {"a": {}})
     url = serve_url
