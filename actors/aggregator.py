@@ -21,6 +21,7 @@ import torch
 from actors.client_worker import peak_rss_mib
 from actors.messages import MaskedUpdate, PlainUpdate, SummedUpdates, one_client_update, wire_bytes
 from actors.privacy import UserLevelDP
+from actors.process import settle
 from actors.secagg.protocol import (
     AdvertiseKeys,
     EncryptedShares,
@@ -226,4 +227,8 @@ class Aggregator:
 
 
 # Thin actor wrapper: the aggregator needs no CPU reservation of its own (it only adds vectors).
-AggregatorActor = ray.remote(num_cpus=0)(Aggregator)
+@ray.remote(num_cpus=0)
+class AggregatorActor(Aggregator):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        settle()                   # no full GC walks over start-up state (actors/process.py)

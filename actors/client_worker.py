@@ -21,6 +21,7 @@ import torch
 
 from actors.messages import Diagnostics, MaskedUpdate, PlainUpdate, ProtocolStateLost, wire_bytes
 from actors.privacy import UserLevelDP, clip_updates
+from actors.process import settle
 from actors.screening import screen, without_rejected
 from actors.secagg.protocol import (
     AdvertiseKeys,
@@ -288,7 +289,7 @@ class ClientWorker:
         p, clients = self._protocol(protocol_id)
         total = np.zeros(dim, dtype=np.uint64)
         for c, v in rows:
-            q = quantize(v, p.clip, p.step, p.bits, self.secrets.np_rng(quantize_stream, protocol_id, c))
+            q = quantize(v, p.clip, p.step, p.bits, self.secrets.uniform(len(v), quantize_stream, protocol_id, c))
             if dp_shares and self.dp.share_noise_multiplier > 0:
                 # this client's Skellam share, in quantization steps, before masking, so the sum the
                 # aggregator unmasks is already private (two's complement into Z_2^b)
@@ -377,3 +378,4 @@ class ClientWorkerActor(ClientWorker):
                  secrets: Secrets | None = None, code_path: Sequence[str] = ()):
         torch.set_num_threads(max(1, num_threads))
         super().__init__(cfg, worker_id, dp, secrets=secrets, code_path=code_path)
+        self.process = settle()    # no full GC walks over start-up state, no page faults per step

@@ -103,12 +103,13 @@ def check_no_overflow(num_clients: int, clip: float, step: float, bits: int | No
     return int(bits)
 
 
-def quantize(x: np.ndarray, clip: float, step: float, bits: int, rng: np.random.Generator) -> np.ndarray:
+def quantize(x: np.ndarray, clip: float, step: float, bits: int, rng: np.random.Generator | np.ndarray) -> np.ndarray:
     """Encode floats as elements of Z_{2^bits} (uint64), unbiasedly.
 
     Coordinates are clipped to [-clip, clip] (per coordinate), divided by `step`, and rounded
     up with probability equal to the fractional part (so the expectation is exact), then taken
-    mod 2^bits. `rng` supplies the rounding coins.
+    mod 2^bits. `rng` supplies the rounding coins: a Generator, or the uniforms in [0, 1)
+    themselves, one per coordinate (e.g. `Secrets.uniform`).
     """
     _check_bits(bits)
     max_level(clip, step)  # validates clip and step
@@ -121,7 +122,10 @@ def quantize(x: np.ndarray, clip: float, step: float, bits: int, rng: np.random.
     v /= step
     lo = np.floor(v)
     v -= lo                                   # the fractional part
-    up = rng.random(v.shape) < v              # P(up) = fractional part -> unbiased
+    coins = rng.random(v.shape) if isinstance(rng, np.random.Generator) else np.asarray(rng, dtype=np.float64)
+    if coins.shape != v.shape:
+        raise ValueError(f"quantize: {coins.shape} coins for an input of shape {v.shape}")
+    up = coins < v                            # P(up) = fractional part -> unbiased
     ints = lo.astype(np.int64)
     ints += up
     # Two's complement int64 bit pattern, truncated to b bits, is the value mod 2^b.

@@ -79,3 +79,21 @@ def test_two_trials_replaying_one_round_get_unrelated_keys():
     trials = [ClientWorker(cfg, 0, plan.dp), ClientWorker(cfg, 0, plan.dp)]   # each with a fresh secret
     keys = [{a.client: (a.c_pk, a.s_pk) for a in w.secure_advertise(7, [1, 2, 3], plan.secagg)} for w in trials]
     assert all(keys[0][c] != keys[1][c] for c in (1, 2, 3))
+
+
+def test_uniform_coins_are_the_seeded_stream_or_a_uniform_keystream_of_their_own():
+    from scipy import stats
+
+    from sim.seeding import np_rng
+    seeded = Secrets.seeded(7)
+    np.testing.assert_array_equal(seeded.uniform(1000, "quantize", 3, 5), np_rng(7, "quantize", 3, 5).random(1000))
+    s = Secrets.fresh(7)
+    u = s.uniform(200_000, "quantize", 3, 5)
+    assert u.dtype == np.float64 and u.min() >= 0.0 and u.max() < 1.0
+    np.testing.assert_array_equal(u, s.uniform(200_000, "quantize", 3, 5))       # a stream repeats under its key
+    assert not np.array_equal(u[:100], s.uniform(100, "quantize", 3, 6))         # another client: another stream
+    assert not np.array_equal(u[:100], Secrets.fresh(7).uniform(100, "quantize", 3, 5))   # another run secret
+    assert stats.kstest(u, "uniform").pvalue > 1e-4
+    # neither the Generator stream of the same name nor the seed's stream
+    assert not np.array_equal(u[:100], s.np_rng("quantize", 3, 5).random(100))
+    assert not np.array_equal(u[:100], seeded.uniform(100, "quantize", 3, 5))

@@ -136,3 +136,12 @@ def test_add_sub_mod_match_python_ints(data, bits):
     assert sub_mod(A, B, bits).tolist() == [(x - y) % mod for x, y in zip(a, b)]
     assert sub_mod(add_mod(A, B, bits), B, bits).tolist() == a
     assert sum_mod([A, B, A], bits).tolist() == [(2 * x + y) % mod for x, y in zip(a, b)]
+
+
+def test_coins_can_be_given_as_uniforms_and_must_match_the_input():
+    x = np.linspace(-1, 1, 11)
+    rng = np.random.default_rng(3)
+    np.testing.assert_array_equal(quantize(x, 1.0, 0.1, 12, np.random.default_rng(3)),
+                                  quantize(x, 1.0, 0.1, 12, rng.random(11)))
+    with pytest.raises(ValueError, match="coins"):
+        quantize(x, 1.0, 0.1, 12, np.zeros(10))

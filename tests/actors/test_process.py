@@ -1,0 +1,39 @@
+"""actors/process.py: what an actor does to its own process once its state is built."""
+import gc
+import sys
+
+import pytest
+
+from actors import process
+
+
+@pytest.fixture
+def unfrozen():
+    yield
+    gc.unfreeze()      # give the test process its collector back
+
+
+def test_settle_freezes_what_is_alive_and_later_garbage_is_still_collected(unfrozen):
+    class Node:
+        pass
+
+    before = process.settle()
+    assert before["gc_frozen"] == gc.get_freeze_count() > 0
+    # a cycle made after settling is still found by the collector
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    del a, b
+    assert gc.collect() >= 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_malloc_thresholds_are_raised_on_glibc():
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    assert process.keep_freed_memory() is True
+
+
+def test_without_glibc_nothing_changes(monkeypatch):
+    monkeypatch.setattr(process.ctypes.util, "find_library", lambda name: "no-such-libc.so")
+    assert process.keep_freed_memory() is False
