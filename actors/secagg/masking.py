@@ -40,20 +40,24 @@ def _check_bits(bits: int) -> np.uint64:
 
 
 def _sum_masks(seeds: list[bytes], n: int, bits: int) -> np.ndarray:
-    """sum_s PRG(s) mod 2^64 (caller reduces mod 2^bits), shape (n,)."""
-    # keystream words are summed in their own width (uint32 for bits <= 32: wraps mod 2^32,
-    # a multiple of 2^bits), then widened once
+    """sum_s PRG(s) in the keystream's own word width, shape (n,): uint32 for bits <= 32 (wraps mod
+    2^32, a multiple of 2^bits), else uint64; the caller reduces mod 2^bits."""
     total = np.zeros(n, dtype=np.uint32 if bits <= 32 else np.uint64)
     for start in range(0, len(seeds), _CHUNK):
         block = expand_masks(seeds[start : start + _CHUNK], n, bits, native=True)  # (chunk, n)
         total += block.sum(axis=0, dtype=total.dtype)
-    return total.astype(np.uint64)
+    return total
 
 
 def signed_mask_sum(plus: list[bytes], minus: list[bytes], n: int, bits: int) -> np.ndarray:
-    """(sum PRG(plus) - sum PRG(minus)) mod 2^bits, shape (n,)."""
+    """(sum PRG(plus) - sum PRG(minus)) mod 2^bits, shape (n,) uint64."""
     mask = _check_bits(bits)
-    return (_sum_masks(plus, n, bits) - _sum_masks(minus, n, bits)) & mask
+    total = _sum_masks(plus, n, bits)
+    if minus:
+        total -= _sum_masks(minus, n, bits)      # wraps in the word width, a multiple of 2^bits
+    total = total.astype(np.uint64, copy=False)  # widened once
+    total &= mask
+    return total
 
 
 def _split_pairs(
@@ -94,7 +98,9 @@ def mask_vector(
     plus, minus = _split_pairs(my_id, neighbours, pair_seeds)
     # The self mask has sign +, so it joins the "+" seeds: one batched expansion for all masks.
     masks = signed_mask_sum([self_seed] + plus, minus, q.shape[0], bits)
-    return (q + masks) & mask
+    masks += q                      # in place: the masks are this call's own array
+    masks &= mask
+    return masks
 
 
 def unmask_sum(
