@@ -41,7 +41,6 @@ from sim.data import build_dataset
 from sim.data.canaries import canary_count, canary_direction, canary_ids
 from sim.data.drift import DriftedDataset, data_for_round
 from sim.models import build_model, num_params
-from sim.sampling import split_even
 from sim.seeding import Secrets, np_rng, torch_gen
 from sim.system import choose, device, duration
 from sim.userimport import add_code_path
@@ -50,9 +49,7 @@ from sim.userimport import add_code_path
 LOSS_KEYS = ("loss_global_train", "loss_global_test", "loss_personalized_train", "loss_personalized_test")
 # Bound on clients trained in lockstep: (clients x n_params) floats of parameters and grads.
 VMAP_FLOATS = 1 << 25
-DEADLINE_CHUNK = 32
-# Secure-sum sessions a worker keeps: a round's, the next round's set-up, an evaluation's.
-OPEN_SESSIONS = 3     # clients per vectorized step when a round has a deadline (checked between steps)
+DEADLINE_CHUNK = 32     # clients per vectorized step when a round has a deadline (checked between steps)
 
 
 def peak_rss_mib() -> float:
@@ -256,21 +253,12 @@ class ClientWorker:
         return [self.secrets.torch_gen("local-dp-noise", round_index, c, device=self.device) for c in chunk]
 
     # ------------------------------------------------------------ secure sums (client side)
-    def secure_advertise(self, protocol_id: int, cids: Sequence[int], params: SecAggParams,
-                         slot: int | None = None, slots: int | None = None) -> list[AdvertiseKeys]:
+    def secure_advertise(self, protocol_id: int, cids: Sequence[int], params: SecAggParams) -> list[AdvertiseKeys]:
         """Phase 0: every client of this shard makes its key pairs (its state lives here, as on its
-        device). With `slot` of `slots`, `cids` is the server's whole ring and this worker hosts its
-        `slot`-th contiguous stretch. A few sessions stay open (a round's set-up may be submitted
-        while an evaluation's secure sum runs); older ones, e.g. aborted, are forgotten."""
-        if slot is not None:
-            parts = split_even(np.asarray(cids), slots)
-            cids = parts[slot] if slot < len(parts) else []
+        device). One session is open at a time: a new one forgets an aborted one."""
         clients = {int(c): SecAggClient(int(c), protocol_id, params.bits, params.threshold,
                                         self.secrets.np_rng("secagg-client", protocol_id, int(c))) for c in cids}
-        self._session.pop(protocol_id, None)
-        self._session[protocol_id] = (params, clients)
-        while len(self._session) > OPEN_SESSIONS:
-            self._session.pop(next(iter(self._session)))
+        self._session = {protocol_id: (params, clients)}
         return [client.advertise() for client in clients.values()]
 
     def _protocol(self, protocol_id: int) -> tuple[SecAggParams, dict[int, SecAggClient]]:

@@ -252,10 +252,6 @@ class SecAggConfig(Section):
         "the server auto sizes k and t against: semi_honest follows the protocol (this simulation's model, and "
         "Bell et al.'s tables: k = 72, t = 24 for 1,000 clients); semi_malicious may lie about who dropped out, "
         "which needs t > k/2 (k = 398, t = 223 there)"))
-    prefetch: bool = Field(True, description=(
-        "submit round r+1's key set-up (advertise, share) while round r is unmasked: the cohort follows from "
-        "(seed, round), so the workers set up keys while the aggregator finishes; dropped and redone if the cohort "
-        "changed (a revoked consent) or an actor was lost"))
 
     @field_validator("neighbors", mode="before")
     @classmethod

@@ -61,7 +61,6 @@ class Federation:
         self.workers, self.aggregator, self._server_state = [], None, {}
         self._clock: BufferClock | None = None        # FedBuff's simulated clock and the model versions in flight
         self._versions: dict[int, np.ndarray] = {}
-        self._next_setup: tuple | None = None         # (round, fault tally, SecureSumRun): see _prefetch_setup
         self.faults = FaultLog(plan.cfg.ray.max_failures_per_round)
         # the server rule's state is kept on the driver after every round when it has any, so a
         # lost aggregator comes back where it was
@@ -135,7 +134,11 @@ class Federation:
         if self.cfg.federation.mode == "fedbuff":
             return self._fedbuff_step(round_index, global_params)
         t0 = time.perf_counter()
-        sampled, admitted, asked, cohort = self._cohort(round_index)
+        sampled = draw_cohort(self.cfg.seed, round_index, self.plan.sampling)
+        admitted = self.consent.admit(sampled) if self.consent else sampled
+        asked = admitted[~np.isin(admitted, self.plan.excluded_canaries)]   # 'out' canaries never train
+        system = self.cfg.federation.system
+        cohort = asked[online(self.cfg.seed, round_index, asked, system.availability)] if system.enabled else asked
         alive, dropped = apply_dropout(self.cfg.seed, round_index, cohort, self.cfg.federation.dropout)
         g_ref = ray.put(global_params)
         self.faults.begin_round()
@@ -173,15 +176,6 @@ class Federation:
         metrics["offline"] = len(asked) - len(cohort)
         return RoundResult(new, reported, len(asked) - reported, time.perf_counter() - t0, metrics,
                            alive[~out].tolist(), dict(self.faults.counts))
-
-    def _cohort(self, round_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Who round `round_index` asks: (sampled, consenting, without 'out' canaries, online)."""
-        sampled = draw_cohort(self.cfg.seed, round_index, self.plan.sampling)
-        admitted = self.consent.admit(sampled) if self.consent else sampled
-        asked = admitted[~np.isin(admitted, self.plan.excluded_canaries)]   # 'out' canaries never train
-        system = self.cfg.federation.system
-        cohort = asked[online(self.cfg.seed, round_index, asked, system.availability)] if system.enabled else asked
-        return sampled, admitted, asked, cohort
 
     def _deadline(self) -> tuple[float | None, float | None]:
         """The round's deadline for starting a client, and the later cutoff past which a worker's
@@ -457,9 +451,7 @@ class Federation:
         try:
             (new, metrics), lost = self._secure_sum(
                 round_index, round_index, cohort.tolist(), self.plan.secagg, self.plan.n_params, "secagg-server",
-                train, lambda summed: self.aggregator.apply_sum.remote(round_index, g_ref, summed), placed, cutoff,
-                setup=self._prefetched_setup(round_index, cohort.tolist()),
-                then=(lambda: self._prefetch_setup(round_index + 1)) if cutoff is None else None)
+                train, lambda summed: self.aggregator.apply_sum.remote(round_index, g_ref, summed), placed, cutoff)
         except RayTaskError as e:
             cause = e.as_instanceof_cause()
             if not isinstance(cause, SecAggRoundAborted):
@@ -469,37 +461,9 @@ class Federation:
         self._note_restarts(round_index, diags)
         return new, {**metrics, **round_diagnostics(diags), "lost_clients": lost}
 
-    def _prefetch_setup(self, round_index: int) -> SecureSumRun | None:
-        """Submit the key set-up of round `round_index` now, while the round before it is being
-        unmasked: the set-up needs only the cohort, which follows from (seed, round), so the
-        workers advertise and share keys while the aggregator finishes, instead of after (a k = 20
-        W1 round spends ~100 ms there). Used only if nothing changes on the way (`_prefetched_setup`)."""
-        self._next_setup = None
-        if not self.cfg.secagg.prefetch or self.cfg.federation.system.enabled:
-            return None
-        clients = self._cohort(round_index)[3].tolist()
-        # a session that cannot open (e.g. too few clients) fails when the round uses it, as a fresh one would
-        run = SecureSumRun(self.aggregator, list(self.workers), round_index, clients, self.plan.secagg,
-                           self.plan.n_params, "secagg-server", lambda slot, err: None)
-        self._next_setup = (round_index, self.faults.total(), run)
-        return run
-
-    def _prefetched_setup(self, round_index: int, clients: list[int]) -> SecureSumRun | None:
-        """The set-up submitted for this round, if it is still the right one: same cohort (a
-        revoked consent changes it) and no loss since (actors may have been replaced). Otherwise
-        the round sets up afresh under the same protocol round: the earlier session is replaced
-        on the aggregator and the workers, and nothing masked with its keys ever left a worker."""
-        pending, self._next_setup = self._next_setup, None
-        if pending is None:
-            return None
-        r, tally, run = pending
-        if r != round_index or tally != self.faults.total() or run.clients != list(clients):
-            return None
-        return run
-
     def _secure_sum(self, round_index: int, protocol_id: int, clients: list[int], params: SecAggParams, dim: int,
                     graph_stream: str, contribute: Callable, finish: Callable, placed: Callable | None = None,
-                    cutoff: float | None = None, setup: SecureSumRun | None = None, then: Callable | None = None):
+                    cutoff: float | None = None):
         """One secure sum over `clients` (sim/secure_sum.py); `contribute(worker, shard, inbox)`
         submits a worker's masked message, `finish(summed)` the aggregator's call on the unmasked
         sum. Returns its result and the clients of the workers lost on the way or left behind at
@@ -512,22 +476,11 @@ class Federation:
             self.faults.lost(round_index, f"worker {slot}", err)
             lost[slot] = workers[slot]
 
-        if setup is not None:
-            run, setup.on_lost = setup, on_lost
-            workers[:] = [run.hosts[i] for i in sorted(run.hosts)]
-        else:
-            run = SecureSumRun(self.aggregator, workers, protocol_id, clients, params, dim, graph_stream, on_lost)
-        run.finish(contribute, placed, cutoff)
-        # the next sum (`then`, e.g. the next round's) opens now, so its placement is ready as soon
-        # as this sum's unmasking is; its key set-up goes after this sum's last step, which must
-        # not queue behind steps that wait for the workers
-        following = then() if then is not None else None
-        submitted = finish(run.result)
-        if following is not None:
-            following.setup()
+        run = SecureSumRun(self.aggregator, workers, protocol_id, clients, params, dim, graph_stream,
+                           contribute, on_lost, placed, cutoff)
         try:
             try:
-                result = ray.get(submitted)
+                result = ray.get(finish(run.result))
             except Exception as e:
                 if not lost_actor(e):
                     raise

@@ -26,74 +26,39 @@ MASKED = 2      # the phase in which clients send their masked inputs
 
 
 class SecureSumRun:
-    """One secure sum over `clients`, in three parts. Construction opens the session; `setup()`
-    submits the key set-up (phases 0 and 1: advertise, share), which needs nothing from training, so
-    a round's set-up can be submitted while the round before it is still finishing (`Federation`
-    does, see `secagg.prefetch`); `finish(contribute, ...)` submits the rest: `contribute(worker, shard,
-    inbox)` a worker's masked message, then the unmasking. `on_lost(slot, err)` is told of each
-    worker lost on the way, `placed(shards)` of the clients' placement on the workers before any
-    masked message is asked for; masked messages not in by `cutoff` (time.time(), a round's
-    deadline) are left behind. `result` is a reference to the unmasked `SummedUpdates`; if waiting
-    on it reports a lost actor, `recover()` gives the reference of the sum over the workers left
-    (and raises if the aggregator itself was lost)."""
+    """One secure sum over `clients`. `contribute(worker, shard, inbox)` submits a worker's masked
+    message; `on_lost(slot, err)` is told of each worker lost on the way, `placed(shards)` of the
+    clients' placement on the workers before any is asked for anything; masked messages not in
+    by `cutoff` (time.time(), a round's deadline) are left behind. `result` is a reference
+    to the unmasked `SummedUpdates`; if waiting on it reports a lost actor, `recover()` gives the
+    reference of the sum over the workers left (and raises if the aggregator itself was lost)."""
 
     def __init__(self, aggregator, workers: list, protocol_id: int, clients: list[int], params: SecAggParams,
-                 dim: int, graph_stream: str, on_lost: Callable):
+                 dim: int, graph_stream: str, contribute: Callable, on_lost: Callable,
+                 placed: Callable | None = None, cutoff: float | None = None):
         self.agg, self.pid, self.on_lost = aggregator, protocol_id, on_lost
-        self.clients, self.params = list(clients), params
         self.late: list[int] = []                      # slots whose masked message missed the cutoff
         # clients are placed on workers in contiguous stretches of the server's Harary ring, so most
-        # neighbours share a worker, where their pair masks cancel in the worker's sum. The ring goes
-        # to the workers as a reference (each takes its stretch): nothing here waits for the
-        # aggregator, which may still be busy with an earlier sum
-        self._ring = aggregator.secure_open.remote(protocol_id, clients, params, dim, graph_stream)
+        # neighbours share a worker, where their pair masks cancel in the worker's sum
+        ring = np.array(ray.get(aggregator.secure_open.remote(protocol_id, clients, params, dim, graph_stream)))
         self.hosts = dict(enumerate(workers))          # slot -> worker still in this protocol
-        self.hosts_at_start = dict(self.hosts)
-        self._shards: dict[int, list[int]] | None = None
-        n = len(workers)
-        self.steps = [   # (client side of a phase given the server's last answer, server side)
-            (lambda i, _: self.hosts[i].secure_advertise.remote(protocol_id, self._ring, params, i, n), "secure_keys"),
-            (lambda i, keys: self.hosts[i].secure_share.remote(protocol_id, keys), "secure_route"),
-        ]
-        self.sent, self._server = [], None
-
-    def setup(self) -> SecureSumRun:
-        """Submit the key set-up (phases 0 and 1) once. Separate from opening because the aggregator
-        is a sequential actor: a step submitted to it waits for the steps before it, so a caller
-        that prefetches opens first and submits the set-up after the steps that must not wait."""
-        if not self.sent:
-            for phase in range(MASKED):
-                self._submit(phase)
-        return self
-
-    @property
-    def shards(self) -> dict[int, list[int]]:
-        """slot -> the clients it hosts (waits for the aggregator's placement the first time)."""
-        if self._shards is None:
-            self._shards = dict(enumerate(split_even(np.array(ray.get(self._ring)), len(self.hosts_at_start))))
-        return self._shards
-
-    def _submit(self, phase: int, cutoff: float | None = None) -> None:
-        client_side, server_side = self.steps[phase]
-        outs = {i: client_side(i, self._server) for i in self.hosts}
-        if phase == MASKED and cutoff is not None:
-            self._leave_late(outs, cutoff)
-        self._server = getattr(self.agg, server_side).remote(self.pid, *outs.values())
-        self.sent.append((outs, self._server))
-
-    def finish(self, contribute: Callable, placed: Callable | None = None, cutoff: float | None = None) -> ray.ObjectRef:
-        """Submit the masked messages and the unmasking; returns (and sets) `result`."""
-        self.setup()
+        self.shards = dict(enumerate(split_even(ring, len(workers))))
         if placed is not None:       # e.g. a round's quotas, which follow the placement
             placed(list(self.shards.values()))
-        self.steps += [
+        self.steps = [   # (client side of a phase given the server's last answer, server side)
+            (lambda i, _: self.hosts[i].secure_advertise.remote(protocol_id, self.shards[i], params), "secure_keys"),
+            (lambda i, keys: self.hosts[i].secure_share.remote(protocol_id, keys), "secure_route"),
             (lambda i, inbox: contribute(self.hosts[i], self.shards[i], inbox), "secure_collect"),
-            (lambda i, request: self.hosts[i].secure_unmask.remote(self.pid, request), "secure_unmask"),
+            (lambda i, request: self.hosts[i].secure_unmask.remote(protocol_id, request), "secure_unmask"),
         ]
-        for phase in range(MASKED, len(self.steps)):
-            self._submit(phase, cutoff)
-        self.result = self._server
-        return self.result
+        self.sent, server = [], None
+        for phase, (client_side, server_side) in enumerate(self.steps):
+            outs = {i: client_side(i, server) for i in self.hosts}
+            if phase == MASKED and cutoff is not None:
+                self._leave_late(outs, cutoff)
+            server = getattr(aggregator, server_side).remote(protocol_id, *outs.values())
+            self.sent.append((outs, server))
+        self.result = server
 
     def _leave_late(self, outs: dict, cutoff: float) -> None:
         """A round with a deadline: masked messages not in by `cutoff` (time.time()) are cancelled;
