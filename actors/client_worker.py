@@ -379,4 +379,4 @@ class ClientWorkerActor(ClientWorker):
                  secrets: Secrets | None = None, code_path: Sequence[str] = ()):
         torch.set_num_threads(max(1, num_threads))
         super().__init__(cfg, worker_id, dp, secrets=secrets, code_path=code_path)
-        self.process = settle()    # no full GC walks over start-up state, no page faults per step
+        settle()                   # no full GC walks over start-up state, no page faults per step

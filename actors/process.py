@@ -44,7 +44,7 @@ def keep_freed_memory() -> bool:
 
 def settle() -> dict:
     """Freeze the objects alive now out of the garbage collector's reach and keep freed memory
-    for reuse. Returns what was done (for the actor's `info`)."""
+    for reuse. Returns what was done."""
     gc.collect()
     gc.freeze()
     return {"gc_frozen": gc.get_freeze_count(), "malloc_tuned": keep_freed_memory()}
