@@ -214,15 +214,23 @@ class PrivacyAccountant:
         _check_accountant(accountant)
         self.accountant = accountant
         self._opacus = _opacus_accountant(accountant)
+        self.releases = 0     # unsampled Gaussian releases in the history (`release`)
 
     def step(self, noise_multiplier: float, sample_rate: float) -> None:
         _positive("noise_multiplier", noise_multiplier)
         _check_sample_rate(sample_rate)
         self._opacus.step(noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate))
 
+    def release(self, noise_multiplier: float) -> None:
+        """One Gaussian release over every user, not subsampled (e.g. a private metric of a fixed
+        panel): noise std / L2 sensitivity = `noise_multiplier`. Opacus composes it with the rounds
+        (a step at sample rate 1); `steps` still counts rounds only."""
+        self.step(noise_multiplier, 1.0)
+        self.releases += 1
+
     @property
     def steps(self) -> int:
-        return sum(n for _, _, n in self._opacus.history)
+        return sum(n for _, _, n in self._opacus.history) - self.releases
 
     def epsilon(self, delta: float) -> float:
         """Epsilon spent so far at ``delta`` (0 before the first round)."""
@@ -233,13 +241,14 @@ class PrivacyAccountant:
 
     def state_dict(self) -> dict:
         history = [[float(z), float(q), int(n)] for z, q, n in self._opacus.history]
-        return {"accountant": self.accountant, "history": history}
+        return {"accountant": self.accountant, "history": history, "releases": self.releases}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("accountant") != self.accountant:
             raise ValueError(f"accountant: state is for {state.get('accountant')!r}, this is {self.accountant!r}")
         # Opacus compares the last run with == and rebuilds tuples, so restore tuples of the same types.
         self._opacus.history = [(float(z), float(q), int(n)) for z, q, n in state["history"]]
+        self.releases = int(state.get("releases", 0))
 
     @classmethod
     def from_state_dict(cls, state: dict) -> PrivacyAccountant:
@@ -261,6 +270,17 @@ def _without_replacement_step_rdp(population: int, cohort: int, noise_multiplier
     return tuple(acc._orders), tuple(acc._rdp)   # one step's RDP: composing T steps multiplies it by T
 
 
+@functools.lru_cache(maxsize=512)
+def _gaussian_rdp(noise_multiplier: float) -> tuple:
+    """RDP of one Gaussian mechanism (no subsampling) over the same orders as the rounds."""
+    import dp_accounting as dpa
+    from dp_accounting.rdp import RdpAccountant
+
+    acc = RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
+    acc.compose(dpa.GaussianDpEvent(noise_multiplier))
+    return tuple(acc._orders), tuple(acc._rdp)
+
+
 class FixedCohortAccountant:
     """Composes rounds of fixed-size cohorts (sampling without replacement) under replace-one
     adjacency: RDP adds up over rounds, then converts to (epsilon, delta). The same interface and
@@ -271,6 +291,7 @@ class FixedCohortAccountant:
     def __init__(self, sampling: Sampling):
         self.sampling = sampling
         self.history: list[list] = []
+        self.releases: list[list] = []     # [z, count]: Gaussian releases over every user (`release`)
 
     def step(self, noise_multiplier: float, sample_rate: float | None = None) -> None:
         _positive("noise_multiplier", noise_multiplier)
@@ -280,6 +301,16 @@ class FixedCohortAccountant:
         else:
             self.history.append([z, q, 1])
 
+    def release(self, noise_multiplier: float) -> None:
+        """One Gaussian release over every user, not subsampled: noise std / L2 sensitivity =
+        `noise_multiplier` (the caller states the sensitivity under replace-one)."""
+        _positive("noise_multiplier", noise_multiplier)
+        z = float(noise_multiplier)
+        if self.releases and self.releases[-1][0] == z:
+            self.releases[-1][1] += 1
+        else:
+            self.releases.append([z, 1])
+
     @property
     def steps(self) -> int:
         return sum(n for _, _, n in self.history)
@@ -288,17 +319,21 @@ class FixedCohortAccountant:
         from dp_accounting.rdp import compute_epsilon
 
         _check_delta(delta)
-        if not self.history:
+        if not self.history and not self.releases:
             return 0.0
         total, orders = 0.0, None
         for z, _, n in self.history:
             orders, rdp = _without_replacement_step_rdp(self.sampling.population, self.sampling.cohort, z)
+            total = total + n * np.asarray(rdp)
+        for z, n in self.releases:
+            orders, rdp = _gaussian_rdp(z)
             total = total + n * np.asarray(rdp)
         return float(compute_epsilon(orders, total, delta)[0])
 
     def state_dict(self) -> dict:
         s = self.sampling
         return {"accountant": "rdp", "history": [list(h) for h in self.history],
+                "releases": [list(r) for r in self.releases],
                 "sampling": {"kind": s.kind, "population": s.population, "cohort": s.cohort}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -306,6 +341,7 @@ class FixedCohortAccountant:
             raise ValueError(f"sampling: state is for {state.get('sampling')}, this accountant is for "
                              f"{self.state_dict()['sampling']}")
         self.history = [[float(z), float(q), int(n)] for z, q, n in state["history"]]
+        self.releases = [[float(z), int(n)] for z, n in state.get("releases", [])]
 
 
 def make_accountant(accountant: AccountantName, sampling: Sampling | None = None):
@@ -435,6 +471,58 @@ def budget_spent(accountant: PrivacyAccountant, target_epsilon: float, delta: fl
     return accountant.epsilon(delta) > target_epsilon
 
 
+class PrivacyBudget:
+    """What a search over hyperparameters spends on the same users (Ray Tune trials). Every trial
+    round is a subsampled Gaussian release of the model and every tuning-metric report a Gaussian
+    release over the evaluation panel; both compose with what the run had spent before tuning
+    (`base`: an accountant's `state_dict`, e.g. from the checkpoint tuning starts from).
+
+    A trial `reserve`s a round before running it, at the worst noise the round can end with (the
+    distributed mode's z at the secure-aggregation threshold), and `settle`s it with the noise it
+    achieved. A reservation that would take the total past `target_epsilon` is refused, so
+    concurrent trials can never overshoot the target together: what is reserved is an upper bound
+    of what was released (a failed round keeps its reservation)."""
+
+    def __init__(self, dp: UserLevelDP, base: dict | None = None, target_epsilon: float | None = None):
+        self.dp, self.base, self.target = dp, base, target_epsilon
+        self.entries: dict[int, tuple[float, float]] = {}   # id -> (round z or 0: none, release z)
+        self._next = 0
+
+    def _accountant(self, with_base: bool):
+        acc = make_accountant(self.dp.accountant, self.dp.sampling)
+        if with_base and self.base:
+            acc.load_state_dict(self.base)
+        for round_z, release_z in self.entries.values():
+            if round_z > 0:
+                acc.step(round_z, self.dp.sample_rate)
+            acc.release(release_z)
+        return acc
+
+    def reserve(self, round_z: float, release_z: float) -> int | None:
+        """An id for one more round (noise `round_z`; 0: it releases no model) and metric release
+        (`release_z`), or None when it would exceed the target."""
+        rid, self._next = self._next, self._next + 1
+        self.entries[rid] = (float(round_z), float(release_z))
+        if self.target is not None and self._accountant(True).epsilon(self.dp.delta) > self.target:
+            del self.entries[rid]
+            return None
+        return rid
+
+    def settle(self, rid: int, round_z: float, release_z: float) -> None:
+        """What reservation `rid` released: `round_z` 0 for a round that released no model."""
+        if rid not in self.entries:
+            raise KeyError(f"reservation {rid}: unknown")
+        self.entries[rid] = (float(round_z), float(release_z))
+
+    def epsilon(self) -> dict:
+        """Epsilon of the tuning alone and of the run with it, and the accountant state of the
+        latter (what the run continues from)."""
+        total = self._accountant(True)
+        return {"epsilon_tuning": self._accountant(False).epsilon(self.dp.delta),
+                "epsilon_total": total.epsilon(self.dp.delta), "reserved_rounds": len(self.entries),
+                "accountant_state": total.state_dict()}
+
+
 # ---------------------------------------------------------------- empirical audit
 def mia_auc(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> float:
     """AUC of the loss-threshold membership-inference attack (Yeom et al. 2018).
@@ -534,6 +622,13 @@ class UserLevelDP:
         """A released sum of values in [0, 1] (e.g. accuracies): Gaussian noise of std z under DP."""
         return total + self.noise_multiplier * torch.randn((), generator=gen) if self.enabled else total
 
+    @property
+    def metric_release_noise(self) -> float:
+        """The noise multiplier of one tuning-metric release: two `noisy_sum`s (global and
+        personalized accuracy) to which an individual adds at most 1 each, i.e. L2 sensitivity
+        sqrt(2) under adding, removing or replacing one individual."""
+        return self.noise_multiplier / math.sqrt(2)
+
     # ------------------------------------------------------------ accounting
     def round_noise(self, survivors: int | None) -> float:
         """The z a released round achieved: in the distributed mode only the survivors' shares
@@ -544,14 +639,17 @@ class UserLevelDP:
 
 
 def _resolve_noise(p, sampling: Sampling, rounds: int) -> float:
-    """0 without DP, the configured z, or the smallest z whose epsilon after all `rounds` stays
-    within `target_epsilon` (Opacus' search for Poisson sampling, a bisection for fixed cohorts)."""
+    """0 without DP, the configured z, or (a target epsilon alone) the smallest z whose epsilon
+    after all `rounds` stays within `target_epsilon` (Opacus' search for Poisson sampling, a
+    bisection for fixed cohorts)."""
     from sim.config import DEFAULT_NOISE_MULTIPLIER
 
     if p.mode == "off":
         return 0.0
+    if p.noise_multiplier is not None:      # with a target too, the target is only where training stops
+        return p.noise_multiplier
     if p.target_epsilon is None:
-        return p.noise_multiplier if p.noise_multiplier is not None else DEFAULT_NOISE_MULTIPLIER
+        return DEFAULT_NOISE_MULTIPLIER
     try:
         return noise_for(p.target_epsilon, sampling.rate, rounds, p.delta, p.accountant, sampling=sampling)
     except ValueError as e:

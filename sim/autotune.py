@@ -72,9 +72,12 @@ class AutoTune(Hook):
         base["tune"]["auto"] = False
         self.result = run_tune(from_dict(base), start=str(self.run_dir), start_round=done,
                                out_dir=self.run_dir / "tune", name=f"after-round-{done}")
+        if self.result["privacy_state"] is not None:    # the trials spent budget on the same users
+            state.accounting.load_state_dict({"accountant": self.result["privacy_state"]})
         return from_dict(apply_params(self.cfg.model_dump(mode="json"), self.result["best_config"]))
 
     def summary(self) -> dict:
         return {"drift_alarm_round": self.alarm_round,
                 "tuned_config": None if self.result is None else self.result["best_config"],
+                "epsilon_tuning": None if self.result is None else self.result["epsilon_tuning"],
                 "tune_experiment": None if self.result is None else self.result["experiment"]}

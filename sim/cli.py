@@ -272,9 +272,16 @@ def tune_cmd(config: Annotated[Optional[Path], typer.Argument(help="experiment Y
         raise typer.Exit(_stop_code(e)) from None
     print(f"{res['trials']} trials ({cfg.tune.searcher}), best {res['metric']} {res['best_metric']:.4f} with "
           + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res["best_config"].items()))
+    for m in res.get("pareto", []):
+        print("  pareto: " + ", ".join(f"{o['metric']} {m[o['metric']]:.4g}" for o in res["objectives"])
+              + "  (" + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m["config"].items())
+              + f")  {m['candidate']}")
+    if res.get("epsilon_tuning") is not None:
+        print(f"privacy: the search spent epsilon {res['epsilon_tuning']:.3f}; with the run before it "
+              f"{res['epsilon_total']:.3f} (delta {cfg.privacy.delta:g})")
     print(f"Tune experiment: {res['experiment']} (restorable with tune.Tuner.restore)")
     if as_json:
-        print(json.dumps({k: v for k, v in res.items() if k != "curves"}, default=str))
+        print(json.dumps({k: v for k, v in res.items() if k not in ("curves", "privacy_state")}, default=str))
     print(res["candidate"])
 
 

@@ -204,7 +204,9 @@ class PrivacyConfig(Section):
                            "Skellam share before masking (needs secagg)")
     clip_norm: float = Field(1.0, gt=0, description="L2 bound C on each client's update")
     noise_multiplier: float | None = Field(None, gt=0, description="z (1.0 when neither this nor target_epsilon is set)")
-    target_epsilon: float | None = Field(None, gt=0, description="find z for this epsilon over all rounds (Opacus)")
+    target_epsilon: float | None = Field(None, gt=0, description="alone: find z for this epsilon over all rounds "
+                                                                 "(Opacus); with noise_multiplier: the budget at "
+                                                                 "which training and tuning stop")
     delta: float = Field(1e-5, gt=0, lt=1)
     accountant: Literal["rdp", "prv"] = "rdp"
     mia_audit: bool = Field(True, description="loss-threshold membership inference at each evaluation")
@@ -216,12 +218,6 @@ class PrivacyConfig(Section):
                                                                "(Steinke et al. 2023); null: 5% of the population "
                                                                "(at most 100) when DP is on, none otherwise")
     audit_confidence: float = Field(0.95, gt=0, lt=1, description="the audit's lower bound holds with this probability")
-
-    @model_validator(mode="after")
-    def _one_noise_source(self) -> "PrivacyConfig":
-        if self.target_epsilon is not None and self.noise_multiplier is not None:
-            raise ValueError("target_epsilon: give either noise_multiplier or target_epsilon, not both")
-        return self
 
 
 class SecAggConfig(Section):
@@ -444,7 +440,8 @@ class ProfilesConfig(Section):
 class TuneParam(Section):
     """One searched hyperparameter: a dotted key of this config and its range."""
 
-    key: str = Field(description="e.g. algorithm.lr, algorithm.local_epochs, privacy.clip_norm, algorithm.privacy_lambda")
+    key: str = Field(description="e.g. algorithm.lr, algorithm.local_epochs, privacy.clip_norm, algorithm.privacy_lambda, "
+                                 "model.hidden.0 (a list entry by its index)")
     low: float
     high: float
     log: bool = False
@@ -457,6 +454,24 @@ class TuneParam(Section):
         if self.log and self.low <= 0:
             raise ValueError(f"low: a log-scale range needs low > 0, got {self.low}")
         return self
+
+
+# What a trial can be judged on: the private panel accuracies (higher is better), the trial model's
+# inference time per batch in ms, its membership-inference AUC (the audit's leakage) and the epsilon
+# its own rounds and metric releases spent (lower is better).
+TUNE_OBJECTIVES = {"acc_personalized_DI": "max", "acc_global_DI": "max", "latency_ms": "min", "mia_auc": "min",
+                   "epsilon": "min"}
+
+
+class TuneObjective(Section):
+    """One objective of a multi-objective search."""
+
+    metric: Literal["acc_personalized_DI", "acc_global_DI", "latency_ms", "mia_auc", "epsilon"]
+    mode: Literal["max", "min"] | None = Field(None, description="null: max for the accuracies, min for the others")
+
+    @property
+    def direction(self) -> str:
+        return self.mode or TUNE_OBJECTIVES[self.metric]
 
 
 def _default_tune_params() -> list[TuneParam]:
@@ -473,6 +488,12 @@ class TuneConfig(Section):
     rounds_per_trial: int = Field(10, ge=1)
     searcher: Literal["optuna", "random"] = "optuna"
     metric: Literal["acc_personalized_DI", "acc_global_DI"] = "acc_personalized_DI"
+    objectives: list[TuneObjective] = Field(
+        default_factory=list, description="two or more: a multi-objective search (Optuna's multi-objective sampler "
+                                          "through Tune's OptunaSearch, no early stopping) whose result is the Pareto "
+                                          "front; empty: maximize `metric`")
+    sampler: Literal["tpe", "nsga2"] = Field("tpe", description="optuna: the sampler (nsga2 only with objectives)")
+    latency_batch: int = Field(64, ge=1, description="objective latency_ms: inputs per timed inference batch")
     grace_period: int = Field(3, ge=1, description="ASHA: rounds before a trial can be stopped")
     reduction_factor: int = Field(2, ge=2)
     params: list[TuneParam] = Field(default_factory=_default_tune_params, min_length=1)
@@ -480,6 +501,17 @@ class TuneConfig(Section):
     reference_rounds: int = Field(3, ge=1, description="auto: rounds of inputs the drift detector is calibrated on")
     watch_individuals: int = Field(20, ge=1, description="auto: individuals whose test inputs form each round's stream")
     false_alarm_rate: float = Field(0.01, gt=0, lt=1, description="auto: detector calibration target per batch")
+
+    @model_validator(mode="after")
+    def _objectives(self) -> "TuneConfig":
+        names = [o.metric for o in self.objectives]
+        if len(self.objectives) == 1:
+            raise ValueError("objectives: give two or more for a multi-objective search, or none and set `metric`")
+        if len(set(names)) != len(names):
+            raise ValueError(f"objectives: each metric once, got {names}")
+        if self.sampler == "nsga2" and not self.objectives:
+            raise ValueError("sampler: nsga2 is a multi-objective sampler; give objectives, or use tpe")
+        return self
 
 
 class RunConfig(Section):
@@ -536,11 +568,19 @@ class ExperimentConfig(Section):
         if self.privacy.local_dp and self.ray.compute == "vmap":
             raise ValueError("ray.compute: local DP-SGD (privacy.local_dp) runs on the loop; set ray.compute "
                              "to 'loop' or 'auto'")
+        objectives = {o.metric for o in self.tune.objectives}
+        if "epsilon" in objectives and self.privacy.mode == "off":
+            raise ValueError("tune.objectives: epsilon needs differential privacy (privacy.mode central or distributed)")
+        if "mia_auc" in objectives and not self.privacy.mia_audit:
+            raise ValueError("tune.objectives: mia_auc is measured by the audit; set privacy.mia_audit: true")
         dumped = self.model_dump()
         for i, param in enumerate(self.tune.params):
             node = dumped
             for part in param.key.split("."):
-                node = node.get(part) if isinstance(node, dict) else None
+                if isinstance(node, list):     # a list entry by its index, e.g. model.hidden.0
+                    node = node[int(part)] if part.isdigit() and int(part) < len(node) else None
+                else:
+                    node = node.get(part) if isinstance(node, dict) else None
             if isinstance(node, bool) or not isinstance(node, (int, float)):
                 raise ValueError(f"tune.params.{i}.key: {param.key!r} is not a numeric key of this config")
         if self.data.kind not in ("femnist", "table") or (self.data.kind == "table"

@@ -86,3 +86,22 @@ class MetricsLog:
 def finite_or_none(x: float) -> float | None:
     """JSON has no NaN: write null instead."""
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def pareto_front(points: np.ndarray, directions: Iterable[str]) -> np.ndarray:
+    """Indices of the non-dominated rows of `points` (trials x objectives); `directions[j]` is
+    "max" or "min" for objective j. A row is dominated when another is at least as good in every
+    objective and better in one; equal rows are all kept. Rows with a NaN never enter the front."""
+    p = np.asarray(points, dtype=np.float64)
+    sign = np.array([1.0 if d == "max" else -1.0 for d in directions])
+    if p.ndim != 2 or p.shape[1] != len(sign):
+        raise ValueError(f"pareto_front: points must be (trials, {len(sign)}), got shape {p.shape}")
+    g = p * sign                                            # every objective maximized
+    ok = ~np.isnan(g).any(axis=1)
+    front = []
+    for i in np.flatnonzero(ok):
+        others = g[ok]
+        dominated = ((others >= g[i]).all(axis=1) & (others > g[i]).any(axis=1)).any()
+        if not dominated:
+            front.append(int(i))
+    return np.array(front, dtype=int)

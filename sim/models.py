@@ -108,6 +108,30 @@ def init_params(model: nn.Module, gen: torch.Generator) -> torch.Tensor:
     return flat
 
 
+@torch.no_grad()
+def inference_ms(model: nn.Module, flat: torch.Tensor, input_shape: tuple[int, ...], batch: int = 64,
+                 repeats: int = 21) -> float:
+    """Median wall time (ms) of one forward pass of `model` with parameters `flat` on a batch of
+    `batch` inputs, on one CPU thread (what a serving replica of one CPU gets); the first call is
+    a warm-up. The inputs are zeros: the models here have no data-dependent control flow."""
+    import time
+
+    params = unflatten(flat.detach().float(), param_shapes(model))
+    x = torch.zeros(batch, *input_shape)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.func.functional_call(model, params, (x,))
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.func.functional_call(model, params, (x,))
+            times.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    return float(sorted(times)[len(times) // 2] * 1e3)
+
+
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

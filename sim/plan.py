@@ -92,13 +92,19 @@ class FederationPlan:
         the new config."""
         try:
             dp = replace(self.dp, clip_norm=cfg.privacy.clip_norm)
+            if self.dp.enabled and cfg.privacy.noise_multiplier not in (None, self.cfg.privacy.noise_multiplier):
+                dp = replace(dp, noise_multiplier=cfg.privacy.noise_multiplier)   # z itself is searched
             secagg = _secagg(cfg, dp)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        compute = resolve_compute(cfg.ray.compute, cfg.model.kind, cfg.privacy.local_dp,
-                                  build_model(cfg.model, self.input_shape, self.num_classes), self.input_shape)
+        model = build_model(cfg.model, self.input_shape, self.num_classes)
+        compute = resolve_compute(cfg.ray.compute, cfg.model.kind, cfg.privacy.local_dp, model, self.input_shape)
         panel = eval_individuals(cfg.seed, self.num_clients - len(self.canary_ids), cfg.eval.num_individuals)
-        return replace(self, cfg=cfg, dp=dp, local_dp=_local_dp(cfg), secagg=secagg, compute=compute, eval_ids=panel)
+        shape = {}
+        if cfg.model != self.cfg.model:     # an architecture is searched: its own seeded initial model
+            shape = {"n_params": num_params(model), "init_params": init_params(model, torch_gen(cfg.seed, "init")).numpy()}
+        return replace(self, cfg=cfg, dp=dp, local_dp=_local_dp(cfg), secagg=secagg, compute=compute, eval_ids=panel,
+                       **shape)
 
     @property
     def num_clients(self) -> int:

@@ -8,29 +8,45 @@ The searcher is Optuna's TPE through Tune's `OptunaSearch` (a Bayesian optimizer
 search, with a concurrency limit; ASHA stops weak trials early. The best trial's model is written
 as a member checkpoint with a model card, a *candidate* that `serve` can shadow-test.
 
+With `tune.objectives` the search is multi-objective (quality, inference latency of the trial's
+model, membership-inference leakage, epsilon; Optuna's multi-objective TPE or NSGA-II): the result
+is the Pareto front of the trials (`pareto.csv`), and every front member is written as a candidate.
+
+Under DP every trial round and metric report spends budget on the same users: a `PrivacyBudget`
+actor composes them with what the run had spent (`epsilon_tuning`, `epsilon_total`) and refuses
+rounds that would take the total past `privacy.target_epsilon`.
+
 The experiment directory is a normal Tune experiment (`tune.Tuner.restore` works on it).
 """
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import ray
+import torch
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from actors.privacy import PrivacyBudget
 from sim import checkpoint as ckpt
 from sim.cluster import init_ray, worker_resources
-from sim.config import ExperimentConfig, TuneParam, from_dict
+from sim.config import ConfigError, ExperimentConfig, TuneParam, from_dict
 from sim.federation import Federation
+from sim.metrics import pareto_front
+from sim.models import build_model, inference_ms
 from sim.plan import FederationPlan, input_profile
 
 METRIC_KEYS = ("acc_personalized_DI", "acc_global_DI")
+
+# the budget's thin actor: it only composes accountant histories
+BudgetActor = ray.remote(num_cpus=0)(PrivacyBudget)
 
 
 def search_space(params: list[TuneParam]) -> dict:
@@ -47,32 +63,77 @@ def search_space(params: list[TuneParam]) -> dict:
 
 
 def apply_params(raw: dict, params: dict) -> dict:
-    """A copy of the raw experiment config with dotted keys (e.g. 'algorithm.lr') set."""
+    """A copy of the raw experiment config with dotted keys (e.g. 'algorithm.lr', or
+    'model.hidden.0' for a list entry) set."""
     raw = copy.deepcopy(raw)
     for dotted, value in params.items():
         node = raw
         *path, last = dotted.split(".")
         for part in path:
-            node = node.setdefault(part, {})
-        node[last] = int(value) if isinstance(value, (np.integer,)) else value
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        value = int(value) if isinstance(value, (np.integer,)) else value
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
     return raw
 
 
-def federation_trial(params: dict, plan: FederationPlan, start: str | None, rounds: int, start_round: int) -> None:
+def worst_round_noise(plan: FederationPlan) -> float:
+    """The smallest noise multiplier a round of this plan can release with: in the distributed
+    mode only the survivors' shares reach the sum, at worst the secure-aggregation threshold."""
+    dp = plan.dp
+    if dp.mode == "distributed" and plan.secagg is not None:
+        return dp.round_noise(min(plan.secagg.threshold, dp.expected_clients))
+    return dp.noise_multiplier
+
+
+def trial_objectives(fed: Federation, objectives: set[str], rounds_done: int, g: np.ndarray) -> dict:
+    """The objectives that are not the private accuracies, for the trial's model after a round:
+    its inference time per batch and the audit's membership-inference AUC (the larger of the
+    global and the personalized models': the attacker picks)."""
+    cfg, out = fed.cfg, {}
+    model = build_model(cfg.model, fed.plan.input_shape, fed.plan.num_classes)
+    out["latency_ms"] = inference_ms(model, torch.tensor(g), tuple(fed.plan.input_shape), cfg.tune.latency_batch)
+    if "mia_auc" in objectives:
+        ev = fed.evaluate(rounds_done, g)
+        out["mia_auc"] = max(ev["mia_auc_global"], ev["mia_auc_personalized"])
+    return out
+
+
+def federation_trial(params: dict, plan: FederationPlan, start: str | None, rounds: int, start_round: int,
+                     budget=None) -> None:
     """Tune's function trainable: a few rounds of the federation under `params`, from the base
-    plan (data, initial model and noise decided once on the driver)."""
+    plan (data, initial model and noise decided once on the driver). Under DP each round is
+    reserved with the tuning's `budget` first: a refused round ends the trial (the privacy
+    budget is spent), and the trial reports the epsilon its own rounds and reports spent."""
     cfg = from_dict(apply_params(plan.cfg.model_dump(mode="json"), params))
     fed = Federation(plan.with_config(cfg))
+    dp = fed.plan.dp
+    own = PrivacyBudget(dp) if dp.enabled else None     # this trial's own spending (objective epsilon)
+    objectives = {o.metric for o in cfg.tune.objectives}
     try:
         g = ckpt.load(Path(start)).global_params if start else fed.plan.init_params
         for r in range(rounds):
+            rid = None
+            if budget is not None:
+                rid = ray.get(budget.reserve.remote(worst_round_noise(fed.plan), dp.metric_release_noise))
+                if rid is None:
+                    break          # one more round would take the run past privacy.target_epsilon
             res = fed.train_round(start_round + r, g)
             g = res.global_params
             metric = fed.private_metric(start_round + r + 1, g)
+            report = {**{k: metric[k] for k in METRIC_KEYS}, "round": r + 1,
+                      **trial_objectives(fed, objectives, start_round + r + 1, g)}
+            if dp.enabled:
+                released = 0.0 if res.metrics.get("skipped") else dp.round_noise(res.metrics.get("secagg_survivors"))
+                own.reserve(released, dp.metric_release_noise)
+                if rid is not None:
+                    ray.get(budget.settle.remote(rid, released, dp.metric_release_noise))
+                report["epsilon"] = own.epsilon()["epsilon_tuning"]
             with tempfile.TemporaryDirectory() as d:
                 np.save(Path(d) / "global.npy", g)
-                tune.report({**{k: metric[k] for k in METRIC_KEYS}, "round": r + 1},
-                            checkpoint=tune.Checkpoint.from_directory(d))
+                tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
     finally:
         fed.shutdown()
 
@@ -85,52 +146,132 @@ def trial_resources(cfg: ExperimentConfig) -> tune.PlacementGroupFactory:
     return tune.PlacementGroupFactory([{"CPU": 0.01}] + [worker] * cfg.ray.num_workers)
 
 
-def make_trainable(cfg: ExperimentConfig, start: str | None = None, start_round: int = 0):
-    """The trial function with its fixed arguments and resources (also what `Tuner.restore` needs)."""
+def make_trainable(cfg: ExperimentConfig, start: str | None = None, start_round: int = 0, budget=None):
+    """The trial function with its fixed arguments and resources (also what `Tuner.restore` needs;
+    a restored search starts a fresh `budget`: its earlier trials are not in it)."""
     trainable = tune.with_parameters(federation_trial, plan=FederationPlan.from_config(cfg), start=start,
-                                     rounds=cfg.tune.rounds_per_trial, start_round=start_round)
+                                     rounds=cfg.tune.rounds_per_trial, start_round=start_round, budget=budget)
     return tune.with_resources(trainable, trial_resources(cfg))
 
 
-def build_tuner(cfg: ExperimentConfig, storage: Path, name: str, start: str | None = None,
-                start_round: int = 0) -> tune.Tuner:
+def searcher(cfg: ExperimentConfig):
+    """Optuna through Tune (TPE, or NSGA-II for several objectives), seeded; None: random search."""
+    import optuna
+
     t = cfg.tune
-    searcher = None
-    if t.searcher == "optuna":
-        searcher = ConcurrencyLimiter(OptunaSearch(seed=cfg.seed), max_concurrent=t.max_concurrent)
-    scheduler = ASHAScheduler(time_attr="round", max_t=t.rounds_per_trial, grace_period=min(t.grace_period, t.rounds_per_trial),
-                              reduction_factor=t.reduction_factor)
+    if t.searcher != "optuna":
+        return None
+    if not t.objectives:
+        return ConcurrencyLimiter(OptunaSearch(seed=cfg.seed), max_concurrent=t.max_concurrent)
+    sampler = (optuna.samplers.NSGAIISampler(seed=cfg.seed) if t.sampler == "nsga2"
+               else optuna.samplers.TPESampler(seed=cfg.seed))
+    search = OptunaSearch(metric=[o.metric for o in t.objectives], mode=[o.direction for o in t.objectives],
+                          sampler=sampler)
+    return ConcurrencyLimiter(search, max_concurrent=t.max_concurrent)
+
+
+def build_tuner(cfg: ExperimentConfig, storage: Path, name: str, start: str | None = None,
+                start_round: int = 0, budget=None) -> tune.Tuner:
+    t = cfg.tune
+    if t.objectives:     # ASHA compares one metric; several objectives run every trial to the end
+        scheduler, metric, mode = FIFOScheduler(), None, None
+    else:
+        scheduler = ASHAScheduler(time_attr="round", max_t=t.rounds_per_trial,
+                                  grace_period=min(t.grace_period, t.rounds_per_trial), reduction_factor=t.reduction_factor)
+        metric, mode = t.metric, "max"
     return tune.Tuner(
-        make_trainable(cfg, start, start_round),
+        make_trainable(cfg, start, start_round, budget),
         param_space=search_space(t.params),
-        tune_config=tune.TuneConfig(metric=t.metric, mode="max", search_alg=searcher, scheduler=scheduler,
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher(cfg), scheduler=scheduler,
                                     num_samples=t.num_samples, max_concurrent_trials=t.max_concurrent),
         run_config=tune.RunConfig(name=name, storage_path=str(storage.resolve()), verbose=0),
     )
 
 
+def check_start(cfg: ExperimentConfig, start: str | None) -> None:
+    """A search that changes the architecture cannot continue a run's model."""
+    searched = [p.key for p in cfg.tune.params if p.key.startswith("model.")]
+    if start is not None and searched:
+        raise ConfigError(f"tune.params: {searched[0]} changes the model's architecture; a search from a checkpoint "
+                          "(--start, tune.auto) continues that model, so search no model.* key there")
+
+
 def run_tune(cfg: ExperimentConfig, start: str | None = None, start_round: int = 0,
              out_dir: Path | None = None, name: str = "tune") -> dict:
-    """Search, then write the best trial's model as a candidate member. Returns a summary."""
+    """Search, then write the best trial's model (and with several objectives every Pareto-front
+    member) as a candidate member. Returns a summary."""
+    check_start(cfg, start)
     storage = Path(out_dir or Path(cfg.run.out_dir) / "tune")
     started = init_ray(cfg.ray.address, cfg.ray.connect_timeout_s)
     try:
-        results = build_tuner(cfg, storage, name, start, start_round).fit()
+        budget = None
+        plan = FederationPlan.from_config(cfg)
+        if plan.dp.enabled:
+            base = ckpt.load(Path(start)).accountant if start else None
+            budget = BudgetActor.remote(plan.dp, base, cfg.privacy.target_epsilon)
+        results = build_tuner(cfg, storage, name, start, start_round, budget).fit()
+        spent = ray.get(budget.epsilon.remote()) if budget is not None else None
+        if budget is not None:
+            ray.kill(budget)
     finally:
         if started:
             ray.shutdown()
-    best = results.get_best_result(metric=cfg.tune.metric, mode="max")
-    if best.checkpoint is None:
-        raise RuntimeError(f"tune: no trial reported a result; first error: {results.errors[:1]}")
-    params = np.load(Path(best.checkpoint.path) / "global.npy")
-    tuned = from_dict(apply_params(cfg.model_dump(mode="json"), best.config))
-    candidate = write_candidate(tuned, params, storage / name / "candidate", best.metrics, best.config)
-    curves = [[float(v) for v in r.metrics_dataframe[cfg.tune.metric]] for r in results if r.metrics_dataframe is not None]
-    summary = {"experiment": str(storage / name), "best_config": best.config,
-               "best_metric": float(best.metrics[cfg.tune.metric]), "metric": cfg.tune.metric,
-               "trials": len(results), "candidate": str(candidate), "curves": curves}
+    summary = summarize(cfg, results, storage / name, spent)
     (storage / name / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def summarize(cfg: ExperimentConfig, results, experiment: Path, spent: dict | None) -> dict:
+    """The best trial by `tune.metric` (or by the first objective) as the candidate; the Pareto
+    front of a multi-objective search; the privacy the search spent."""
+    t = cfg.tune
+    rank_by, rank_mode = (t.objectives[0].metric, t.objectives[0].direction) if t.objectives else (t.metric, "max")
+    done = [r for r in results if r.checkpoint is not None and r.metrics and rank_by in r.metrics]
+    if not done:
+        why = "the privacy budget (privacy.target_epsilon) allowed no round" if spent and not spent["reserved_rounds"] \
+            else f"first error: {results.errors[:1]}"
+        raise RuntimeError(f"tune: no trial reported a result; {why}")
+    best = (max if rank_mode == "max" else min)(done, key=lambda r: r.metrics[rank_by])
+    candidate = _candidate(cfg, best, experiment / "candidate")
+    curves = [[float(v) for v in r.metrics_dataframe[t.metric]] for r in results
+              if r.metrics_dataframe is not None and t.metric in r.metrics_dataframe]
+    summary = {"experiment": str(experiment), "best_config": best.config,
+               "best_metric": float(best.metrics[t.metric]), "metric": t.metric,
+               "trials": len(results), "candidate": str(candidate), "curves": curves,
+               "epsilon_tuning": spent["epsilon_tuning"] if spent else None,
+               "epsilon_total": spent["epsilon_total"] if spent else None,
+               "privacy_state": spent["accountant_state"] if spent else None}
+    if t.objectives:
+        summary.update(objectives=[{"metric": o.metric, "mode": o.direction} for o in t.objectives],
+                       pareto=write_pareto(cfg, done, experiment))
+    return summary
+
+
+def write_pareto(cfg: ExperimentConfig, done: list, experiment: Path) -> list[dict]:
+    """The non-dominated trials (their configs, objective values and candidate members), also as
+    `pareto.csv` in the experiment directory."""
+    objectives = cfg.tune.objectives
+    points = np.array([[r.metrics.get(o.metric, np.nan) for o in objectives] for r in done], dtype=np.float64)
+    front = []
+    for i in pareto_front(points, [o.direction for o in objectives]):
+        r = done[i]
+        member = _candidate(cfg, r, experiment / "pareto" / Path(r.path).name)
+        front.append({"trial": Path(r.path).name, **{o.metric: float(r.metrics[o.metric]) for o in objectives},
+                      "config": r.config, "candidate": str(member)})
+    keys = sorted({k for row in front for k in row["config"]})
+    with open(experiment / "pareto.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["trial", *[o.metric for o in objectives], *keys, "candidate"])
+        for row in front:
+            w.writerow([row["trial"], *[row[o.metric] for o in objectives], *[row["config"].get(k) for k in keys],
+                        row["candidate"]])
+    return front
+
+
+def _candidate(cfg: ExperimentConfig, result, out: Path) -> Path:
+    params = np.load(Path(result.checkpoint.path) / "global.npy")
+    tuned = from_dict(apply_params(cfg.model_dump(mode="json"), result.config))
+    return write_candidate(tuned, params, out, result.metrics, result.config)
 
 
 def write_candidate(cfg: ExperimentConfig, params: np.ndarray, out: Path, metrics: dict, config: dict) -> Path:
@@ -139,7 +280,7 @@ def write_candidate(cfg: ExperimentConfig, params: np.ndarray, out: Path, metric
 
     data = build_dataset(cfg.data, cfg.seed)
     shape, classes = list(data.input_shape), data.num_classes
-    quality = {k: float(metrics[k]) for k in METRIC_KEYS if k in metrics}
+    quality = {k: float(metrics[k]) for k in (*METRIC_KEYS, "latency_ms", "mia_auc", "epsilon") if k in metrics}
     return ckpt.save_member(out, cfg.model.model_dump(mode="json"), params, shape, classes,
                             input_profile(data, cfg.seed), quality, tuned=config,
                             adaptation={"lr": cfg.eval.finetune_lr, "steps": cfg.eval.finetune_steps,

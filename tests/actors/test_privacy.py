@@ -350,3 +350,62 @@ def test_sampling_is_validated():
         Sampling("uniform", 10, 5)
     assert Sampling("poisson", 40, 10).adjacency == "add/remove one user"
     assert Sampling("fixed", 40, 10).adjacency == "replace one user"
+
+
+def test_releases_compose_with_rounds_and_checkpoint():
+    """A tuning metric release is an unsampled Gaussian step; `steps` counts rounds only; the
+    state round-trips, for Poisson (Opacus) and fixed-size cohorts (dp-accounting) alike."""
+    from actors.privacy import FixedCohortAccountant, PrivacyAccountant, Sampling, epsilon_for
+
+    acc = PrivacyAccountant("rdp")
+    for _ in range(5):
+        acc.step(1.0, 0.1)
+    before = acc.epsilon(1e-5)
+    acc.release(2.0)
+    assert acc.steps == 5 and acc.epsilon(1e-5) > before
+    assert acc.epsilon(1e-5) > epsilon_for(2.0, 1.0, 1, 1e-5)          # more than the release alone
+    again = PrivacyAccountant.from_state_dict(acc.state_dict())
+    assert again.steps == 5 and again.epsilon(1e-5) == pytest.approx(acc.epsilon(1e-5))
+    fixed = FixedCohortAccountant(Sampling("fixed", 100, 10))
+    fixed.step(1.0)
+    e1 = fixed.epsilon(1e-5)
+    fixed.release(2.0)
+    fixed.release(2.0)
+    assert fixed.releases == [[2.0, 2]] and fixed.epsilon(1e-5) > e1 and fixed.steps == 1
+    copy_ = FixedCohortAccountant(Sampling("fixed", 100, 10))
+    copy_.load_state_dict(fixed.state_dict())
+    assert copy_.epsilon(1e-5) == pytest.approx(fixed.epsilon(1e-5))
+
+
+@pytest.mark.parametrize("kind", ["poisson", "fixed"])
+def test_privacy_budget_refuses_what_would_overshoot(kind):
+    from actors.privacy import PrivacyBudget, Sampling, UserLevelDP, make_accountant
+
+    dp = UserLevelDP("central", 1.0, 4.0, 10, Sampling(kind, 100, 10), 1e-5, "rdp")
+    base = make_accountant("rdp", dp.sampling)
+    for _ in range(3):
+        base.step(1.0, 0.1)
+    spent_before = base.epsilon(1e-5)
+    target = spent_before + 2.0
+    budget = PrivacyBudget(dp, base.state_dict(), target)
+    granted = []
+    while (rid := budget.reserve(4.0, dp.metric_release_noise)) is not None:
+        granted.append(rid)
+        assert len(granted) < 1000
+    out = budget.epsilon()
+    assert granted and out["epsilon_total"] <= target < out["epsilon_total"] + 10
+    assert out["reserved_rounds"] == len(granted) and out["epsilon_tuning"] < out["epsilon_total"]
+    # the same composition built by hand: the base rounds, then each granted round and release
+    ref = make_accountant("rdp", dp.sampling)
+    ref.load_state_dict(base.state_dict())
+    for _ in granted:
+        ref.step(4.0, 0.1)
+        ref.release(4.0 / 2 ** 0.5)
+    assert out["epsilon_total"] == pytest.approx(ref.epsilon(1e-5))
+    # settling a round that released no model (e.g. a skipped round) leaves only its metric release
+    budget.settle(granted[0], 0.0, dp.metric_release_noise)
+    assert budget.epsilon()["epsilon_total"] < out["epsilon_total"]
+    with pytest.raises(KeyError, match="reservation 9999: unknown"):
+        budget.settle(9999, 1.0, 1.0)
+    # no target: every reservation is granted
+    assert PrivacyBudget(dp).reserve(1.0, 1.0) == 0

@@ -36,7 +36,6 @@ def test_defaults_and_quickstart_load():
     ({"privacy": {"local_dp": True}, "ray": {"compute": "vmap"}}, "ray.compute: local DP-SGD (privacy.local_dp) runs on the loop"),
     ({"ray": {"path": "loop", "compute": "vmap"}}, "ray.path: deprecated alias of ray.compute; give only ray.compute"),
     ({"privacy": {"local_clip": 0}}, "privacy.local_clip: Input should be greater than 0"),
-    ({"privacy": {"noise_multiplier": 1.0, "target_epsilon": 3.0}}, "privacy.target_epsilon: give either"),
     ([1, 2], "expected a mapping"),
 ])
 def test_bad_values_name_the_key(raw, expected):
@@ -120,3 +119,31 @@ def test_table_config_errors_name_their_keys():
         with pytest.raises(C.ConfigError) as e:
             C.from_dict(raw)
         assert str(e.value).startswith(f"config: {expected}"), str(e.value)
+
+
+@pytest.mark.parametrize("tune, privacy, message", [
+    ({"objectives": [{"metric": "latency_ms"}]}, {}, "tune.objectives: .*two or more"),
+    ({"objectives": [{"metric": "latency_ms"}, {"metric": "latency_ms"}]}, {}, "tune.objectives: each metric once"),
+    ({"sampler": "nsga2"}, {}, "tune.sampler: nsga2 is a multi-objective sampler"),
+    ({"objectives": [{"metric": "acc_global_DI"}, {"metric": "epsilon"}]}, {},
+     "tune.objectives: epsilon needs differential privacy"),
+    ({"objectives": [{"metric": "acc_global_DI"}, {"metric": "mia_auc"}]}, {"mia_audit": False},
+     "tune.objectives: mia_auc is measured by the audit"),
+    ({"objectives": [{"metric": "acc_global_DI"}, {"metric": "speed"}]}, {}, r"tune.objectives.1.metric"),
+    ({"params": [{"key": "model.hidden.3", "low": 8, "high": 64, "integer": True}]}, {},
+     "tune.params.0.key: 'model.hidden.3' is not a numeric key"),
+])
+def test_tune_objectives_are_checked(tune, privacy, message):
+    from tests.conftest import tiny_raw
+
+    with pytest.raises(C.ConfigError, match=message):
+        C.from_dict(tiny_raw(tune=tune, privacy={"audit_canaries": 0, **privacy}))
+
+
+def test_tune_objective_directions_and_list_keys():
+    from tests.conftest import tiny_raw
+
+    cfg = C.from_dict(tiny_raw(tune={"objectives": [{"metric": "acc_personalized_DI"}, {"metric": "latency_ms"},
+                                                  {"metric": "mia_auc", "mode": "max"}],
+                                   "params": [{"key": "model.hidden.0", "low": 8, "high": 64, "integer": True}]}))
+    assert [o.direction for o in cfg.tune.objectives] == ["max", "min", "max"]

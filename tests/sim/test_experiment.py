@@ -301,16 +301,25 @@ def test_last_evaluation_exports_personalized_models(ray_session, tmp_path):
 def test_run_with_drift_and_auto_tuning(ray_session, tmp_path):
     """data.drift rotates everyone's images at round 4; the watcher (calibrated on rounds 1-3)
     raises the alarm right after, Tune searches from that checkpoint, and the run finishes under
-    the best configuration."""
+    the best configuration. Under DP the trials' rounds and metric reports are in the run's epsilon."""
+    from actors.privacy import epsilon_for
+
     raw = tiny_raw(tmp_path, data={"num_clients": 60, "samples_per_client": 40,
                                    "drift": {"at_round": 4, "rotation": 90.0}},
                    federation={"rounds": 7}, eval={"every": 7},
+                   privacy={"mode": "central", "noise_multiplier": 3.0, "audit_canaries": 0},
                    tune={"auto": True, "reference_rounds": 3, "watch_individuals": 40, "num_samples": 2,
                          "max_concurrent": 2, "rounds_per_trial": 1, "grace_period": 1})
     run_dir, s = run_experiment(from_dict(raw))
     assert s["rounds"] == 7 and s["drift_alarm_round"] == 5
     assert set(s["tuned_config"]) == {"algorithm.lr", "algorithm.local_epochs", "eval.finetune_lr"}
     assert Path(s["tune_experiment"]).is_dir() and (run_dir / "tune").is_dir()
+    # 7 rounds at z = 3 alone spend less than the run did with its 2 trial rounds and 2 reports
+    from sim.plan import FederationPlan
+
+    dp = FederationPlan.from_config(from_dict(raw)).dp
+    alone = epsilon_for(3.0, dp.sample_rate, 7, dp.delta, sampling=dp.sampling)
+    assert 0 < s["epsilon_tuning"] <= s["epsilon"] and s["epsilon"] > alone
 
 
 def test_tuning_metric_under_secure_aggregation_equals_the_plain_mean(ray_session, tmp_path):

@@ -53,3 +53,74 @@ def test_tune_search_end_to_end(ray_session, tmp_path):
 
     restored = tune.Tuner.restore(out["experiment"], trainable=make_trainable(from_dict(raw), str(run_dir), 2))
     assert len(restored.get_results()) == 3
+
+
+def test_list_entries_architecture_and_start_check(tmp_path):
+    """A list entry is searched by its index; a trial with another width gets its own seeded
+    initial model; an architecture search cannot continue a checkpoint."""
+    import torch
+
+    from sim.models import build_model, inference_ms
+    from sim.plan import FederationPlan
+    from sim.tune import check_start
+
+    raw = tiny_raw(tmp_path, tune={"params": [{"key": "model.hidden.0", "low": 8, "high": 64, "integer": True}]})
+    out = apply_params(raw, {"model.hidden.0": np.int64(16)})
+    assert out["model"]["hidden"] == [16] and raw["model"]["hidden"] == [32]
+    plan = FederationPlan.from_config(from_dict(raw))
+    wide, narrow = plan.with_config(from_dict(out)), plan.with_config(from_dict(raw))
+    assert narrow.n_params == plan.n_params and np.array_equal(narrow.init_params, plan.init_params)
+    assert wide.n_params < plan.n_params and wide.init_params.shape == (wide.n_params,)
+    assert np.array_equal(wide.init_params, plan.with_config(from_dict(out)).init_params)     # seeded
+    with pytest.raises(ConfigError, match="tune.params: model.hidden.0 changes the model's architecture"):
+        check_start(from_dict(raw), str(tmp_path))
+    check_start(from_dict(raw), None)
+    model = build_model(from_dict(out).model, plan.input_shape, plan.num_classes)
+    assert inference_ms(model, torch.tensor(wide.init_params), plan.input_shape, batch=8, repeats=3) > 0
+
+
+def test_noise_and_target_together_fix_z_and_cap_the_budget():
+    from sim.plan import FederationPlan
+
+    plan = FederationPlan.from_config(from_dict(tiny_raw(privacy={"mode": "central", "noise_multiplier": 3.0,
+                                                                   "target_epsilon": 5.0, "audit_canaries": 0})))
+    assert plan.dp.noise_multiplier == 3.0 and plan.dp.target_epsilon == 5.0
+
+
+@pytest.mark.slow
+def test_multi_objective_search_under_a_privacy_budget(ray_session, tmp_path):
+    """Two objectives (quality, latency) over the hidden width: the front is non-dominated and on
+    disk (pareto.csv, each member a servable candidate); the search's rounds and metric releases
+    are accounted, stay within privacy.target_epsilon, and the budget ends the search early."""
+    import csv
+
+    import yaml
+
+    from sim.checkpoint import load_model
+    from sim.metrics import pareto_front
+
+    raw = tiny_raw(tmp_path, privacy={"mode": "central", "noise_multiplier": 4.0, "target_epsilon": 6.0,
+                                      "audit_canaries": 0},
+                   tune={"num_samples": 4, "max_concurrent": 2, "rounds_per_trial": 3,
+                         "objectives": [{"metric": "acc_personalized_DI"}, {"metric": "latency_ms"}],
+                         "params": [{"key": "model.hidden.0", "low": 4, "high": 256, "integer": True, "log": True},
+                                    {"key": "algorithm.lr", "low": 0.05, "high": 0.3, "log": True}]},
+                   ray={"num_workers": 1, "num_cpus_per_worker": 0.5})
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = CliRunner().invoke(app, ["tune", str(path), "--json", "--name", "mo"])
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.stdout.strip().splitlines() if not re.match(r"^(\x1b\[[0-9;]*m)?\(", line)]
+    out = json.loads(lines[-2])
+    assert [o["metric"] for o in out["objectives"]] == ["acc_personalized_DI", "latency_ms"]
+    assert 0 < out["epsilon_tuning"] <= 6.0 and out["epsilon_total"] == pytest.approx(out["epsilon_tuning"])
+    front = out["pareto"]
+    points = np.array([[m["acc_personalized_DI"], m["latency_ms"]] for m in front])
+    assert front and len(pareto_front(points, ["max", "min"])) == len(front)
+    rows = list(csv.DictReader(open(f"{out['experiment']}/pareto.csv")))
+    assert [r["trial"] for r in rows] == [m["trial"] for m in front]
+    model, card = load_model(front[0]["candidate"])
+    assert card["tuned"] == front[0]["config"] and card["model"]["n_params"] == sum(p.numel() for p in model.parameters())
+    # the budget: 4 trials x 3 rounds would be 12 rounds and 12 releases; far fewer fit in epsilon 6
+    summary = json.loads(open(f"{out['experiment']}/summary.json").read())
+    assert summary["privacy_state"]["releases"] < 12
