@@ -96,6 +96,9 @@ def test_drift_eval_reports_delay_and_false_alarms():
     out = json.loads(res.output.strip().splitlines()[-1])
     assert set(out["detectors"]) == {"autoencoder", "isolation_forest", "ks_autoencoder"}
     for r in out["detectors"].values():
-        assert r["detection_delay"] is not None and r["detection_delay"] <= 3 and r["false_alarm_rate"] <= 0.15
+        (delay,) = r["detection_delay"]
+        fa = r["false_alarm_rate"]
+        assert delay is not None and delay <= 3 and fa["mean"] <= 0.15 and fa["interval"] is None
+        assert fa["pooled_interval"][0] <= fa["pooled"] <= fa["pooled_interval"][1]
     bad = CliRunner().invoke(app, ["drift", "eval", "--kind", "sideways"])
     assert isinstance(bad.exception, ConfigError) and "--kind: expected rotation" in str(bad.exception)

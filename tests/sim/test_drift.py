@@ -253,3 +253,19 @@ def test_bad_arguments_name_the_field():
         FirstColumn().fit_calibrated(np.zeros((20, 2)), 0.05, 4, np_rng(0, "c"), holdout=1.0)
     with pytest.raises(RuntimeError, match="fit"):
         IsolationForestDetector().score(np.zeros((2, 2)))
+
+
+def test_false_alarm_summary_intervals():
+    """The across-seed t interval and the pooled exact binomial interval, and the target check."""
+    from sim.drift import false_alarm_summary
+
+    s = false_alarm_summary([0.04, 0.06, 0.05, 0.05], alarms=200, batches=4000, target=0.05)
+    assert s["mean"] == pytest.approx(0.05) and s["within_target"]
+    lo, hi = s["interval"]
+    assert lo < 0.05 < hi and hi - lo == pytest.approx(2 * 3.182 * 0.00816 / 2, rel=1e-3)
+    assert s["pooled"] == 0.05 and s["pooled_interval"][0] < 0.05 < s["pooled_interval"][1]
+    off = false_alarm_summary([0.09, 0.10, 0.095], alarms=285, batches=3000, target=0.05)
+    assert not off["within_target"] and off["interval"][0] > 0.05 and off["exceeds_target"]
+    assert not s["exceeds_target"]
+    one = false_alarm_summary([0.07], alarms=70, batches=1000, target=0.05)
+    assert one["interval"] is None and not one["within_target"]
