@@ -415,7 +415,8 @@ def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped), 
           tune_: Annotated[bool, typer.Option("--tune", help="after a drift: tuned vs untuned recovery, Bayesian vs 4x random search")] = False,
           seconds: Annotated[float, typer.Option(min=0.5, help="--serve: seconds per concurrency level")] = 5.0,
           async_: Annotated[bool, typer.Option("--async", help="synchronous FedAvg vs FedBuff to eval.target on simulated heterogeneous devices (configs/heterogeneous.yaml)")] = False,
-          seeds: Annotated[int, typer.Option(min=1, help="--async: seeds, each run both ways (medians compared)")] = 3,
+          seeds: Annotated[int, typer.Option(min=1, help="--async: seeds, each run both ways (medians compared); "
+                                                         "--tune: seeds 0..N-1, each a whole comparison")] = 3,
           as_json: Annotated[bool, typer.Option("--json", help="last line: one JSON object")] = False) -> None:
     """Throughput of the actor pool on a fixed workload (or, with --serve, of the Serve app)."""
     from sim.bench import WORKLOADS, run_bench, run_secagg_bench, run_serve_bench, workload_config
@@ -441,15 +442,21 @@ def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped), 
     if tune_:
         from sim.bench import run_tune_bench
 
-        res = run_tune_bench(workload_config("tune", list(set_)))
-        print(f"after the drift ({res['metric']}, {res['post_rounds']} rounds):")
-        print("  untuned: " + " ".join(f"{v:.3f}" for v in res["untuned_curve"]))
-        print("  tuned:   " + " ".join(f"{v:.3f}" for v in res["tuned_curve"]) + f"  ({res['best_config']})")
-        print(f"Bayesian (TPE) trials to reach 95% of the best of {res['random_trials']} random trials "
-              f"({res['random_best']:.3f}): {res['bo_trials_to_95']} of {res['bo_trials']}")
+        res = run_tune_bench(workload_config("tune", list(set_)), seeds=range(seeds))
+        for r in res["runs"]:
+            print(f"seed {r['seed']}, after the drift ({r['metric']}, {r['post_rounds']} rounds):")
+            print("  untuned: " + " ".join(f"{v:.3f}" for v in r["untuned_curve"]))
+            print("  tuned:   " + " ".join(f"{v:.3f}" for v in r["tuned_curve"]) + f"  ({r['best_config']})")
+            print(f"  Bayesian (TPE) trials to reach 95% of the best of {r['random_trials']} random trials "
+                  f"({r['random_best']:.3f}): {r['bo_trials_to_95']} of {r['bo_trials']}")
+        print(f"over {len(res['seeds'])} seeds: tuned {res['tuned_acc_mean']:.3f} +- {res['tuned_acc_sd']:.3f}, untuned "
+              f"{res['untuned_acc_mean']:.3f} +- {res['untuned_acc_sd']:.3f}; TPE reached 95% of random search's best "
+              f"in {res['bo_reached_95']} of {len(res['seeds'])} seeds ({res['bo_trials_to_95_seeds']})")
         if as_json:
-            print(json.dumps({k: res[k] for k in ("tuned_acc", "untuned_acc", "bo_trials_to_95", "random_trials",
-                                                   "bo_trials", "random_best", "untuned_curve", "tuned_curve")}))
+            keys = ("tuned_acc", "untuned_acc", "bo_trials_to_95", "random_trials", "bo_trials", "random_best",
+                    "untuned_curve", "tuned_curve", "seed")
+            print(json.dumps({**{k: v for k, v in res.items() if k != "runs"},
+                              "runs": [{k: r[k] for k in keys} for r in res["runs"]]}))
         return
     if serve_:
         from sim.bench import SERVE_TARGETS

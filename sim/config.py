@@ -493,6 +493,10 @@ class TuneConfig(Section):
                                           "through Tune's OptunaSearch, no early stopping) whose result is the Pareto "
                                           "front; empty: maximize `metric`")
     sampler: Literal["tpe", "nsga2"] = Field("tpe", description="optuna: the sampler (nsga2 only with objectives)")
+    startup_trials: int = Field(3, ge=1, description="optuna tpe: random trials before the model proposes (Optuna's "
+                                                     "default 10 would leave a short search random)")
+    warm_start: bool = Field(True, description="optuna: the first trial runs the config's own values (e.g. the "
+                                               "pre-drift hyperparameters), clipped into the ranges")
     latency_batch: int = Field(64, ge=1, description="objective latency_ms: inputs per timed inference batch")
     grace_period: int = Field(3, ge=1, description="ASHA: rounds before a trial can be stopped")
     reduction_factor: int = Field(2, ge=2)

@@ -24,6 +24,7 @@ import copy
 import csv
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -154,19 +155,35 @@ def make_trainable(cfg: ExperimentConfig, start: str | None = None, start_round:
     return tune.with_resources(trainable, trial_resources(cfg))
 
 
-def searcher(cfg: ExperimentConfig):
-    """Optuna through Tune (TPE, or NSGA-II for several objectives), seeded; None: random search."""
-    import optuna
+def current_values(cfg: ExperimentConfig) -> dict:
+    """The config's own values of the searched keys, clipped into their ranges (a warm start)."""
+    raw, out = cfg.model_dump(mode="json"), {}
+    for p in cfg.tune.params:
+        node = raw
+        for part in p.key.split("."):
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        value = min(max(node, p.low), p.high)
+        out[p.key] = int(round(value)) if p.integer else float(value)
+    return out
 
+
+def searcher(cfg: ExperimentConfig):
+    """Optuna through Tune, seeded: TPE (multivariate, `tune.startup_trials` random trials first)
+    or NSGA-II for several objectives, warm-started from the config's own values; or seeded
+    random search."""
+    import optuna
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)   # multivariate TPE
     t = cfg.tune
     if t.searcher != "optuna":
-        return None
-    if not t.objectives:
-        return ConcurrencyLimiter(OptunaSearch(seed=cfg.seed), max_concurrent=t.max_concurrent)
+        return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=t.max_concurrent)
     sampler = (optuna.samplers.NSGAIISampler(seed=cfg.seed) if t.sampler == "nsga2"
-               else optuna.samplers.TPESampler(seed=cfg.seed))
-    search = OptunaSearch(metric=[o.metric for o in t.objectives], mode=[o.direction for o in t.objectives],
-                          sampler=sampler)
+               else optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=t.startup_trials, multivariate=True))
+    objectives = {"metric": [o.metric for o in t.objectives], "mode": [o.direction for o in t.objectives]} \
+        if t.objectives else {"metric": t.metric, "mode": "max"}
+    warm = [current_values(cfg)] if t.warm_start else None
+    search = OptunaSearch(sampler=sampler, points_to_evaluate=warm, **objectives)
     return ConcurrencyLimiter(search, max_concurrent=t.max_concurrent)
 
 

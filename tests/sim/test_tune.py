@@ -124,3 +124,39 @@ def test_multi_objective_search_under_a_privacy_budget(ray_session, tmp_path):
     # the budget: 4 trials x 3 rounds would be 12 rounds and 12 releases; far fewer fit in epsilon 6
     summary = json.loads(open(f"{out['experiment']}/summary.json").read())
     assert summary["privacy_state"]["releases"] < 12
+
+
+def test_searchers_are_seeded_and_warm_started():
+    """TPE starts from the config's own values (clipped into the ranges) after which it models
+    from `startup_trials` trials on; random search is seeded."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from sim.tune import current_values, searcher
+
+    cfg = from_dict(tiny_raw(algorithm={"lr": 2.0, "local_epochs": 3},
+                             tune={"startup_trials": 2,
+                                   "params": [{"key": "algorithm.lr", "low": 0.01, "high": 0.5, "log": True},
+                                              {"key": "algorithm.local_epochs", "low": 1, "high": 10, "integer": True},
+                                              {"key": "model.hidden.0", "low": 8, "high": 64, "integer": True}]}))
+    assert current_values(cfg) == {"algorithm.lr": 0.5, "algorithm.local_epochs": 3, "model.hidden.0": 32}
+    tpe = searcher(cfg).searcher
+    assert tpe._points_to_evaluate == [current_values(cfg)] and tpe._sampler._n_startup_trials == 2
+    cold = from_dict(tiny_raw(tune={"warm_start": False}))
+    assert not searcher(cold).searcher._points_to_evaluate
+    draws = [searcher(from_dict(tiny_raw(tune={"searcher": "random"})))._random_state.random() for _ in range(2)]
+    assert draws[0] == draws[1] == BasicVariantGenerator(random_state=3)._random_state.random()     # the run's seed
+
+
+def test_tune_bench_reports_across_seeds(monkeypatch):
+    """`bench --tune --seeds N` aggregates one whole comparison per seed (stubbed here)."""
+    import sim.bench as B
+
+    def fake(cfg, **kwargs):
+        s = cfg.seed
+        return {"metric": "acc_personalized_DI", "tuned_acc": 0.3 + s / 100, "untuned_acc": 0.2,
+                "bo_trials_to_95": None if s == 1 else 2 + s}
+    monkeypatch.setattr(B, "tune_bench_seed", fake)
+    out = B.run_tune_bench(from_dict(tiny_raw()), seeds=range(3))
+    assert out["seeds"] == [0, 1, 2] and out["bo_trials_to_95_seeds"] == [2, None, 4] and out["bo_reached_95"] == 2
+    assert out["tuned_acc_mean"] == pytest.approx(0.31) and out["tuned_acc_sd"] == pytest.approx(0.01)
+    assert out["tuned_beats_untuned"] and out["tuned_minus_untuned"] == pytest.approx([0.1, 0.11, 0.12])
