@@ -63,15 +63,20 @@ class AutoTune(Hook):
 
     def _tune(self, state: RunState):
         """Checkpoint, free the actors (the trials get the CPUs), search from the checkpoint; the config to continue with."""
-        from sim.tune import apply_params, run_tune  # Ray Tune only when a drift calls for it
+        from sim.tune import TuningBudgetSpent, apply_params, run_tune  # Ray Tune only when a drift calls for it
 
         done = self.alarm_round = state.rounds_done
         self.save(state)
         self.fed.release()
         base = self.cfg.model_dump(mode="json")
         base["tune"]["auto"] = False
-        self.result = run_tune(from_dict(base), start=str(self.run_dir), start_round=done,
-                               out_dir=self.run_dir / "tune", name=f"after-round-{done}")
+        try:
+            self.result = run_tune(from_dict(base), start=str(self.run_dir), start_round=done,
+                                   out_dir=self.run_dir / "tune", name=f"after-round-{done}")
+        except TuningBudgetSpent as e:     # the run goes on untuned; nothing was released
+            self.result = {"best_config": None, "experiment": None, "epsilon_tuning": 0.0, "privacy_state": None,
+                           "skipped": str(e)}
+            return self.cfg
         if self.result["privacy_state"] is not None:    # the trials spent budget on the same users
             state.accounting.load_state_dict({"accountant": self.result["privacy_state"]})
         return from_dict(apply_params(self.cfg.model_dump(mode="json"), self.result["best_config"]))
@@ -80,4 +85,5 @@ class AutoTune(Hook):
         return {"drift_alarm_round": self.alarm_round,
                 "tuned_config": None if self.result is None else self.result["best_config"],
                 "epsilon_tuning": None if self.result is None else self.result["epsilon_tuning"],
+                "tune_skipped": None if self.result is None else self.result.get("skipped"),
                 "tune_experiment": None if self.result is None else self.result["experiment"]}

@@ -80,6 +80,10 @@ def apply_params(raw: dict, params: dict) -> dict:
     return raw
 
 
+class TuningBudgetSpent(RuntimeError):
+    """No trial could run a round: privacy.target_epsilon leaves no budget for tuning."""
+
+
 def worst_round_noise(plan: FederationPlan) -> float:
     """The smallest noise multiplier a round of this plan can release with: in the distributed
     mode only the survivors' shares reach the sum, at worst the secure-aggregation threshold."""
@@ -119,8 +123,11 @@ def federation_trial(params: dict, plan: FederationPlan, start: str | None, roun
             rid = None
             if budget is not None:
                 rid = ray.get(budget.reserve.remote(worst_round_noise(fed.plan), dp.metric_release_noise))
-                if rid is None:
-                    break          # one more round would take the run past privacy.target_epsilon
+                if rid is None:    # one more round would take the run past privacy.target_epsilon
+                    if r == 0:     # Tune wants the metrics once: NaN marks a trial that never ran
+                        tune.report({k: float("nan") for k in (*METRIC_KEYS, *objectives)} | {"round": 0,
+                                                                                          "budget_stopped": True})
+                    break
             res = fed.train_round(start_round + r, g)
             g = res.global_params
             metric = fed.private_metric(start_round + r + 1, g)
@@ -243,11 +250,12 @@ def summarize(cfg: ExperimentConfig, results, experiment: Path, spent: dict | No
     front of a multi-objective search; the privacy the search spent."""
     t = cfg.tune
     rank_by, rank_mode = (t.objectives[0].metric, t.objectives[0].direction) if t.objectives else (t.metric, "max")
-    done = [r for r in results if r.checkpoint is not None and r.metrics and rank_by in r.metrics]
+    done = [r for r in results if r.checkpoint is not None and r.metrics and np.isfinite(r.metrics.get(rank_by, np.nan))]
+    if not done and spent and not spent["reserved_rounds"]:
+        raise TuningBudgetSpent(f"tune: privacy.target_epsilon {cfg.privacy.target_epsilon} leaves no budget for a "
+                                f"single trial round (spent so far: epsilon {spent['epsilon_total']:.3f})")
     if not done:
-        why = "the privacy budget (privacy.target_epsilon) allowed no round" if spent and not spent["reserved_rounds"] \
-            else f"first error: {results.errors[:1]}"
-        raise RuntimeError(f"tune: no trial reported a result; {why}")
+        raise RuntimeError(f"tune: no trial reported a result; first error: {results.errors[:1]}")
     best = (max if rank_mode == "max" else min)(done, key=lambda r: r.metrics[rank_by])
     candidate = _candidate(cfg, best, experiment / "candidate")
     curves = [[float(v) for v in r.metrics_dataframe[t.metric]] for r in results

@@ -322,6 +322,27 @@ def test_run_with_drift_and_auto_tuning(ray_session, tmp_path):
     assert 0 < s["epsilon_tuning"] <= s["epsilon"] and s["epsilon"] > alone
 
 
+@pytest.mark.slow
+def test_auto_tuning_without_budget_goes_on_untuned(ray_session, tmp_path):
+    """privacy.target_epsilon spent up to the alarm: no trial may run a round, the run records why,
+    continues under its own configuration and stops at the budget, never past it."""
+    from actors.privacy import epsilon_for
+    from sim.plan import FederationPlan
+
+    privacy = {"mode": "central", "noise_multiplier": 3.0, "audit_canaries": 0}
+    raw = tiny_raw(tmp_path, data={"num_clients": 60, "samples_per_client": 40,
+                                   "drift": {"at_round": 4, "rotation": 90.0}},
+                   federation={"rounds": 7}, eval={"every": 7}, privacy=privacy,
+                   tune={"auto": True, "reference_rounds": 3, "watch_individuals": 40, "num_samples": 2,
+                         "max_concurrent": 2, "rounds_per_trial": 1, "grace_period": 1})
+    dp = FederationPlan.from_config(from_dict(raw)).dp
+    five = epsilon_for(3.0, dp.sample_rate, 5, dp.delta, sampling=dp.sampling)
+    raw["privacy"]["target_epsilon"] = five * 1.001
+    run_dir, s = run_experiment(from_dict(raw))
+    assert s["drift_alarm_round"] == 5 and s["tuned_config"] is None and "no budget" in s["tune_skipped"]
+    assert s["rounds"] == 5 and s["epsilon"] == pytest.approx(five) and s["epsilon_tuning"] == 0.0
+
+
 def test_tuning_metric_under_secure_aggregation_equals_the_plain_mean(ray_session, tmp_path):
     """With secagg on, Tune's metric is a secure sum of the individuals' accuracies: the aggregator
     sees masked vectors and their total, which equals the plain mean (to quantization)."""
