@@ -237,7 +237,8 @@ class PrivacyAccountant:
         _check_delta(delta)
         if not self._opacus.history:
             return 0.0
-        return float(self._opacus.get_epsilon(delta=delta))
+        with np.errstate(divide="ignore"):     # PRV at sample rate 1 (a `release`) takes log(1 - q) = -inf
+            return float(self._opacus.get_epsilon(delta=delta))
 
     def state_dict(self) -> dict:
         history = [[float(z), float(q), int(n)] for z, q, n in self._opacus.history]
@@ -492,9 +493,10 @@ class PrivacyBudget:
         acc = make_accountant(self.dp.accountant, self.dp.sampling)
         if with_base and self.base:
             acc.load_state_dict(self.base)
-        for round_z, release_z in self.entries.values():
-            if round_z > 0:
-                acc.step(round_z, self.dp.sample_rate)
+        # composition does not depend on the order: like steps in a row, so the history stays short
+        for round_z in sorted(z for z, _ in self.entries.values() if z > 0):
+            acc.step(round_z, self.dp.sample_rate)
+        for release_z in sorted(z for _, z in self.entries.values()):
             acc.release(release_z)
         return acc
 

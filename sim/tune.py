@@ -154,10 +154,12 @@ def trial_resources(cfg: ExperimentConfig) -> tune.PlacementGroupFactory:
     return tune.PlacementGroupFactory([{"CPU": 0.01}] + [worker] * cfg.ray.num_workers)
 
 
-def make_trainable(cfg: ExperimentConfig, start: str | None = None, start_round: int = 0, budget=None):
+def make_trainable(cfg: ExperimentConfig, start: str | None = None, start_round: int = 0, budget=None,
+                   plan: FederationPlan | None = None):
     """The trial function with its fixed arguments and resources (also what `Tuner.restore` needs;
-    a restored search starts a fresh `budget`: its earlier trials are not in it)."""
-    trainable = tune.with_parameters(federation_trial, plan=FederationPlan.from_config(cfg), start=start,
+    a restored search starts a fresh `budget`: its earlier trials are not in it). `plan`: the
+    config's plan when the caller has built it already."""
+    trainable = tune.with_parameters(federation_trial, plan=plan or FederationPlan.from_config(cfg), start=start,
                                      rounds=cfg.tune.rounds_per_trial, start_round=start_round, budget=budget)
     return tune.with_resources(trainable, trial_resources(cfg))
 
@@ -195,7 +197,7 @@ def searcher(cfg: ExperimentConfig):
 
 
 def build_tuner(cfg: ExperimentConfig, storage: Path, name: str, start: str | None = None,
-                start_round: int = 0, budget=None) -> tune.Tuner:
+                start_round: int = 0, budget=None, plan: FederationPlan | None = None) -> tune.Tuner:
     t = cfg.tune
     if t.objectives:     # ASHA compares one metric; several objectives run every trial to the end
         scheduler, metric, mode = FIFOScheduler(), None, None
@@ -204,7 +206,7 @@ def build_tuner(cfg: ExperimentConfig, storage: Path, name: str, start: str | No
                                   grace_period=min(t.grace_period, t.rounds_per_trial), reduction_factor=t.reduction_factor)
         metric, mode = t.metric, "max"
     return tune.Tuner(
-        make_trainable(cfg, start, start_round, budget),
+        make_trainable(cfg, start, start_round, budget, plan),
         param_space=search_space(t.params),
         tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher(cfg), scheduler=scheduler,
                                     num_samples=t.num_samples, max_concurrent_trials=t.max_concurrent),
@@ -227,17 +229,17 @@ def run_tune(cfg: ExperimentConfig, start: str | None = None, start_round: int =
     check_start(cfg, start)
     storage = Path(out_dir or Path(cfg.run.out_dir) / "tune")
     started = init_ray(cfg.ray.address, cfg.ray.connect_timeout_s)
+    budget = None
     try:
-        budget = None
         plan = FederationPlan.from_config(cfg)
         if plan.dp.enabled:
             base = ckpt.load(Path(start)).accountant if start else None
             budget = BudgetActor.remote(plan.dp, base, cfg.privacy.target_epsilon)
-        results = build_tuner(cfg, storage, name, start, start_round, budget).fit()
+        results = build_tuner(cfg, storage, name, start, start_round, budget, plan).fit()
         spent = ray.get(budget.epsilon.remote()) if budget is not None else None
+    finally:
         if budget is not None:
             ray.kill(budget)
-    finally:
         if started:
             ray.shutdown()
     summary = summarize(cfg, results, storage / name, spent)

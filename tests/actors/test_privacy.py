@@ -377,12 +377,12 @@ def test_releases_compose_with_rounds_and_checkpoint():
     assert copy_.epsilon(1e-5) == pytest.approx(fixed.epsilon(1e-5))
 
 
-@pytest.mark.parametrize("kind", ["poisson", "fixed"])
-def test_privacy_budget_refuses_what_would_overshoot(kind):
+@pytest.mark.parametrize("kind, accountant", [("poisson", "rdp"), ("fixed", "rdp"), ("poisson", "prv")])
+def test_privacy_budget_refuses_what_would_overshoot(kind, accountant):
     from actors.privacy import PrivacyBudget, Sampling, UserLevelDP, make_accountant
 
-    dp = UserLevelDP("central", 1.0, 4.0, 10, Sampling(kind, 100, 10), 1e-5, "rdp")
-    base = make_accountant("rdp", dp.sampling)
+    dp = UserLevelDP("central", 1.0, 4.0, 10, Sampling(kind, 100, 10), 1e-5, accountant)
+    base = make_accountant(accountant, dp.sampling)
     for _ in range(3):
         base.step(1.0, 0.1)
     spent_before = base.epsilon(1e-5)
@@ -396,7 +396,7 @@ def test_privacy_budget_refuses_what_would_overshoot(kind):
     assert granted and out["epsilon_total"] <= target < out["epsilon_total"] + 10
     assert out["reserved_rounds"] == len(granted) and out["epsilon_tuning"] < out["epsilon_total"]
     # the same composition built by hand: the base rounds, then each granted round and release
-    ref = make_accountant("rdp", dp.sampling)
+    ref = make_accountant(accountant, dp.sampling)
     ref.load_state_dict(base.state_dict())
     for _ in granted:
         ref.step(4.0, 0.1)
