@@ -98,9 +98,9 @@ def pareto_front(points: np.ndarray, directions: Iterable[str]) -> np.ndarray:
         raise ValueError(f"pareto_front: points must be (trials, {len(sign)}), got shape {p.shape}")
     g = p * sign                                            # every objective maximized
     ok = ~np.isnan(g).any(axis=1)
+    others = g[ok]
     front = []
     for i in np.flatnonzero(ok):
-        others = g[ok]
         dominated = ((others >= g[i]).all(axis=1) & (others > g[i]).any(axis=1)).any()
         if not dominated:
             front.append(int(i))

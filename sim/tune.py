@@ -35,7 +35,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from actors.privacy import PrivacyBudget
+from actors.privacy import PrivacyBudget, make_accountant
 from sim import checkpoint as ckpt
 from sim.cluster import init_ray, worker_resources
 from sim.config import ConfigError, ExperimentConfig, TuneParam, from_dict
@@ -115,7 +115,7 @@ def federation_trial(params: dict, plan: FederationPlan, start: str | None, roun
     cfg = from_dict(apply_params(plan.cfg.model_dump(mode="json"), params))
     fed = Federation(plan.with_config(cfg))
     dp = fed.plan.dp
-    own = PrivacyBudget(dp) if dp.enabled else None     # this trial's own spending (objective epsilon)
+    own = make_accountant(dp.accountant, dp.sampling) if dp.enabled else None   # this trial's own spending
     objectives = {o.metric for o in cfg.tune.objectives}
     try:
         g = ckpt.load(Path(start)).global_params if start else fed.plan.init_params
@@ -135,10 +135,12 @@ def federation_trial(params: dict, plan: FederationPlan, start: str | None, roun
                       **trial_objectives(fed, objectives, start_round + r + 1, g)}
             if dp.enabled:
                 released = 0.0 if res.metrics.get("skipped") else dp.round_noise(res.metrics.get("secagg_survivors"))
-                own.reserve(released, dp.metric_release_noise)
+                if released > 0:
+                    own.step(released, dp.sample_rate)
+                own.release(dp.metric_release_noise)
                 if rid is not None:
                     ray.get(budget.settle.remote(rid, released, dp.metric_release_noise))
-                report["epsilon"] = own.epsilon()["epsilon_tuning"]
+                report["epsilon"] = own.epsilon(dp.delta)
             with tempfile.TemporaryDirectory() as d:
                 np.save(Path(d) / "global.npy", g)
                 tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
