@@ -19,7 +19,7 @@ import ray
 import torch
 
 from actors.client_worker import peak_rss_mib
-from actors.messages import MaskedUpdate, PlainUpdate, SummedUpdates, one_client_update, wire_bytes
+from actors.messages import METRIC_KEYS, MaskedUpdate, PlainUpdate, SummedUpdates, one_client_update, wire_bytes
 from actors.privacy import UserLevelDP
 from actors.process import settle
 from actors.secagg.protocol import (
@@ -194,23 +194,27 @@ class Aggregator:
             raise SecAggRoundAborted(f"round {protocol_id}: secure aggregation aborted: {e}") from None
 
     # ------------------------------------------------------------ Tune's metric
-    def aggregate_metric(self, round_id: int, *parts: dict) -> dict:
-        """Mean evaluation accuracy from the workers' per-shard SUMS (no individual's value reaches
-        the aggregator); with DP on, Gaussian noise of std z on each sum (an individual's accuracy
-        lies in [0, 1]). What Tune trials optimize."""
+    def aggregate_metric(self, round_id: int, *parts: dict, noise: float | None = None, panel: int | None = None) -> dict:
+        """Panel means from the workers' per-shard SUMS (no individual's value reaches the
+        aggregator); with DP on, Gaussian noise of std z (or `noise`) on each sum (an individual's
+        value lies in [0, 1]) and the planned `panel` size as divisor: the count of individuals who
+        reported would tell whether one of them is there. The accuracies Tune trials optimize, or
+        the leakage the privacy weight follows."""
         count = sum(p["count"] for p in parts)
-        out = {"count": count}
-        for key in ("acc_global_DI", "acc_personalized_DI"):
+        private = self.dp.enabled and panel is not None
+        out = {"count": panel if private else count}
+        for key in (k for k in parts[0] if k != "count"):
             total = torch.tensor(float(sum(p[key] for p in parts)))
-            total = self.dp.noisy_sum(total, self.secrets.torch_gen("metric", key, round_id))
-            out[key] = float(total) / max(count, 1)
+            total = self.dp.noisy_sum(total, self.secrets.torch_gen("metric", key, round_id), noise)
+            out[key] = float(total) / max(out["count"], 1)
         return out
 
-    def metric_from_sum(self, protocol_id: int, summed: SummedUpdates) -> dict:
-        """The metric from a secure sum of the panel's [acc global, acc personalized, 1] vectors."""
-        t = summed.total
-        return self.aggregate_metric(protocol_id, {"acc_global_DI": t[0], "acc_personalized_DI": t[1],
-                                                   "count": int(round(t[2]))})
+    def metric_from_sum(self, protocol_id: int, summed: SummedUpdates, stat: str = "accuracy",
+                        noise: float | None = None, panel: int | None = None) -> dict:
+        """The metric from a secure sum of the panel's [values of METRIC_KEYS[stat]..., 1] vectors."""
+        t, keys = summed.total, METRIC_KEYS[stat]
+        return self.aggregate_metric(protocol_id, {**{k: t[i] for i, k in enumerate(keys)},
+                                                   "count": int(round(t[len(keys)]))}, noise=noise, panel=panel)
 
     # ------------------------------------------------------------ the server rule's state
     def server_state(self) -> dict:

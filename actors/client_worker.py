@@ -19,8 +19,8 @@ import numpy as np
 import ray
 import torch
 
-from actors.messages import Diagnostics, MaskedUpdate, PlainUpdate, ProtocolStateLost, wire_bytes
-from actors.privacy import UserLevelDP, clip_updates
+from actors.messages import METRIC_KEYS, Diagnostics, MaskedUpdate, PlainUpdate, ProtocolStateLost, wire_bytes
+from actors.privacy import UserLevelDP, clip_updates, individual_mia_auc
 from actors.process import settle
 from actors.screening import screen, without_rejected
 from actors.secagg.protocol import (
@@ -39,7 +39,7 @@ from sim.compression import compress
 from sim.config import ExperimentConfig, from_dict
 from sim.data import build_dataset
 from sim.data.canaries import canary_count, canary_direction, canary_ids
-from sim.data.drift import DriftedDataset, data_for_round
+from sim.data.drift import data_for_round, drift_data
 from sim.models import build_model, num_params
 from sim.seeding import Secrets, np_rng, torch_gen
 from sim.system import choose, device, duration
@@ -91,9 +91,8 @@ class ClientWorker:
         # the audit's canaries (the last ids): they submit a fixed direction of norm C, not a trained update
         self.canaries = frozenset(canary_ids(canary_count(pc.audit_canaries, self.data.num_clients, self.dp.enabled),
                                              self.data.num_clients).tolist())
-        # the same individuals after the drift, from data.drift.at_round on
-        self.drifted = (DriftedDataset(self.cfg.data, self.cfg.seed, self.data)
-                        if self.cfg.data.drift.at_round is not None else None)
+        # the same individuals after the drift, from data.drift.at_round on (or the joiners beside the others)
+        self.drifted = drift_data(self.cfg.data, self.cfg.seed, self.data, len(self.canaries))
         self.model = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
         self.algorithm = build_algorithm(self.cfg.algorithm)
         self.system = self.cfg.federation.system          # simulated devices (sim/system.py), if enabled
@@ -300,27 +299,40 @@ class ClientWorker:
         return total
 
     def secure_metric(self, protocol_id: int, global_params: np.ndarray, cids: Sequence[int], inbox: dict,
-                      rounds_done: int) -> MaskedUpdate:
-        """Each evaluated individual's [acc global, acc personalized, 1], quantized and masked; the
-        sum over this worker's clients leaves (pair masks between them cancel), mod 2^b."""
-        res = self.evaluate(global_params, cids, rounds_done, audit=False)
-        rows = [(c, np.array([ag, ap, 1.0]) if np.isfinite(ap) else np.zeros(3))   # no test data: counts nothing
-                for c, ag, ap in zip(res["client_ids"], res["acc_global_DI"], res["acc_personalized_DI"])]
+                      rounds_done: int, stat: str = "accuracy", weight: float | None = None) -> MaskedUpdate:
+        """Each evaluated individual's [values of METRIC_KEYS[stat]..., 1], quantized and masked;
+        the sum over this worker's clients leaves (pair masks between them cancel), mod 2^b."""
+        keys = METRIC_KEYS[stat]
+        res = self._panel_values(global_params, cids, rounds_done, stat, weight)
+        values = np.stack([res[k] for k in keys], axis=1)
+        rows = [(c, np.append(v, 1.0) if np.isfinite(v).all() else np.zeros(len(keys) + 1))  # no test data: nothing
+                for c, v in zip(res["client_ids"], values)]
         here = frozenset(int(c) for c in cids)
-        total = self._masked_sum(protocol_id, 3, rows, inbox, here, "metric-quantize", False)
+        total = self._masked_sum(protocol_id, len(keys) + 1, rows, inbox, here, "metric-quantize", False)
         return MaskedUpdate(protocol_id, self.worker_id, total, tuple(int(c) for c in cids))
+
+    def _panel_values(self, global_params: np.ndarray, cids: Sequence[int], rounds_done: int, stat: str,
+                      weight: float | None) -> dict:
+        if stat not in METRIC_KEYS:
+            raise ValueError(f"stat: one of {sorted(METRIC_KEYS)}, got {stat!r}")
+        return self.evaluate(global_params, cids, rounds_done, audit=False, weight=weight, leakage=stat == "leakage")
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self, global_params: np.ndarray, cids: Sequence[int], rounds_done: int = 0, export: bool = False,
-                 audit: bool = True) -> dict:
+                 audit: bool = True, weight: float | None = None, leakage: bool = False) -> dict:
         """acc(D_I) of the global model and of each individual's personalized model (the global
         model after `eval.finetune_steps` steps of the algorithm's personalization rule on the
         individual's train split: plain SGD fine-tuning, Ditto's proximal SGD). With the
         MIA audit on, also per-sample losses of both models on the individuals' train splits
         (members) and test splits (non-members). `export`: also the personalized parameters
-        (clients, n_params), which each individual would keep (or, with consent, hand to serving)."""
+        (clients, n_params), which each individual would keep (or, with consent, hand to serving).
+        `weight`: the personalization's privacy weight (default: the algorithm's own). With the
+        audit or `leakage`, also each individual's own AUC of its personalized model, `mia_auc_DI`."""
         g = self._global(global_params)
+        finetuner = self.finetuner if weight is None else self.algorithm.personalizer(self.cfg.eval, weight)
+        audit = audit and self.cfg.privacy.mia_audit
         out: dict[str, list] = {k: [] for k in ("acc_global_DI", "acc_personalized_DI", *LOSS_KEYS)}
+        own_auc: list[np.ndarray] = []
         exported: list[torch.Tensor] = []
         ids: list[int] = []
         vectorized = self.compute == "vmap"
@@ -332,32 +344,40 @@ class ClientWorker:
             pers = glob
             if self.cfg.eval.finetune_steps > 0:
                 gens = [np_rng(self.cfg.seed, "finetune-batches", rounds_done, c) for c in chunk]
-                upd, _ = self.finetuner.client_update(self.model, g, xs_tr, ys_tr, gens, self.compute)
+                upd, _ = finetuner.client_update(self.model, g, xs_tr, ys_tr, gens, self.compute)
                 pers = g + upd
             if export:
                 exported.append(pers.cpu())
             out["acc_global_DI"].append(accuracies_stacked(self.model, glob, xs_te, ys_te, vectorized))
             out["acc_personalized_DI"].append(accuracies_stacked(self.model, pers, xs_te, ys_te, vectorized))
-            if audit and self.cfg.privacy.mia_audit:
-                for key, flats, xs, ys in (("loss_global_train", glob, xs_tr, ys_tr),
-                                           ("loss_global_test", glob, xs_te, ys_te),
-                                           ("loss_personalized_train", pers, xs_tr, ys_tr),
-                                           ("loss_personalized_test", pers, xs_te, ys_te)):
-                    out[key] += sample_losses(self.model, flats, xs, ys)
+            if audit or leakage:
+                members = sample_losses(self.model, pers, xs_tr, ys_tr)
+                others = sample_losses(self.model, pers, xs_te, ys_te)
+                own_auc.append(individual_mia_auc(members, others))
+            if audit:
+                out["loss_personalized_train"] += members
+                out["loss_personalized_test"] += others
+                out["loss_global_train"] += sample_losses(self.model, glob, xs_tr, ys_tr)
+                out["loss_global_test"] += sample_losses(self.model, glob, xs_te, ys_te)
             ids += [int(c) for c in chunk]
         res = {k: torch.cat(v).numpy() if v else np.zeros(0, np.float32) for k, v in out.items()}
         res["client_ids"] = ids
+        if audit or leakage:
+            res["mia_auc_DI"] = np.concatenate(own_auc) if own_auc else np.zeros(0)
         if export:
             res["personalized"] = (torch.cat(exported).numpy() if exported
                                    else np.zeros((0, self.n_params), np.float32))
         return res
 
-    def evaluate_sums(self, global_params: np.ndarray, cids: Sequence[int], rounds_done: int = 0) -> dict:
-        """Only the sums of the shard's accuracies (for the private tuning metric)."""
-        res = self.evaluate(global_params, cids, rounds_done, audit=False)
-        return {"acc_global_DI": float(np.nansum(res["acc_global_DI"])),
-                "acc_personalized_DI": float(np.nansum(res["acc_personalized_DI"])),
-                "count": int(np.isfinite(res["acc_personalized_DI"]).sum())}
+    def evaluate_sums(self, global_params: np.ndarray, cids: Sequence[int], rounds_done: int = 0,
+                      stat: str = "accuracy", weight: float | None = None) -> dict:
+        """Only the shard's sums of METRIC_KEYS[stat] (for a private panel metric: Tune's
+        accuracies, or the leakage the privacy weight's controller reads), over the individuals
+        that have a value for all of them, and their count."""
+        keys = METRIC_KEYS[stat]
+        res = self._panel_values(global_params, cids, rounds_done, stat, weight)
+        ok = np.logical_and.reduce([np.isfinite(res[k]) for k in keys])
+        return {**{k: float(res[k][ok].sum()) for k in keys}, "count": int(ok.sum())}
 
     def evaluate_global(self, global_params: np.ndarray, shard: int = 0, num_shards: int = 1) -> np.ndarray:
         """Per-sample hits (bool) of the global model on shard `shard` of D_G (workers split D_G)."""

@@ -18,6 +18,11 @@ import numpy as np
 
 LocalDPReleases = tuple[tuple[int, int, int], ...]   # (client id, noisy gradients released, n_train)
 
+# The panel statistics the aggregator may release (each a noisy mean of per-individual values in
+# [0, 1]): the evaluation accuracies Tune optimizes, and each individual's own membership-inference
+# AUC of its personalized model, which the privacy weight's controller reads (sim/leakage.py).
+METRIC_KEYS = {"accuracy": ("acc_global_DI", "acc_personalized_DI"), "leakage": ("mia_auc_DI",)}
+
 
 @dataclass(frozen=True)
 class PlainUpdate:

@@ -34,7 +34,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -542,6 +542,14 @@ def mia_auc(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> float:
     return float(roc_auc_score(labels, -np.concatenate([members, others])))
 
 
+def individual_mia_auc(member_losses: Sequence, nonmember_losses: Sequence) -> np.ndarray:
+    """Each individual's own loss-threshold AUC: its train examples (members) against its test
+    examples (non-members), both under its own model; nan where either set is empty. Unlike the
+    pooled audit, an individual's easy or hard data does not blur it."""
+    return np.array([mia_auc(m, o) if len(m) and len(o) else np.nan
+                     for m, o in zip(member_losses, nonmember_losses)], dtype=np.float64)
+
+
 # ---------------------------------------------------------------- the run's DP, as one object
 @dataclass(frozen=True)
 class UserLevelDP:
@@ -620,9 +628,11 @@ class UserLevelDP:
             total, metrics = central_noise(total, self.clip_norm, self.noise_multiplier, gen)
         return total / (self.expected_clients if self.enabled else weight), metrics
 
-    def noisy_sum(self, total: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """A released sum of values in [0, 1] (e.g. accuracies): Gaussian noise of std z under DP."""
-        return total + self.noise_multiplier * torch.randn((), generator=gen) if self.enabled else total
+    def noisy_sum(self, total: torch.Tensor, gen: torch.Generator, noise: float | None = None) -> torch.Tensor:
+        """A released sum of values in [0, 1] (e.g. accuracies): Gaussian noise of std z (or
+        `noise`) under DP."""
+        z = self.noise_multiplier if noise is None else noise
+        return total + z * torch.randn((), generator=gen) if self.enabled else total
 
     @property
     def metric_release_noise(self) -> float:
@@ -630,7 +640,6 @@ class UserLevelDP:
         personalized accuracy) to which an individual adds at most 1 each, i.e. L2 sensitivity
         sqrt(2) under adding, removing or replacing one individual."""
         return self.noise_multiplier / math.sqrt(2)
-
     # ------------------------------------------------------------ accounting
     def round_noise(self, survivors: int | None) -> float:
         """The z a released round achieved: in the distributed mode only the survivors' shares
@@ -695,6 +704,22 @@ class RunAccounting:
         if self.ledger:
             for cid, releases, n_train in metrics.get("local_dp_releases", []):
                 self.ledger.record(cid, releases, min(1.0, self.local.batch_size / n_train))
+
+    def release_stop(self, noise_multiplier: float) -> str | None:
+        """Why one more Gaussian release over every user (noise std / sensitivity =
+        `noise_multiplier`, e.g. a private panel metric) must not happen, or None."""
+        dp = self.dp
+        if self.accountant and dp.target_epsilon is not None:
+            after = copy.deepcopy(self.accountant)
+            after.release(noise_multiplier)
+            if after.epsilon(dp.delta) > dp.target_epsilon:
+                return f"privacy budget: one more metric release would exceed epsilon {dp.target_epsilon}"
+        return None
+
+    def record_release(self, noise_multiplier: float) -> None:
+        """Account a Gaussian release over every user (composed with the rounds)."""
+        if self.accountant:
+            self.accountant.release(noise_multiplier)
 
     def epsilon(self) -> float | None:
         return self.accountant.epsilon(self.dp.delta) if self.accountant else None

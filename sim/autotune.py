@@ -3,9 +3,9 @@
 After every round the driver takes the inference inputs of a fixed panel of individuals (their
 test splits, as the data stands in that round: with `data.drift` they move at the drift round) and
 feeds them to a drift monitor (sim/drift.py: an auto-encoder detector calibrated on the first
-`reference_rounds` rounds to `false_alarm_rate`). On the first alarm the run checkpoints, frees
-its actors, Ray Tune searches from that checkpoint (sim/tune.py), and the run continues under the
-best configuration.
+`reference_rounds` rounds to `false_alarm_rate`). On the first alarm, before the next round, the run
+checkpoints, frees its actors, Ray Tune searches from that checkpoint (sim/tune.py), and the run
+continues under the best configuration.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sim.config import from_dict
-from sim.data.drift import DriftedDataset, data_for_round
+from sim.data.drift import data_for_round, drift_data
 from sim.drift import AutoencoderDetector, DriftMonitor
 from sim.federation import Federation, RoundResult
 from sim.hooks import Hook
@@ -26,26 +26,39 @@ from sim.state import RunState
 
 class AutoTune(Hook):
     def __init__(self, fed: Federation, run_dir: Path, save: Callable[[RunState], None]):
+        from sim.tune import check_fits
+
+        check_fits(fed.cfg)      # before any round: a search this cluster can never place is an error now
         self.fed, self.run_dir, self.save = fed, run_dir, save
         cfg, data = fed.cfg, fed.plan.data
         self.cfg, self.data = cfg, data
-        self.drifted = DriftedDataset(cfg.data, cfg.seed, data) if cfg.data.drift.at_round is not None else None
+        self.drifted = drift_data(cfg.data, cfg.seed, data, len(fed.plan.canary_ids))
         self.panel = eval_individuals(cfg.seed + 1, data.num_clients, cfg.tune.watch_individuals).tolist()
         self.reference: list[np.ndarray] = []
         self.monitor: DriftMonitor | None = None
         self.alarm_round: int | None = None
+        self.state: RunState | None = None      # the run's, once an alarm calls for a search
         self.result: dict | None = None
 
     def inputs(self, rounds_done: int) -> np.ndarray:
-        """The panel's inference inputs after `rounds_done` rounds (their data as of the last trained round)."""
+        """The panel's inference inputs after `rounds_done` rounds (their data as of the last trained
+        round; joiners only once they are in the federation)."""
         data = data_for_round(self.cfg.data, self.data, self.drifted, rounds_done - 1)
-        return torch.cat([c.x_test for c in data.clients(self.panel)]).flatten(1).numpy()
+        present = [c for c in self.panel if c not in set(self.fed.plan.absent(rounds_done - 1).tolist())]
+        return torch.cat([c.x_test for c in data.clients(present)]).flatten(1).numpy()
 
     def after_round(self, state: RunState, res: RoundResult) -> None:
-        """Watch this round's inputs; on the first alarm, tune and continue under the best configuration."""
-        if self.result is not None or state.rounds_done >= self.cfg.federation.rounds:
+        """Watch this round's inputs; the first alarm calls for a search before the next round."""
+        if self.result is not None or self.alarm_round is not None or state.rounds_done >= self.cfg.federation.rounds:
             return
         if self._alarm(state.rounds_done):
+            self.alarm_round, self.state = state.rounds_done, state
+
+    def before_round(self, state: RunState) -> None:
+        """After an alarm: tune and continue under the best configuration. Here, not in
+        `after_round`: a search takes minutes, and Ctrl-C or SIGTERM must stop it at once (the
+        round's bookkeeping, where signals wait, is done by then)."""
+        if self.alarm_round is not None and self.result is None:
             self.fed.restart(self._tune(state))
 
     def _alarm(self, rounds_done: int) -> bool:
@@ -65,7 +78,7 @@ class AutoTune(Hook):
         """Checkpoint, free the actors (the trials get the CPUs), search from the checkpoint; the config to continue with."""
         from sim.tune import TuningBudgetSpent, apply_params, run_tune  # Ray Tune only when a drift calls for it
 
-        done = self.alarm_round = state.rounds_done
+        done = state.rounds_done
         self.save(state)
         self.fed.release()
         base = self.cfg.model_dump(mode="json")
@@ -82,8 +95,11 @@ class AutoTune(Hook):
         return from_dict(apply_params(self.cfg.model_dump(mode="json"), self.result["best_config"]))
 
     def summary(self) -> dict:
+        skipped = self.result.get("skipped") if self.result is not None else None
+        if self.result is None and self.state is not None and self.state.stopped:
+            skipped = f"the run stopped before the search: {self.state.stopped}"
         return {"drift_alarm_round": self.alarm_round,
                 "tuned_config": None if self.result is None else self.result["best_config"],
                 "epsilon_tuning": None if self.result is None else self.result["epsilon_tuning"],
-                "tune_skipped": None if self.result is None else self.result.get("skipped"),
+                "tune_skipped": skipped,
                 "tune_experiment": None if self.result is None else self.result["experiment"]}

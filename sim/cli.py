@@ -64,7 +64,20 @@ def summary_line(summary: dict) -> str:
                        f"aborted rounds {summary['secagg_aborted_rounds']}")
     if summary.get("mia_auc") is not None:
         privacy.append(f"membership-inference AUC {summary['mia_auc']:.3f} global, "
-                       f"{_fmt(summary.get('mia_auc_personalized'), '.3f')} personalized (0.5 = no leakage)")
+                       f"{_fmt(summary.get('mia_auc_personalized'), '.3f')} personalized (0.5 = no leakage); "
+                       f"{_fmt(summary.get('mia_auc_individual'), '.3f')} per individual")
+    j = summary.get("joiners")
+    if j and j["rounds"]:
+        last, before = -1, max((i for i, r in enumerate(j["rounds"]) if r <= j["at_round"]), default=None)
+        was = "" if before is None else (f" (round {j['rounds'][before]}, before they joined: "
+                                         f"{_fmt(j['acc_global_DI_joiners'][before], '.3f')})")
+        privacy.append(f"joiners ({j['in_panel']} in the panel, joined at round {j['at_round']}): acc(D_I) of the "
+                       f"global model {_fmt(j['acc_global_DI_joiners'][last], '.3f')} vs "
+                       f"{_fmt(j['acc_global_DI_others'][last], '.3f')} for the others at round {j['rounds'][last]}{was}")
+    lc = summary.get("leakage_control")
+    if lc:
+        privacy.append(f"privacy weight lambda learned: {lc['privacy_weight']:.3g} after {lc['releases']} "
+                       f"leakage releases (target AUC {lc['target_auc']:g} per individual)")
     if summary.get("audit_epsilon_lower") is not None:
         privacy.append(f"canary audit ({summary['audit_canaries']} canaries): epsilon >= "
                        f"{summary['audit_epsilon_lower']:.3g} with {summary.get('audit_confidence', 0.95):.0%} "
@@ -326,9 +339,11 @@ def study_cmd(study: Annotated[str, typer.Argument(metavar="STUDY.yaml|report",
 
 
 def study_table(table) -> Table:
-    """The study's rows: grid keys, seed and the headline metrics."""
+    """The study's rows: grid keys, seed and the headline metrics (those some run has)."""
     shown = {"clients_per_s": "clients/s", "s_per_round": "s/round", "acc_personalized_DI": "pers D_I",
-             "acc_global_DI": "glob D_I", "bytes_up_per_client": "B up/client", "epsilon": "epsilon"}
+             "acc_global_DI": "glob D_I", "bytes_up_per_client": "B up/client", "epsilon": "epsilon",
+             "mia_auc_personalized": "MIA pers", "mia_auc_individual": "MIA indiv", "privacy_weight": "lambda"}
+    shown = {m: label for m, label in shown.items() if m in table and table[m].notna().any()}
     keys = list(table.columns[:list(table.columns).index("seed") + 1])
     t = Table(title=f"fedmeta study: {len(table)} runs")
     for col in keys + list(shown.values()):
@@ -344,7 +359,7 @@ app.add_typer(drift_app, name="drift")
 
 
 @drift_app.command("eval")
-def drift_eval(kind: Annotated[str, typer.Option(help="rotation, new_writers or label_shift")] = "rotation",
+def drift_eval(kind: Annotated[str, typer.Option(help="rotation, new_writers, label_shift or joiners")] = "rotation",
                strength: Annotated[float, typer.Option(min=0.0, help="scales the drift")] = 1.0,
                seed: Annotated[int, typer.Option(min=0)] = 0,
                seeds: Annotated[int, typer.Option(min=1, help="repeat over seeds seed..seed+N-1 (fresh writers, "
@@ -356,10 +371,10 @@ def drift_eval(kind: Annotated[str, typer.Option(help="rotation, new_writers or 
     several seeds, the false-alarm rate's mean with its 95% interval against the target."""
     import torch
 
-    from sim.drift import evaluate_seeds
+    from sim.drift import DRIFT_KINDS, evaluate_seeds
 
-    if kind not in ("rotation", "new_writers", "label_shift"):
-        raise ConfigError(f"--kind: expected rotation, new_writers or label_shift, got {kind!r}")
+    if kind not in DRIFT_KINDS:
+        raise ConfigError(f"--kind: expected one of {', '.join(DRIFT_KINDS)}, got {kind!r}")
     if not 0 < false_alarm_rate < 1:
         raise ConfigError(f"--false-alarm-rate: must be in (0, 1), got {false_alarm_rate}")
     torch.set_num_threads(1)    # the detectors are small; threads only contend on 2 cores

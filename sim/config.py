@@ -95,13 +95,23 @@ class TableConfig(Section):
 
 class DriftConfig(Section):
     """A drift scenario: from round `at_round` on, every individual's data changes (repeatable from
-    the seed). Any combination of: images rotate, writing styles change, label mixes shift."""
+    the seed), or, with `joiners`, new individuals with the changed data join. Any combination of:
+    images rotate, writing styles change, label mixes shift."""
 
     at_round: int | None = Field(None, ge=1, description="first training round (0-based, as the runner counts) "
                                                         "on drifted data; evaluations after it see it too; null = no drift")
     rotation: float = Field(0.0, ge=-180, le=180, description="degrees every image is rotated by after the drift")
     style_strength: float | None = Field(None, ge=0, description="writers: new hidden-factor strength (new styles)")
     alpha: float | None = Field(None, gt=0, description="writers: new Dirichlet label skew (label-mix shift)")
+    joiners: int = Field(0, ge=0, description=(
+        "new individuals: the last N ids (before the audit's canaries) are out of the federation until "
+        "at_round and then join, holding the drifted data (e.g. unseen styles); the others' data stays"))
+
+    @model_validator(mode="after")
+    def _joiners_join_at_a_round(self) -> "DriftConfig":
+        if self.joiners and self.at_round is None:
+            raise ValueError("joiners: new individuals join at at_round; set data.drift.at_round")
+        return self
 
 
 class DataConfig(Section):
@@ -134,7 +144,8 @@ class DataConfig(Section):
         if self.kind != "writers" and (d.style_strength is not None or d.alpha is not None):
             raise ValueError("drift.style_strength: style and label-mix drift need kind 'writers'")
         if d.at_round is not None and not (d.rotation or d.style_strength is not None or d.alpha is not None):
-            raise ValueError("drift.at_round: set what drifts too (rotation, style_strength or alpha)")
+            raise ValueError("drift.at_round: set what drifts too (rotation, style_strength or alpha; with joiners, what "
+                             "the newcomers bring)")
         return self
 
 
@@ -196,6 +207,21 @@ class AlgorithmConfig(Section):
 DEFAULT_NOISE_MULTIPLIER = 1.0
 
 
+class LeakageControlConfig(Section):
+    """The privacy weight lambda of the personalization objective, adapted between rounds (sim/leakage.py):
+    a dual-ascent step on the constraint `leakage <= target_auc`, from a private release of the panel's
+    membership-inference AUC."""
+
+    target_auc: float | None = Field(None, gt=0.5, lt=1, description=(
+        "drive the personalized models' mean per-individual MIA AUC to this (null: lambda stays fixed)"))
+    step: float = Field(20.0, gt=0, description="lambda += step * (released AUC - target_auc) at each update")
+    max_weight: float = Field(100.0, gt=0, description="lambda is kept in [0, max_weight]")
+    every: int | None = Field(None, ge=1, description="rounds between updates (null: eval.every)")
+    noise_multiplier: float | None = Field(None, gt=0, description=(
+        "under DP: noise std of each leakage release / its sensitivity 1 (null: privacy's z); the mean's "
+        "noise is this over eval.num_individuals"))
+
+
 class PrivacyConfig(Section):
     """User-level DP-FedAvg: clip each client's update to L2 norm C, Gaussian noise z*C on the sum."""
 
@@ -218,6 +244,7 @@ class PrivacyConfig(Section):
                                                                "(Steinke et al. 2023); null: 5% of the population "
                                                                "(at most 100) when DP is on, none otherwise")
     audit_confidence: float = Field(0.95, gt=0, lt=1, description="the audit's lower bound holds with this probability")
+    leakage_control: LeakageControlConfig = LeakageControlConfig()
 
 
 class SecAggConfig(Section):
@@ -492,8 +519,9 @@ class TuneConfig(Section):
         default_factory=list, description="two or more: a multi-objective search (Optuna's multi-objective sampler "
                                           "through Tune's OptunaSearch, no early stopping) whose result is the Pareto "
                                           "front; empty: maximize `metric`")
-    sampler: Literal["tpe", "nsga2"] = Field("tpe", description="optuna: the sampler (nsga2 only with objectives)")
-    startup_trials: int = Field(3, ge=1, description="optuna tpe: random trials before the model proposes (Optuna's "
+    sampler: Literal["tpe", "gp", "nsga2"] = Field("tpe", description="optuna: the sampler: tpe, gp (Gaussian-process "
+                                                                     "BO) or nsga2 (only with objectives)")
+    startup_trials: int = Field(3, ge=1, description="optuna tpe/gp: random trials before the model proposes (Optuna's "
                                                      "default 10 would leave a short search random)")
     warm_start: bool = Field(True, description="optuna: the first trial runs the config's own values (e.g. the "
                                                "pre-drift hyperparameters), clipped into the ranges")
@@ -577,6 +605,9 @@ class ExperimentConfig(Section):
             raise ValueError("tune.objectives: epsilon needs differential privacy (privacy.mode central or distributed)")
         if "mia_auc" in objectives and not self.privacy.mia_audit:
             raise ValueError("tune.objectives: mia_auc is measured by the audit; set privacy.mia_audit: true")
+        if self.privacy.leakage_control.target_auc is not None and self.eval.finetune_steps == 0:
+            raise ValueError("privacy.leakage_control.target_auc: the privacy weight acts on personalization; "
+                             "needs eval.finetune_steps > 0")
         dumped = self.model_dump()
         for i, param in enumerate(self.tune.params):
             node = dumped

@@ -429,7 +429,8 @@ def evaluate_seeds(kind: str, strength: float, seeds: Sequence[int], false_alarm
 
 
 # ---------------------------------------------------------------- writers scenarios
-DRIFT_KINDS = ("rotation", "new_writers", "label_shift")
+DRIFT_KINDS = ("rotation", "new_writers", "label_shift", "joiners")
+JOINER_SHARE = 0.25     # joiners: the newcomers' share of the inputs after the change
 
 
 def rotate_images(x: torch.Tensor, degrees: float) -> torch.Tensor:
@@ -460,7 +461,9 @@ def writers_drift_data(seed: int, kind: str = "rotation", strength: float = 1.0,
       rotation     every image rotated by 45 degrees * strength;
       new_writers  writers whose hidden style factors are 2 * strength times as strong
                    (strength 0.5 is no drift);
-      label_shift  only digits 0-2 (pre has all ten): the class mix changes, and with it the inputs.
+      label_shift  only digits 0-2 (pre has all ten): the class mix changes, and with it the inputs;
+      joiners      new writers join (data.drift.joiners): a quarter of post from writers with styles
+                   2 * strength times as strong, the rest from writers like those before.
     Many writers with few samples each, and large parts: a writer's samples score alike (about half
     the variance of either detector's scores is between writers), so the mean score of a part
     varies with the writers it drew. With 4000-writer parts the drift-free alarm rate at a 5%
@@ -495,6 +498,11 @@ def writers_drift_data(seed: int, kind: str = "rotation", strength: float = 1.0,
         post = rotate_images(images, 45.0 * strength).flatten(1).numpy()
     elif kind == "new_writers":
         post = _writer_images(seed, post_ids, per, style_strength=2.0 * strength)[0][:n_post]
+    elif kind == "joiners":
+        new = _writer_images(seed, post_ids, per, style_strength=2.0 * strength)[0]
+        k = round(JOINER_SHARE * n_post)
+        mixed = np.concatenate([new[:k], post_x[k:n_post]])      # newcomers and old writers, disjoint ids
+        post = mixed[np.random.default_rng(seed).permutation(len(mixed))]   # mixed in every batch
     else:
         post = post_x[post_y <= 2][:n_post]
     return reference, pre, np.ascontiguousarray(post, dtype=np.float32)

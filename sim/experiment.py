@@ -62,7 +62,12 @@ def _run(cfg: ExperimentConfig, fed: Federation, run_dir: Path, saved: ckpt.Chec
     fed.load_server_state(state.server_state)     # a resumed adaptive server continues its moments
     fed.faults.counts.update(state.faults)        # and the tally of lost actors continues
     saver = Checkpointing(fed, run_dir)
-    hooks: list[Hook] = [Accounting(), RoundLog(), Evaluation(fed, run_dir), saver, CanaryAudit(fed, state)]
+    hooks: list[Hook] = [Accounting(), RoundLog()]
+    if cfg.privacy.leakage_control.target_auc is not None:
+        from sim.leakage import LeakageControl
+
+        hooks.append(LeakageControl(fed, state))      # before evaluation: it personalizes with the new lambda
+    hooks += [Evaluation(fed, run_dir), saver, CanaryAudit(fed, state)]
     if cfg.tune.auto:
         from sim.autotune import AutoTune
 

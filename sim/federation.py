@@ -21,7 +21,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from actors.aggregator import AggregatorActor, SecAggRoundAborted
 from actors.client_worker import LOSS_KEYS, ClientWorkerActor, peak_rss_mib
-from actors.messages import round_diagnostics
+from actors.messages import METRIC_KEYS, round_diagnostics
 from actors.privacy import mia_auc
 from actors.secagg.session import SecAggParams
 from sim.algorithms import Algorithm, build_algorithm
@@ -38,6 +38,7 @@ from sim.system import online
 from sim.userimport import code_paths
 
 METRIC_ROUND_BASE = 1_000_000      # protocol round ids of secure metric rounds: never a training round's
+METRIC_BASES = {"accuracy": METRIC_ROUND_BASE, "leakage": 2 * METRIC_ROUND_BASE}   # nor each other's
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Federation:
         self.plan = plan
         self.workers, self.aggregator, self._server_state = [], None, {}
         self._clock: BufferClock | None = None        # FedBuff's simulated clock and the model versions in flight
+        self._step = 0                                # the FedBuff step being served
         self._versions: dict[int, np.ndarray] = {}
         self.faults = FaultLog(plan.cfg.ray.max_failures_per_round)
         # the server rule's state is kept on the driver after every round when it has any, so a
@@ -136,7 +138,8 @@ class Federation:
         t0 = time.perf_counter()
         sampled = draw_cohort(self.cfg.seed, round_index, self.plan.sampling)
         admitted = self.consent.admit(sampled) if self.consent else sampled
-        asked = admitted[~np.isin(admitted, self.plan.excluded_canaries)]   # 'out' canaries never train
+        # 'out' canaries never train; joiners only from the drift round on
+        asked = admitted[~np.isin(admitted, np.concatenate([self.plan.excluded_canaries, self.plan.absent(round_index)]))]
         system = self.cfg.federation.system
         cohort = asked[online(self.cfg.seed, round_index, asked, system.availability)] if system.enabled else asked
         alive, dropped = apply_dropout(self.cfg.seed, round_index, cohort, self.cfg.federation.dropout)
@@ -273,6 +276,7 @@ class Federation:
         in-flight clients afresh (the clock is not checkpointed)."""
         t0 = time.perf_counter()
         fed = self.cfg.federation
+        self._step = step                          # who may start is decided as of this step
         if self._clock is None:                    # the first step (or a resume): fill the pipeline
             self._clock = BufferClock(self.cfg.seed, self.plan.num_clients, self._eligible)
             self._versions = {step: global_params}
@@ -322,10 +326,11 @@ class Federation:
         self._clock.start([c for s in shards for c in s], [d for part in seconds for d in part], version)
 
     def _eligible(self, ids: np.ndarray) -> np.ndarray:
-        """Clients that may start: consenting, not an audit canary that stays out, and online when
-        asked (`federation.system.availability`, seeded by the draw)."""
+        """Clients that may start: consenting, not an audit canary that stays out, in the federation
+        (a joiner from the drift round on), and online when asked (`federation.system.availability`,
+        seeded by the draw)."""
         ids = self.consent.admit(ids) if self.consent else ids
-        ids = ids[~np.isin(ids, self.plan.excluded_canaries)]
+        ids = ids[~np.isin(ids, np.concatenate([self.plan.excluded_canaries, self.plan.absent(self._step)]))]
         return ids[online(self.cfg.seed, self._clock.draws, ids, self.cfg.federation.system.availability)]
 
     def _note_restarts(self, round_index: int, diags) -> None:
@@ -491,13 +496,16 @@ class Federation:
                 self._revive(worker, slot)
 
     # ------------------------------------------------------------ evaluation
-    def evaluate(self, rounds_done: int, global_params: np.ndarray, export: bool = False) -> dict:
+    def evaluate(self, rounds_done: int, global_params: np.ndarray, export: bool = False,
+                 weight: float | None = None) -> dict:
+        """The evaluation panel and D_G; `weight`: the personalization's privacy weight (default:
+        the algorithm's own)."""
         g_ref = ray.put(global_params)
         n = len(self.workers)
         shards, dg_parts = split_even(self.plan.eval_ids, n), list(range(n))
 
         def individuals(w, shard):
-            return w.evaluate.remote(g_ref, shard, rounds_done, export)
+            return w.evaluate.remote(g_ref, shard, rounds_done, export, weight=weight)
 
         def general(w, part):
             return w.evaluate_global.remote(g_ref, part, n)
@@ -517,35 +525,41 @@ class Federation:
             # members: the individuals' train splits (seen in training / fine-tuning); non-members: test splits
             out["mia_auc_global"] = mia_auc(out["loss_global_train"], out["loss_global_test"])
             out["mia_auc_personalized"] = mia_auc(out["loss_personalized_train"], out["loss_personalized_test"])
+            out["mia_auc_DI"] = np.concatenate([p["mia_auc_DI"] for p in parts])
         return out
 
-    def private_metric(self, rounds_done: int, global_params: np.ndarray) -> dict:
-        """acc(D_I) of the global and personalized models over the evaluation panel, aggregated by
-        the aggregator from per-worker sums (with DP noise when DP is on); under secure
-        aggregation the sums are masked per individual and the aggregator sees only their total."""
+    def private_metric(self, rounds_done: int, global_params: np.ndarray, stat: str = "accuracy",
+                       weight: float | None = None, noise: float | None = None) -> dict:
+        """A panel mean the aggregator releases from per-worker sums (with DP noise when DP is on;
+        under secure aggregation the sums are masked per individual and it sees only their total):
+        `stat` "accuracy", acc(D_I) of the global and personalized models; "leakage", the mean of
+        each individual's own membership-inference AUC of its personalized model (`weight`: the
+        personalization's privacy weight). `noise`: the release's noise multiplier (default z)."""
         g_ref = ray.put(global_params)
         self.faults.begin_round()
         while True:
             try:
-                return self._private_metric(rounds_done, g_ref)
+                return self._private_metric(rounds_done, g_ref, stat, weight, noise)
             except Exception as e:
                 if not lost_actor(e):
                     raise
                 self._heal(rounds_done, e)      # the aggregator was lost: heal and ask again
 
-    def _private_metric(self, rounds_done: int, g_ref) -> dict:
-        shards = split_even(self.plan.eval_ids, len(self.workers))
+    def _private_metric(self, rounds_done: int, g_ref, stat: str, weight: float | None, noise: float | None) -> dict:
+        shards, panel = split_even(self.plan.eval_ids, len(self.workers)), len(self.plan.eval_ids)
         if self.plan.secagg is None:
-            parts = self._on_workers(rounds_done, shards, lambda w, s: w.evaluate_sums.remote(g_ref, s, rounds_done))
-            return ray.get(self.aggregator.aggregate_metric.remote(rounds_done, *parts))
-        pid = METRIC_ROUND_BASE + rounds_done
+            parts = self._on_workers(rounds_done, shards,
+                                     lambda w, s: w.evaluate_sums.remote(g_ref, s, rounds_done, stat, weight))
+            return ray.get(self.aggregator.aggregate_metric.remote(rounds_done, *parts, noise=noise, panel=panel))
+        pid = METRIC_BASES[stat] + rounds_done
 
-        def accuracies(worker, shard, inbox):
-            return worker.secure_metric.remote(pid, g_ref, shard, inbox, rounds_done)
+        def panel_values(worker, shard, inbox):
+            return worker.secure_metric.remote(pid, g_ref, shard, inbox, rounds_done, stat, weight)
 
-        metric, _ = self._secure_sum(rounds_done, pid, self.plan.eval_ids.tolist(), self.plan.metric_secagg(), 3,
-                                     "secagg-metric-server", accuracies,
-                                     lambda summed: self.aggregator.metric_from_sum.remote(pid, summed))
+        metric, _ = self._secure_sum(rounds_done, pid, self.plan.eval_ids.tolist(), self.plan.metric_secagg(),
+                                     len(METRIC_KEYS[stat]) + 1, "secagg-metric-server", panel_values,
+                                     lambda summed: self.aggregator.metric_from_sum.remote(pid, summed, stat,
+                                                                                            noise, panel))
         return metric
 
     # ------------------------------------------------------------ lifecycle

@@ -2,8 +2,9 @@
 
 The experiment's loop (sim/experiment.py) trains a round, then calls every hook's `after_round`
 in order; a hook's `before_round` or `after_round` may return a reason to stop the run. The order
-is the order of the list `experiment.hooks` builds: accounting, the round's log line, evaluation
-and export, checkpointing, auto-tuning, progress.
+is the order of the list `experiment.hooks` builds: accounting, the round's log line, the learned
+privacy weight (sim/leakage.py, when on), evaluation and export, checkpointing, auto-tuning,
+progress.
 """
 from __future__ import annotations
 
@@ -76,12 +77,14 @@ class Evaluation(Hook):
         done, rounds = state.rounds_done, self.fed.cfg.federation.rounds
         if done % self.fed.cfg.eval.every and done != rounds:
             return
-        ev = self.fed.evaluate(done, state.global_params, export=done == rounds)
+        ev = self.fed.evaluate(done, state.global_params, export=done == rounds, weight=state.privacy_weight)
         if "personalized" in ev:
             export_personalized(self.run_dir, ev["client_ids"], ev["personalized"])
         stats = state.log.add_eval(done, describe(ev["acc_DG"]), ev["client_ids"],
                                    ev["acc_global_DI"], ev["acc_personalized_DI"])
         state.log.add_many(done, {k: ev[k] for k in ("mia_auc_global", "mia_auc_personalized") if k in ev})
+        if "mia_auc_DI" in ev and np.isfinite(ev["mia_auc_DI"]).any():   # each individual's own AUC, averaged
+            state.log.add(done, "mia_auc_individual", float(np.nanmean(ev["mia_auc_DI"])))
         state.shown.update({k: v["mean"] for k, v in stats.items()})
 
 

@@ -54,6 +54,10 @@ class MetricsLog:
                               "acc_personalized_DI": float(p)} for c, g, p in zip(client_ids, acc_global, acc_pers)]
         return out
 
+    def last(self, metric: str) -> float | None:
+        """The latest logged value of `metric`, or None."""
+        return next((r["value"] for r in reversed(self.rows) if r["metric"] == metric), None)
+
     def truncate(self, last_round: int) -> "MetricsLog":
         """Rows up to and including `last_round` (what a checkpoint of that round saw)."""
         return MetricsLog([r for r in self.rows if r["round"] <= last_round],

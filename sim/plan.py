@@ -28,6 +28,7 @@ from sim.algorithms.local import resolve_compute
 from sim.config import ConfigError, ExperimentConfig, with_absolute_paths
 from sim.data import FederatedDataset, build_dataset
 from sim.data.canaries import canary_count, canary_ids, canary_inclusion
+from sim.data.drift import joiner_ids
 from sim.models import build_model, init_params, num_params
 from sim.sampling import eval_individuals
 from sim.seeding import np_rng, torch_gen
@@ -77,6 +78,9 @@ class FederationPlan:
             secagg = _secagg(cfg, dp)
         except ValueError as e:     # the messages name their key
             raise ConfigError(str(e)) from None
+        if cfg.data.drift.joiners >= data.num_clients - canaries:
+            raise ConfigError(f"data.drift.joiners: {cfg.data.drift.joiners} leaves nobody in the federation before "
+                              f"the drift round ({data.num_clients} clients, {canaries} of them canaries)")
         ids = canary_ids(canaries, data.num_clients)
         return cls(cfg, data, tuple(data.input_shape), data.num_classes, num_params(model),
                    init_params(model, torch_gen(cfg.seed, "init")).numpy(),
@@ -117,6 +121,18 @@ class FederationPlan:
     @property
     def sampling(self) -> Sampling:
         return self.dp.sampling
+
+    @property
+    def joiner_ids(self) -> np.ndarray:
+        """The individuals who join at `data.drift.at_round` (`data.drift.joiners`; none by default)."""
+        return joiner_ids(self.num_clients, len(self.canary_ids), self.cfg.data.drift.joiners)
+
+    def absent(self, rnd: int) -> np.ndarray:
+        """Who is not in the federation yet in round `rnd` (0-based): the joiners before the drift
+        round. A sampled absent individual is left out of the cohort, as an 'out' canary is, so
+        either accounting stays valid (a user's chance to be in a round is at most q)."""
+        d = self.cfg.data.drift
+        return self.joiner_ids if d.joiners and rnd < d.at_round else np.zeros(0, dtype=np.int64)
 
     @property
     def excluded_canaries(self) -> np.ndarray:

@@ -60,7 +60,10 @@ def model_card(plan: FederationPlan, rounds_done: int, accounting: RunAccounting
         "adaptation": {"method": "sgd_finetune", "lr": e.finetune_lr, "steps": e.finetune_steps,
                        "batch_size": e.batch_size, "local_lr": a.lr, "inner_lr": a.inner_lr, "server_lr": a.server_lr,
                        "local_epochs": a.local_epochs, "local_steps": a.local_steps, "local_batch_size": a.batch_size,
-                       "privacy_lambda": a.privacy_lambda},
+                       "privacy_lambda": a.privacy_lambda,
+                       # the personalization's proximal privacy weight: learned (sim/leakage.py) or the algorithm's own
+                       "privacy_weight": (log.last("privacy_weight") if log.last("privacy_weight") is not None
+                                          else build_algorithm(a).privacy_weight)},
         "privacy": {**{k: v for k, v in facts.items() if k != "local_dp"},
                     **{k: v for k, v in sa.items() if k != "secagg_bits"}, "local_dp": facts["local_dp"],
                     **secrets_facts(cfg)},
@@ -83,6 +86,9 @@ def run_summary(plan: FederationPlan, state, run_dir: Path, peak_rss: float) -> 
         "clients_per_round": cfg.federation.clients_per_round,
         "algorithm": cfg.algorithm.name,
         "personalization": build_algorithm(cfg.algorithm).describe_personalization(),
+        # the personalization's privacy weight at the end (learned, sim/leakage.py, or the algorithm's own)
+        "privacy_weight": (state.privacy_weight if state.privacy_weight is not None
+                           else build_algorithm(cfg.algorithm).privacy_weight),
         "model": cfg.model.kind,
         "data": cfg.data.kind,
         "seed": cfg.seed,
@@ -102,6 +108,7 @@ def run_summary(plan: FederationPlan, state, run_dir: Path, peak_rss: float) -> 
         "peak_rss_mib": peak_rss,
         **communication_summary(log),
         **time_summary(log, cfg.eval),
+        **joiners_summary(plan, log),
         "run_dir": str(run_dir),
         **privacy_summary(plan, state),
     }
@@ -146,6 +153,26 @@ def time_summary(log, ev) -> dict:
     return out
 
 
+def joiners_summary(plan: FederationPlan, log: MetricsLog) -> dict:
+    """With `data.drift.joiners`: at each evaluation, the panel's newcomers against everyone else
+    (mean acc(D_I) of the global and personalized models), so one sees the model serve people it
+    had not seen, then learn them once they join."""
+    if not plan.cfg.data.drift.joiners or not log.individuals:
+        return {}
+    import pandas as pd
+
+    ind = pd.DataFrame(log.individuals)
+    ind["joiner"] = ind.client_id.isin(plan.joiner_ids)
+    means = ind.groupby(["round", "joiner"])[["acc_global_DI", "acc_personalized_DI"]].mean().unstack("joiner")
+    out = {"at_round": plan.cfg.data.drift.at_round, "in_panel": int(ind[ind["round"] == ind["round"].max()].joiner.sum()),
+           "rounds": [int(r) for r in means.index]}
+    for metric in ("acc_global_DI", "acc_personalized_DI"):
+        for who, flag in (("joiners", True), ("others", False)):
+            col = means[metric][flag] if flag in means[metric] else pd.Series(math.nan, index=means.index)
+            out[f"{metric}_{who}"] = [finite_or_none(float(v)) for v in col]
+    return {"joiners": out}
+
+
 def privacy_summary(plan: FederationPlan, state) -> dict:
     """The formal guarantee next to the measured leakage (loss-threshold MIA AUC, 0.5 = none)."""
     df = state.log.frame()
@@ -159,6 +186,7 @@ def privacy_summary(plan: FederationPlan, state) -> dict:
             "secagg_targets": secagg_targets_facts(plan),
             "secagg_aborted_rounds": int(df[df.metric == "aborted"].value.sum()) if plan.secagg else None,
             "mia_auc": last("mia_auc_global"), "mia_auc_personalized": last("mia_auc_personalized"),
+            "mia_auc_individual": last("mia_auc_individual"),
             "stopped_early": state.stopped,
             **secrets_facts(plan.cfg),
             "local_epsilon": local["epsilon"] if local else None,

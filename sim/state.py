@@ -22,6 +22,7 @@ class RunState:
     server_state: dict = field(default_factory=dict)   # the server rule's, as of the last save
     faults: dict = field(default_factory=dict)          # actor losses survived so far (sim/faults.py)
     stopped: str | None = None           # why the run stopped before its last round
+    privacy_weight: float | None = None  # the personalization's lambda, when adapted (sim/leakage.py)
     shown: dict = field(default_factory=dict)   # the latest figures, for the progress bar
 
     @classmethod

@@ -48,7 +48,7 @@ from sim.config import (
 )
 from sim.experiment import run_experiment
 from sim.study_plots import ID_COLUMNS, METRICS, plot_study
-from sim.tune import trial_resources
+from sim.tune import check_fits
 
 TRIALS = "trials"           # the Tune experiment's folder inside the study directory
 SPEC_FILE = "study.yaml"
@@ -310,19 +310,12 @@ def _restorable(study: Study, directory: Path, explicit: bool) -> bool:
 def trial_placements(study: Study) -> dict:
     """cell id -> the trial's placement group (sim.tune's: a sliver for the trial, a bundle per
     worker); a cell whose trial can never be placed on this cluster is an error before anything runs."""
-    cpus = ray.cluster_resources().get("CPU", 0.0)
     out = {}
     for cell, cfg in zip(study.cells, study.configs):
         try:
-            pgf = trial_resources(cfg)
+            out[cell_id(cell)] = check_fits(cfg)
         except ConfigError as e:
             raise ConfigError(f"{study.path}: {e} (cell {cell_label(cell)})") from None
-        need = sum(b.get("CPU", 0.0) for b in pgf.bundles)
-        if need > cpus + 1e-9:
-            raise ConfigError(f"{study.path}: ray.num_cpus_per_worker: a trial needs {need:g} CPUs ({cfg.ray.num_workers} "
-                              f"workers x {cfg.ray.num_cpus_per_worker:g} + 0.01 for the trial) but the Ray cluster has "
-                              f"{cpus:g}; use fractional CPUs per worker (cell {cell_label(cell)})")
-        out[cell_id(cell)] = pgf
     return out
 
 

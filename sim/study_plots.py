@@ -26,12 +26,15 @@ from sim.config import ConfigError
 ID_COLUMNS = ("seed", "run_dir")
 METRICS = ("clients_per_s", "s_per_round", "peak_rss_mib", "bytes_up_per_client", "bytes_down_per_client",
            "sim_time_s", "time_to_target_s", "acc_personalized_DI", "acc_global_DI", "acc_global_DG", "epsilon",
-           "mia_auc")
+           "mia_auc", "mia_auc_personalized", "mia_auc_individual", "privacy_weight")
 LABELS = {"clients_per_s": "clients / s", "s_per_round": "s / round", "peak_rss_mib": "peak RSS (MiB)",
           "bytes_up_per_client": "bytes up / client", "bytes_down_per_client": "bytes down / client",
           "sim_time_s": "simulated time (s)", "time_to_target_s": "simulated time to target (s)",
           "acc_personalized_DI": "acc(D_I), personalized", "acc_global_DI": "acc(D_I), global model",
-          "acc_global_DG": "acc(D_G), global model", "epsilon": "DP epsilon", "mia_auc": "membership-inference AUC"}
+          "acc_global_DG": "acc(D_G), global model", "epsilon": "DP epsilon", "mia_auc": "membership-inference AUC",
+          "mia_auc_personalized": "membership-inference AUC, personalized",
+          "mia_auc_individual": "membership-inference AUC per individual, personalized",
+          "privacy_weight": "privacy weight lambda"}
 MAIN = ("clients_per_s", "s_per_round", "acc_personalized_DI", "acc_global_DI", "bytes_up_per_client", "sim_time_s",
         "time_to_target_s", "epsilon", "mia_auc")
 SPECIAL = ("ray.num_workers", "federation.clients_per_round", "secagg.neighbors")

@@ -156,6 +156,19 @@ def trial_resources(cfg: ExperimentConfig) -> tune.PlacementGroupFactory:
     return tune.PlacementGroupFactory([{"CPU": 0.01}] + [worker] * cfg.ray.num_workers)
 
 
+def check_fits(cfg: ExperimentConfig, pgf: tune.PlacementGroupFactory | None = None) -> tune.PlacementGroupFactory:
+    """The trial's placement group, or a ConfigError when this Ray cluster can never place it
+    (Tune would wait for it forever)."""
+    pgf = pgf or trial_resources(cfg)
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    need = sum(b.get("CPU", 0.0) for b in pgf.bundles)
+    if need > cpus + 1e-9:
+        raise ConfigError(f"ray.num_cpus_per_worker: a trial needs {need:g} CPUs ({cfg.ray.num_workers} workers x "
+                          f"{cfg.ray.num_cpus_per_worker:g} + 0.01 for the trial) but the Ray cluster has {cpus:g}; "
+                          f"use fractional CPUs per worker")
+    return pgf
+
+
 def make_trainable(cfg: ExperimentConfig, start: str | None = None, start_round: int = 0, budget=None,
                    plan: FederationPlan | None = None):
     """The trial function with its fixed arguments and resources (also what `Tuner.restore` needs;
@@ -179,9 +192,9 @@ def current_values(cfg: ExperimentConfig) -> dict:
 
 
 def searcher(cfg: ExperimentConfig):
-    """Optuna through Tune, seeded: TPE (multivariate, `tune.startup_trials` random trials first)
-    or NSGA-II for several objectives, warm-started from the config's own values; or seeded
-    random search."""
+    """Optuna through Tune, seeded: TPE (multivariate, `tune.startup_trials` random trials first),
+    Gaussian-process Bayesian optimization (`gp`, the same start-up) or NSGA-II for several
+    objectives, warm-started from the config's own values; or seeded random search."""
     import optuna
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -189,8 +202,13 @@ def searcher(cfg: ExperimentConfig):
     t = cfg.tune
     if t.searcher != "optuna":
         return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=t.max_concurrent)
-    sampler = (optuna.samplers.NSGAIISampler(seed=cfg.seed) if t.sampler == "nsga2"
-               else optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=t.startup_trials, multivariate=True))
+    if t.sampler == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(seed=cfg.seed)
+    elif t.sampler == "gp":     # a Gaussian-process model: the trials of a seeded run are deterministic
+        sampler = optuna.samplers.GPSampler(seed=cfg.seed, n_startup_trials=t.startup_trials,
+                                            deterministic_objective=True)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=t.startup_trials, multivariate=True)
     objectives = {"metric": [o.metric for o in t.objectives], "mode": [o.direction for o in t.objectives]} \
         if t.objectives else {"metric": t.metric, "mode": "max"}
     warm = [current_values(cfg)] if t.warm_start else None
@@ -233,6 +251,7 @@ def run_tune(cfg: ExperimentConfig, start: str | None = None, start_round: int =
     started = init_ray(cfg.ray.address, cfg.ray.connect_timeout_s)
     budget = None
     try:
+        check_fits(cfg)
         plan = FederationPlan.from_config(cfg)
         if plan.dp.enabled:
             base = ckpt.load(Path(start)).accountant if start else None

@@ -16,7 +16,7 @@ from torch import nn
 
 from sim.algorithms.local import LocalDP, Ops, batch_schedule, train_loop, train_vmap
 from sim.config import AlgorithmConfig, EvalConfig
-from sim.models import Params
+from sim.models import Params, param_shapes, unflatten
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x, y, mask)
 
@@ -76,12 +76,22 @@ class Algorithm(ABC):
         return new, {"update_norm": float(mean_update.norm())}
 
     # ------------------------------------------------------------ personalization rule
-    def personalizer(self, ev: EvalConfig) -> Algorithm:
+    # the privacy weight lambda of the personalization: a proximal pull lambda/2 ||v - w||^2 of the
+    # personalized model v towards the global model w (0: plain fine-tuning; Ditto: its lambda)
+    privacy_weight = 0.0
+
+    def personalizer(self, ev: EvalConfig, weight: float | None = None) -> Algorithm:
         """What an evaluated individual runs on its train split, starting from the global model,
-        to get its personalized model: by default `eval.finetune_steps` steps of plain SGD
-        (fine-tuning). Ditto overrides it with its proximal personal objective."""
-        return SGDClient(AlgorithmConfig(local_steps=max(ev.finetune_steps, 1), lr=ev.finetune_lr,
-                                         batch_size=ev.batch_size))
+        to get its personalized model: `eval.finetune_steps` steps of SGD on its loss plus
+        `weight`/2 ||v - w||^2 (Ditto's personal objective; default `privacy_weight`). At 0 that is
+        plain fine-tuning. The pull bounds how far v moves to fit the individual's own examples,
+        which is what the loss-threshold membership attack reads (sim/leakage.py adapts it)."""
+        mu = self.privacy_weight if weight is None else weight
+        if not mu:
+            return SGDClient(AlgorithmConfig(local_steps=max(ev.finetune_steps, 1), lr=ev.finetune_lr,
+                                             batch_size=ev.batch_size))
+        return ProximalSGDClient(AlgorithmConfig(local_steps=max(ev.finetune_steps, 1), lr=ev.finetune_lr,
+                                       batch_size=ev.batch_size, proximal_mu=mu))
 
     def describe_personalization(self) -> str:
         return "fine-tuning"
@@ -106,4 +116,23 @@ class SGDClient(Algorithm):
     def step(self, ops, params, batches):
         (x, y, m), = batches
         g, loss = ops.grad(params, x, y, m)
+        return ops.descend(params, g, self.lr), loss
+
+
+class ProximalSGDClient(SGDClient):
+    """Local SGD on the loss plus (mu/2) ||w - w_global||^2: each gradient gains mu (w - w_global),
+    anchored at the global parameters the cohort starts from (FedProx's client rule, Ditto's
+    personal objective). mu = `cfg.proximal_mu`; 0 is plain SGD."""
+
+    def client_update(self, model, global_flat, *args, **kwargs):
+        # the proximal anchor: the global parameters, shared by every client of the cohort
+        self._anchor = unflatten(global_flat, param_shapes(model))
+        return super().client_update(model, global_flat, *args, **kwargs)
+
+    def step(self, ops, params, batches):
+        (x, y, m), = batches
+        g, loss = ops.grad(params, x, y, m)
+        # a padded (all-masked) batch of the vmap path is no step: no proximal pull either
+        mu = self.cfg.proximal_mu * (m.sum() > 0).to(x.dtype)
+        g = {k: g[k] + mu * (params[k] - self._anchor[k]) for k in g}
         return ops.descend(params, g, self.lr), loss

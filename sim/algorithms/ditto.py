@@ -9,19 +9,17 @@ personal problem is solved when an individual is evaluated, from the global mode
 `eval.finetune_steps` proximal SGD steps at `eval.finetune_lr` starting at w (Algorithm 1's personal
 update with w as anchor). Virtual clients keep no state between rounds, so v_k is not carried from
 one evaluation to the next; its anchor, the current global model, is."""
-from sim.algorithms.base import Algorithm
 from sim.algorithms.fedavg import FedAvg
-from sim.algorithms.fedprox import FedProx
-from sim.config import AlgorithmConfig, EvalConfig
+from sim.config import AlgorithmConfig
 
 
 class Ditto(FedAvg):
     name = "ditto"
 
-    def personalizer(self, ev: EvalConfig) -> Algorithm:
-        # proximal SGD towards the global model: FedProx's client rule with mu = lambda
-        return FedProx(AlgorithmConfig(local_steps=max(ev.finetune_steps, 1), lr=ev.finetune_lr,
-                                       batch_size=ev.batch_size, proximal_mu=self.cfg.ditto_lambda))
+    def __init__(self, cfg: AlgorithmConfig):
+        super().__init__(cfg)
+        # its personal objective is the base class's proximal personalization, with mu = lambda
+        self.privacy_weight = cfg.ditto_lambda
 
     def describe_personalization(self) -> str:
         return f"ditto (lambda={self.cfg.ditto_lambda:g})"

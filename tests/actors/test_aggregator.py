@@ -77,3 +77,18 @@ def test_central_dp_releases_noise_even_for_an_empty_cohort():
     assert not met["skipped"] and met["noise_std"] == 1.0 and np.abs(new).max() > 0
     kept, met = Aggregator(AlgorithmConfig(), 50).aggregate(0, g)     # without DP nothing is released
     assert met["skipped"] and np.array_equal(kept, g)
+
+
+def test_a_panel_metric_is_a_noisy_sum_over_the_planned_panel_under_dp():
+    """Without DP: the plain means over those who reported. With DP: Gaussian noise of the given
+    multiplier on each sum (an individual adds at most 1), divided by the planned panel size, so
+    whether one individual reported is not in the count."""
+    parts = ({"mia_auc_DI": 3.0, "count": 5}, {"mia_auc_DI": 2.5, "count": 4})
+    plain = Aggregator(AlgorithmConfig(), 2).aggregate_metric(7, *parts, panel=10)
+    assert plain == {"count": 9, "mia_auc_DI": pytest.approx(5.5 / 9)}
+    dp = UserLevelDP("central", clip_norm=1.0, noise_multiplier=1.0, expected_clients=10)
+    released = [Aggregator(AlgorithmConfig(), 2, dp=dp, secrets=Secrets.fresh(s)).aggregate_metric(
+        7, *parts, noise=3.0, panel=10) for s in range(400)]
+    assert {r["count"] for r in released} == {10}
+    values = np.array([r["mia_auc_DI"] for r in released]) * 10 - 5.5      # the noise on the sum
+    assert abs(values.mean()) < 3 * 3.0 / np.sqrt(400) and values.std() == pytest.approx(3.0, rel=0.15)

@@ -409,3 +409,36 @@ def test_privacy_budget_refuses_what_would_overshoot(kind, accountant):
         budget.settle(9999, 1.0, 1.0)
     # no target: every reservation is granted
     assert PrivacyBudget(dp).reserve(1.0, 1.0) == 0
+
+
+def test_individual_mia_auc_is_each_individuals_own_attack():
+    from actors.privacy import individual_mia_auc
+
+    rng = np_rng(2, "mia-individual")
+    members = [rng.exponential(0.1, 12), rng.exponential(1.0, 9), np.zeros(0), rng.exponential(1.0, 4)]
+    others = [1.0 + rng.exponential(1.0, 5), rng.exponential(1.0, 7), rng.exponential(1.0, 3), np.zeros(0)]
+    got = individual_mia_auc(members, others)
+    for i, (m, o) in enumerate(zip(members, others)):
+        if len(m) and len(o):   # the reference: P(member loss < non-member loss), ties count half
+            ref = np.mean([(a < b) + 0.5 * (a == b) for a in m for b in o])
+            assert got[i] == pytest.approx(ref)
+        else:
+            assert np.isnan(got[i])
+    assert got[0] == 1.0
+
+
+def test_a_metric_release_the_budget_has_no_room_for_is_refused_and_not_accounted():
+    from actors.privacy import RunAccounting, Sampling, UserLevelDP
+
+    sampling = Sampling("poisson", 100, 10)
+    one_round = epsilon_for(1.0, 0.1, 1, 1e-5, sampling=sampling)
+    dp = UserLevelDP("central", 1.0, 1.0, 10, sampling, target_epsilon=one_round * 1.01)
+    acc = RunAccounting(dp)
+    acc.record_round({})
+    assert "metric release would exceed epsilon" in acc.release_stop(1.0)
+    assert acc.epsilon() == pytest.approx(one_round)          # asking spent nothing
+    roomy = RunAccounting(UserLevelDP("central", 1.0, 1.0, 10, sampling, target_epsilon=100.0))
+    assert roomy.release_stop(1.0) is None
+    roomy.record_release(1.0)
+    assert roomy.accountant.releases == 1
+    assert RunAccounting(UserLevelDP()).release_stop(1.0) is None    # no DP: nothing to spend

@@ -142,7 +142,7 @@ def test_evaluate_detectors_on_writers_rotation(rotation):
         assert 0 <= r["false_alarms_before_change"] <= 10, name
 
 
-@pytest.mark.parametrize("kind", ["rotation", "new_writers", "label_shift"])
+@pytest.mark.parametrize("kind", ["rotation", "new_writers", "label_shift", "joiners"])
 def test_writers_drift_data_shapes(kind):
     reference, pre, post = writers_drift_data(3, kind, n_reference=200, n_pre=100, n_post=100)
     assert reference.shape == (200, 64) and pre.shape == (100, 64) and post.shape == (100, 64)

@@ -323,9 +323,27 @@ def test_run_with_drift_and_auto_tuning(ray_session, tmp_path):
 
 
 @pytest.mark.slow
+def test_newcomers_joining_raise_the_alarm_and_the_run_tunes(ray_session, tmp_path):
+    """data.drift.joiners: 20 of 60 writers with rotated images join at round 4. The watcher sees
+    only those in the federation, so nothing moves before round 4 (no alarm during calibration or
+    after it); the newcomers' inputs raise the alarm right after, and the run tunes and finishes."""
+    raw = tiny_raw(tmp_path, data={"num_clients": 60, "samples_per_client": 40,
+                                   "drift": {"at_round": 4, "rotation": 90.0, "joiners": 20}},
+                   federation={"rounds": 6}, eval={"every": 2},
+                   tune={"auto": True, "reference_rounds": 2, "watch_individuals": 40, "num_samples": 2,
+                         "max_concurrent": 2, "rounds_per_trial": 1, "grace_period": 1})
+    run_dir, s = run_experiment(from_dict(raw))
+    assert s["rounds"] == 6 and s["drift_alarm_round"] == 5 and s["tuned_config"] is not None
+    j = s["joiners"]
+    assert j["at_round"] == 4 and j["rounds"] == [2, 4, 6] and j["in_panel"] > 0
+
+
+@pytest.mark.slow
 def test_auto_tuning_without_budget_goes_on_untuned(ray_session, tmp_path):
-    """privacy.target_epsilon spent up to the alarm: no trial may run a round, the run records why,
-    continues under its own configuration and stops at the budget, never past it."""
+    """privacy.target_epsilon leaves room for one more training round after the alarm but not for a
+    trial's round and metric report: no trial runs, the run records why, continues under its own
+    configuration and stops at the budget, never past it. With no room even for that round, the
+    run stops at the alarm and says the search never started."""
     from actors.privacy import epsilon_for
     from sim.plan import FederationPlan
 
@@ -336,11 +354,16 @@ def test_auto_tuning_without_budget_goes_on_untuned(ray_session, tmp_path):
                    tune={"auto": True, "reference_rounds": 3, "watch_individuals": 40, "num_samples": 2,
                          "max_concurrent": 2, "rounds_per_trial": 1, "grace_period": 1})
     dp = FederationPlan.from_config(from_dict(raw)).dp
-    five = epsilon_for(3.0, dp.sample_rate, 5, dp.delta, sampling=dp.sampling)
-    raw["privacy"]["target_epsilon"] = five * 1.001
+    five, six = (epsilon_for(3.0, dp.sample_rate, n, dp.delta, sampling=dp.sampling) for n in (5, 6))
+    raw["privacy"]["target_epsilon"] = six * 1.001
     run_dir, s = run_experiment(from_dict(raw))
     assert s["drift_alarm_round"] == 5 and s["tuned_config"] is None and "no budget" in s["tune_skipped"]
-    assert s["rounds"] == 5 and s["epsilon"] == pytest.approx(five) and s["epsilon_tuning"] == 0.0
+    assert s["rounds"] == 6 and s["epsilon"] == pytest.approx(six) and s["epsilon_tuning"] == 0.0
+    raw["privacy"]["target_epsilon"] = five * 1.001
+    run_dir, s = run_experiment(from_dict(raw))
+    assert s["drift_alarm_round"] == 5 and s["tuned_config"] is None and s["rounds"] == 5
+    assert "stopped before the search" in s["tune_skipped"] and "privacy budget" in s["tune_skipped"]
+    assert s["epsilon"] == pytest.approx(five) and s["epsilon_tuning"] is None
 
 
 def test_tuning_metric_under_secure_aggregation_equals_the_plain_mean(ray_session, tmp_path):
@@ -442,3 +465,31 @@ def test_sigterm_checkpoints_exits_143_and_the_resume_ends_where_an_uninterrupte
         assert stopped[key] == whole[key], key
     np.testing.assert_array_equal(ckpt.load(run_dir).global_params,
                                   ckpt.load(next((tmp_path / "calm").glob("t-*"))).global_params)
+
+
+@pytest.mark.parametrize("mode", ["sync", "fedbuff"])
+def test_joiners_train_only_from_the_drift_round_on(ray_session, tmp_path, mode):
+    """`data.drift.joiners`: the newcomers are never in a cohort before `at_round` and are after it
+    (with the drifted data the worker hands them)."""
+    from sim.federation import Federation
+    from sim.plan import FederationPlan
+
+    federation = {"rounds": 6, "clients_per_round": 20}
+    if mode == "fedbuff":
+        federation.update(mode="fedbuff", clients_per_round=10, system={"enabled": True}, fedbuff={"concurrency": 20})
+    cfg = from_dict(tiny_raw(tmp_path, data={"drift": {"at_round": 3, "style_strength": 3.0, "joiners": 15}},
+                             federation=federation))
+    fed = Federation(FederationPlan.from_config(cfg))
+    try:
+        joiners, g, trained = set(fed.plan.joiner_ids.tolist()), fed.plan.init_params, []
+        for r in range(6):
+            res = fed.train_round(r, g)
+            g = res.global_params
+            trained.append(set(res.trained))
+    finally:
+        fed.shutdown()
+    assert joiners == set(range(25, 40))
+    if mode == "sync":
+        assert not (trained[0] | trained[1] | trained[2]) & joiners and all(t & joiners for t in trained[3:])
+    else:   # clients started before the drift step may still arrive after it: none of them is a joiner
+        assert not (trained[0] | trained[1]) & joiners and (trained[4] | trained[5]) & joiners

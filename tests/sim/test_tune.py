@@ -160,3 +160,15 @@ def test_tune_bench_reports_across_seeds(monkeypatch):
     assert out["seeds"] == [0, 1, 2] and out["bo_trials_to_95_seeds"] == [2, None, 4] and out["bo_reached_95"] == 2
     assert out["tuned_acc_mean"] == pytest.approx(0.31) and out["tuned_acc_sd"] == pytest.approx(0.01)
     assert out["tuned_beats_untuned"] and out["tuned_minus_untuned"] == pytest.approx([0.1, 0.11, 0.12])
+
+
+def test_a_trial_the_cluster_can_never_place_is_a_config_error(ray_session, tmp_path):
+    """2 workers x 1 CPU + the trial's sliver does not fit 2 CPUs: Tune would wait forever, so
+    `fedmeta tune` and a `tune.auto` run refuse it up front, naming the key."""
+    from sim.tune import check_fits
+
+    raw = tiny_raw(tmp_path, ray={"num_workers": 2, "num_cpus_per_worker": 1.0})
+    with pytest.raises(ConfigError, match=r"ray.num_cpus_per_worker: a trial needs 2.01 CPUs \(2 workers x 1 \+ 0.01"):
+        check_fits(from_dict(raw))
+    raw["ray"]["num_cpus_per_worker"] = 0.95
+    assert sum(b["CPU"] for b in check_fits(from_dict(raw)).bundles) == pytest.approx(1.91)

@@ -67,3 +67,20 @@ def test_the_global_rule_is_fedavg():
     torch.testing.assert_close(run("ditto"), run("fedavg"))
     assert build_algorithm(AlgorithmConfig(name="ditto", ditto_lambda=0.5)).describe_personalization() == \
         "ditto (lambda=0.5)"
+
+
+def test_any_algorithm_personalizes_with_a_given_privacy_weight():
+    """The weight the leakage controller passes turns fine-tuning into Ditto's proximal personal
+    objective (and overrides Ditto's own lambda); None keeps the algorithm's own."""
+    model, w, xs, ys = cohort("mlp", [16, 9], (6,), 4, seed=3)
+    ev = EvalConfig(finetune_steps=10, finetune_lr=0.2, batch_size=4)
+    gens = lambda: [np.random.default_rng(7 + i) for i in range(2)]  # noqa: E731
+    fedavg, ditto = (build_algorithm(AlgorithmConfig(name=n, ditto_lambda=0.7)) for n in ("fedavg", "ditto"))
+    assert (fedavg.privacy_weight, ditto.privacy_weight) == (0.0, 0.7)
+
+    def personal(alg, weight):
+        return alg.personalizer(ev, weight).client_update(model, w, xs, ys, gens(), "vmap")[0]
+
+    torch.testing.assert_close(personal(fedavg, 0.7), personal(ditto, None))
+    torch.testing.assert_close(personal(ditto, 0.0), personal(fedavg, None))
+    assert personal(fedavg, 5.0).norm(dim=1).lt(personal(fedavg, 0.0).norm(dim=1)).all()
