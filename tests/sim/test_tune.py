@@ -145,6 +145,8 @@ def test_searchers_are_seeded_and_warm_started():
     assert not searcher(cold).searcher._points_to_evaluate
     draws = [searcher(from_dict(tiny_raw(tune={"searcher": "random"})))._random_state.random() for _ in range(2)]
     assert draws[0] == draws[1] == BasicVariantGenerator(random_state=3)._random_state.random()     # the run's seed
+    gp = searcher(from_dict(tiny_raw(tune={"sampler": "gp", "startup_trials": 2}))).searcher._sampler
+    assert type(gp).__name__ == "GPSampler" and gp._n_startup_trials == 2 and gp._deterministic
 
 
 def test_tune_bench_reports_across_seeds(monkeypatch):
