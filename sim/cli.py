@@ -457,20 +457,22 @@ def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped), 
     if tune_:
         from sim.bench import run_tune_bench
 
-        res = run_tune_bench(workload_config("tune", list(set_)), seeds=range(seeds))
+        base = workload_config("tune", list(set_))
+        res = run_tune_bench(base, seeds=range(seeds))
+        bo = base.tune.sampler.upper()
         for r in res["runs"]:
             print(f"seed {r['seed']}, after the drift ({r['metric']}, {r['post_rounds']} rounds):")
             print("  untuned: " + " ".join(f"{v:.3f}" for v in r["untuned_curve"]))
             print("  tuned:   " + " ".join(f"{v:.3f}" for v in r["tuned_curve"]) + f"  ({r['best_config']})")
-            print(f"  Bayesian (TPE) trials to reach 95% of the best of {r['random_trials']} random trials "
+            print(f"  Bayesian ({bo}) trials to reach 95% of the best of {r['random_trials']} random trials "
                   f"({r['random_best']:.3f}): {r['bo_trials_to_95']} of {r['bo_trials']}")
         print(f"over {len(res['seeds'])} seeds: tuned {res['tuned_acc_mean']:.3f} +- {res['tuned_acc_sd']:.3f}, untuned "
-              f"{res['untuned_acc_mean']:.3f} +- {res['untuned_acc_sd']:.3f}; TPE reached 95% of random search's best "
+              f"{res['untuned_acc_mean']:.3f} +- {res['untuned_acc_sd']:.3f}; {bo} reached 95% of random search's best "
               f"in {res['bo_reached_95']} of {len(res['seeds'])} seeds ({res['bo_trials_to_95_seeds']})")
         if as_json:
             keys = ("tuned_acc", "untuned_acc", "bo_trials_to_95", "random_trials", "bo_trials", "random_best",
                     "untuned_curve", "tuned_curve", "seed")
-            print(json.dumps({**{k: v for k, v in res.items() if k != "runs"},
+            print(json.dumps({**{k: v for k, v in res.items() if k != "runs"}, "sampler": base.tune.sampler,
                               "runs": [{k: r[k] for k in keys} for r in res["runs"]]}))
         return
     if serve_:
