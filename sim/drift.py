@@ -502,7 +502,7 @@ def writers_drift_data(seed: int, kind: str = "rotation", strength: float = 1.0,
         new = _writer_images(seed, post_ids, per, style_strength=2.0 * strength)[0]
         k = round(JOINER_SHARE * n_post)
         mixed = np.concatenate([new[:k], post_x[k:n_post]])      # newcomers and old writers, disjoint ids
-        post = mixed[np.random.default_rng(seed).permutation(len(mixed))]   # mixed in every batch
+        post = mixed[np_rng(seed, "drift-joiners-mix").permutation(len(mixed))]   # mixed in every batch
     else:
         post = post_x[post_y <= 2][:n_post]
     return reference, pre, np.ascontiguousarray(post, dtype=np.float32)
