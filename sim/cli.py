@@ -374,7 +374,7 @@ def drift_eval(kind: Annotated[str, typer.Option(help="rotation, new_writers, la
     from sim.drift import DRIFT_KINDS, evaluate_seeds
 
     if kind not in DRIFT_KINDS:
-        raise ConfigError(f"--kind: expected one of {', '.join(DRIFT_KINDS)}, got {kind!r}")
+        raise ConfigError(f"--kind: expected {', '.join(DRIFT_KINDS[:-1])} or {DRIFT_KINDS[-1]}, got {kind!r}")
     if not 0 < false_alarm_rate < 1:
         raise ConfigError(f"--false-alarm-rate: must be in (0, 1), got {false_alarm_rate}")
     torch.set_num_threads(1)    # the detectors are small; threads only contend on 2 cores
