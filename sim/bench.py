@@ -414,9 +414,13 @@ def tune_bench_seed(base: ExperimentConfig, pre_rounds: int = 10, post_rounds: i
             untuned.append(fed.private_metric(r + 1, gu)[metric])
         fed.shutdown()
         tuned_cfg = copy.deepcopy(base.model_dump(mode="json"))
-        tuned_cfg["tune"].update(rounds_per_trial=post_rounds, num_samples=bo_trials, searcher="optuna")
-        bo = build_tuner(from_dict(tuned_cfg), out_dir, "bo", str(start_dir), pre_rounds).fit()
-        tuned_cfg["tune"].update(num_samples=4 * bo_trials, searcher="random")
+        # the Bayesian search proposes one trial at a time (each proposal sees every result so far),
+        # and is told what the pre-drift values reach (the untuned curve) instead of rerunning them
+        tuned_cfg["tune"].update(rounds_per_trial=post_rounds, num_samples=bo_trials, searcher="optuna",
+                                 max_concurrent=1)
+        bo = build_tuner(from_dict(tuned_cfg), out_dir, "bo", str(start_dir), pre_rounds,
+                         warm_result=untuned[-1] if base.tune.warm_start else None).fit()
+        tuned_cfg["tune"].update(num_samples=4 * bo_trials, searcher="random", max_concurrent=base.tune.max_concurrent)
         rnd = build_tuner(from_dict(tuned_cfg), out_dir, "random", str(start_dir), pre_rounds).fit()
     finally:
         if started:

@@ -191,10 +191,12 @@ def current_values(cfg: ExperimentConfig) -> dict:
     return out
 
 
-def searcher(cfg: ExperimentConfig):
+def searcher(cfg: ExperimentConfig, warm_result: float | None = None):
     """Optuna through Tune, seeded: TPE (multivariate, `tune.startup_trials` random trials first),
     Gaussian-process Bayesian optimization (`gp`, the same start-up) or NSGA-II for several
-    objectives, warm-started from the config's own values; or seeded random search."""
+    objectives, warm-started from the config's own values; or seeded random search.
+    `warm_result`: the metric the config's own values are already known to reach (e.g. the
+    untuned federation after a drift): the searcher is told it instead of spending a trial on it."""
     import optuna
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -212,12 +214,14 @@ def searcher(cfg: ExperimentConfig):
     objectives = {"metric": [o.metric for o in t.objectives], "mode": [o.direction for o in t.objectives]} \
         if t.objectives else {"metric": t.metric, "mode": "max"}
     warm = [current_values(cfg)] if t.warm_start else None
-    search = OptunaSearch(sampler=sampler, points_to_evaluate=warm, **objectives)
+    known = {"evaluated_rewards": [warm_result]} if warm and warm_result is not None and not t.objectives else {}
+    search = OptunaSearch(sampler=sampler, points_to_evaluate=warm, **objectives, **known)
     return ConcurrencyLimiter(search, max_concurrent=t.max_concurrent)
 
 
 def build_tuner(cfg: ExperimentConfig, storage: Path, name: str, start: str | None = None,
-                start_round: int = 0, budget=None, plan: FederationPlan | None = None) -> tune.Tuner:
+                start_round: int = 0, budget=None, plan: FederationPlan | None = None,
+                warm_result: float | None = None) -> tune.Tuner:
     t = cfg.tune
     if t.objectives:     # ASHA compares one metric; several objectives run every trial to the end
         scheduler, metric, mode = FIFOScheduler(), None, None
@@ -228,7 +232,8 @@ def build_tuner(cfg: ExperimentConfig, storage: Path, name: str, start: str | No
     return tune.Tuner(
         make_trainable(cfg, start, start_round, budget, plan),
         param_space=search_space(t.params),
-        tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher(cfg), scheduler=scheduler,
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher(cfg, warm_result),
+                                    scheduler=scheduler,
                                     num_samples=t.num_samples, max_concurrent_trials=t.max_concurrent),
         run_config=tune.RunConfig(name=name, storage_path=str(storage.resolve()), verbose=0),
     )

@@ -19,23 +19,18 @@ ROOT = Path(__file__).resolve().parents[2]
 METRICS = ("acc_global_DI", "acc_personalized_DI", "acc_global_DG")
 
 
-def cli_run(tmp_path: Path, name: str, kill_after_first_round: bool) -> tuple[int, dict, str]:
+def cli_start(tmp_path: Path, name: str) -> subprocess.Popen:
     raw = tiny_raw(tmp_path / name)
     raw["federation"]["rounds"] = 30
     raw["eval"]["every"] = 30
     (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
-    proc = subprocess.Popen([sys.executable, "-m", "sim.cli", "run", str(tmp_path / f"{name}.yaml"), "--no-progress"],
+    return subprocess.Popen([sys.executable, "-m", "sim.cli", "run", str(tmp_path / f"{name}.yaml"), "--no-progress"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)          # its Ray processes share its session: cleaned up below
+
+
+def cli_finish(tmp_path: Path, name: str, proc: subprocess.Popen) -> tuple[int, dict, str]:
     try:
-        if kill_after_first_round:
-            until = time.time() + 240
-            while not list((tmp_path / name).glob("*/checkpoint.pt")) and proc.poll() is None and time.time() < until:
-                time.sleep(0.05)
-            workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                       if "ClientWorkerActor" in " ".join(p.cmdline())]
-            assert workers, "no worker process found"
-            os.kill(workers[0].pid, signal.SIGKILL)
         _, stderr = proc.communicate(timeout=400)
     finally:
         try:
@@ -46,12 +41,27 @@ def cli_run(tmp_path: Path, name: str, kill_after_first_round: bool) -> tuple[in
     return proc.returncode, summary, stderr
 
 
+def kill_a_worker_after_the_first_round(tmp_path: Path, name: str, proc: subprocess.Popen) -> None:
+    until = time.time() + 240
+    while not list((tmp_path / name).glob("*/checkpoint.pt")) and proc.poll() is None and time.time() < until:
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "ClientWorkerActor" in " ".join(p.cmdline())]
+    assert workers, "no worker process found"
+    os.kill(workers[0].pid, signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_kill_9_of_a_worker_during_fedmeta_run_costs_nothing_but_time(tmp_path):
-    code, calm, err = cli_run(tmp_path, "calm", kill_after_first_round=False)
+    hit_proc = cli_start(tmp_path, "hit")
+    calm_proc = cli_start(tmp_path, "calm")         # the undisturbed twin runs beside it (its own local Ray)
+    try:
+        kill_a_worker_after_the_first_round(tmp_path, "hit", hit_proc)
+    finally:
+        code, hit, err = cli_finish(tmp_path, "hit", hit_proc)
+        calm_code, calm, calm_err = cli_finish(tmp_path, "calm", calm_proc)
     assert code == 0, err[-2000:]
-    code, hit, err = cli_run(tmp_path, "hit", kill_after_first_round=True)
-    assert code == 0, err[-2000:]
+    assert calm_code == 0, calm_err[-2000:]
     assert hit["worker_failures"] >= 1 and calm["worker_failures"] == 0
     for key in METRICS:
         assert hit[key] == calm[key], key

@@ -31,6 +31,7 @@ grid:
 
 def write_study(folder: Path, text: str, **base_sections) -> Path:
     """base.yaml (the tiny experiment) and s.yaml (the study) in `folder`; the study goes to folder/studies."""
+    base_sections.setdefault("ray", {"num_workers": 1})       # one worker actor per cell: trials start faster
     (folder / "base.yaml").write_text(yaml.safe_dump(tiny_raw(folder / "runs", **base_sections)))
     path = folder / "s.yaml"
     path.write_text(textwrap.dedent(text) + f"out_dir: {folder / 'studies'}\n")
