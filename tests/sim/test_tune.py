@@ -152,14 +152,11 @@ def test_searchers_are_seeded_and_warm_started():
 def test_a_known_warm_result_is_told_to_the_searcher_not_rerun():
     """`warm_result`: the config's own values enter the Optuna study as a finished trial with that
     value, so the first trial Tune runs is already the searcher's own proposal."""
-    from ray.tune.search.sample import Float, Integer
-
-    from sim.tune import current_values, searcher
+    from sim.tune import current_values, search_space, searcher
 
     cfg = from_dict(tiny_raw(tune={"sampler": "gp", "startup_trials": 2}))
     told = searcher(cfg, warm_result=0.25).searcher
-    space = {p.key: (Integer(p.low, p.high + 1) if p.integer else Float(p.low, p.high).loguniform())
-             for p in cfg.tune.params}
+    space = search_space(cfg.tune.params)
     assert told.set_search_properties("acc_personalized_DI", "max", space)
     done = told._ot_study.trials
     assert [t.value for t in done] == [0.25] and done[0].params == current_values(cfg)
