@@ -31,9 +31,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
@@ -482,21 +485,36 @@ class PrivacyBudget:
     distributed mode's z at the secure-aggregation threshold), and `settle`s it with the noise it
     achieved. A reservation that would take the total past `target_epsilon` is refused, so
     concurrent trials can never overshoot the target together: what is reserved is an upper bound
-    of what was released (a failed round keeps its reservation)."""
+    of what was released (a failed round keeps its reservation).
 
-    def __init__(self, dp: UserLevelDP, base: dict | None = None, target_epsilon: float | None = None):
+    `ledger`: a file this budget's entries are written to at every change; `prior`: the entries of
+    earlier sittings of the same search (a resumed search: its earlier trials' rounds stay spent,
+    and a reservation that was never settled counts at its reserved noise)."""
+
+    def __init__(self, dp: UserLevelDP, base: dict | None = None, target_epsilon: float | None = None,
+                 ledger: str | Path | None = None, prior: Sequence[Sequence[float]] = ()):
         self.dp, self.base, self.target = dp, base, target_epsilon
         self.entries: dict[int, tuple[float, float]] = {}   # id -> (round z or 0: none, release z)
+        self.prior = [(float(a), float(b)) for a, b in prior]
         self._next = 0
+        self.ledger = Path(ledger) if ledger is not None else None
+
+    def _save(self) -> None:
+        if self.ledger is None:
+            return
+        tmp = self.ledger.with_name(self.ledger.name + ".tmp")     # whole or not at all: a crash keeps the last one
+        tmp.write_text(json.dumps({"entries": [list(e) for e in self.entries.values()]}))
+        os.replace(tmp, self.ledger)
 
     def _accountant(self, with_base: bool):
         acc = make_accountant(self.dp.accountant, self.dp.sampling)
         if with_base and self.base:
             acc.load_state_dict(self.base)
         # composition does not depend on the order: like steps in a row, so the history stays short
-        for round_z in sorted(z for z, _ in self.entries.values() if z > 0):
+        spent = [*self.prior, *self.entries.values()]
+        for round_z in sorted(z for z, _ in spent if z > 0):
             acc.step(round_z, self.dp.sample_rate)
-        for release_z in sorted(z for _, z in self.entries.values()):
+        for release_z in sorted(z for _, z in spent):
             acc.release(release_z)
         return acc
 
@@ -508,6 +526,7 @@ class PrivacyBudget:
         if self.target is not None and self._accountant(True).epsilon(self.dp.delta) > self.target:
             del self.entries[rid]
             return None
+        self._save()
         return rid
 
     def settle(self, rid: int, round_z: float, release_z: float) -> None:
@@ -515,13 +534,15 @@ class PrivacyBudget:
         if rid not in self.entries:
             raise KeyError(f"reservation {rid}: unknown")
         self.entries[rid] = (float(round_z), float(release_z))
+        self._save()
 
     def epsilon(self) -> dict:
         """Epsilon of the tuning alone and of the run with it, and the accountant state of the
         latter (what the run continues from)."""
         total = self._accountant(True)
         return {"epsilon_tuning": self._accountant(False).epsilon(self.dp.delta),
-                "epsilon_total": total.epsilon(self.dp.delta), "reserved_rounds": len(self.entries),
+                "epsilon_total": total.epsilon(self.dp.delta),
+                "reserved_rounds": len(self.prior) + len(self.entries),
                 "accountant_state": total.state_dict()}
 
 

@@ -44,7 +44,8 @@ class AutoTune(Hook):
         """The panel's inference inputs after `rounds_done` rounds (their data as of the last trained
         round; joiners only once they are in the federation)."""
         data = data_for_round(self.cfg.data, self.data, self.drifted, rounds_done - 1)
-        present = [c for c in self.panel if c not in set(self.fed.plan.absent(rounds_done - 1).tolist())]
+        absent = set(self.fed.plan.absent(rounds_done - 1).tolist())
+        present = [c for c in self.panel if c not in absent]
         return torch.cat([c.x_test for c in data.clients(present)]).flatten(1).numpy()
 
     def after_round(self, state: RunState, res: RoundResult) -> None:

@@ -382,8 +382,9 @@ def run_tune_bench(base: ExperimentConfig, seeds: Sequence[int] = (0,), **kwargs
 def tune_bench_seed(base: ExperimentConfig, pre_rounds: int = 10, post_rounds: int = 5, bo_trials: int = 6,
                     out_dir: Path | None = None) -> dict:
     """After a drift: the federation continued with its old hyperparameters (untuned) against the
-    best Tune trial (Optuna TPE, `bo_trials` trials, warm-started from the old ones), plus random
-    search with 4x the trials, and how many Bayesian trials reach 95% of random search's best."""
+    best Tune trial (Optuna's `tune.sampler`, `bo_trials` trials, told what the old ones reach),
+    plus random search with 4x the trials, and how many Bayesian trials reach 95% of random
+    search's best."""
     import copy
     import tempfile
 
@@ -418,8 +419,7 @@ def tune_bench_seed(base: ExperimentConfig, pre_rounds: int = 10, post_rounds: i
         # and is told what the pre-drift values reach (the untuned curve) instead of rerunning them
         tuned_cfg["tune"].update(rounds_per_trial=post_rounds, num_samples=bo_trials, searcher="optuna",
                                  max_concurrent=1)
-        bo = build_tuner(from_dict(tuned_cfg), out_dir, "bo", str(start_dir), pre_rounds,
-                         warm_result=untuned[-1] if base.tune.warm_start else None).fit()
+        bo = build_tuner(from_dict(tuned_cfg), out_dir, "bo", str(start_dir), pre_rounds, warm_result=untuned[-1]).fit()
         tuned_cfg["tune"].update(num_samples=4 * bo_trials, searcher="random", max_concurrent=base.tune.max_concurrent)
         rnd = build_tuner(from_dict(tuned_cfg), out_dir, "random", str(start_dir), pre_rounds).fit()
     finally:

@@ -268,20 +268,29 @@ def tune_cmd(config: Annotated[Optional[Path], typer.Argument(help="experiment Y
              set_: SetOpt = [],  # noqa: B006
              start: Annotated[Optional[Path], typer.Option(help="run directory whose checkpoint the trials continue from")] = None,
              name: Annotated[str, typer.Option(help="Tune experiment name (a directory under run.out_dir/tune)")] = "tune",
+             resume: Annotated[Optional[Path], typer.Option(help="a Tune experiment directory to finish (its own "
+                                                                 "config, start and privacy ledger)")] = None,
              as_json: Annotated[bool, typer.Option("--json", help="also one JSON line with the result")] = False) -> None:
     """Search the federation's hyperparameters with Ray Tune (Optuna TPE or random, ASHA); the best
     model becomes a candidate member. Last line: the candidate's directory."""
     from sim.checkpoint import load as load_ckpt
-    from sim.tune import run_tune
+    from sim.tune import resume_tune, run_tune, searched_config
 
-    cfg = load(config, list(set_))
+    if resume is not None and (config is not None or set_ or start is not None):
+        raise ConfigError("--resume: the experiment keeps its own config and start; give no CONFIG, --set or --start")
+    cfg = load(config, list(set_)) if resume is None else searched_config(resume)
     if start is not None and not (start / "checkpoint.pt").is_file():
         raise ConfigError(f"--start: {start} has no checkpoint.pt")
     start_round = load_ckpt(start).round if start is not None else 0
     try:
-        res = run_tune(cfg, start=str(start.resolve()) if start else None, start_round=start_round, name=name)
+        if resume is not None:
+            res = resume_tune(resume)
+        else:
+            res = run_tune(cfg, start=str(start.resolve()) if start else None, start_round=start_round, name=name)
     except KeyboardInterrupt as e:
-        err.print(f"[yellow]{_stopped(e)}[/]: the Tune experiment keeps its trials (tune.Tuner.restore continues it)")
+        where = resume or Path(cfg.run.out_dir) / "tune" / name
+        err.print(f"[yellow]{_stopped(e)}[/]: the Tune experiment keeps its trials (finish it with "
+                  f"`fedmeta tune --resume {where}`)")
         raise typer.Exit(_stop_code(e)) from None
     print(f"{res['trials']} trials ({cfg.tune.searcher}), best {res['metric']} {res['best_metric']:.4f} with "
           + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res["best_config"].items()))
@@ -292,7 +301,9 @@ def tune_cmd(config: Annotated[Optional[Path], typer.Argument(help="experiment Y
     if res.get("epsilon_tuning") is not None:
         print(f"privacy: the search spent epsilon {res['epsilon_tuning']:.3f}; with the run before it "
               f"{res['epsilon_total']:.3f} (delta {cfg.privacy.delta:g})")
-    print(f"Tune experiment: {res['experiment']} (restorable with tune.Tuner.restore)")
+    if res.get("privacy_weight") is not None:
+        print(f"personalization: the trials used the run's learned privacy weight lambda {res['privacy_weight']:.3g}")
+    print(f"Tune experiment: {res['experiment']} (an interrupted one finishes with `fedmeta tune --resume DIR`)")
     if as_json:
         print(json.dumps({k: v for k, v in res.items() if k not in ("curves", "privacy_state")}, default=str))
     print(res["candidate"])
@@ -431,7 +442,8 @@ def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped), 
           seconds: Annotated[float, typer.Option(min=0.5, help="--serve: seconds per concurrency level")] = 5.0,
           async_: Annotated[bool, typer.Option("--async", help="synchronous FedAvg vs FedBuff to eval.target on simulated heterogeneous devices (configs/heterogeneous.yaml)")] = False,
           seeds: Annotated[int, typer.Option(min=1, help="--async: seeds, each run both ways (medians compared); "
-                                                         "--tune: seeds 0..N-1, each a whole comparison")] = 3,
+                                                         "--tune: seeds S..S+N-1 (S: the config's seed, e.g. "
+                                                         "--set seed=3), each a whole comparison")] = 3,
           as_json: Annotated[bool, typer.Option("--json", help="last line: one JSON object")] = False) -> None:
     """Throughput of the actor pool on a fixed workload (or, with --serve, of the Serve app)."""
     from sim.bench import WORKLOADS, run_bench, run_secagg_bench, run_serve_bench, workload_config
@@ -458,7 +470,7 @@ def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped), 
         from sim.bench import run_tune_bench
 
         base = workload_config("tune", list(set_))
-        res = run_tune_bench(base, seeds=range(seeds))
+        res = run_tune_bench(base, seeds=range(base.seed, base.seed + seeds))     # --set seed=S: seeds S, S+1, ...
         bo = base.tune.sampler.upper()
         for r in res["runs"]:
             print(f"seed {r['seed']}, after the drift ({r['metric']}, {r['post_rounds']} rounds):")
@@ -471,7 +483,7 @@ def bench(workload: Annotated[str, typer.Option(help="w1 (CNN, FEMNIST-shaped), 
               f"in {res['bo_reached_95']} of {len(res['seeds'])} seeds ({res['bo_trials_to_95_seeds']})")
         if as_json:
             keys = ("tuned_acc", "untuned_acc", "bo_trials_to_95", "random_trials", "bo_trials", "random_best",
-                    "untuned_curve", "tuned_curve", "seed")
+                    "untuned_curve", "tuned_curve", "bo_trial_bests", "best_config", "seed")
             print(json.dumps({**{k: v for k, v in res.items() if k != "runs"}, "sampler": base.tune.sampler,
                               "runs": [{k: r[k] for k in keys} for r in res["runs"]]}))
         return

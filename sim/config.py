@@ -523,6 +523,9 @@ class TuneConfig(Section):
                                                                      "BO) or nsga2 (only with objectives)")
     startup_trials: int = Field(3, ge=1, description="optuna tpe/gp: random trials before the model proposes (Optuna's "
                                                      "default 10 would leave a short search random)")
+    ei_candidates: int = Field(24, ge=1, description="optuna tpe: candidates drawn from the good trials' density per "
+                                                     "proposal, of which the best density ratio runs (Optuna's default "
+                                                     "24; more follows the model harder, which pays in a short search)")
     warm_start: bool = Field(True, description="optuna: the first trial runs the config's own values (e.g. the "
                                                "pre-drift hyperparameters), clipped into the ranges")
     latency_batch: int = Field(64, ge=1, description="objective latency_ms: inputs per timed inference batch")

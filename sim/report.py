@@ -47,6 +47,7 @@ def model_card(plan: FederationPlan, rounds_done: int, accounting: RunAccounting
     a, e = cfg.algorithm, cfg.eval
     ev = log.latest_eval()
     facts, sa = accounting.facts(), secagg_facts(plan)
+    learned = log.last("privacy_weight")
     return {
         "format": MODEL_CARD_FORMAT,
         "supports_federated_meta_learning": True,
@@ -62,8 +63,7 @@ def model_card(plan: FederationPlan, rounds_done: int, accounting: RunAccounting
                        "local_epochs": a.local_epochs, "local_steps": a.local_steps, "local_batch_size": a.batch_size,
                        "privacy_lambda": a.privacy_lambda,
                        # the personalization's proximal privacy weight: learned (sim/leakage.py) or the algorithm's own
-                       "privacy_weight": (log.last("privacy_weight") if log.last("privacy_weight") is not None
-                                          else build_algorithm(a).privacy_weight)},
+                       "privacy_weight": learned if learned is not None else build_algorithm(a).privacy_weight},
         "privacy": {**{k: v for k, v in facts.items() if k != "local_dp"},
                     **{k: v for k, v in sa.items() if k != "secagg_bits"}, "local_dp": facts["local_dp"],
                     **secrets_facts(cfg)},

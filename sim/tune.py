@@ -16,7 +16,8 @@ Under DP every trial round and metric report spends budget on the same users: a 
 actor composes them with what the run had spent (`epsilon_tuning`, `epsilon_total`) and refuses
 rounds that would take the total past `privacy.target_epsilon`.
 
-The experiment directory is a normal Tune experiment (`tune.Tuner.restore` works on it).
+The experiment directory is a normal Tune experiment; `fedmeta tune --resume DIR` (`resume_tune`)
+finishes an interrupted one with its privacy budget continued from the ledger the budget writes there.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from actors.privacy import PrivacyBudget, make_accountant
 from sim import checkpoint as ckpt
+from sim.algorithms import build_algorithm
 from sim.cluster import init_ray, worker_resources
 from sim.config import ConfigError, ExperimentConfig, TuneParam, from_dict
 from sim.federation import Federation
@@ -48,6 +50,11 @@ METRIC_KEYS = ("acc_personalized_DI", "acc_global_DI")
 
 # the budget's thin actor: it only composes accountant histories
 BudgetActor = ray.remote(num_cpus=0)(PrivacyBudget)
+SEARCH_FILE = "search.json"         # in the experiment directory: what `fedmeta tune --resume` needs
+# each sitting's budget entries, written at every reservation and settlement: one file per sitting,
+# as Tune copies the experiment directory it restores and writes that copy back over it
+LEDGER = "privacy_ledger-{}.json"
+TRIAL_STATE = "trial.json"          # in each trial checkpoint: rounds done and the trial's own accountant
 
 
 def search_space(params: list[TuneParam]) -> dict:
@@ -93,7 +100,8 @@ def worst_round_noise(plan: FederationPlan) -> float:
     return dp.noise_multiplier
 
 
-def trial_objectives(fed: Federation, objectives: set[str], rounds_done: int, g: np.ndarray) -> dict:
+def trial_objectives(fed: Federation, objectives: set[str], rounds_done: int, g: np.ndarray,
+                     weight: float | None = None) -> dict:
     """The objectives that are not the private accuracies, for the trial's model after a round:
     its inference time per batch and the audit's membership-inference AUC (the larger of the
     global and the personalized models': the attacker picks)."""
@@ -101,17 +109,18 @@ def trial_objectives(fed: Federation, objectives: set[str], rounds_done: int, g:
     model = build_model(cfg.model, fed.plan.input_shape, fed.plan.num_classes)
     out["latency_ms"] = inference_ms(model, torch.tensor(g), tuple(fed.plan.input_shape), cfg.tune.latency_batch)
     if "mia_auc" in objectives:
-        ev = fed.evaluate(rounds_done, g)
+        ev = fed.evaluate(rounds_done, g, weight=weight)
         out["mia_auc"] = max(ev["mia_auc_global"], ev["mia_auc_personalized"])
     return out
 
 
 def federation_trial(params: dict, plan: FederationPlan, start: str | None, rounds: int, start_round: int,
-                     budget=None) -> None:
+                     budget=None, weight: float | None = None) -> None:
     """Tune's function trainable: a few rounds of the federation under `params`, from the base
     plan (data, initial model and noise decided once on the driver). Under DP each round is
     reserved with the tuning's `budget` first: a refused round ends the trial (the privacy
-    budget is spent), and the trial reports the epsilon its own rounds and reports spent."""
+    budget is spent), and the trial reports the epsilon its own rounds and reports spent.
+    `weight`: the personalization's privacy weight the run had learned (None: the algorithm's own)."""
     cfg = from_dict(apply_params(plan.cfg.model_dump(mode="json"), params))
     fed = Federation(plan.with_config(cfg))
     dp = fed.plan.dp
@@ -119,7 +128,14 @@ def federation_trial(params: dict, plan: FederationPlan, start: str | None, roun
     objectives = {o.metric for o in cfg.tune.objectives}
     try:
         g = ckpt.load(Path(start)).global_params if start else fed.plan.init_params
-        for r in range(rounds):
+        first, resumed = 0, tune.get_checkpoint()
+        if resumed is not None:     # a restored search: this trial continues after its last report
+            with resumed.as_directory() as d:
+                g, done = np.load(Path(d) / "global.npy"), json.loads((Path(d) / TRIAL_STATE).read_text())
+            first = done["round"]
+            if own is not None:
+                own.load_state_dict(done["own"])
+        for r in range(first, rounds):
             rid = None
             if budget is not None:
                 rid = ray.get(budget.reserve.remote(worst_round_noise(fed.plan), dp.metric_release_noise))
@@ -130,9 +146,9 @@ def federation_trial(params: dict, plan: FederationPlan, start: str | None, roun
                     break
             res = fed.train_round(start_round + r, g)
             g = res.global_params
-            metric = fed.private_metric(start_round + r + 1, g)
+            metric = fed.private_metric(start_round + r + 1, g, weight=weight)
             report = {**{k: metric[k] for k in METRIC_KEYS}, "round": r + 1,
-                      **trial_objectives(fed, objectives, start_round + r + 1, g)}
+                      **trial_objectives(fed, objectives, start_round + r + 1, g, weight)}
             if dp.enabled:
                 released = 0.0 if res.metrics.get("skipped") else dp.round_noise(res.metrics.get("secagg_survivors"))
                 if released > 0:
@@ -143,6 +159,7 @@ def federation_trial(params: dict, plan: FederationPlan, start: str | None, roun
                 report["epsilon"] = own.epsilon(dp.delta)
             with tempfile.TemporaryDirectory() as d:
                 np.save(Path(d) / "global.npy", g)
+                (Path(d) / TRIAL_STATE).write_text(json.dumps({"round": r + 1, "own": own.state_dict() if own else None}))
                 tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
     finally:
         fed.shutdown()
@@ -170,12 +187,13 @@ def check_fits(cfg: ExperimentConfig, pgf: tune.PlacementGroupFactory | None = N
 
 
 def make_trainable(cfg: ExperimentConfig, start: str | None = None, start_round: int = 0, budget=None,
-                   plan: FederationPlan | None = None):
-    """The trial function with its fixed arguments and resources (also what `Tuner.restore` needs;
-    a restored search starts a fresh `budget`: its earlier trials are not in it). `plan`: the
-    config's plan when the caller has built it already."""
+                   plan: FederationPlan | None = None, weight: float | None = None):
+    """The trial function with its fixed arguments and resources (also what `Tuner.restore` needs:
+    `resume_tune` passes a budget that continues the experiment's ledger). `plan`: the config's
+    plan when the caller has built it already; `weight`: the learned privacy weight."""
     trainable = tune.with_parameters(federation_trial, plan=plan or FederationPlan.from_config(cfg), start=start,
-                                     rounds=cfg.tune.rounds_per_trial, start_round=start_round, budget=budget)
+                                     rounds=cfg.tune.rounds_per_trial, start_round=start_round, budget=budget,
+                                     weight=weight)
     return tune.with_resources(trainable, trial_resources(cfg))
 
 
@@ -192,7 +210,8 @@ def current_values(cfg: ExperimentConfig) -> dict:
 
 
 def searcher(cfg: ExperimentConfig, warm_result: float | None = None):
-    """Optuna through Tune, seeded: TPE (multivariate, `tune.startup_trials` random trials first),
+    """Optuna through Tune, seeded: TPE (multivariate, `tune.startup_trials` random trials first,
+    `tune.ei_candidates` draws per proposal),
     Gaussian-process Bayesian optimization (`gp`, the same start-up) or NSGA-II for several
     objectives, warm-started from the config's own values; or seeded random search.
     `warm_result`: the metric the config's own values are already known to reach (e.g. the
@@ -210,7 +229,8 @@ def searcher(cfg: ExperimentConfig, warm_result: float | None = None):
         sampler = optuna.samplers.GPSampler(seed=cfg.seed, n_startup_trials=t.startup_trials,
                                             deterministic_objective=True)
     else:
-        sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=t.startup_trials, multivariate=True)
+        sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=t.startup_trials, multivariate=True,
+                                             n_ei_candidates=t.ei_candidates)
     objectives = {"metric": [o.metric for o in t.objectives], "mode": [o.direction for o in t.objectives]} \
         if t.objectives else {"metric": t.metric, "mode": "max"}
     warm = [current_values(cfg)] if t.warm_start else None
@@ -221,7 +241,7 @@ def searcher(cfg: ExperimentConfig, warm_result: float | None = None):
 
 def build_tuner(cfg: ExperimentConfig, storage: Path, name: str, start: str | None = None,
                 start_round: int = 0, budget=None, plan: FederationPlan | None = None,
-                warm_result: float | None = None) -> tune.Tuner:
+                warm_result: float | None = None, weight: float | None = None) -> tune.Tuner:
     t = cfg.tune
     if t.objectives:     # ASHA compares one metric; several objectives run every trial to the end
         scheduler, metric, mode = FIFOScheduler(), None, None
@@ -230,7 +250,7 @@ def build_tuner(cfg: ExperimentConfig, storage: Path, name: str, start: str | No
                                   grace_period=min(t.grace_period, t.rounds_per_trial), reduction_factor=t.reduction_factor)
         metric, mode = t.metric, "max"
     return tune.Tuner(
-        make_trainable(cfg, start, start_round, budget, plan),
+        make_trainable(cfg, start, start_round, budget, plan, weight),
         param_space=search_space(t.params),
         tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher(cfg, warm_result),
                                     scheduler=scheduler,
@@ -252,28 +272,85 @@ def run_tune(cfg: ExperimentConfig, start: str | None = None, start_round: int =
     """Search, then write the best trial's model (and with several objectives every Pareto-front
     member) as a candidate member. Returns a summary."""
     check_start(cfg, start)
-    storage = Path(out_dir or Path(cfg.run.out_dir) / "tune")
+    experiment = Path(out_dir or Path(cfg.run.out_dir) / "tune") / name
+    experiment.mkdir(parents=True, exist_ok=True)
+    for old in experiment.glob(LEDGER.format("*")):       # a new search under an old name spends afresh
+        old.unlink()
+    (experiment / SEARCH_FILE).write_text(json.dumps({"config": cfg.model_dump(mode="json"), "start": start,
+                                                      "start_round": start_round}, indent=2))
+    return _search(cfg, start, start_round, experiment, restore=False)
+
+
+def resume_tune(experiment: Path) -> dict:
+    """Finish an interrupted search (`fedmeta tune --resume`): Tune restores its trials and its
+    searcher, unfinished trials continue from their last report, and the privacy budget continues
+    from the experiment's ledger (the rounds spent before the interruption stay spent)."""
+    experiment = Path(experiment)
+    cfg = searched_config(experiment)
+    if not tune.Tuner.can_restore(str(experiment.resolve())):
+        raise ConfigError(f"--resume: {experiment} holds no Tune experiment state to resume")
+    meta = json.loads((experiment / SEARCH_FILE).read_text())
+    return _search(cfg, meta["start"], meta["start_round"], experiment, restore=True)
+
+
+def searched_config(experiment: Path) -> ExperimentConfig:
+    """The config a `fedmeta tune` experiment was started with (its search.json)."""
+    path = Path(experiment) / SEARCH_FILE
+    if not path.is_file():
+        raise ConfigError(f"--resume: {experiment} is not a `fedmeta tune` experiment (no {SEARCH_FILE})")
+    return from_dict(json.loads(path.read_text())["config"], source=str(path))
+
+
+def _search(cfg: ExperimentConfig, start: str | None, start_round: int, experiment: Path, restore: bool) -> dict:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     started = init_ray(cfg.ray.address, cfg.ray.connect_timeout_s)
     budget = None
     try:
         check_fits(cfg)
         plan = FederationPlan.from_config(cfg)
-        if plan.dp.enabled:
-            base = ckpt.load(Path(start)).accountant if start else None
-            budget = BudgetActor.remote(plan.dp, base, cfg.privacy.target_epsilon)
-        results = build_tuner(cfg, storage, name, start, start_round, budget, plan).fit()
+        begun = ckpt.load(Path(start)) if start else None
+        if plan.dp.enabled:     # on this node: it writes the ledger into the experiment directory
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            sittings = sorted(experiment.glob(LEDGER.format("*")))
+            prior = [e for f in sittings for e in json.loads(f.read_text())["entries"]]
+            budget = BudgetActor.options(scheduling_strategy=here).remote(
+                plan.dp, begun.accountant if begun else None, cfg.privacy.target_epsilon,
+                str((experiment / LEDGER.format(len(sittings))).resolve()), prior)
+        weight = learned_weight(cfg, begun)
+        if restore:
+            trainable = make_trainable(cfg, start, start_round, budget, plan, weight)
+            tuner = tune.Tuner.restore(str(experiment.resolve()), trainable=trainable, resume_errored=True)
+        else:
+            tuner = build_tuner(cfg, experiment.parent, experiment.name, start, start_round, budget, plan, weight=weight)
+        results = tuner.fit()
         spent = ray.get(budget.epsilon.remote()) if budget is not None else None
+        finished = sum(r.error is not None or bool((r.metrics or {}).get("done")) for r in results)
+        if finished < cfg.tune.num_samples:
+            # Tune takes Ctrl-C itself and returns with trials unfinished (their last report not `done`,
+            # unlike a trial ASHA stopped): that is no result to summarize
+            raise KeyboardInterrupt(f"the search stopped with {finished} of {cfg.tune.num_samples} trials finished")
     finally:
         if budget is not None:
             ray.kill(budget)
         if started:
             ray.shutdown()
-    summary = summarize(cfg, results, storage / name, spent)
-    (storage / name / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary = summarize(cfg, results, experiment, spent, weight)
+    (experiment / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
-def summarize(cfg: ExperimentConfig, results, experiment: Path, spent: dict | None) -> dict:
+def learned_weight(cfg: ExperimentConfig, begun: ckpt.Checkpoint | None) -> float | None:
+    """The privacy weight a run under leakage control had learned by its checkpoint (its model
+    card's): trials continuing it personalize with that lambda, as the run would. None (the
+    algorithm's own weight) for a fresh search or a run without leakage control."""
+    if begun is None or cfg.privacy.leakage_control.target_auc is None:
+        return None
+    return begun.model_card.get("adaptation", {}).get("privacy_weight")
+
+
+def summarize(cfg: ExperimentConfig, results, experiment: Path, spent: dict | None,
+              weight: float | None = None) -> dict:
     """The best trial by `tune.metric` (or by the first objective) as the candidate; the Pareto
     front of a multi-objective search; the privacy the search spent."""
     t = cfg.tune
@@ -285,7 +362,7 @@ def summarize(cfg: ExperimentConfig, results, experiment: Path, spent: dict | No
     if not done:
         raise RuntimeError(f"tune: no trial reported a result; first error: {results.errors[:1]}")
     best = (max if rank_mode == "max" else min)(done, key=lambda r: r.metrics[rank_by])
-    candidate = _candidate(cfg, best, experiment / "candidate")
+    candidate = _candidate(cfg, best, experiment / "candidate", weight)
     curves = [[float(v) for v in r.metrics_dataframe[t.metric]] for r in results
               if r.metrics_dataframe is not None and t.metric in r.metrics_dataframe]
     summary = {"experiment": str(experiment), "best_config": best.config,
@@ -293,14 +370,14 @@ def summarize(cfg: ExperimentConfig, results, experiment: Path, spent: dict | No
                "trials": len(results), "candidate": str(candidate), "curves": curves,
                "epsilon_tuning": spent["epsilon_tuning"] if spent else None,
                "epsilon_total": spent["epsilon_total"] if spent else None,
-               "privacy_state": spent["accountant_state"] if spent else None}
+               "privacy_state": spent["accountant_state"] if spent else None, "privacy_weight": weight}
     if t.objectives:
         summary.update(objectives=[{"metric": o.metric, "mode": o.direction} for o in t.objectives],
-                       pareto=write_pareto(cfg, done, experiment))
+                       pareto=write_pareto(cfg, done, experiment, weight))
     return summary
 
 
-def write_pareto(cfg: ExperimentConfig, done: list, experiment: Path) -> list[dict]:
+def write_pareto(cfg: ExperimentConfig, done: list, experiment: Path, weight: float | None = None) -> list[dict]:
     """The non-dominated trials (their configs, objective values and candidate members), also as
     `pareto.csv` in the experiment directory."""
     objectives = cfg.tune.objectives
@@ -308,7 +385,7 @@ def write_pareto(cfg: ExperimentConfig, done: list, experiment: Path) -> list[di
     front = []
     for i in pareto_front(points, [o.direction for o in objectives]):
         r = done[i]
-        member = _candidate(cfg, r, experiment / "pareto" / Path(r.path).name)
+        member = _candidate(cfg, r, experiment / "pareto" / Path(r.path).name, weight)
         front.append({"trial": Path(r.path).name, **{o.metric: float(r.metrics[o.metric]) for o in objectives},
                       "config": r.config, "candidate": str(member)})
     keys = sorted({k for row in front for k in row["config"]})
@@ -321,14 +398,16 @@ def write_pareto(cfg: ExperimentConfig, done: list, experiment: Path) -> list[di
     return front
 
 
-def _candidate(cfg: ExperimentConfig, result, out: Path) -> Path:
+def _candidate(cfg: ExperimentConfig, result, out: Path, weight: float | None = None) -> Path:
     params = np.load(Path(result.checkpoint.path) / "global.npy")
     tuned = from_dict(apply_params(cfg.model_dump(mode="json"), result.config))
-    return write_candidate(tuned, params, out, result.metrics, result.config)
+    return write_candidate(tuned, params, out, result.metrics, result.config, weight)
 
 
-def write_candidate(cfg: ExperimentConfig, params: np.ndarray, out: Path, metrics: dict, config: dict) -> Path:
-    """The tuned model as a member checkpoint whose card records the tuned hyperparameters."""
+def write_candidate(cfg: ExperimentConfig, params: np.ndarray, out: Path, metrics: dict, config: dict,
+                    weight: float | None = None) -> Path:
+    """The tuned model as a member checkpoint whose card records the tuned hyperparameters and how
+    to personalize it (`weight`: the learned privacy weight the trials used, else the algorithm's)."""
     from sim.data import build_dataset
 
     data = build_dataset(cfg.data, cfg.seed)
@@ -337,5 +416,7 @@ def write_candidate(cfg: ExperimentConfig, params: np.ndarray, out: Path, metric
     return ckpt.save_member(out, cfg.model.model_dump(mode="json"), params, shape, classes,
                             input_profile(data, cfg.seed), quality, tuned=config,
                             adaptation={"lr": cfg.eval.finetune_lr, "steps": cfg.eval.finetune_steps,
-                                        "local_lr": cfg.algorithm.lr}).parent
+                                        "local_lr": cfg.algorithm.lr,
+                                        "privacy_weight": build_algorithm(cfg.algorithm).privacy_weight
+                                        if weight is None else weight}).parent
 

@@ -411,6 +411,35 @@ def test_privacy_budget_refuses_what_would_overshoot(kind, accountant):
     assert PrivacyBudget(dp).reserve(1.0, 1.0) == 0
 
 
+def test_privacy_budget_ledger_carries_a_search_into_its_next_sitting(tmp_path):
+    """Each reservation and settlement is on disk at once; a budget started with an earlier
+    sitting's entries as `prior` spends on top of them and against the same target."""
+    import json
+
+    from actors.privacy import PrivacyBudget, Sampling, UserLevelDP
+
+    dp = UserLevelDP("central", 1.0, 4.0, 10, Sampling("poisson", 100, 10), 1e-5, "rdp")
+    first = PrivacyBudget(dp, None, 8.0, tmp_path / "privacy_ledger-0.json")
+    rid = first.reserve(4.0, 2.0)
+    assert json.loads((tmp_path / "privacy_ledger-0.json").read_text())["entries"] == [[4.0, 2.0]]
+    first.reserve(4.0, 2.0)
+    first.settle(rid, 0.0, 2.0)          # a round that released no model
+    saved = json.loads((tmp_path / "privacy_ledger-0.json").read_text())["entries"]
+    assert saved == [[0.0, 2.0], [4.0, 2.0]]
+    second = PrivacyBudget(dp, None, 8.0, tmp_path / "privacy_ledger-1.json", prior=saved)
+    assert second.epsilon()["epsilon_tuning"] == pytest.approx(first.epsilon()["epsilon_tuning"])
+    assert second.epsilon()["reserved_rounds"] == 2
+    granted = 0
+    while second.reserve(4.0, 2.0) is not None:
+        granted += 1
+    fresh = PrivacyBudget(dp, None, 8.0)
+    alone = 0
+    while fresh.reserve(4.0, 2.0) is not None:
+        alone += 1
+    assert granted < alone and second.epsilon()["epsilon_tuning"] <= 8.0   # the prior sitting used part of it
+    assert len(json.loads((tmp_path / "privacy_ledger-1.json").read_text())["entries"]) == granted
+
+
 def test_individual_mia_auc_is_each_individuals_own_attack():
     from actors.privacy import individual_mia_auc
 

@@ -27,16 +27,20 @@ def test_apply_params_and_space():
 @pytest.mark.slow
 def test_tune_search_end_to_end(ray_session, tmp_path):
     """Optuna TPE + ASHA on a tiny federation, continued from a run's checkpoint; the candidate
-    is a servable member and the experiment restores with Tuner.restore."""
+    is a servable member and the experiment restores with Tuner.restore. The run learned its
+    privacy weight (leakage control): the trials and the candidate personalize with that lambda."""
     from ray import tune
 
-    from sim.checkpoint import load_model
+    from sim.checkpoint import load, load_model
     from sim.experiment import run_experiment
 
-    run_dir, _ = run_experiment(from_dict(tiny_raw(tmp_path, federation={"rounds": 2})))
+    control = {"leakage_control": {"target_auc": 0.51}, "audit_canaries": 0}
+    run_dir, _ = run_experiment(from_dict(tiny_raw(tmp_path, federation={"rounds": 2}, privacy=control)))
+    learned = load(run_dir).model_card["adaptation"]["privacy_weight"]
+    assert learned > 0
     yaml_path = tmp_path / "t.yaml"
     raw = tiny_raw(tmp_path, tune={"num_samples": 3, "max_concurrent": 2, "rounds_per_trial": 2, "grace_period": 1},
-                   ray={"num_workers": 1, "num_cpus_per_worker": 0.5})
+                   ray={"num_workers": 1, "num_cpus_per_worker": 0.5}, privacy=control)
     import yaml
 
     yaml_path.write_text(yaml.safe_dump(raw))
@@ -49,9 +53,11 @@ def test_tune_search_end_to_end(ray_session, tmp_path):
     assert set(out["best_config"]) == {"algorithm.lr", "algorithm.local_epochs", "eval.finetune_lr"}
     model, card = load_model(lines[-1])
     assert card["tuned"] == out["best_config"] and card["data_schema"]["input_shape"] == [1, 8, 8]
+    assert out["privacy_weight"] == card["adaptation"]["privacy_weight"] == learned
     from sim.tune import make_trainable
 
-    restored = tune.Tuner.restore(out["experiment"], trainable=make_trainable(from_dict(raw), str(run_dir), 2))
+    trainable = make_trainable(from_dict(raw), str(run_dir), 2, weight=learned)
+    restored = tune.Tuner.restore(out["experiment"], trainable=trainable)
     assert len(restored.get_results()) == 3
 
 
@@ -134,13 +140,14 @@ def test_searchers_are_seeded_and_warm_started():
     from sim.tune import current_values, searcher
 
     cfg = from_dict(tiny_raw(algorithm={"lr": 2.0, "local_epochs": 3},
-                             tune={"startup_trials": 2,
+                             tune={"startup_trials": 2, "ei_candidates": 100,
                                    "params": [{"key": "algorithm.lr", "low": 0.01, "high": 0.5, "log": True},
                                               {"key": "algorithm.local_epochs", "low": 1, "high": 10, "integer": True},
                                               {"key": "model.hidden.0", "low": 8, "high": 64, "integer": True}]}))
     assert current_values(cfg) == {"algorithm.lr": 0.5, "algorithm.local_epochs": 3, "model.hidden.0": 32}
     tpe = searcher(cfg).searcher
     assert tpe._points_to_evaluate == [current_values(cfg)] and tpe._sampler._n_startup_trials == 2
+    assert tpe._sampler._n_ei_candidates == 100
     cold = from_dict(tiny_raw(tune={"warm_start": False}))
     assert not searcher(cold).searcher._points_to_evaluate
     draws = [searcher(from_dict(tiny_raw(tune={"searcher": "random"})))._random_state.random() for _ in range(2)]
@@ -192,3 +199,61 @@ def test_a_trial_the_cluster_can_never_place_is_a_config_error(ray_session, tmp_
         check_fits(from_dict(raw))
     raw["ray"]["num_cpus_per_worker"] = 0.95
     assert sum(b["CPU"] for b in check_fits(from_dict(raw)).bundles) == pytest.approx(1.91)
+
+
+@pytest.mark.slow
+def test_an_interrupted_search_resumes_with_its_privacy_spent(ray_session, tmp_path):
+    """Ctrl-C to `fedmeta tune` (its own local Ray) exits 130, not with a partial result; `--resume`
+    finishes the search: the interrupted trial continues after its last report, and the epsilon
+    composes both sittings' ledgers (the rounds spent before the interruption stay spent)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    from actors.privacy import make_accountant
+    from sim.config import from_dict as cfg_of
+    from sim.plan import FederationPlan
+
+    raw = tiny_raw(tmp_path, privacy={"mode": "central", "noise_multiplier": 2.0, "audit_canaries": 0},
+                   tune={"num_samples": 2, "max_concurrent": 1, "rounds_per_trial": 4, "grace_period": 4},
+                   ray={"num_workers": 1, "num_cpus_per_worker": 0.5})
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    experiment = tmp_path / "tune" / "x"
+    ledger = experiment / "privacy_ledger-0.json"
+    entries = (lambda f: json.loads(f.read_text())["entries"] if f.is_file() else [])  # noqa: E731
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "sim.cli", "tune", str(path), "--name", "x"], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while len(entries(ledger)) < 6:     # the first trial's 4 rounds, the second's first reported
+            assert proc.poll() is None and time.time() < deadline, "the search ended or never spent"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        outp, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, outp + err
+    assert f"fedmeta tune --resume {experiment}" in " ".join(err.split())
+    before = entries(ledger)
+
+    res = CliRunner().invoke(app, ["tune", "--resume", str(experiment), "--json"])
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.stdout.strip().splitlines() if not re.match(r"^(\x1b\[[0-9;]*m)?\(", line)]
+    out = json.loads(lines[-2])
+    assert out["trials"] == 2
+    spent = before + entries(experiment / "privacy_ledger-1.json")
+    # 8 rounds in all; a round the interruption cut off before its report runs again (a second
+    # release, so it counts); a trial restarted from scratch would have made it 10 or more
+    assert 8 <= len(spent) <= 9 and len(before) >= 6 and entries(ledger) == before
+    dp = FederationPlan.from_config(cfg_of(raw)).dp
+    acc = make_accountant(dp.accountant, dp.sampling)
+    for round_z, release_z in spent:
+        acc.step(round_z, dp.sample_rate)
+        acc.release(release_z)
+    assert out["epsilon_tuning"] == pytest.approx(acc.epsilon(dp.delta))
