@@ -155,7 +155,9 @@ def test_nan_infinity_and_overflow_are_refused(app):
             assert np.isfinite(r.json()["probabilities"]).all()
         else:
             refused(r, 422, "inputs", "not finite")
-    assert statuses == {200, 422}         # these models overflow on some of them (it was a 500)
+    # never a 500 (it was one); whether these models overflow on any of them depends on the CPU's
+    # float kernels (tests/serve/test_app.py overflows a member for certain and expects the 422)
+    assert statuses <= {200, 422}
 
 
 @pytest.mark.slow

@@ -8,8 +8,10 @@ sampling became the default under DP. Secrets are seeded (`run.seeded_secrets`) 
 masks repeat.
 
 Exact equality only holds for the same torch build on the same CPU kernels (float sums are not
-associative and BLAS picks its kernels per CPU): the file records that fingerprint, and on another
-one the test compares the accuracies within a tolerance instead of the hashes.
+associative and BLAS picks its kernels per CPU): the file records that fingerprint (torch, numpy,
+instruction set, CPU vendor and model), and on another one the test compares the accuracies within
+a tolerance instead of the hashes. Renewed on an AMD EPYC after the tolerant comparison with the
+earlier pins (taken on another CPU with the same fingerprint then) passed.
 """
 from __future__ import annotations
 
@@ -35,7 +37,18 @@ def fingerprint() -> dict:
     import torch
 
     return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
-            "machine": platform.machine(), "numpy": np.__version__}
+            "machine": platform.machine(), "numpy": np.__version__, "cpu_model": cpu_model()}
+
+
+def cpu_model() -> str:
+    """The CPU's vendor, family and model: BLAS picks other kernels on another vendor's CPU with
+    the same instruction set (seen: the same torch and AVX512 on an AMD EPYC rounded differently)."""
+    try:
+        info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in
+                                                  Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)}
+    except OSError:
+        return platform.processor()
+    return " ".join(info.get(k, "") for k in ("vendor_id", "cpu family", "model", "model name"))
 
 
 def _tiny(tmp: Path, **sections) -> dict:
