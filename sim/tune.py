@@ -127,7 +127,6 @@ def federation_trial(params: dict, plan: FederationPlan, start: str | None, roun
     own = make_accountant(dp.accountant, dp.sampling) if dp.enabled else None   # this trial's own spending
     objectives = {o.metric for o in cfg.tune.objectives}
     try:
-        g = ckpt.load(Path(start)).global_params if start else fed.plan.init_params
         first, resumed = 0, tune.get_checkpoint()
         if resumed is not None:     # a restored search: this trial continues after its last report
             with resumed.as_directory() as d:
@@ -135,6 +134,8 @@ def federation_trial(params: dict, plan: FederationPlan, start: str | None, roun
             first = done["round"]
             if own is not None:
                 own.load_state_dict(done["own"])
+        else:
+            g = ckpt.load(Path(start)).global_params if start else fed.plan.init_params
         for r in range(first, rounds):
             rid = None
             if budget is not None:
@@ -286,19 +287,23 @@ def resume_tune(experiment: Path) -> dict:
     searcher, unfinished trials continue from their last report, and the privacy budget continues
     from the experiment's ledger (the rounds spent before the interruption stay spent)."""
     experiment = Path(experiment)
-    cfg = searched_config(experiment)
+    meta = _search_file(experiment)
     if not tune.Tuner.can_restore(str(experiment.resolve())):
         raise ConfigError(f"--resume: {experiment} holds no Tune experiment state to resume")
-    meta = json.loads((experiment / SEARCH_FILE).read_text())
+    cfg = from_dict(meta["config"], source=str(experiment / SEARCH_FILE))
     return _search(cfg, meta["start"], meta["start_round"], experiment, restore=True)
+
+
+def _search_file(experiment: Path) -> dict:
+    path = Path(experiment) / SEARCH_FILE
+    if not path.is_file():
+        raise ConfigError(f"--resume: {experiment} is not a `fedmeta tune` experiment (no {SEARCH_FILE})")
+    return json.loads(path.read_text())
 
 
 def searched_config(experiment: Path) -> ExperimentConfig:
     """The config a `fedmeta tune` experiment was started with (its search.json)."""
-    path = Path(experiment) / SEARCH_FILE
-    if not path.is_file():
-        raise ConfigError(f"--resume: {experiment} is not a `fedmeta tune` experiment (no {SEARCH_FILE})")
-    return from_dict(json.loads(path.read_text())["config"], source=str(path))
+    return from_dict(_search_file(experiment)["config"], source=str(Path(experiment) / SEARCH_FILE))
 
 
 def _search(cfg: ExperimentConfig, start: str | None, start_round: int, experiment: Path, restore: bool) -> dict:
