@@ -42,8 +42,9 @@ class AggregationError(RuntimeError):
 
 
 class SecAggRoundAborted(AggregationError):
-    """Secure aggregation could not finish this round (too many dropouts for threshold t): the
-    round releases nothing, the model stays, and the federation goes on with the next round."""
+    """Secure aggregation could not finish this round (too many dropouts for threshold t, or for
+    the survivor floor the graph is sized for): the round releases nothing, the model stays, and
+    the federation goes on with the next round."""
 
 
 def weighted_sum(messages: Sequence[PlainUpdate], n_params: int) -> tuple[np.ndarray, float]:
@@ -143,7 +144,7 @@ class Aggregator:
             return np.asarray(global_params, dtype=np.float32).copy(), metrics
         g = torch.tensor(global_params, dtype=torch.float32)
         mean, dp_metrics = self.dp.server_half(torch.tensor(summed.total, dtype=torch.float32), summed.weight,
-                                               self.secrets.torch_gen("dp-noise", round_id))
+                                               self.secrets.noise("dp-noise", round_id))
         metrics.update(dp_metrics)
         new, server_metrics = self.algorithm.server_update(g, mean)
         if not torch.isfinite(new).all():
@@ -194,18 +195,21 @@ class Aggregator:
             raise SecAggRoundAborted(f"round {protocol_id}: secure aggregation aborted: {e}") from None
 
     # ------------------------------------------------------------ Tune's metric
-    def aggregate_metric(self, round_id: int, *parts: dict, noise: float | None = None, panel: int | None = None) -> dict:
+    def aggregate_metric(self, round_id: int, *parts: dict, noise: float | None = None, panel: int | None = None,
+                         noised: bool = False) -> dict:
         """Panel means from the workers' per-shard SUMS (no individual's value reaches the
         aggregator); with DP on, Gaussian noise of std z (or `noise`) on each sum (an individual's
         value lies in [0, 1]) and the planned `panel` size as divisor: the count of individuals who
         reported would tell whether one of them is there. The accuracies Tune trials optimize, or
-        the leakage the privacy weight follows."""
+        the leakage the privacy weight follows. `noised`: the sums already carry the panel's
+        distributed noise shares (distributed DP): the aggregator adds none of its own."""
         count = sum(p["count"] for p in parts)
         private = self.dp.enabled and panel is not None
         out = {"count": panel if private else count}
         for key in (k for k in parts[0] if k != "count"):
             total = torch.tensor(float(sum(p[key] for p in parts)))
-            total = self.dp.noisy_sum(total, self.secrets.torch_gen("metric", key, round_id), noise)
+            if not noised:
+                total = self.dp.noisy_sum(total, self.secrets.noise("metric", key, round_id), noise)
             out[key] = float(total) / max(out["count"], 1)
         return out
 
@@ -214,7 +218,8 @@ class Aggregator:
         """The metric from a secure sum of the panel's [values of METRIC_KEYS[stat]..., 1] vectors."""
         t, keys = summed.total, METRIC_KEYS[stat]
         return self.aggregate_metric(protocol_id, {**{k: t[i] for i, k in enumerate(keys)},
-                                                   "count": int(round(t[len(keys)]))}, noise=noise, panel=panel)
+                                                   "count": int(round(t[len(keys)]))}, noise=noise, panel=panel,
+                                     noised=self.dp.mode == "distributed" and panel is not None)
 
     # ------------------------------------------------------------ the server rule's state
     def server_state(self) -> dict:

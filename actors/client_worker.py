@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import resource
 import time
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import ray
@@ -41,7 +41,7 @@ from sim.data import build_dataset
 from sim.data.canaries import canary_count, canary_direction, canary_ids
 from sim.data.drift import data_for_round, drift_data
 from sim.models import build_model, num_params
-from sim.seeding import Secrets, np_rng, torch_gen
+from sim.seeding import Secrets, client_keys, np_rng, torch_gen
 from sim.system import choose, device, duration
 from sim.userimport import add_code_path
 
@@ -79,9 +79,13 @@ class ClientWorker:
         self.cfg = cfg if isinstance(cfg, ExperimentConfig) else from_dict(cfg)
         add_code_path(self.cfg.run.code_paths)
         self.worker_id = worker_id
-        # the clients' secret randomness (keys, masks, rounding, noise); public streams use the seed
-        self.secrets = secrets or (Secrets.seeded(self.cfg.seed) if self.cfg.run.seeded_secrets
-                                   else Secrets.fresh(self.cfg.seed))
+        # The clients' secret randomness (keys, masks, rounding, noise) comes with each call: the keys
+        # of the clients this worker hosts in that round (sim.seeding.client_keys), never the run
+        # secret. Called without them (a worker used on its own), the clients' keys of the round
+        # derive from `secrets`, or from a fresh secret; public streams use the seed.
+        self._fallback = secrets or (Secrets.seeded(self.cfg.seed) if self.cfg.run.seeded_secrets
+                                     else Secrets.fresh(self.cfg.seed))
+        self._session_keys: dict[int, Secrets] = {}       # the open secure-sum session's client keys
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         pc = self.cfg.privacy
         if dp is None and pc.mode != "off":
@@ -126,8 +130,10 @@ class ClientWorker:
     # ------------------------------------------------------------ training
     def train(self, round_index: int, global_params: np.ndarray, cids: Sequence[int],
               inbox: dict[int, dict] | None = None, quota: int | None = None,
-              deadline: float | None = None) -> tuple[PlainUpdate | MaskedUpdate, Diagnostics]:
+              deadline: float | None = None, keys: dict[int, Secrets] | None = None
+              ) -> tuple[PlainUpdate | MaskedUpdate, Diagnostics]:
         """Run the algorithm's client rule for every client in `cids`; sum their weighted updates.
+        `keys`: each client's key for this round (its local DP-SGD noise; `sim.seeding.client_keys`).
         With secure aggregation (`inbox`: the encrypted shares routed to each client) the
         clients' clipped updates are quantized and masked, and only the masked sum leaves.
         Stragglers: only the first `quota` clients to finish report (over-selection), and none
@@ -155,9 +161,9 @@ class ClientWorker:
             done += chunk
             clients = self._clients(chunk, round_index)
             xs, ys = [c.x_train for c in clients], [c.y_train for c in clients]
-            gens = [np_rng(self.cfg.seed, "local-batches", round_index, c) for c in chunk]
+            gens = self._batch_streams(round_index, chunk, keys)
             updates, met = self.algorithm.client_update(self.model, g, xs, ys, gens, self.compute, self.local_dp,
-                                                        self._local_noise(round_index, chunk))  # (clients, n_params)
+                                                        self._local_noise(round_index, chunk, keys))  # (clients, n_params)
             if self.canaries.intersection(chunk):
                 updates = self._canary_updates(chunk, updates)
             # the admission check: a NaN, an infinity or an oversized update never enters the sum
@@ -179,7 +185,7 @@ class ClientWorker:
                 rows = zip(chunk, updates.cpu().numpy())
                 # a chunk reports whole or not at all: under a deadline only its own pair masks may cancel
                 together = here if deadline is None else frozenset(int(c) for c in chunk)
-                part = self._masked_sum(round_index, self.n_params, rows, inbox, together, "quantize", True)
+                part = self._masked_sum(round_index, self.n_params, rows, inbox, together, "quantize", self.dp.noise_share)
                 masked = add_mod(masked, part, self._protocol(round_index)[0].bits)
             else:
                 total += w @ updates
@@ -244,20 +250,38 @@ class ClientWorker:
                 updates[j] = torch.as_tensor(u, device=updates.device)
         return updates
 
-    def _local_noise(self, round_index: int, chunk: Sequence[int]) -> list[torch.Generator] | None:
-        """Each client's secret DP-SGD noise stream (None: seeded secrets, where the noise follows
-        the client's batch stream as it always has)."""
-        if self.local_dp is None or self.secrets.is_seeded:
+    def _batch_streams(self, round_index: int, chunk: Sequence[int], keys: dict[int, Secrets] | None) -> list:
+        """Each client's local batch order. Under local DP-SGD its amplification by batch sampling
+        needs the batches secret, so they come from the client's key of the round; otherwise (and
+        with seeded secrets, where both agree) from the seed."""
+        if self.local_dp is None:
+            return [np_rng(self.cfg.seed, "local-batches", round_index, c) for c in chunk]
+        keys = self._keys(round_index, chunk, keys)
+        return [keys[int(c)].np_rng("local-batches", round_index, int(c)) for c in chunk]
+
+    def _keys(self, scope: int, cids: Iterable[int], keys: dict[int, Secrets] | None) -> dict[int, Secrets]:
+        """The clients' keys for round (or protocol round) `scope`: as given, or derived here."""
+        return keys if keys is not None else client_keys(self._fallback, scope, cids)
+
+    def _local_noise(self, round_index: int, chunk: Sequence[int], keys: dict[int, Secrets] | None = None) -> list | None:
+        """Each client's secret DP-SGD noise source (attack-safe, `SecureGaussian`; None: seeded
+        secrets, where the noise follows the client's batch stream as it always has)."""
+        if self.local_dp is None or self._fallback.is_seeded:
             return None
-        return [self.secrets.torch_gen("local-dp-noise", round_index, c, device=self.device) for c in chunk]
+        keys = self._keys(round_index, chunk, keys)
+        return [keys[int(c)].noise("local-dp-noise", round_index, int(c), device=self.device) for c in chunk]
 
     # ------------------------------------------------------------ secure sums (client side)
-    def secure_advertise(self, protocol_id: int, cids: Sequence[int], params: SecAggParams) -> list[AdvertiseKeys]:
+    def secure_advertise(self, protocol_id: int, cids: Sequence[int], params: SecAggParams,
+                         keys: dict[int, Secrets] | None = None) -> list[AdvertiseKeys]:
         """Phase 0: every client of this shard makes its key pairs (its state lives here, as on its
-        device). One session is open at a time: a new one forgets an aborted one."""
+        device) from its key for this protocol round (`keys`). One session is open at a time: a new
+        one forgets an aborted one."""
+        keys = self._keys(protocol_id, cids, keys)
         clients = {int(c): SecAggClient(int(c), protocol_id, params.bits, params.threshold,
-                                        self.secrets.np_rng("secagg-client", protocol_id, int(c))) for c in cids}
+                                        keys[int(c)].np_rng("secagg-client", protocol_id, int(c))) for c in cids}
         self._session = {protocol_id: (params, clients)}
+        self._session_keys = {int(c): keys[int(c)] for c in cids}
         return [client.advertise() for client in clients.values()]
 
     def _protocol(self, protocol_id: int) -> tuple[SecAggParams, dict[int, SecAggClient]]:
@@ -278,37 +302,43 @@ class ClientWorker:
         """Phase 3: the clients still online reveal the shares the server needs; then forget the session."""
         _, clients = self._protocol(protocol_id)
         self._session.pop(protocol_id)
+        self._session_keys = {}
         return [client.unmask(request) for c, client in clients.items() if c in request.survivors]
 
     def _masked_sum(self, protocol_id: int, dim: int, rows: Iterable[tuple[int, np.ndarray]], inbox: dict[int, dict],
-                    here: frozenset[int], quantize_stream: str, dp_shares: bool) -> np.ndarray:
+                    here: frozenset[int], quantize_stream: str, share: Callable | None) -> np.ndarray:
         """Phase 2 for some clients: quantize each client's vector (with its distributed-DP noise
-        share when `dp_shares`), mask it, return the sum mod 2^b. Pair masks between two clients
+        share, `share(n, step, rng)`, when that gives one), mask it, return the sum mod 2^b. Pair masks between two clients
         both summed here (`here`) cancel in this worker's sum, so they are never expanded."""
         p, clients = self._protocol(protocol_id)
         total = np.zeros(dim, dtype=np.uint64)
         for c, v in rows:
-            q = quantize(v, p.clip, p.step, p.bits, self.secrets.uniform(len(v), quantize_stream, protocol_id, c))
-            if dp_shares and self.dp.share_noise_multiplier > 0:
+            key = self._session_keys[int(c)]
+            q = quantize(v, p.clip, p.step, p.bits, key.uniform(len(v), quantize_stream, protocol_id, c))
+            noise = share(len(q), p.step, key.np_rng("dp-noise-share", protocol_id, c)) if share else None
+            if noise is not None:
                 # this client's Skellam share, in quantization steps, before masking, so the sum the
                 # aggregator unmasks is already private (two's complement into Z_2^b)
-                noise = self.dp.noise_share(len(q), p.step, self.secrets.np_rng("dp-noise-share", protocol_id, c))
                 q = add_mod(q, noise.astype(np.uint64) & np.uint64((1 << p.bits) - 1), p.bits)
             total += clients[c].masked_input(q, inbox.get(c, {}), cancels=here).y   # uint64 wraps mod 2^64
         total &= np.uint64((1 << p.bits) - 1)                                    # then mod 2^b, once
         return total
 
     def secure_metric(self, protocol_id: int, global_params: np.ndarray, cids: Sequence[int], inbox: dict,
-                      rounds_done: int, stat: str = "accuracy", weight: float | None = None) -> MaskedUpdate:
+                      rounds_done: int, stat: str = "accuracy", weight: float | None = None,
+                      noise: float | None = None, panel: int | None = None) -> MaskedUpdate:
         """Each evaluated individual's [values of METRIC_KEYS[stat]..., 1], quantized and masked;
-        the sum over this worker's clients leaves (pair masks between them cancel), mod 2^b."""
+        the sum over this worker's clients leaves (pair masks between them cancel), mod 2^b.
+        Distributed DP: each adds its share of the release's noise (`noise`, over the `panel`)."""
         keys = METRIC_KEYS[stat]
         res = self._panel_values(global_params, cids, rounds_done, stat, weight)
         values = np.stack([res[k] for k in keys], axis=1)
         rows = [(c, np.append(v, 1.0) if np.isfinite(v).all() else np.zeros(len(keys) + 1))  # no test data: nothing
                 for c, v in zip(res["client_ids"], values)]
         here = frozenset(int(c) for c in cids)
-        total = self._masked_sum(protocol_id, len(keys) + 1, rows, inbox, here, "metric-quantize", False)
+        share = (lambda n, step, rng: self.dp.metric_share(n, step, noise, panel or len(cids), rng)) \
+            if panel is not None else None
+        total = self._masked_sum(protocol_id, len(keys) + 1, rows, inbox, here, "metric-quantize", share)
         return MaskedUpdate(protocol_id, self.worker_id, total, tuple(int(c) for c in cids))
 
     def _panel_values(self, global_params: np.ndarray, cids: Sequence[int], rounds_done: int, stat: str,

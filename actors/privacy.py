@@ -42,6 +42,8 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from sim.seeding import gaussian_noise, noise_sampler
+
 AccountantName = Literal["rdp", "prv"]
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -110,8 +112,9 @@ def clip_updates(updates: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor,
 
 # ---------------------------------------------------------------- server half: central noise
 def central_noise(sum_vec: torch.Tensor, clip_norm: float, noise_multiplier: float,
-                  gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """``sum_vec`` plus i.i.d. N(0, (z C)^2) per coordinate, drawn from ``gen``.
+                  gen) -> tuple[torch.Tensor, dict]:
+    """``sum_vec`` plus i.i.d. N(0, (z C)^2) per coordinate, drawn from ``gen`` (a
+    `sim.seeding.Secrets.noise` source: the attack-safe `SecureGaussian` unless secrets are seeded).
 
     The sum of C-clipped updates has L2 sensitivity C to one user, so std z*C makes this the
     Gaussian mechanism with noise multiplier z (the quantity the accountant is stepped with).
@@ -120,7 +123,7 @@ def central_noise(sum_vec: torch.Tensor, clip_norm: float, noise_multiplier: flo
     if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
         raise ValueError(f"noise_multiplier: must be a finite number >= 0, got {noise_multiplier}")
     std = noise_multiplier * clip_norm
-    noise = torch.randn(sum_vec.shape, generator=gen, dtype=sum_vec.dtype, device=sum_vec.device) * std
+    noise = gaussian_noise(sum_vec.shape, gen, dtype=sum_vec.dtype, device=sum_vec.device) * std
     return sum_vec + noise, {"noise_std": std, "noise_norm": float(torch.linalg.vector_norm(noise))}
 
 
@@ -634,6 +637,16 @@ class UserLevelDP:
             return None
         return distributed_noise_share(n, self.clip_norm, self.noise_multiplier, self.expected_clients, step, rng)
 
+    def metric_share(self, n: int, step: float, noise: float | None, panel: int,
+                     rng: np.random.Generator) -> np.ndarray | None:
+        """A panel member's integer noise share of a metric release (distributed mode), else None:
+        the shares of the `panel` carry the release's Gaussian of std `noise` (default z) on each
+        sum of values in [0, 1], so the aggregator never sees a metric without its noise."""
+        if self.mode != "distributed":
+            return None
+        z = self.noise_multiplier if noise is None else noise
+        return distributed_noise_share(n, 1.0, z, max(panel, 1), step, rng) if z > 0 else None
+
     # ------------------------------------------------------------ server half
     @property
     def noise_without_clients(self) -> bool:
@@ -641,7 +654,7 @@ class UserLevelDP:
         empty): skipping the round would reveal that no one took part."""
         return self.mode == "central"
 
-    def server_half(self, total: torch.Tensor, weight: float, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def server_half(self, total: torch.Tensor, weight: float, gen) -> tuple[torch.Tensor, dict]:
         """The mean update from the sum: central noise z*C added (central mode), divided by the
         planned cohort size under DP (not the data-dependent weight that reported)."""
         metrics: dict = {}
@@ -649,11 +662,11 @@ class UserLevelDP:
             total, metrics = central_noise(total, self.clip_norm, self.noise_multiplier, gen)
         return total / (self.expected_clients if self.enabled else weight), metrics
 
-    def noisy_sum(self, total: torch.Tensor, gen: torch.Generator, noise: float | None = None) -> torch.Tensor:
+    def noisy_sum(self, total: torch.Tensor, gen, noise: float | None = None) -> torch.Tensor:
         """A released sum of values in [0, 1] (e.g. accuracies): Gaussian noise of std z (or
         `noise`) under DP."""
         z = self.noise_multiplier if noise is None else noise
-        return total + z * torch.randn((), generator=gen) if self.enabled else total
+        return total + z * gaussian_noise((), gen, dtype=total.dtype) if self.enabled else total
 
     @property
     def metric_release_noise(self) -> float:
@@ -698,14 +711,75 @@ class SampleLevelDP:
     batch_size: int                   # local batch: the per-step sampling rate is batch / n_train
 
 
+class KnownParticipation:
+    """Privacy against a party that knows who took part in every round: the aggregator of
+    distributed DP, which builds the cohort's secure sum and so learns its members. For it
+    amplification by subsampling never applies; a user is exposed only in the rounds they were in,
+    each a Gaussian mechanism on the sum (noise z_r, sensitivity Delta: C under add/remove, 2C under
+    replace-one). Gaussian mechanisms compose exactly into one with mu^2 = sum_r (Delta / z_r C)^2
+    (Dong, Roth & Su 2019, "Gaussian Differential Privacy"), so one number per user holds that user's
+    whole exposure, and the run's accountant turns it into epsilon at delta as one release at q = 1.
+    Metric releases over the panel (their noise shares come from the panel's clients) are composed
+    for every user, a bound for the panel's members and more than the others spend."""
+
+    def __init__(self, population: int, replace_one: bool = False):
+        self.mu2 = np.zeros(population, dtype=np.float64)
+        self.rounds = np.zeros(population, dtype=np.int32)
+        self.sensitivity = 2.0 if replace_one else 1.0
+        self.releases_mu2 = 0.0        # metric releases, composed for everyone
+
+    def record_round(self, participants: Sequence[int], noise_multiplier: float) -> None:
+        ids = np.asarray(participants, dtype=np.int64)
+        if len(ids):
+            self.mu2[ids] += (self.sensitivity / noise_multiplier) ** 2
+            self.rounds[ids] += 1
+
+    def record_release(self, noise_multiplier: float) -> None:
+        """A Gaussian release over every user (noise std / sensitivity = `noise_multiplier`)."""
+        self.releases_mu2 += 1.0 / noise_multiplier ** 2
+
+    def epsilon(self, mu2: float, delta: float, accountant: AccountantName) -> float:
+        if mu2 <= 0:
+            return 0.0
+        return epsilon_for(1.0 / math.sqrt(mu2), 1.0, 1, delta, accountant)
+
+    def facts(self, delta: float, accountant: AccountantName) -> dict:
+        """The worst-off and the median user of the population (epsilon, rounds taken part in)."""
+        worst = float(self.mu2.max()) if len(self.mu2) else 0.0
+        med = float(np.median(self.mu2)) if len(self.mu2) else 0.0
+        return {"epsilon": self.epsilon(worst + self.releases_mu2, delta, accountant),
+                "epsilon_median": self.epsilon(med + self.releases_mu2, delta, accountant),
+                "rounds_max": int(self.rounds.max()) if len(self.rounds) else 0,
+                "rounds_median": float(np.median(self.rounds)) if len(self.rounds) else 0.0,
+                "amplified": False}
+
+    def state_dict(self) -> dict:
+        return {"mu2": self.mu2.copy(), "rounds": self.rounds.copy(), "releases_mu2": self.releases_mu2}
+
+    def load_state_dict(self, state: dict) -> None:
+        mu2, rounds = np.asarray(state["mu2"], dtype=np.float64), np.asarray(state["rounds"], dtype=np.int32)
+        if mu2.shape != self.mu2.shape or rounds.shape != self.rounds.shape:
+            raise ValueError(f"participation: the checkpoint's population is {len(mu2)}, the run's {len(self.mu2)}")
+        self.mu2, self.rounds, self.releases_mu2 = mu2, rounds, float(state.get("releases_mu2", 0.0))
+
+
+CENTRAL_TRUST = ("central DP: the aggregator adds the noise to the sum it computes, so it sees the cohort's exact "
+                 "clipped updates and is trusted; distributed DP (privacy.mode: distributed) does not trust it")
+
+
 class RunAccounting:
     """The privacy a run has spent: user-level rounds in an Opacus accountant, and each client's
-    local DP-SGD steps in a ledger. Stepped once per released round; checkpointable."""
+    local DP-SGD steps in a ledger; under distributed DP also what the aggregator, who knows each
+    round's participants, learns of each user (`KnownParticipation`). Stepped once per released
+    round; checkpointable. `seeded`: the run's secrets (cohorts included) follow the seed
+    (`run.seeded_secrets`), so amplification holds only against parties without the seed."""
 
-    def __init__(self, dp: UserLevelDP, local: SampleLevelDP | None = None):
-        self.dp, self.local = dp, local
+    def __init__(self, dp: UserLevelDP, local: SampleLevelDP | None = None, seeded: bool = False):
+        self.dp, self.local, self.seeded = dp, local, seeded
         self.accountant = make_accountant(dp.accountant, dp.sampling) if dp.enabled else None
         self.ledger = LocalDPLedger(local.noise_multiplier, dp.accountant) if local else None
+        self.known = (KnownParticipation(dp.sampling.population, replace_one=dp.sampling.kind == "fixed")
+                      if dp.mode == "distributed" else None)
 
     def budget_stop(self) -> str | None:
         """Why the next round must not run (it would overshoot target_epsilon), or None."""
@@ -716,12 +790,16 @@ class RunAccounting:
             return f"privacy budget: one more round would exceed epsilon {dp.target_epsilon}"
         return None
 
-    def record_round(self, metrics: dict) -> None:
-        """Account a finished round from the aggregator's metrics; a skipped round released nothing."""
+    def record_round(self, metrics: dict, participants: Sequence[int] = ()) -> None:
+        """Account a finished round from the aggregator's metrics and the clients whose updates
+        went in (`participants`); a skipped round released nothing."""
         if metrics.get("skipped"):
             return
         if self.accountant:
-            self.accountant.step(self.dp.round_noise(metrics.get("secagg_survivors")), self.dp.sample_rate)
+            z = self.dp.round_noise(metrics.get("secagg_survivors"))
+            self.accountant.step(z, self.dp.sample_rate)
+            if self.known is not None:
+                self.known.record_round(participants, z)
         if self.ledger:
             for cid, releases, n_train in metrics.get("local_dp_releases", []):
                 self.ledger.record(cid, releases, min(1.0, self.local.batch_size / n_train))
@@ -738,9 +816,12 @@ class RunAccounting:
         return None
 
     def record_release(self, noise_multiplier: float) -> None:
-        """Account a Gaussian release over every user (composed with the rounds)."""
+        """Account a Gaussian release over every user (composed with the rounds; under distributed
+        DP its noise comes from the panel's shares, so it counts against the aggregator too)."""
         if self.accountant:
             self.accountant.release(noise_multiplier)
+        if self.known is not None:
+            self.known.record_release(noise_multiplier)
 
     def epsilon(self) -> float | None:
         return self.accountant.epsilon(self.dp.delta) if self.accountant else None
@@ -748,11 +829,29 @@ class RunAccounting:
     def local_epsilon(self) -> float | None:
         return self.ledger.epsilon(self.dp.delta) if self.ledger else None
 
+    def by_party(self) -> dict | None:
+        """epsilon per party: `released_model` (an observer of the model and its card: amplified by
+        the secret sampling) and `aggregator` (what it learns of each user, or why it is trusted)."""
+        dp = self.dp
+        if not dp.enabled:
+            return None
+        against = ("parties without the seed: run.seeded_secrets makes cohorts, keys and noise follow from it"
+                   if self.seeded else "anyone without the run secret, from which the cohorts are drawn")
+        released = {"epsilon": self.epsilon(), "amplified": True, "holds_against": against}
+        if self.known is None:
+            return {"released_model": released, "aggregator": {"trusted": True, "epsilon": None, "reason": CENTRAL_TRUST}}
+        agg = self.known.facts(dp.delta, dp.accountant)
+        agg["reason"] = ("distributed DP: the aggregator learns each round's participants, so each user's rounds "
+                         "compose without amplification (worst-off and median user; metric releases count for all)")
+        return {"released_model": released, "aggregator": agg}
+
     def facts(self) -> dict:
         """What the run's privacy is, for the summary and the model card alike."""
         dp, on = self.dp, self.dp.enabled
         local = self.local
         return {"mode": dp.mode, "differential_privacy": on, "epsilon": self.epsilon(),
+                "epsilon_by_party": self.by_party(),
+                "noise_sampler": noise_sampler(self.seeded) if on or local else None,
                 "delta": dp.delta if on else None, "noise_multiplier": dp.noise_multiplier if on else None,
                 "clip_norm": dp.clip_norm if on else None, "accountant": dp.accountant if on else None,
                 "sample_rate": dp.sample_rate, "sampling": dp.sampling.kind,
@@ -762,10 +861,13 @@ class RunAccounting:
 
     def state_dict(self) -> dict:
         return {"accountant": self.accountant.state_dict() if self.accountant else None,
-                "local_dp": self.ledger.state_dict() if self.ledger else None}
+                "local_dp": self.ledger.state_dict() if self.ledger else None,
+                "participation": self.known.state_dict() if self.known is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         if self.accountant and state.get("accountant"):
             self.accountant.load_state_dict(state["accountant"])
         if self.ledger and state.get("local_dp"):
             self.ledger.load_state_dict(state["local_dp"])
+        if self.known is not None and state.get("participation"):
+            self.known.load_state_dict(state["participation"])

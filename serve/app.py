@@ -324,6 +324,9 @@ def member_info(checkpoint: str | Path) -> dict:
     """What the router needs to know about a member, from its model card alone."""
     _, card = load_model(Path(checkpoint))
     quality = card.get("quality", {})
+    if card.get("input_profile") is None:   # under DP a card ships it only once released (sim/card_stats.py)
+        why = card.get("statistics_privacy", {}).get("input_profile", {}).get("reason", "not in the card")
+        raise ValueError(f"{checkpoint}: the model card has no input_profile to route by ({why})")
     return {"profile": card["input_profile"], "input_shape": card["data_schema"]["input_shape"],
             "num_classes": card["data_schema"]["num_classes"],
             "reference_quality": float(quality.get("acc_global_DI", 0.5)), "card": card}

@@ -39,6 +39,7 @@ class Checkpoint:
     local_dp: dict | None = None     # LocalDPLedger.state_dict(): clients' local DP-SGD steps
     server_state: dict = field(default_factory=dict)   # the server rule's state (adaptive optimizers)
     faults: dict = field(default_factory=dict)         # actor losses survived so far (sim/faults.py)
+    participation: dict | None = None  # KnownParticipation.state_dict(): what the aggregator learned per user
 
 
 class CheckpointError(ConfigError):

@@ -54,6 +54,7 @@ def summary_line(summary: dict) -> str:
         privacy.append(f"DP epsilon {summary['epsilon']:.3g} at delta {summary['delta']:g} "
                        f"(z={summary['noise_multiplier']:.3g}, C={summary['clip_norm']:g}, "
                        f"{summary.get('sampling')} sampling, {summary.get('adjacency')})")
+        privacy += party_lines(summary.get("epsilon_by_party"))
     if summary.get("local_epsilon") is not None:
         ld = summary["local_dp"]
         privacy.append(f"local DP-SGD epsilon {summary['local_epsilon']:.3g} for the most-sampled client "
@@ -85,6 +86,32 @@ def summary_line(summary: dict) -> str:
     if summary.get("stopped_early"):
         privacy.append(f"stopped early: {summary['stopped_early']}")
     return "\n".join([line, *privacy])
+
+
+EPSILON_WARN = 10.0     # beyond it a guarantee says little (a likelihood ratio above e^10 = 22,026)
+
+
+def epsilon_warning(epsilon: float | None, what: str) -> None:
+    """One line on stderr when the total epsilon is past EPSILON_WARN."""
+    if epsilon is not None and epsilon > EPSILON_WARN:
+        print(f"warning: {what} spent epsilon {epsilon:.3g}, more than {EPSILON_WARN:g}: the guarantee says little "
+              f"at that level (set privacy.target_epsilon to cap it)", file=sys.stderr)
+
+
+def party_lines(parties: dict | None) -> list[str]:
+    """What epsilon means to each party (`epsilon_by_party`), one line each."""
+    if not parties:
+        return []
+    lines = [f"  released model: epsilon {parties['released_model']['epsilon']:.3g}, amplified by secret sampling: "
+             f"holds against {parties['released_model']['holds_against']}"]
+    agg = parties["aggregator"]
+    if agg.get("trusted"):
+        lines.append("  aggregator: trusted (central DP adds the noise at the aggregator)")
+    else:
+        lines.append(f"  aggregator (knows who took part): epsilon {agg['epsilon']:.3g} for the worst-off user "
+                     f"({agg['rounds_max']} rounds), {agg['epsilon_median']:.3g} for the median user "
+                     f"({agg['rounds_median']:g} rounds)" + (f"; {agg['note']}" if agg.get("note") else ""))
+    return lines
 
 
 def _fmt(v, spec: str = ".4f") -> str:
@@ -164,6 +191,7 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML o
         raise typer.Exit(1) from None
     out.print(summary_table(summary))
     print(summary_line(summary))
+    epsilon_warning(summary.get("epsilon"), "this run")
     print(run_dir)
 
 
@@ -206,15 +234,14 @@ def serve_cmd(run_dirs: Annotated[list[Path], typer.Argument(help="run directori
     """Serve federation checkpoints as a routed, weighted ensemble (Ray Serve) until Ctrl-C."""
     import time
 
-    from serve.app import Deployment
-    from sim.checkpoint import load_model
+    from serve.app import Deployment, member_info
 
     names: dict[str, str] = {}
     for d in run_dirs:
         if not (d / "checkpoint.pt").is_file():
             raise ConfigError(f"RUN_DIRS: {d} has no checkpoint.pt")
         try:
-            load_model(d)                     # a damaged or foreign checkpoint fails here, before Ray starts
+            member_info(d)         # a damaged or foreign checkpoint, or a card with no profile, fails here, before Ray starts
         except ValueError as e:
             raise ConfigError(f"RUN_DIRS: {e}") from None
         name = "".join(ch if ch.isalnum() else "-" for ch in d.resolve().name)[:40] or "member"
@@ -306,6 +333,7 @@ def tune_cmd(config: Annotated[Optional[Path], typer.Argument(help="experiment Y
     print(f"Tune experiment: {res['experiment']} (an interrupted one finishes with `fedmeta tune --resume DIR`)")
     if as_json:
         print(json.dumps({k: v for k, v in res.items() if k not in ("curves", "privacy_state")}, default=str))
+    epsilon_warning(res.get("epsilon_total"), "this search with the run before it")
     print(res["candidate"])
 
 
@@ -346,6 +374,8 @@ def study_cmd(study: Annotated[str, typer.Argument(metavar="STUDY.yaml|report",
     if as_json:
         print(json.dumps({"study_dir": str(study_dir), "cells": len(table),
                           "rows": json.loads(table.to_json(orient="records"))}))
+    if "epsilon" in table:
+        epsilon_warning(float(table["epsilon"].max()), "a cell of this study")
     print(study_dir)
 
 

@@ -244,6 +244,9 @@ class PrivacyConfig(Section):
                                                                "(Steinke et al. 2023); null: 5% of the population "
                                                                "(at most 100) when DP is on, none otherwise")
     audit_confidence: float = Field(0.95, gt=0, lt=1, description="the audit's lower bound holds with this probability")
+    profile_clip: float | None = Field(None, gt=0, description=(
+        "under DP: L2 bound on each client's contribution to the model card's input profile (its per-feature "
+        "means of x and x^2); null: sqrt(2 x features), which never clips inputs in [0, 1]"))
     leakage_control: LeakageControlConfig = LeakageControlConfig()
 
 
@@ -262,7 +265,8 @@ class SecAggConfig(Section):
     # security targets: what `auto` is chosen for, and what an explicit k/t is checked against (a
     # UserWarning at plan time when it falls short); the summary reports them (secagg_targets)
     dropout_rate: float | None = Field(None, ge=0, lt=1, description=(
-        "delta: the most a round's cohort may lose after key set-up (a bound, not a mean); null = the larger of "
+        "delta: the most a round's cohort may lose after key set-up (a bound, not a mean: a round keeping fewer "
+        "than ceil(n (1 - delta)) of its n clients is refused); null = the larger of "
         "0.33 (Bell et al.'s example) and the share the federation drops by design (federation.dropout and the "
         "over-selected clients)"))
     adversarial_fraction: float = Field(0.05, ge=0, lt=1, description=(

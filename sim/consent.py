@@ -1,6 +1,7 @@
 """The consent gate of a federation: the encrypted profile store (actors/profile_store.py) decides
-who may train. Every client signs up; a seeded share grants 'personalization'; the driver keeps each
-user's token as that user's device would (it acts for them in `revoke`)."""
+who may train, and who is evaluated, fine-tuned, exported and served by id. Every client signs up;
+a seeded share grants 'personalization'; the driver keeps each user's token as that user's device
+would (it acts for them in `revoke`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +14,15 @@ from sim.config import ExperimentConfig
 from sim.seeding import np_rng
 
 PURPOSE = "personalization"
+
+
+def consenting_panel(seed: int, consenting: np.ndarray, k: int) -> np.ndarray:
+    """The evaluation panel when consent gates it: k of the `consenting` users drawn uniformly
+    (seeded, sorted), or all of them when fewer than k consent. Drawn once per run; users who
+    revoke later leave it and are not replaced, so successive evaluations stay comparable."""
+    consenting = np.asarray(consenting, dtype=np.int64)
+    rng = np_rng(seed, "eval-individuals", "consenting")
+    return np.sort(rng.choice(consenting, size=min(k, len(consenting)), replace=False))
 
 
 class ConsentGate:

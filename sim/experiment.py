@@ -24,7 +24,8 @@ from sim import checkpoint as ckpt
 from sim.cluster import init_ray
 from sim.config import ExperimentConfig, to_yaml
 from sim.federation import Federation
-from sim.hooks import Accounting, CanaryAudit, Checkpointing, Evaluation, Hook, Progress, ProgressFn, RoundLog
+from sim.hooks import (Accounting, CanaryAudit, CardStatistics, Checkpointing, Evaluation, Hook, Progress, ProgressFn,
+                       RoundLog)
 from sim.plan import FederationPlan
 from sim.report import run_summary
 from sim.rundir import new_run_dir, run_secrets
@@ -67,7 +68,7 @@ def _run(cfg: ExperimentConfig, fed: Federation, run_dir: Path, saved: ckpt.Chec
         from sim.leakage import LeakageControl
 
         hooks.append(LeakageControl(fed, state))      # before evaluation: it personalizes with the new lambda
-    hooks += [Evaluation(fed, run_dir), saver, CanaryAudit(fed, state)]
+    hooks += [Evaluation(fed, run_dir), CardStatistics(fed), saver, CanaryAudit(fed, state)]
     if cfg.tune.auto:
         from sim.autotune import AutoTune
 
@@ -137,7 +138,7 @@ def _interrupt_after():
 
 def initial_state(plan: FederationPlan, saved: ckpt.Checkpoint | None) -> RunState:
     """A fresh run at the plan's initial model, or the state of a checkpoint."""
-    accounting = RunAccounting(plan.dp, plan.local_dp)
+    accounting = RunAccounting(plan.dp, plan.local_dp, seeded=plan.cfg.run.seeded_secrets)
     if saved is None:
         return RunState(0, plan.init_params, accounting)
     return RunState.resume(saved, accounting)

@@ -6,7 +6,8 @@ Their completions are events on the simulated clock (sim/system.py gives each cl
 the server takes a step every `buffer` completions, with each update weighted by its staleness
 s(tau) = 1/sqrt(1 + tau), tau = the server steps taken since that client started; then each
 finished client is replaced by a new one, drawn uniformly from the clients not in flight, which
-starts from the new model. Everything follows the seed: a run is reproducible.
+starts from the new model. Who is drawn follows the run's secret streams (with
+`run.seeded_secrets`, the seed: a run is then reproducible bit for bit).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from typing import Callable
 
 import numpy as np
 
-from sim.seeding import np_rng
 
 
 @dataclass(order=True)
@@ -36,8 +36,9 @@ def staleness_weight(tau: int, kind: str) -> float:
 class BufferClock:
     """The event queue of client completions."""
 
-    def __init__(self, seed: int, population: int, eligible: Callable[[np.ndarray], np.ndarray] | None = None):
-        self.seed, self.population = seed, population
+    def __init__(self, streams, population: int, eligible: Callable[[np.ndarray], np.ndarray] | None = None):
+        # streams: the run's Secrets; who starts when is who takes part, so it is drawn in secret
+        self.streams, self.population = streams, population
         self.eligible = eligible or (lambda ids: ids)      # e.g. consent, canaries left out
         self.now = 0.0
         self.queue: list[Arrival] = []
@@ -47,7 +48,7 @@ class BufferClock:
 
     def draw(self, n: int) -> list[int]:
         """`n` eligible clients not in flight, uniformly at random (seeded by the draw's index)."""
-        rng = np_rng(self.seed, "fedbuff-draw", self.draws)
+        rng = self.streams.np_rng("fedbuff-draw", self.draws)
         self.draws += 1
         chosen: list[int] = []
         for _ in range(1000):

@@ -1,17 +1,18 @@
 """The federation: a pool of ClientWorker actors and an Aggregator actor, started from a plan;
 one round at a time.
 
-One round: sample a cohort (seeded by (seed, round)), keep the consenting clients, drop some
-(simulated dropout), split the survivors evenly over the workers, put the global model in the
-object store once, and let every worker train its shard; the workers' messages go straight to
-the aggregator, which returns the new global model. The driver only ever holds the global model
-and metrics. Under secure aggregation the same round runs as a secure sum, and so does Tune's
+One round: sample a cohort (from the run's secret streams: the seed does not say who was in it),
+keep the consenting clients, drop some (simulated dropout), split the survivors evenly over the
+workers, put the global model in the object store once, and let every worker train its shard; the
+workers' messages go straight to the aggregator, which returns the new global model. A worker is
+given the keys of the clients it hosts for the round at hand, never the run secret. The driver
+only ever holds the global model and metrics. Under secure aggregation the same round runs as a secure sum, and so does Tune's
 metric: one flow (`_secure_sum`) for both.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -27,13 +28,14 @@ from actors.secagg.session import SecAggParams
 from sim.algorithms import Algorithm, build_algorithm
 from sim.cluster import worker_resources
 from sim.config import ExperimentConfig
-from sim.consent import ConsentGate
+from sim.consent import ConsentGate, consenting_panel
 from sim.faults import LOST, FaultLog, RoundFailed, lost_actor
 from sim.fedbuff import BufferClock, staleness_weight
-from sim.plan import FederationPlan
+from sim.plan import FederationPlan, secagg_round_facts
+from sim.rundir import forget_personalized
 from sim.sampling import apply_dropout, draw_cohort, split_even
 from sim.secure_sum import SecureSumRun
-from sim.seeding import Secrets
+from sim.seeding import Secrets, client_keys
 from sim.system import online
 from sim.userimport import code_paths
 
@@ -56,8 +58,9 @@ class Federation:
     """The actor pool of one plan."""
 
     def __init__(self, plan: FederationPlan, run_dir: Path | None = None, secrets: Secrets | None = None):
-        """`secrets`: the run's secret randomness (a fresh run secret unless `run.seeded_secrets`);
-        the workers get it, the aggregator only its own derived part."""
+        """`secrets`: the run's secret randomness (a fresh run secret unless `run.seeded_secrets`).
+        The driver keeps it: cohorts are drawn from it here, the aggregator gets only its own derived
+        key, and each worker, with each call, only the keys of that round's clients it hosts."""
         self.plan = plan
         self.workers, self.aggregator, self._server_state = [], None, {}
         self._clock: BufferClock | None = None        # FedBuff's simulated clock and the model versions in flight
@@ -69,8 +72,16 @@ class Federation:
         self._stateful = type(build_algorithm(plan.cfg.algorithm)).state_dict is not Algorithm.state_dict
         seed = plan.cfg.seed
         self.secrets = secrets or (Secrets.seeded(seed) if plan.cfg.run.seeded_secrets else Secrets.fresh(seed))
+        # Who takes part (cohorts, dropout, availability, FedBuff's draws, the audit's canary coins) is
+        # drawn in secret when the run claims DP: amplification by subsampling needs it. A run without
+        # DP claims no epsilon, so its cohorts follow the seed and it replays exactly.
+        private = plan.dp.enabled or plan.cfg.privacy.local_dp
+        self.membership = self.secrets if private else Secrets.seeded(seed)
+        self.plan = plan = plan.with_secrets(self.membership)
         self._spawn()
         self.consent = ConsentGate(plan.cfg, plan.num_clients, run_dir) if plan.cfg.profiles.enabled else None
+        self.run_dir = run_dir                        # where a revoked user's exported model is deleted
+        self.plan = self._gated(self.plan)
 
     @property
     def cfg(self) -> ExperimentConfig:
@@ -87,8 +98,7 @@ class Federation:
         in_group = ray.util.get_current_placement_group() is not None
         spread = {"scheduling_strategy": "SPREAD"} if cfg.ray.placement == "spread" and not in_group else {}
         self._new_worker = lambda i: ClientWorkerActor.options(  # noqa: E731
-            num_cpus=cpus, num_gpus=gpus, max_restarts=-1, **spread).remote(raw, i, threads, plan.dp, self.secrets,
-                                                                             code)
+            num_cpus=cpus, num_gpus=gpus, max_restarts=-1, **spread).remote(raw, i, threads, plan.dp, None, code)
         self._new_aggregator = lambda: AggregatorActor.options(max_restarts=-1).remote(  # noqa: E731
             cfg.algorithm.model_dump(), plan.n_params, plan.dp, cfg.seed, plan.secagg is not None,
             self.secrets.derive("aggregator"), code)
@@ -114,6 +124,8 @@ class Federation:
         """Continue under new hyperparameters (after tuning): fresh workers and aggregator with
         `cfg`; the data, the consent store and the privacy budget of the run stay."""
         plan = self.plan.with_config(cfg)     # a bad config fails here, before anything is stopped
+        if self.consent is not None:          # the run's consenting panel stays; revocations are filtered at use
+            plan = replace(plan, eval_ids=self.plan.eval_ids)
         self.release()
         self.plan = plan
         self._spawn()
@@ -128,21 +140,38 @@ class Federation:
         self._server_state = state
 
     def revoke(self, cid: int, purpose: str | None = None) -> None:
-        """User `cid` withdraws consent (None: all purposes); they are out of the next round."""
+        """User `cid` withdraws consent (None: all purposes); they are out of the next round and the
+        next evaluation, and without 'personalization' their exported personalized model is deleted
+        (per-user serving loads it from the run directory)."""
         self.consent.revoke(cid, purpose)
+        if not len(self.consent.admit(np.array([cid]))):
+            forget_personalized(self.run_dir, cid)
+
+    def _gated(self, plan: FederationPlan) -> FederationPlan:
+        """With consent on, the plan's evaluation panel drawn from the consenting non-canary users
+        (all of them when fewer than eval.num_individuals consent); the plan as it is otherwise."""
+        if self.consent is None:
+            return plan
+        users = self.consent.admit(np.arange(plan.num_clients - len(plan.canary_ids)))
+        return replace(plan, eval_ids=consenting_panel(plan.cfg.seed, users, plan.cfg.eval.num_individuals))
+
+    def panel(self) -> np.ndarray:
+        """The evaluation panel as of now: those of the plan's panel who still consent, asked at each
+        use, so a revocation takes effect from the next evaluation (everyone without consent on)."""
+        return self.consent.admit(self.plan.eval_ids) if self.consent else self.plan.eval_ids
 
     # ------------------------------------------------------------ training
     def train_round(self, round_index: int, global_params: np.ndarray) -> RoundResult:
         if self.cfg.federation.mode == "fedbuff":
             return self._fedbuff_step(round_index, global_params)
         t0 = time.perf_counter()
-        sampled = draw_cohort(self.cfg.seed, round_index, self.plan.sampling)
+        sampled = draw_cohort(self.membership, round_index, self.plan.sampling)
         admitted = self.consent.admit(sampled) if self.consent else sampled
         # 'out' canaries never train; joiners only from the drift round on
         asked = admitted[~np.isin(admitted, np.concatenate([self.plan.excluded_canaries, self.plan.absent(round_index)]))]
         system = self.cfg.federation.system
-        cohort = asked[online(self.cfg.seed, round_index, asked, system.availability)] if system.enabled else asked
-        alive, dropped = apply_dropout(self.cfg.seed, round_index, cohort, self.cfg.federation.dropout)
+        cohort = asked[online(self.membership, round_index, asked, system.availability)] if system.enabled else asked
+        alive, dropped = apply_dropout(self.membership, round_index, cohort, self.cfg.federation.dropout)
         g_ref = ray.put(global_params)
         self.faults.begin_round()
         while True:
@@ -180,6 +209,10 @@ class Federation:
         return RoundResult(new, reported, len(asked) - reported, time.perf_counter() - t0, metrics,
                            alive[~out].tolist(), dict(self.faults.counts))
 
+    def _noise_keys(self, scope: int, cids) -> dict | None:
+        """The keys of a round's clients for their local DP-SGD noise (None without local DP)."""
+        return client_keys(self.secrets, scope, cids) if self.cfg.privacy.local_dp else None
+
     def _deadline(self) -> tuple[float | None, float | None]:
         """The round's deadline for starting a client, and the later cutoff past which a worker's
         message is no longer waited for (time.time(); None: no deadline). With simulated devices
@@ -207,7 +240,7 @@ class Federation:
 
         def submit(w, shard):
             return w.train.options(num_returns=2).remote(round_index, g_ref, shard[0], quota=shard[1],
-                                                         deadline=deadline)
+                                                         deadline=deadline, keys=self._noise_keys(round_index, shard[0]))
 
         trained = [submit(w, shard) for w, shard in zip(self.workers, shards)]
         if cutoff is not None:
@@ -278,14 +311,15 @@ class Federation:
         fed = self.cfg.federation
         self._step = step                          # who may start is decided as of this step
         if self._clock is None:                    # the first step (or a resume): fill the pipeline
-            self._clock = BufferClock(self.cfg.seed, self.plan.num_clients, self._eligible)
+            self._clock = BufferClock(self.membership, self.plan.num_clients, self._eligible)
             self._versions = {step: global_params}
             self._start_clients(fed.fedbuff.concurrency, step)
         before = self._clock.now
         self.faults.begin_round()
         arrived = self._clock.pop(fed.clients_per_round)
         versions = sorted({a.version for a in arrived})
-        submit = lambda w, shard: w.train.options(num_returns=2).remote(shard[1], shard[2], shard[0])  # noqa: E731
+        submit = lambda w, shard: w.train.options(num_returns=2).remote(  # noqa: E731
+            shard[1], shard[2], shard[0], keys=self._noise_keys(shard[1], shard[0]))
         groups = []
         for v in versions:                         # one batch per model version, split over the workers
             ref = ray.put(self._versions[v])
@@ -331,7 +365,7 @@ class Federation:
         seeded by the draw)."""
         ids = self.consent.admit(ids) if self.consent else ids
         ids = ids[~np.isin(ids, np.concatenate([self.plan.excluded_canaries, self.plan.absent(self._step)]))]
-        return ids[online(self.cfg.seed, self._clock.draws, ids, self.cfg.federation.system.availability)]
+        return ids[online(self.membership, self._clock.draws, ids, self.cfg.federation.system.availability)]
 
     def _note_restarts(self, round_index: int, diags) -> None:
         """A worker Ray restarted between two calls loses no work (the calls wait for it), but it
@@ -435,9 +469,11 @@ class Federation:
                       global_params: np.ndarray) -> tuple[np.ndarray, dict]:
         """The whole cohort takes part in key set-up; the clients that drop out do so after sharing
         their keys, before sending a masked input, so the server must recover their pairwise masks
-        (the hard case). Too many dropouts for the threshold abort the round: nothing is
-        released and the model stays."""
+        (the hard case). Too many dropouts for the threshold, or fewer survivors than the floor the
+        graph is sized for, abort the round: nothing is released and the model stays. Either way
+        the round reports the floor and the bits its k and t reach for this cohort's size."""
         live = set(alive.tolist())
+        sized = secagg_round_facts(self.cfg, self.plan.secagg, len(cohort))
         diagnostics = []     # to the driver only
 
         quota_of = {}
@@ -446,7 +482,8 @@ class Federation:
         def train(worker, shard, inbox):   # a client trains on the worker that holds its protocol state
             clients = [c for c in shard if c in live]
             msg, diag = worker.train.options(num_returns=2).remote(round_index, g_ref, clients, inbox,
-                                                                   quota=quota_of.get(tuple(shard)), deadline=deadline)
+                                                                   quota=quota_of.get(tuple(shard)), deadline=deadline,
+                                                                   keys=self._noise_keys(round_index, clients))
             diagnostics.append(diag)
             return msg
 
@@ -461,10 +498,10 @@ class Federation:
             cause = e.as_instanceof_cause()
             if not isinstance(cause, SecAggRoundAborted):
                 raise
-            return global_params, {"skipped": True, "aborted": str(cause.args[0] if cause.args else cause)}
+            return global_params, {"skipped": True, "aborted": str(cause.args[0] if cause.args else cause), **sized}
         diags = _survivors(diagnostics)          # a lost worker's clients are dropouts: no diagnostics
         self._note_restarts(round_index, diags)
-        return new, {**metrics, **round_diagnostics(diags), "lost_clients": lost}
+        return new, {**metrics, **round_diagnostics(diags), "lost_clients": lost, **sized}
 
     def _secure_sum(self, round_index: int, protocol_id: int, clients: list[int], params: SecAggParams, dim: int,
                     graph_stream: str, contribute: Callable, finish: Callable, placed: Callable | None = None,
@@ -482,7 +519,7 @@ class Federation:
             lost[slot] = workers[slot]
 
         run = SecureSumRun(self.aggregator, workers, protocol_id, clients, params, dim, graph_stream,
-                           contribute, on_lost, placed, cutoff)
+                           contribute, on_lost, placed, cutoff, keys=lambda shard: client_keys(self.secrets, protocol_id, shard))
         try:
             try:
                 result = ray.get(finish(run.result))
@@ -502,7 +539,7 @@ class Federation:
         the algorithm's own)."""
         g_ref = ray.put(global_params)
         n = len(self.workers)
-        shards, dg_parts = split_even(self.plan.eval_ids, n), list(range(n))
+        shards, dg_parts = split_even(self.panel(), n), list(range(n))
 
         def individuals(w, shard):
             return w.evaluate.remote(g_ref, shard, rounds_done, export, weight=weight)
@@ -520,8 +557,8 @@ class Federation:
         out = {"acc_DG": np.array([b.mean() if len(b) else np.nan for b in blocks]),
                "client_ids": [c for p in parts for c in p["client_ids"]]}
         for key in ("acc_global_DI", "acc_personalized_DI", *LOSS_KEYS, *(["personalized"] if export else [])):
-            out[key] = np.concatenate([p[key] for p in parts])
-        if self.cfg.privacy.mia_audit:
+            out[key] = np.concatenate([p[key] for p in parts]) if parts else np.zeros(0)   # none: nobody consents
+        if self.cfg.privacy.mia_audit and parts:
             # members: the individuals' train splits (seen in training / fine-tuning); non-members: test splits
             out["mia_auc_global"] = mia_auc(out["loss_global_train"], out["loss_global_test"])
             out["mia_auc_personalized"] = mia_auc(out["loss_personalized_train"], out["loss_personalized_test"])
@@ -546,7 +583,11 @@ class Federation:
                 self._heal(rounds_done, e)      # the aggregator was lost: heal and ask again
 
     def _private_metric(self, rounds_done: int, g_ref, stat: str, weight: float | None, noise: float | None) -> dict:
-        shards, panel = split_even(self.plan.eval_ids, len(self.workers)), len(self.plan.eval_ids)
+        ids = self.panel()
+        shards, panel = split_even(ids, len(self.workers)), len(ids)
+        if not panel:     # nobody (still) consents: an empty sum, under DP its noise alone
+            empty = {**{k: 0.0 for k in METRIC_KEYS[stat]}, "count": 0}
+            return ray.get(self.aggregator.aggregate_metric.remote(rounds_done, empty, noise=noise, panel=0))
         if self.plan.secagg is None:
             parts = self._on_workers(rounds_done, shards,
                                      lambda w, s: w.evaluate_sums.remote(g_ref, s, rounds_done, stat, weight))
@@ -554,9 +595,11 @@ class Federation:
         pid = METRIC_BASES[stat] + rounds_done
 
         def panel_values(worker, shard, inbox):
-            return worker.secure_metric.remote(pid, g_ref, shard, inbox, rounds_done, stat, weight)
+            # distributed DP: the panel's clients add the release's noise shares themselves
+            return worker.secure_metric.remote(pid, g_ref, shard, inbox, rounds_done, stat, weight, noise,
+                                               panel if self.plan.dp.enabled else None)
 
-        metric, _ = self._secure_sum(rounds_done, pid, self.plan.eval_ids.tolist(), self.plan.metric_secagg(),
+        metric, _ = self._secure_sum(rounds_done, pid, ids.tolist(), self.plan.metric_secagg(),
                                      len(METRIC_KEYS[stat]) + 1, "secagg-metric-server", panel_values,
                                      lambda summed: self.aggregator.metric_from_sum.remote(pid, summed, stat,
                                                                                             noise, panel))

@@ -3,8 +3,8 @@
 The experiment's loop (sim/experiment.py) trains a round, then calls every hook's `after_round`
 in order; a hook's `before_round` or `after_round` may return a reason to stop the run. The order
 is the order of the list `experiment.hooks` builds: accounting, the round's log line, the learned
-privacy weight (sim/leakage.py, when on), evaluation and export, checkpointing, auto-tuning,
-progress.
+privacy weight (sim/leakage.py, when on), evaluation and export, the model card's released
+statistics (under DP), checkpointing, auto-tuning, progress.
 """
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from typing import Callable
 import numpy as np
 
 from sim import checkpoint as ckpt
+from sim.card_stats import release_card_statistics
 from sim.data.canaries import canary_direction
 from sim.federation import Federation, RoundResult
 from sim.metrics import describe
 from sim.report import model_card
+from sim.rundir import PERSONALIZED
 from sim.state import RunState
 
 ProgressFn = Callable[[int, int, dict], None]
@@ -40,10 +42,12 @@ class Accounting(Hook):
         return state.accounting.budget_stop()
 
     def after_round(self, state: RunState, res: RoundResult) -> None:
-        state.accounting.record_round(res.metrics)
+        state.accounting.record_round(res.metrics, res.trained)
 
 
 BYTES_KEYS = ("bytes_up", "bytes_down", "bytes_up_per_client", "bytes_down_per_client")
+# a secure round's survivor floor and the bits its k and t reach for the round's cohort size
+SECAGG_KEYS = ("secagg_survivor_floor", "secagg_security_bits", "secagg_correctness_bits")
 
 
 class RoundLog(Hook):
@@ -58,7 +62,7 @@ class RoundLog(Hook):
             "update_norm": res.metrics.get("update_norm", 0.0), "clients": res.clients,
             "dropped": res.dropped, "round_s": res.seconds, "clients_per_s": cps,
             **{k: res.metrics[k] for k in ("lost_clients", "late_clients", "offline", "rejected_updates") if res.metrics.get(k)},
-            **{k: res.metrics[k] for k in (*BYTES_KEYS, "sim_round_s", "staleness_mean", "staleness_max")
+            **{k: res.metrics[k] for k in (*BYTES_KEYS, *SECAGG_KEYS, "sim_round_s", "staleness_mean", "staleness_max")
                if k in res.metrics},
             **({"epsilon": eps} if eps is not None else {}),
             **({"local_epsilon": local_eps} if local_eps is not None else {})})
@@ -88,6 +92,24 @@ class Evaluation(Hook):
         state.shown.update({k: v["mean"] for k, v in stats.items()})
 
 
+class CardStatistics(Hook):
+    """Under DP, after the last round: release the model card's input profile and panel quality
+    once (sim/card_stats.py), each only if the budget has room, and account them, so the final
+    checkpoint's card ships them and the run's epsilon includes them. Without DP the card ships
+    the exact ones, marked not private."""
+
+    def __init__(self, fed: Federation):
+        self.fed = fed
+
+    def after_round(self, state: RunState, res: RoundResult) -> None:
+        fed, done = self.fed, state.rounds_done
+        if not fed.plan.dp.enabled or done != fed.cfg.federation.rounds or state.card_stats is not None:
+            return
+        panel = lambda: fed.private_metric(done, state.global_params, "accuracy", state.privacy_weight)  # noqa: E731
+        state.card_stats = release_card_statistics(fed.plan, state.accounting, fed.secrets.noise("card-input-profile"),
+                                                   panel, done)
+
+
 class Checkpointing(Hook):
     """Every `run.checkpoint_every` rounds and after the last: checkpoint.pt (atomic) and the metric
     tables. `save` is also what the experiment calls when the run stops or fails."""
@@ -105,7 +127,7 @@ class Checkpointing(Hook):
             state.server_state = self.fed.server_state()
         except Exception:   # saving after a failure: the aggregator may be gone; keep its last known state
             pass
-        card = model_card(self.fed.plan, state.rounds_done, state.accounting, state.log)
+        card = model_card(self.fed.plan, state.rounds_done, state.accounting, state.log, state.card_stats)
         ckpt.save(self.run_dir, state.to_checkpoint(card))
         state.log.save(self.run_dir)
 
@@ -152,7 +174,7 @@ def canary_scores(plan, global_params) -> np.ndarray:
 
 def export_personalized(run_dir: Path, ids: list[int], flats) -> Path:
     """personalized/<client id>.npy: each evaluated individual's fine-tuned parameters, for serving."""
-    out = run_dir / "personalized"
+    out = run_dir / PERSONALIZED
     out.mkdir(exist_ok=True)
     for cid, flat in zip(ids, flats):
         tmp = out / f".{cid}.npy.tmp"

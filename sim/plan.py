@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import numpy as np
 
@@ -21,7 +22,10 @@ from actors.secagg.params import (
     HararyParams,
     SecAggTargetWarning,
     evaluate_harary_params,
-    find_harary_params,
+    find_harary_params_over,
+    poisson_cohort_sizes,
+    survivor_floor,
+    weakest_harary_params,
 )
 from actors.secagg.session import SecAggParams, secagg_params
 from sim.algorithms.local import resolve_compute
@@ -31,7 +35,7 @@ from sim.data.canaries import canary_count, canary_ids, canary_inclusion
 from sim.data.drift import joiner_ids
 from sim.models import build_model, init_params, num_params
 from sim.sampling import eval_individuals
-from sim.seeding import np_rng, torch_gen
+from sim.seeding import Secrets, np_rng, torch_gen
 from sim.userimport import add_code_path, code_paths
 
 
@@ -86,9 +90,14 @@ class FederationPlan:
                    init_params(model, torch_gen(cfg.seed, "init")).numpy(),
                    resolve_compute(cfg.ray.compute, cfg.model.kind, cfg.privacy.local_dp, model, data.input_shape),
                    dp, _local_dp(cfg), secagg,
-                   ids, canary_inclusion(cfg.seed, canaries),
+                   ids, canary_inclusion(Secrets.seeded(cfg.seed), canaries),     # until with_secrets
                    eval_individuals(cfg.seed, data.num_clients - canaries, cfg.eval.num_individuals),
                    tuple(data.global_sizes()), input_profile(data, cfg.seed))
+
+    def with_secrets(self, secrets: Secrets) -> FederationPlan:
+        """The plan of a run with these secrets: the audit's canary coins drawn from them (the plan
+        alone, before a run has its secret, draws them from the seed)."""
+        return replace(self, canary_included=canary_inclusion(secrets, len(self.canary_ids)))
 
     def with_config(self, cfg: ExperimentConfig) -> FederationPlan:
         """The plan under new hyperparameters (a Tune trial, or the run after tuning): the same
@@ -145,7 +154,8 @@ class FederationPlan:
         sa, n = self.cfg.secagg, len(self.eval_ids)
         try:
             k, t, low = _secagg_graph(self.cfg, n)
-            params = secagg_params(k, t, 1.0, sa.quant_bits, n, allow_low_threshold=low)
+            params = secagg_params(k, t, 1.0, sa.quant_bits, n, allow_low_threshold=low,
+                                   dropout=secagg_targets(self.cfg)["dropout"], cohort_range=(n, n))
         except ValueError as e:
             raise ConfigError(f"eval.num_individuals: the secure tuning metric sums the panel: {e}") from None
         _warn_below_targets(self.cfg, params, "the secure tuning metric's panel")
@@ -181,13 +191,50 @@ def _secagg(cfg: ExperimentConfig, dp: UserLevelDP) -> SecAggParams | None:
     if not sa.enabled:
         return None
     s = dp.sampling
+    delta = secagg_targets(cfg)["dropout"]
+    _check_planned_dropout(cfg, delta)
     # a Poisson cohort varies: size the modulus 10 standard deviations above its mean
     most = s.cohort if s.kind == "fixed" else min(s.population, s.cohort + 10 * math.ceil(math.sqrt(s.cohort)) + 10)
-    # the graph is chosen for the (expected) cohort: k = O(log n) changes little over a Poisson cohort's spread
-    k, t, low = _secagg_graph(cfg, s.cohort)
-    params = secagg_params(k, t, dp.clip_norm, sa.quant_bits, s.cohort, dp.share_noise_multiplier, most, low)
+    # and the graph for every size it takes, not its mean: the bounds are not monotone in n
+    # (actors/secagg/params.py), and a cohort above `sizes` is refused (SecureSum)
+    sizes = cohort_sizes(s)
+    k, t, low = _secagg_graph(cfg, s.cohort, sizes)
+    params = secagg_params(k, t, dp.clip_norm, sa.quant_bits, s.cohort, dp.share_noise_multiplier, most, low,
+                           delta, sizes)
     _warn_below_targets(cfg, params, "each round's cohort")
     return params
+
+
+COHORT_TAIL_BITS = 20     # a Poisson cohort outside the sizes the graph is sized for: < 2^-20 per side, per round
+
+
+def cohort_sizes(s: Sampling) -> tuple[int, int]:
+    """(lo, hi): the cohort sizes a round's k and t must hold for. A fixed cohort has its size; a
+    Poisson one the 2^-COHORT_TAIL_BITS quantiles of Binomial(population, rate), and at least 2
+    (a smaller round cannot run the protocol)."""
+    if s.kind == "fixed" or s.cohort < 2:
+        return s.cohort, s.cohort
+    lo, hi = poisson_cohort_sizes(s.population, s.rate, COHORT_TAIL_BITS)
+    return min(max(lo, 2), s.cohort), max(hi, s.cohort)
+
+
+def _planned_dropout(cfg: ExperimentConfig) -> float:
+    """The share of a sampled cohort that drops after key set-up by design, on average:
+    federation.dropout, and the over-selected clients beyond clients_per_round."""
+    fed = cfg.federation
+    sampled = max(fed.clients_per_round, math.ceil(fed.over_selection * fed.clients_per_round - 1e-9))
+    return 1 - (1 - fed.dropout) * fed.clients_per_round / sampled
+
+
+def _check_planned_dropout(cfg: ExperimentConfig, delta: float) -> None:
+    """A dropout bound below the planned dropout would have most rounds refused at the survivor floor."""
+    planned = _planned_dropout(cfg)
+    if planned > delta + 1e-9:
+        raise ValueError(f"secagg.dropout_rate: {delta:g}, but {planned:.3g} of each cohort drops by design "
+                         f"(federation.dropout, over_selection): most rounds would keep fewer than the "
+                         f"ceil(n(1 - {delta:g})) survivors the neighbour graph is sized for, and secure "
+                         f"aggregation refuses to unmask them; set secagg.dropout_rate to at least {planned:.3g}, "
+                         f"or null")
 
 
 # Which server `secagg.neighbors: auto` is sized against (secagg.adversary). Bell et al. 2020 (and
@@ -206,27 +253,29 @@ def secagg_targets(cfg: ExperimentConfig) -> dict:
     configured ones, with `dropout_rate: null` resolved to the larger of SECAGG_DROPOUT_FLOOR and the
     share of a sampled cohort that drops after key set-up by design (federation.dropout, and the
     over-selected clients beyond clients_per_round)."""
-    sa, fed = cfg.secagg, cfg.federation
+    sa = cfg.secagg
     delta = sa.dropout_rate
     if delta is None:
-        sampled = max(fed.clients_per_round, math.ceil(fed.over_selection * fed.clients_per_round - 1e-9))
-        delta = max(SECAGG_DROPOUT_FLOOR, 1 - (1 - fed.dropout) * fed.clients_per_round / sampled)
+        delta = max(SECAGG_DROPOUT_FLOOR, _planned_dropout(cfg))
     return {"dropout": float(delta), "adversarial": sa.adversarial_fraction, "security_bits": sa.security_bits,
             "correctness_bits": sa.correctness_bits, "adversary": sa.adversary}
 
 
-def _secagg_graph(cfg: ExperimentConfig, n: int) -> tuple[int | None, int | None, bool]:
-    """(neighbors, threshold, allow_low_threshold) for `secagg_params` and a cohort of `n`: the
-    config's, or with `neighbors: auto` the smallest k (and t) that meet `secagg_targets` (an
-    explicit threshold still wins; `_warn_below_targets` checks it)."""
+def _secagg_graph(cfg: ExperimentConfig, n: int,
+                  sizes: tuple[int, int] | None = None) -> tuple[int | None, int | None, bool]:
+    """(neighbors, threshold, allow_low_threshold) for `secagg_params` and a cohort of `n` (in
+    expectation; of `sizes` = (lo, hi) clients, `cohort_sizes`): the config's, or with `neighbors:
+    auto` the smallest k (and t) that meet `secagg_targets` at every size (an explicit threshold
+    still wins; `_warn_below_targets` checks it)."""
     sa = cfg.secagg
     if sa.neighbors != "auto":
         return sa.neighbors, sa.threshold, False
     if n < 2:            # secagg_params says what is wrong
         return None, sa.threshold, False
     targets = secagg_targets(cfg)
+    lo, hi = sizes or (n, n)
     try:
-        found = find_harary_params(n, **targets)
+        found = find_harary_params_over(lo, n, hi, **targets)
     except ValueError as e:
         raise ValueError(f"secagg.neighbors: auto: {e}; or set secagg.neighbors (null: the complete graph) and "
                          f"secagg.threshold and accept the bounds they reach") from None
@@ -240,7 +289,7 @@ def _secagg_graph(cfg: ExperimentConfig, n: int) -> tuple[int | None, int | None
         # complete graph.
         k += k % 2
         if not honest and 2 * t <= k:
-            if k // 2 + 1 <= n - 1 and evaluate_harary_params(n, n - 1, k // 2 + 1, **targets).meets_targets:
+            if k // 2 + 1 <= n - 1 and weakest_harary_params(k, k // 2 + 1, lo, n, hi, **targets).meets_targets:
                 t = k // 2 + 1
             else:
                 k = None
@@ -248,23 +297,58 @@ def _secagg_graph(cfg: ExperimentConfig, n: int) -> tuple[int | None, int | None
 
 
 def secagg_guarantee(cfg: ExperimentConfig, params: SecAggParams) -> HararyParams:
-    """What the resolved (k, t) achieves for its cohort against `secagg_targets`."""
-    return evaluate_harary_params(params.cohort, params.neighbors, params.threshold, **secagg_targets(cfg))
+    """What the resolved (k, t) achieves against `secagg_targets` for its cohort: at the size
+    where it is weakest, for a Poisson cohort's range of sizes."""
+    lo, hi = params.cohort_range or (params.cohort, params.cohort)
+    return weakest_harary_params(params.neighbors, params.threshold, lo, params.cohort, hi, **secagg_targets(cfg))
+
+
+def secagg_round_facts(cfg: ExperimentConfig, params: SecAggParams, n: int) -> dict:
+    """A secure round over the `n` clients invited to key set-up: the survivor floor below which it
+    refuses to unmask, and the security and correctness bits its k and t achieve at that size
+    (-log2 of the bounds; inf: the event cannot happen; no bits where the protocol cannot run)."""
+    return dict(_round_facts(n, params.neighbors, params.threshold, tuple(sorted(secagg_targets(cfg).items()))))
+
+
+@lru_cache(maxsize=4096)
+def _round_facts(n: int, k: int | None, t: int, targets: tuple) -> tuple:
+    """Memoized per cohort size: a run has a few dozen distinct sizes."""
+    kw = dict(targets)
+    out = {"secagg_survivor_floor": survivor_floor(n, kw["dropout"])}
+    if n >= 2 and t <= (n - 1 if k is None else min(k, n - 1)):
+        got = evaluate_harary_params(n, k, t, **kw)
+        out.update(secagg_security_bits=_bits(got.security_log2), secagg_correctness_bits=_bits(got.abort_log2))
+    return tuple(out.items())
+
+
+def _bits(log2p: float) -> float:
+    return round(-log2p, 2) + 0.0      # -(-inf) = inf: the event cannot happen; + 0.0: no -0.0
 
 
 def _warn_below_targets(cfg: ExperimentConfig, params: SecAggParams, what: str) -> None:
     got = secagg_guarantee(cfg, params)
     if not got.meets_targets:
         graph = "the complete graph" if got.complete else f"k = {got.k}"
-        warnings.warn(f"secagg: {graph}, t = {got.t} for {what} ({got.n} clients, {got.dropout:g} dropout, "
+        lo, hi = params.cohort_range or (params.cohort, params.cohort)
+        span = f" of the {lo} to {hi} a Poisson cohort may have" if lo != hi else ""
+        warnings.warn(f"secagg: {graph}, t = {got.t} for {what} ({got.n} clients{span}, {got.dropout:g} dropout, "
                       f"{got.adversarial:g} adversarial) falls short of the targets: {got.shortfall()}; "
                       f"secagg.neighbors: auto picks k and t that meet them", SecAggTargetWarning, stacklevel=3)
 
 
-def input_profile(data: FederatedDataset, seed: int, clients: int = 64) -> dict:
+PROFILE_CLIENTS = 64    # clients behind the model card's input profile
+
+
+def profile_ids(num_clients: int, seed: int, clients: int = PROFILE_CLIENTS) -> list[int]:
+    """The seeded sample of clients whose training inputs the input profile describes (sorted)."""
+    return sorted(np_rng(seed, "input-profile").choice(num_clients, size=min(clients, num_clients),
+                                                       replace=False).tolist())
+
+
+def input_profile(data: FederatedDataset, seed: int, clients: int = PROFILE_CLIENTS) -> dict:
     """Per-feature mean and variance of the federation's training inputs, from a seeded sample of
-    clients: what a serving router compares live inputs with. (In a deployment these are sums of
-    x and x^2 over clients, which secure aggregation can release without any client's data.)"""
-    ids = np_rng(seed, "input-profile").choice(data.num_clients, size=min(clients, data.num_clients), replace=False)
-    x = np.concatenate([c.x_train.reshape(len(c.x_train), -1).numpy() for c in data.clients(sorted(ids.tolist()))])
+    clients: what a serving router compares live inputs with. Exact: the model card ships it as it
+    is only without DP (sim/card_stats.py releases a noised one under DP)."""
+    ids = profile_ids(data.num_clients, seed, clients)
+    x = np.concatenate([c.x_train.reshape(len(c.x_train), -1).numpy() for c in data.clients(ids)])
     return {"mean": x.mean(0).tolist(), "var": x.var(0).tolist(), "n": int(len(x))}

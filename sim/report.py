@@ -7,14 +7,12 @@ from pathlib import Path
 
 from actors.privacy import RunAccounting
 from sim.algorithms import build_algorithm
+from sim.card_stats import card_statistics
 from sim.checkpoint import MODEL_CARD_FORMAT
 from sim.config import ExperimentConfig
 from sim.faults import FAULT_KEYS
 from sim.metrics import MetricsLog, describe, finite_or_none
 from sim.plan import FederationPlan, secagg_guarantee
-
-QUALITY = ("acc_global_DI", "acc_personalized_DI", "acc_global_DG")
-
 
 def secagg_facts(plan: FederationPlan) -> dict:
     off = {"secure_aggregation": False, "secagg_neighbors": None, "secagg_threshold": None, "secagg_bits": None}
@@ -34,18 +32,21 @@ def secrets_facts(cfg: ExperimentConfig) -> dict:
     """Where the keys, masks and noise came from, and what that means for the guarantee."""
     if cfg.run.seeded_secrets:
         return {"secrets": "seeded",
-                "secrets_note": "run.seeded_secrets: keys, masks and noise follow from the seed, so this run's "
+                "secrets_note": "run.seeded_secrets: cohorts, keys, masks and noise follow from the seed, so this run's "
                                 "privacy holds only against parties that do not know the seed"}
     return {"secrets": "csprng", "secrets_note": None}
 
 
-def model_card(plan: FederationPlan, rounds_done: int, accounting: RunAccounting, log: MetricsLog) -> dict:
+def model_card(plan: FederationPlan, rounds_done: int, accounting: RunAccounting, log: MetricsLog,
+               released: dict | None = None) -> dict:
     """What a serving or tuning process needs to use a checkpoint without the experiment config:
     how to rebuild the model, the data it expects, how to adapt it to a user, and the privacy spent
-    to produce it. Refreshed at every checkpoint."""
+    to produce it. Refreshed at every checkpoint. `released`: under DP, the input profile and panel
+    quality as released (sim/card_stats.py); only those ship, never the exact ones."""
     cfg = plan.cfg
     a, e = cfg.algorithm, cfg.eval
     ev = log.latest_eval()
+    stats = card_statistics(plan, ev, released)
     facts, sa = accounting.facts(), secagg_facts(plan)
     learned = log.last("privacy_weight")
     return {
@@ -56,8 +57,9 @@ def model_card(plan: FederationPlan, rounds_done: int, accounting: RunAccounting
         "data_schema": {"kind": cfg.data.kind, "input_shape": list(plan.input_shape), "num_classes": plan.num_classes,
                         "dtype": "float32", "layout": "NCHW" if len(plan.input_shape) == 3 else "features",
                         "value_range": [0.0, 1.0] if cfg.data.kind == "writers" else None},
-        "input_profile": plan.input_profile,
-        "quality": {k: ev[k]["mean"] for k in QUALITY if k in ev},
+        "input_profile": stats["input_profile"],
+        "quality": stats["quality"],
+        "statistics_privacy": stats["statistics_privacy"],
         "adaptation": {"method": "sgd_finetune", "lr": e.finetune_lr, "steps": e.finetune_steps,
                        "batch_size": e.batch_size, "local_lr": a.lr, "inner_lr": a.inner_lr, "server_lr": a.server_lr,
                        "local_epochs": a.local_epochs, "local_steps": a.local_steps, "local_batch_size": a.batch_size,
@@ -181,7 +183,7 @@ def privacy_summary(plan: FederationPlan, state) -> dict:
     local = facts["local_dp"]
     return {"privacy_mode": facts["mode"],
             **{k: facts[k] for k in ("epsilon", "delta", "noise_multiplier", "clip_norm", "sample_rate", "sampling",
-                                     "adjacency", "accountant")},
+                                     "adjacency", "accountant", "epsilon_by_party", "noise_sampler")},
             **{k: sa[k] for k in ("secagg_neighbors", "secagg_threshold", "secagg_bits")},
             "secagg_targets": secagg_targets_facts(plan),
             "secagg_aborted_rounds": int(df[df.metric == "aborted"].value.sum()) if plan.secagg else None,

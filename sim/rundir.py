@@ -11,6 +11,7 @@ from sim.config import ConfigError, ExperimentConfig, from_dict, read_yaml
 from sim.seeding import Secrets
 
 SECRET_FILE = "run_secret.key"
+PERSONALIZED = "personalized"     # personalized/<user id>.npy: what per-user serving loads (serve/app.py)
 
 
 def new_run_dir(cfg: ExperimentConfig) -> Path:
@@ -53,3 +54,19 @@ def run_secrets(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Secrets:
         f.write(secrets.key)
     tmp.replace(path)
     return secrets
+
+
+def forget_personalized(run_dir: Path | None, cid: int) -> list[Path]:
+    """Delete user `cid`'s exported personalized model (and a half-written copy): after consent is
+    revoked nothing of theirs is left for per-user serving to load. Returns what was deleted."""
+    if run_dir is None:
+        return []
+    folder = Path(run_dir) / PERSONALIZED
+    gone = []
+    for path in (folder / f"{int(cid)}.npy", folder / f".{int(cid)}.npy.tmp"):
+        try:
+            path.unlink()
+            gone.append(path)
+        except FileNotFoundError:
+            pass
+    return gone

@@ -1,41 +1,46 @@
-"""Which clients take part in a round: seeded cohort sampling and simulated dropout (pure)."""
+"""Which clients take part in a round: cohort sampling and simulated dropout (pure).
+
+Every draw takes the run's `Secrets` (sim/seeding.py): cohorts come from its secret streams, so
+nobody who holds only the published seed can recompute who was in which round, which is what
+privacy amplification by subsampling assumes. With `run.seeded_secrets` they follow the seed, as
+every stream then does (bit-exact replays)."""
 from __future__ import annotations
 
 import numpy as np
 
-from sim.seeding import np_rng
+from sim.seeding import Secrets, np_rng
 
 
-def sample_cohort(seed: int, rnd: int, num_clients: int, k: int) -> np.ndarray:
+def sample_cohort(streams: Secrets, rnd: int, num_clients: int, k: int) -> np.ndarray:
     """k distinct client ids drawn uniformly for round `rnd` (sorted, so work splits are stable)."""
     if not 1 <= k <= num_clients:
         raise ValueError(f"cohort size {k} must be in [1, {num_clients}]")
-    return np.sort(np_rng(seed, "cohort", rnd).choice(num_clients, size=k, replace=False))
+    return np.sort(streams.np_rng("cohort", rnd).choice(num_clients, size=k, replace=False))
 
 
-def sample_poisson(seed: int, rnd: int, num_clients: int, rate: float) -> np.ndarray:
+def sample_poisson(streams: Secrets, rnd: int, num_clients: int, rate: float) -> np.ndarray:
     """Poisson sampling for round `rnd`: every client joins independently with probability `rate`
     (sorted ids; the cohort's size varies). Drawn as a Binomial(num_clients, rate) size and then
     that many distinct ids uniformly, which is the same distribution at O(cohort) cost."""
     if not 0 < rate <= 1:
         raise ValueError(f"sampling rate {rate} must be in (0, 1]")
-    rng = np_rng(seed, "cohort-poisson", rnd)
+    rng = streams.np_rng("cohort-poisson", rnd)
     k = int(rng.binomial(num_clients, rate))
     return np.sort(rng.choice(num_clients, size=k, replace=False))
 
 
-def draw_cohort(seed: int, rnd: int, sampling) -> np.ndarray:
+def draw_cohort(streams: Secrets, rnd: int, sampling) -> np.ndarray:
     """Round `rnd`'s cohort as `sampling` (an `actors.privacy.Sampling`-like kind/population/cohort) says."""
     if sampling.kind == "poisson":
-        return sample_poisson(seed, rnd, sampling.population, sampling.cohort / sampling.population)
-    return sample_cohort(seed, rnd, sampling.population, sampling.cohort)
+        return sample_poisson(streams, rnd, sampling.population, sampling.cohort / sampling.population)
+    return sample_cohort(streams, rnd, sampling.population, sampling.cohort)
 
 
-def apply_dropout(seed: int, rnd: int, cohort: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray]:
+def apply_dropout(streams: Secrets, rnd: int, cohort: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray]:
     """(survivors, dropped): each sampled client independently fails to report with probability p."""
     if p <= 0:
         return cohort, cohort[:0]
-    drop = np_rng(seed, "dropout", rnd).random(len(cohort)) < p
+    drop = streams.np_rng("dropout", rnd).random(len(cohort)) < p
     return cohort[~drop], cohort[drop]
 
 

@@ -29,13 +29,14 @@ class SecureSumRun:
     """One secure sum over `clients`. `contribute(worker, shard, inbox)` submits a worker's masked
     message; `on_lost(slot, err)` is told of each worker lost on the way, `placed(shards)` of the
     clients' placement on the workers before any is asked for anything; masked messages not in
-    by `cutoff` (time.time(), a round's deadline) are left behind. `result` is a reference
+    by `cutoff` (time.time(), a round's deadline) are left behind; `keys(shard)` gives the keys of
+    a shard's clients for this protocol round (`sim.seeding.client_keys`), all a worker is told. `result` is a reference
     to the unmasked `SummedUpdates`; if waiting on it reports a lost actor, `recover()` gives the
     reference of the sum over the workers left (and raises if the aggregator itself was lost)."""
 
     def __init__(self, aggregator, workers: list, protocol_id: int, clients: list[int], params: SecAggParams,
                  dim: int, graph_stream: str, contribute: Callable, on_lost: Callable,
-                 placed: Callable | None = None, cutoff: float | None = None):
+                 placed: Callable | None = None, cutoff: float | None = None, keys: Callable | None = None):
         self.agg, self.pid, self.on_lost = aggregator, protocol_id, on_lost
         self.late: list[int] = []                      # slots whose masked message missed the cutoff
         # clients are placed on workers in contiguous stretches of the server's Harary ring, so most
@@ -46,7 +47,8 @@ class SecureSumRun:
         if placed is not None:       # e.g. a round's quotas, which follow the placement
             placed(list(self.shards.values()))
         self.steps = [   # (client side of a phase given the server's last answer, server side)
-            (lambda i, _: self.hosts[i].secure_advertise.remote(protocol_id, self.shards[i], params), "secure_keys"),
+            (lambda i, _: self.hosts[i].secure_advertise.remote(protocol_id, self.shards[i], params,
+                                                                 keys(self.shards[i]) if keys else None), "secure_keys"),
             (lambda i, keys: self.hosts[i].secure_share.remote(protocol_id, keys), "secure_route"),
             (lambda i, inbox: contribute(self.hosts[i], self.shards[i], inbox), "secure_collect"),
             (lambda i, request: self.hosts[i].secure_unmask.remote(protocol_id, request), "secure_unmask"),

@@ -15,9 +15,14 @@ import numpy as np
 import pandas as pd
 from sklearn.cluster import KMeans
 
+from sim.card_stats import exact_statistics
 from sim.checkpoint import load, save_member
 from sim.data import build_dataset
 from sim.rundir import resume_config
+
+
+GROUP_STATISTICS = ("input_profile and quality: the exact pooled input statistics and mean personalized accuracy "
+                    "of the group's individuals, outside epsilon (the run's own card releases them under DP)")
 
 
 def input_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -69,6 +74,7 @@ def specialize(run_dir: Path, groups: int, out_dir: Path | None = None) -> list[
                            pooled_profile([stats[i] for i in members]),
                            {"acc_global_DI": quality, "acc_personalized_DI": quality},
                            group={"individuals": [ids[i] for i in members], "source_run": str(run_dir)},
-                           adaptation=card.get("adaptation"), privacy=card.get("privacy"))
+                           adaptation=card.get("adaptation"), privacy=card.get("privacy"),
+                           statistics_privacy=exact_statistics(GROUP_STATISTICS))
         written.append(path.parent)
     return written

@@ -23,11 +23,13 @@ class RunState:
     faults: dict = field(default_factory=dict)          # actor losses survived so far (sim/faults.py)
     stopped: str | None = None           # why the run stopped before its last round
     privacy_weight: float | None = None  # the personalization's lambda, when adapted (sim/leakage.py)
+    card_stats: dict | None = None       # under DP, the model card's released statistics (sim/card_stats.py)
     shown: dict = field(default_factory=dict)   # the latest figures, for the progress bar
 
     @classmethod
     def resume(cls, ck: ckpt.Checkpoint, accounting: RunAccounting) -> RunState:
-        accounting.load_state_dict({"accountant": ck.accountant, "local_dp": ck.local_dp})
+        accounting.load_state_dict({"accountant": ck.accountant, "local_dp": ck.local_dp,
+                                    "participation": ck.participation})
         return cls(ck.round, ck.global_params, accounting, MetricsLog(ck.metrics_rows, ck.individuals_rows),
                    ck.train_clients, ck.train_seconds, ck.dropouts, ck.server_state, faults=dict(ck.faults))
 
@@ -42,4 +44,5 @@ class RunState:
         spent = self.accounting.state_dict()
         return ckpt.Checkpoint(self.rounds_done, self.global_params, self.log.rows, self.log.individuals,
                                self.train_clients, self.train_seconds, self.dropouts, model_card,
-                               spent["accountant"], spent["local_dp"], self.server_state, dict(self.faults))
+                               spent["accountant"], spent["local_dp"], self.server_state, dict(self.faults),
+                               spent["participation"])

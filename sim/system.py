@@ -54,8 +54,9 @@ def choose(durations: np.ndarray, quota: int | None, deadline: float | None) -> 
     return keep, last
 
 
-def online(seed: int, round_index: int, cids: np.ndarray, availability: float) -> np.ndarray:
-    """Which of the asked devices are online this round (a boolean mask; seeded by the round)."""
+def online(streams, round_index: int, cids: np.ndarray, availability: float) -> np.ndarray:
+    """Which of the asked devices are online this round (a boolean mask), from the run's secret
+    streams (`Secrets`): who was online says who took part."""
     if availability >= 1:
         return np.ones(len(cids), dtype=bool)
-    return np_rng(seed, "availability", round_index).random(len(cids)) < availability
+    return streams.np_rng("availability", round_index).random(len(cids)) < availability

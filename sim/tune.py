@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 import tempfile
 import warnings
 from pathlib import Path
@@ -39,12 +40,14 @@ from ray.tune.search.optuna import OptunaSearch
 from actors.privacy import PrivacyBudget, make_accountant
 from sim import checkpoint as ckpt
 from sim.algorithms import build_algorithm
+from sim.card_stats import exact_statistics
 from sim.cluster import init_ray, worker_resources
 from sim.config import ConfigError, ExperimentConfig, TuneParam, from_dict
 from sim.federation import Federation
 from sim.metrics import pareto_front
 from sim.models import build_model, inference_ms
 from sim.plan import FederationPlan, input_profile
+from sim.seeding import Secrets
 
 METRIC_KEYS = ("acc_personalized_DI", "acc_global_DI")
 
@@ -103,15 +106,29 @@ def worst_round_noise(plan: FederationPlan) -> float:
 def trial_objectives(fed: Federation, objectives: set[str], rounds_done: int, g: np.ndarray,
                      weight: float | None = None) -> dict:
     """The objectives that are not the private accuracies, for the trial's model after a round:
-    its inference time per batch and the audit's membership-inference AUC (the larger of the
-    global and the personalized models': the attacker picks)."""
-    cfg, out = fed.cfg, {}
+    its inference time per batch and the membership-inference AUC. Under DP the AUC is computed
+    from users' data, so it is a release like the accuracies: the panel's mean per-individual AUC
+    of the personalized models, noised by the aggregator's `private_metric` (noise z, an individual
+    adds at most 1) and accounted in `trial_release_noise`. Without DP, the audit's exact AUC (the
+    larger of the global and the personalized models': the attacker picks)."""
+    cfg, out, dp = fed.cfg, {}, fed.plan.dp
     model = build_model(cfg.model, fed.plan.input_shape, fed.plan.num_classes)
     out["latency_ms"] = inference_ms(model, torch.tensor(g), tuple(fed.plan.input_shape), cfg.tune.latency_batch)
-    if "mia_auc" in objectives:
+    if "mia_auc" in objectives and dp.enabled:
+        out["mia_auc"] = fed.private_metric(rounds_done, g, "leakage", weight, dp.noise_multiplier)["mia_auc_DI"]
+    elif "mia_auc" in objectives:
         ev = fed.evaluate(rounds_done, g, weight=weight)
         out["mia_auc"] = max(ev["mia_auc_global"], ev["mia_auc_personalized"])
     return out
+
+
+def trial_release_noise(dp, objectives: set[str]) -> float:
+    """The noise multiplier of one trial round's reports as one Gaussian release: the two private
+    accuracies (`metric_release_noise`) and, with the `mia_auc` objective, the private leakage at
+    noise z. Gaussian releases compose exactly into one whose 1/z^2 is the sum of theirs (GDP)."""
+    if "mia_auc" not in objectives:
+        return dp.metric_release_noise
+    return 1.0 / math.sqrt(dp.metric_release_noise ** -2 + dp.noise_multiplier ** -2)
 
 
 def federation_trial(params: dict, plan: FederationPlan, start: str | None, rounds: int, start_round: int,
@@ -122,10 +139,17 @@ def federation_trial(params: dict, plan: FederationPlan, start: str | None, roun
     budget is spent), and the trial reports the epsilon its own rounds and reports spent.
     `weight`: the personalization's privacy weight the run had learned (None: the algorithm's own)."""
     cfg = from_dict(apply_params(plan.cfg.model_dump(mode="json"), params))
-    fed = Federation(plan.with_config(cfg))
+    # Each trial draws its cohorts, keys and noise from its own secrets: trials sample independently,
+    # which is what composing their rounds as separate subsampled releases assumes (a fresh run
+    # secret; seeded, the seed's streams under the trial's id)
+    seed = plan.cfg.seed
+    secrets = Secrets.seeded(seed).for_trial(tune.get_context().get_trial_id() or "trial") \
+        if cfg.run.seeded_secrets else Secrets.fresh(seed)
+    fed = Federation(plan.with_config(cfg), secrets=secrets)
     dp = fed.plan.dp
     own = make_accountant(dp.accountant, dp.sampling) if dp.enabled else None   # this trial's own spending
     objectives = {o.metric for o in cfg.tune.objectives}
+    release_z = trial_release_noise(dp, objectives) if dp.enabled else 0.0
     try:
         first, resumed = 0, tune.get_checkpoint()
         if resumed is not None:     # a restored search: this trial continues after its last report
@@ -139,7 +163,7 @@ def federation_trial(params: dict, plan: FederationPlan, start: str | None, roun
         for r in range(first, rounds):
             rid = None
             if budget is not None:
-                rid = ray.get(budget.reserve.remote(worst_round_noise(fed.plan), dp.metric_release_noise))
+                rid = ray.get(budget.reserve.remote(worst_round_noise(fed.plan), release_z))
                 if rid is None:    # one more round would take the run past privacy.target_epsilon
                     if r == 0:     # Tune wants the metrics once: NaN marks a trial that never ran
                         tune.report({k: float("nan") for k in (*METRIC_KEYS, *objectives)} | {"round": 0,
@@ -154,9 +178,9 @@ def federation_trial(params: dict, plan: FederationPlan, start: str | None, roun
                 released = 0.0 if res.metrics.get("skipped") else dp.round_noise(res.metrics.get("secagg_survivors"))
                 if released > 0:
                     own.step(released, dp.sample_rate)
-                own.release(dp.metric_release_noise)
+                own.release(release_z)
                 if rid is not None:
-                    ray.get(budget.settle.remote(rid, released, dp.metric_release_noise))
+                    ray.get(budget.settle.remote(rid, released, release_z))
                 report["epsilon"] = own.epsilon(dp.delta)
             with tempfile.TemporaryDirectory() as d:
                 np.save(Path(d) / "global.npy", g)
@@ -367,7 +391,8 @@ def summarize(cfg: ExperimentConfig, results, experiment: Path, spent: dict | No
     if not done:
         raise RuntimeError(f"tune: no trial reported a result; first error: {results.errors[:1]}")
     best = (max if rank_mode == "max" else min)(done, key=lambda r: r.metrics[rank_by])
-    candidate = _candidate(cfg, best, experiment / "candidate", weight)
+    total = spent["epsilon_total"] if spent else None     # the run's, training and tuning: on every card
+    candidate = _candidate(cfg, best, experiment / "candidate", weight, total)
     curves = [[float(v) for v in r.metrics_dataframe[t.metric]] for r in results
               if r.metrics_dataframe is not None and t.metric in r.metrics_dataframe]
     summary = {"experiment": str(experiment), "best_config": best.config,
@@ -378,11 +403,12 @@ def summarize(cfg: ExperimentConfig, results, experiment: Path, spent: dict | No
                "privacy_state": spent["accountant_state"] if spent else None, "privacy_weight": weight}
     if t.objectives:
         summary.update(objectives=[{"metric": o.metric, "mode": o.direction} for o in t.objectives],
-                       pareto=write_pareto(cfg, done, experiment, weight))
+                       pareto=write_pareto(cfg, done, experiment, weight, total))
     return summary
 
 
-def write_pareto(cfg: ExperimentConfig, done: list, experiment: Path, weight: float | None = None) -> list[dict]:
+def write_pareto(cfg: ExperimentConfig, done: list, experiment: Path, weight: float | None = None,
+                 epsilon_total: float | None = None) -> list[dict]:
     """The non-dominated trials (their configs, objective values and candidate members), also as
     `pareto.csv` in the experiment directory."""
     objectives = cfg.tune.objectives
@@ -390,7 +416,7 @@ def write_pareto(cfg: ExperimentConfig, done: list, experiment: Path, weight: fl
     front = []
     for i in pareto_front(points, [o.direction for o in objectives]):
         r = done[i]
-        member = _candidate(cfg, r, experiment / "pareto" / Path(r.path).name, weight)
+        member = _candidate(cfg, r, experiment / "pareto" / Path(r.path).name, weight, epsilon_total)
         front.append({"trial": Path(r.path).name, **{o.metric: float(r.metrics[o.metric]) for o in objectives},
                       "config": r.config, "candidate": str(member)})
     keys = sorted({k for row in front for k in row["config"]})
@@ -403,10 +429,16 @@ def write_pareto(cfg: ExperimentConfig, done: list, experiment: Path, weight: fl
     return front
 
 
-def _candidate(cfg: ExperimentConfig, result, out: Path, weight: float | None = None) -> Path:
+def _candidate(cfg: ExperimentConfig, result, out: Path, weight: float | None = None,
+               epsilon_total: float | None = None) -> Path:
     params = np.load(Path(result.checkpoint.path) / "global.npy")
     tuned = from_dict(apply_params(cfg.model_dump(mode="json"), result.config))
-    return write_candidate(tuned, params, out, result.metrics, result.config, weight)
+    metrics = {**result.metrics, **({"epsilon_total": epsilon_total} if epsilon_total is not None else {})}
+    return write_candidate(tuned, params, out, metrics, result.config, weight)
+
+
+CANDIDATE_STATISTICS = ("input_profile: exact statistics of the profile clients' training inputs, outside epsilon; "
+                        "quality: the trial's reported metrics (under DP the tuning's noised, accounted releases)")
 
 
 def write_candidate(cfg: ExperimentConfig, params: np.ndarray, out: Path, metrics: dict, config: dict,
@@ -417,9 +449,12 @@ def write_candidate(cfg: ExperimentConfig, params: np.ndarray, out: Path, metric
 
     data = build_dataset(cfg.data, cfg.seed)
     shape, classes = list(data.input_shape), data.num_classes
-    quality = {k: float(metrics[k]) for k in (*METRIC_KEYS, "latency_ms", "mia_auc", "epsilon") if k in metrics}
+    # epsilon: the trial's own rounds and reports; epsilon_total: the whole run's, training and tuning
+    quality = {k: float(metrics[k]) for k in (*METRIC_KEYS, "latency_ms", "mia_auc", "epsilon", "epsilon_total")
+               if k in metrics}
     return ckpt.save_member(out, cfg.model.model_dump(mode="json"), params, shape, classes,
                             input_profile(data, cfg.seed), quality, tuned=config,
+                            statistics_privacy=exact_statistics(CANDIDATE_STATISTICS),
                             adaptation={"lr": cfg.eval.finetune_lr, "steps": cfg.eval.finetune_steps,
                                         "local_lr": cfg.algorithm.lr,
                                         "privacy_weight": build_algorithm(cfg.algorithm).privacy_weight

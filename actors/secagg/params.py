@@ -30,6 +30,14 @@ The finder scans even k = 2, 4, ... (k < n - 1) and takes the first k for which 
 that passes event 2 (at least 2, as Shamir sharing needs) also passes events 1 and 3; if none
 does, the complete graph (k = n - 1, the original SecAgg of Bonawitz et al. 2017) when it meets
 the targets. Probabilities are computed in log space (math.lgamma, log-sum-exp): no scipy.
+
+A round refuses to unmask when fewer than `survivor_floor(n, delta)` = ceil(n (1 - delta)) of its n
+clients survive (as federated-compute's server does): the bounds above assume at most a delta
+fraction dropped, and below the floor none of them holds. A Poisson cohort's size n varies, and
+the bounds are not monotone in n (floor(gamma n) corrupt clients jumps by one at multiples of
+1/gamma: (k, t) = (28, 6) has 40.3 security bits at n = 110 and 6.3 at n = 120), so
+`find_harary_params_over` sizes (k, t) for every size `poisson_cohort_sizes` says the cohort can
+take, not for its mean, and `weakest_harary_params` reports the size where they are weakest.
 """
 from __future__ import annotations
 
@@ -40,7 +48,8 @@ from typing import Literal
 import numpy as np
 
 __all__ = ["ADVERSARIES", "Adversary", "HararyParams", "SecAggTargetWarning", "evaluate_harary_params",
-           "find_harary_params"]
+           "find_harary_params", "find_harary_params_over", "poisson_cohort_sizes", "survivor_floor",
+           "weakest_harary_params"]
 
 Adversary = Literal["semi_honest", "semi_malicious"]
 ADVERSARIES: tuple[str, ...] = ("semi_honest", "semi_malicious")
@@ -219,18 +228,27 @@ class _Bounds:
         reconstruct = self.log_n + a.log_sf(need) if need > 0 else self.log_n
         return _log_disconnect(self.n, k, self.bad), min(reconstruct, 0.0), min(self.log_n + s.log_cdf(t - 1), 0.0)
 
-    def threshold(self, k: int) -> int | None:
-        """The smallest t >= 2 for which events 1-3 pass with degree k, or None."""
+    def secure_threshold(self, k: int) -> int | None:
+        """The smallest t >= 2 for which events 1 and 2 pass with degree k (possibly > k), or None
+        when event 1 fails whatever t is."""
         if _log_disconnect(self.n, k, self.bad) >= self.log_sec:
             return None
         a = _Hypergeometric(self.n, self.corrupt, k)
         # the fewest corrupt shares m with n P[A >= m] below the budget: t must need at least m
         m = a.smallest_with_sf_below(self.log_sec - self.log_n)
-        t = max(m if self.adversary == "semi_honest" else math.ceil((m + k) / 2), 2)
-        if t > k:
-            return None
+        return max(m if self.adversary == "semi_honest" else math.ceil((m + k) / 2), 2)
+
+    def completes(self, k: int, t: int) -> bool:
+        """Event 3 passes: every client keeps t surviving neighbours except with probability 2^-eta."""
         s = _Hypergeometric(self.n, self.surviving, k)
-        return t if self.log_n + s.log_cdf(t - 1) < self.log_cor else None
+        return self.log_n + s.log_cdf(t - 1) < self.log_cor
+
+    def threshold(self, k: int) -> int | None:
+        """The smallest t >= 2 for which events 1-3 pass with degree k, or None."""
+        t = self.secure_threshold(k)
+        if t is None or t > k:
+            return None
+        return t if self.completes(k, t) else None
 
 
 def _result(b: _Bounds, k: int, t: int, dropout, adversarial, security_bits, correctness_bits) -> HararyParams:
@@ -283,3 +301,116 @@ def evaluate_harary_params(n: int, k: int | None, t: int, dropout: float, advers
         raise ValueError(f"threshold t must be an integer in [1, {degree}] (the degree), got {t!r}")
     b = _Bounds(n, dropout, adversarial, security_bits, correctness_bits, adversary)
     return _result(b, degree, int(t), dropout, adversarial, security_bits, correctness_bits)
+
+
+def survivor_floor(n: int, dropout: float) -> int:
+    """The fewest of a round's `n` clients that must survive to unmasking: ceil(n (1 - dropout)),
+    the surviving count the bounds assume. Below it the graph was not sized for the round, so the
+    server refuses to unmask (as federated-compute's does)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"cohort size must be a non-negative integer, got {n!r}")
+    if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        raise ValueError(f"dropout rate must be in [0, 1), got {dropout!r}")
+    return _counts(int(n), dropout, 0.0)[1]
+
+
+def poisson_cohort_sizes(population: int, rate: float, tail_bits: float = 20) -> tuple[int, int]:
+    """(lo, hi): the sizes a Poisson cohort (each of `population` users in with probability `rate`,
+    so X ~ Binomial(population, rate)) stays within except with probability 2^-tail_bits on each
+    side: P[X < lo] and P[X > hi] are both below 2^-tail_bits."""
+    if isinstance(population, bool) or not isinstance(population, (int, np.integer)) or population < 1:
+        raise ValueError(f"population must be a positive integer, got {population!r}")
+    if not (isinstance(rate, (int, float)) and 0 < rate <= 1):
+        raise ValueError(f"sampling rate must be in (0, 1], got {rate!r}")
+    population = int(population)
+    if rate == 1:
+        return population, population
+    mean, sd = population * rate, math.sqrt(population * rate * (1 - rate))
+    # the pmf over mean +- (12 sd + 40): Bernstein's inequality leaves less than 2^-80 outside
+    half = math.ceil(12 * sd + 40)
+    x = np.arange(max(0, math.floor(mean) - half), min(population, math.ceil(mean) + half) + 1)
+    lchoose = np.array([_lchoose(population, int(v)) for v in x])
+    logpmf = lchoose + x * math.log(rate) + (population - x) * math.log1p(-rate)
+    log_q = -tail_bits * _LN2
+    below = np.logaddexp.accumulate(logpmf)               # ln P[X <= x[i]]
+    above = np.logaddexp.accumulate(logpmf[::-1])[::-1]   # ln P[X >= x[i]]
+    lo = x[int(np.count_nonzero(below < log_q))]          # the largest x with P[X <= x - 1] < q
+    tail = np.nonzero(above < log_q)[0]
+    hi = x[(int(tail[0]) if len(tail) else len(x)) - 1]   # the smallest x with P[X >= x + 1] < q
+    return int(lo), int(hi)
+
+
+def _check_sizes(low: int, expected: int, high: int) -> None:
+    if not 2 <= low <= expected <= high:
+        raise ValueError(f"cohort sizes must satisfy 2 <= low <= expected <= high, got {low}, {expected}, {high}")
+
+
+def _threshold_over(bounds: dict[int, _Bounds], k: int, expected: int) -> int | None:
+    """The smallest t >= 2 that passes events 1 and 2 at every size in `bounds` (where t > the
+    degree the protocol refuses to run: nothing released, secure) and event 3 at every size from
+    `expected` up; or None."""
+    t = 2
+    for n, b in bounds.items():
+        need = b.secure_threshold(min(k, n - 1))
+        if need is None:           # the graph can be cut at this size whatever t is
+            return None
+        t = max(t, need)
+    for n, b in bounds.items():
+        degree = min(k, n - 1)
+        if n >= expected and (t > degree or not b.completes(degree, t)):
+            return None
+    return t
+
+
+def find_harary_params_over(low: int, expected: int, high: int, dropout: float, adversarial: float,
+                            security_bits: float = 40, correctness_bits: float = 20,
+                            adversary: Adversary = "semi_honest") -> HararyParams:
+    """`find_harary_params` for a cohort whose size varies (a Poisson cohort: `poisson_cohort_sizes`
+    gives [low, high]) around `expected`: the smallest even k and its smallest t that meet the
+    security target at every size in [low, high] the protocol runs with (t <= min(k, n - 1); it
+    refuses smaller rounds, which then release nothing) and the correctness target at every size
+    from `expected` to `high` (a cohort far below its expectation may abort: a lost round, not a
+    leak). k = high - 1, the complete graph at every size, when no sparser graph does. Returned
+    with its bounds at n = high; `weakest_harary_params` names the size where they are weakest.
+    One size (low == high) is `find_harary_params`."""
+    if low == high:
+        return find_harary_params(high, dropout, adversarial, security_bits, correctness_bits, adversary)
+    _check_sizes(low, expected, high)
+    high = _check_inputs(high, dropout, adversarial, security_bits, correctness_bits, adversary)
+    # the largest sizes first: the bounds grow with n (up to floor rounding), so most k fail there at once
+    bounds = {n: _Bounds(n, dropout, adversarial, security_bits, correctness_bits, adversary)
+              for n in range(high, low - 1, -1)}
+    for k in (*range(2, high - 1, 2), high - 1):
+        t = _threshold_over(bounds, k, expected)
+        if t is not None:
+            return _result(bounds[high], k, t, dropout, adversarial, security_bits, correctness_bits)
+    raise ValueError(
+        f"no neighbour graph for cohorts of {low} to {high} clients (expected {expected}) meets the targets "
+        f"(security 2^-{security_bits:g}, correctness 2^-{correctness_bits:g}) with {dropout:g} dropout and "
+        f"{adversarial:g} adversarial clients against a {adversary.replace('_', '-')} server, not even the complete "
+        f"graph: lower the rates or the bits, or use a larger cohort")
+
+
+def _margin(p: HararyParams, correctness: bool) -> float:
+    """Bits to spare on the tighter of the two targets (< 0: missed)."""
+    security = -max(p.disconnect_log2, p.reconstruct_log2) - (p.security_bits + 1)
+    return min(security, -p.abort_log2 - p.correctness_bits) if correctness else security
+
+
+def weakest_harary_params(k: int | None, t: int, low: int, expected: int, high: int, dropout: float,
+                          adversarial: float, security_bits: float = 40, correctness_bits: float = 20,
+                          adversary: Adversary = "semi_honest") -> HararyParams:
+    """The bounds of degree `k` (None: the complete graph) and threshold `t` at the cohort size in
+    [low, high] where they are weakest against the targets: security at every size the protocol
+    runs with (t <= min(k, n - 1)), correctness from `expected` up (as `find_harary_params_over`)."""
+    _check_sizes(low, expected, high)
+    worst, worst_margin = None, math.inf
+    for n in range(high, low - 1, -1):
+        degree = n - 1 if k is None else min(int(k), n - 1)
+        if t > degree and n < expected:      # refused at this size: nothing released
+            continue
+        p = evaluate_harary_params(n, k, t, dropout, adversarial, security_bits, correctness_bits, adversary)
+        margin = _margin(p, n >= expected)
+        if worst is None or margin < worst_margin:
+            worst, worst_margin = p, margin
+    return worst

@@ -43,6 +43,14 @@ server that lies about who dropped (sending different UnmaskRequests to differen
 outside this honest-but-curious simulation, where the request is one object) could then learn
 b_i and s_i^SK together and unmask q_i. Lower t tolerates more dropouts, weaker security.
 
+Survivor floor. A server given `dropout` (delta, what the neighbour graph's k and t were sized
+for: `params`) refuses to unmask when fewer than ceil(n (1 - delta)) of the n clients it opened the
+round with sent a masked input (`BelowSurvivorFloor`, before the UnmaskRequest goes out, so no
+share is revealed): with more dropped than delta the graph's security and correctness bounds do
+not hold, whatever t says (federated-compute's server has the same floor). n counts every client
+invited to key set-up, so a client that never advertised counts as dropped (stricter than counting
+U1 only).
+
 Scope: honest-but-curious (semi-honest) server and clients: there is no consistency-check round
 and no signatures on the advertised keys (the malicious-server variant of Bonawitz et al. adds
 both). Key material is drawn from numpy Generators: SIMULATION ONLY (see `keys`).
@@ -69,11 +77,13 @@ from actors.secagg.keys import (
     shared_seed,
 )
 from actors.secagg.masking import mask_vector, unmask_sum
+from actors.secagg.params import survivor_floor
 from actors.secagg.quantize import MAX_BITS
 
 __all__ = [
     "PHASES",
     "AdvertiseKeys",
+    "BelowSurvivorFloor",
     "EncryptedShares",
     "MaskedInput",
     "ProtocolViolation",
@@ -94,6 +104,10 @@ _SHARE_BYTES = shamir.SHARE_BYTES
 
 class SecAggAbort(RuntimeError):
     """The round cannot complete: too few clients or shares (below the threshold t) remain."""
+
+
+class BelowSurvivorFloor(SecAggAbort):
+    """Fewer clients survived than the neighbour graph was sized for: unmasking is refused."""
 
 
 class ProtocolViolation(ValueError):
@@ -388,6 +402,8 @@ class SecAggServer:
 
     `clients` is the number of clients (ids 0..n-1) or an iterable of client ids; `neighbours`
     is k of the Harary graph (None: complete graph, the original SecAgg). `rng` draws the graph.
+    `dropout`: the largest fraction of the clients that may drop before unmasking (the delta k and t
+    were sized for); fewer survivors are refused (None: only the threshold t applies).
     """
 
     def __init__(
@@ -401,6 +417,7 @@ class SecAggServer:
         rng: np.random.Generator,
         *,
         allow_low_threshold: bool = False,
+        dropout: float | None = None,
     ):
         self.round_id = _check_id(round_id, "round_id")
         if isinstance(clients, (int, np.integer)) and not isinstance(clients, bool):
@@ -413,6 +430,8 @@ class SecAggServer:
             raise ValueError(f"secure aggregation needs at least 2 clients, got {len(ids)}")
         self.clients = frozenset(ids)
         n = len(ids)
+        self.dropout = dropout
+        self.survivor_floor = 0 if dropout is None else survivor_floor(n, dropout)
         if neighbours is None:
             degree = n - 1
         else:
@@ -621,6 +640,12 @@ class SecAggServer:
         """End of round 2: U3 = those who sent a masked input; U2 - U3 are dropped."""
         self._expect("masked", "close_masked")
         self._require(len(self._received), "clients sent masked inputs")
+        if len(self._received) < self.survivor_floor:
+            raise BelowSurvivorFloor(
+                f"round {self.round_id} aborted: {len(self._received)} of the {len(self.clients)} clients survived, "
+                f"below the survivor floor ceil(n(1 - {self.dropout:g})) = {self.survivor_floor} the neighbour graph "
+                f"is sized for; unmasking refused"
+            )
         self.survivors = frozenset(self._received)
         self.dropped = self.shared - self.survivors
         self._phase = "unmask"
@@ -741,6 +766,7 @@ def run_round(
     *,
     round_id: int = 0,
     allow_low_threshold: bool = False,
+    dropout: float | None = None,
 ) -> tuple[np.ndarray, SecAggServer]:
     """Simulate one secure-aggregation round over `vectors` ({client id: quantized uint64 q_i}).
 
@@ -748,7 +774,8 @@ def run_round(
     therefore every later one): "advertise", "share", "masked" (shared keys, no masked input:
     dropped), "unmask" (sent the masked input, no unmasking shares: still a survivor).
     Returns (sum of the survivors' q_i mod 2^bits, the server). Raises SecAggAbort when too few
-    clients or shares remain. Client and server randomness are spawned from `rng`.
+    clients or shares remain (`BelowSurvivorFloor`, with `dropout`: fewer survivors than the
+    floor). Client and server randomness are spawned from `rng`.
     """
     drop = {p: set() for p in PHASES} | {p: {int(c) for c in s} for p, s in (drop or {}).items()}
     unknown_phases = set(drop) - set(PHASES)
@@ -766,7 +793,8 @@ def run_round(
             raise ValueError(f"drop[{p!r}] names unknown clients {sorted(s - set(ids))}")
 
     child = rng.spawn(len(ids) + 1)
-    server = SecAggServer(round_id, ids, k, t, bits, n, child[0], allow_low_threshold=allow_low_threshold)
+    server = SecAggServer(round_id, ids, k, t, bits, n, child[0], allow_low_threshold=allow_low_threshold,
+                          dropout=dropout)
     clients = {c: SecAggClient(c, round_id, bits, t, g) for c, g in zip(ids, child[1:])}
 
     keys = server.receive_keys([clients[c].advertise() for c in ids if c not in drop["advertise"]])

@@ -6,6 +6,11 @@ quantized with step C / 2^quant_bits; the modulus 2^bits is the smallest for whi
 full cohort cannot wrap (`quantize.check_no_overflow`). t defaults to k // 2 + 1: a strict majority
 of each client's neighbours, the smallest threshold for which two disjoint groups of neighbours
 cannot both reconstruct (Bonawitz et al. 2017, Sec. 4).
+
+A session refuses what its graph was not sized for: unmasking with fewer survivors than
+ceil(n (1 - dropout)) of the n clients it opened with (the protocol's survivor floor), and a cohort
+above the largest size k and t were chosen for (`cohort_range`: a Poisson cohort past its 2^-20
+quantile). Either aborts the round: nothing is released.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import numpy as np
 from actors.messages import MaskedUpdate, SummedUpdates, wire_bytes
 from actors.secagg.protocol import (
     AdvertiseKeys,
+    BelowSurvivorFloor,
     EncryptedShares,
     MaskedInput,
     SecAggServer,
@@ -39,6 +45,8 @@ class SecAggParams:
     cohort: int = 1                 # expected clients per round (each adds 1/cohort of the noise)
     max_clients: int = 0            # the most clients one sum may have without wrapping (0: cohort)
     allow_low_threshold: bool = False   # t <= k/2: sized for a server that follows the protocol (protocol.py)
+    dropout: float | None = None        # delta k and t are sized for: fewer than ceil(n (1 - delta)) survivors are refused
+    cohort_range: tuple[int, int] | None = None   # the cohort sizes k and t are sized for (None: exactly `cohort`)
 
     def facts(self) -> dict:
         """What the summary and the model card report about the protocol."""
@@ -48,9 +56,11 @@ class SecAggParams:
 
 def secagg_params(neighbors: int | None, threshold: int | None, clip_norm: float, quant_bits: int,
                   cohort: int, noise_multiplier: float = 0.0, max_clients: int | None = None,
-                  allow_low_threshold: bool = False) -> SecAggParams:
+                  allow_low_threshold: bool = False, dropout: float | None = None,
+                  cohort_range: tuple[int, int] | None = None) -> SecAggParams:
     """`cohort` is the (expected) number of clients; `max_clients` bounds a variable (Poisson)
-    cohort: the modulus is sized so that many clients' sum cannot wrap."""
+    cohort: the modulus is sized so that many clients' sum cannot wrap. `dropout` and
+    `cohort_range`: what k and t were sized for (`SecAggParams`)."""
     if cohort < 2:
         raise ValueError(f"federation.clients_per_round: secure aggregation needs at least 2 clients, got {cohort}")
     degree = cohort - 1 if neighbors is None else min(neighbors, cohort - 1)
@@ -66,7 +76,8 @@ def secagg_params(neighbors: int | None, threshold: int | None, clip_norm: float
         bits = check_no_overflow(most + headroom, clip_norm, step)
     except ValueError as e:
         raise ValueError(f"secagg.quant_bits: {e}") from None
-    return SecAggParams(neighbors, t, clip_norm, step, bits, noise_multiplier, cohort, most, allow_low_threshold)
+    return SecAggParams(neighbors, t, clip_norm, step, bits, noise_multiplier, cohort, most, allow_low_threshold,
+                        dropout, cohort_range)
 
 
 class SecureSum:
@@ -80,9 +91,11 @@ class SecureSum:
         clients = list(clients)
         if params.max_clients and len(clients) > params.max_clients:   # a Poisson cohort far in its tail
             raise ValueError(f"{len(clients)} clients exceed the {params.max_clients} the modulus is sized for")
+        if params.cohort_range and len(clients) > params.cohort_range[1]:   # k and t hold up to there only
+            raise ValueError(f"{len(clients)} clients exceed the {params.cohort_range[1]} the neighbour graph is sized for")
         self.params = params
         self.server = SecAggServer(protocol_id, clients, params.neighbors, params.threshold, params.bits, dim, rng,
-                                   allow_low_threshold=params.allow_low_threshold)
+                                   allow_low_threshold=params.allow_low_threshold, dropout=params.dropout)
         self._clients = 0
         # communication accounting: the bytes of every message each client sends and receives
         self.up: Counter[int] = Counter()
@@ -113,7 +126,11 @@ class SecureSum:
         for m in messages:
             self.server.receive_masked_sum(m.client_ids, m.masked_sum)
         self._clients = sum(m.num_clients for m in messages)
-        request = self.server.close_masked()
+        try:
+            request = self.server.close_masked()
+        except BelowSurvivorFloor as e:
+            raise BelowSurvivorFloor(f"{e} (secagg.dropout_rate: at most {self.params.dropout:g} of a cohort may "
+                                     f"drop after key set-up)") from None
         # each survivor sent its own masked vector (a worker's sum has the same shape) and
         # receives the request
         sent = next((m for m in messages if m.client_ids), None)

@@ -23,6 +23,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from sim.algorithms.penalty import negative_entropy
 from sim.models import Params, flatten, param_shapes, unflatten
+from sim.seeding import gaussian_noise
 
 GradFn = Callable[[Params, torch.Tensor, torch.Tensor, torch.Tensor], tuple[Params, torch.Tensor]]
 DescendFn = Callable[[Params, Params, float], Params]
@@ -150,12 +151,13 @@ class LocalDP:
     noise_multiplier: float
 
 
-def dp_sgd_grad(gsm: nn.Module, dp: LocalDP, gen: torch.Generator, lam: float = 0.0,
+def dp_sgd_grad(gsm: nn.Module, dp: LocalDP, gen, lam: float = 0.0,
                 on_release: Callable[[], None] | None = None) -> GradFn:
     """DP-SGD gradient of one client on the loop path. `gsm` is Opacus' GradSampleModule around a
     private copy of the model (loss_reduction="sum"): its hooks turn each layer's activations and
     backprops into per-sample gradients (`p.grad_sample`). Each is clipped to `dp.clip`, they are
-    summed, Gaussian noise from the client's own generator is added, and the sum is divided by the
+    summed, Gaussian noise from the client's own source is added (`sim.seeding.gaussian_noise`: a
+    `SecureGaussian` on the client's key, or a seeded torch generator), and the sum is divided by the
     batch size. The client's parameters are swapped into the module's storage as in `module_grad`.
     `on_release` is called once per noisy gradient: what the client's privacy ledger counts (an
     algorithm may take several gradients per local step, e.g. FO-MAML two)."""
@@ -175,7 +177,7 @@ def dp_sgd_grad(gsm: nn.Module, dp: LocalDP, gen: torch.Generator, lam: float = 
         size = m.sum().clamp_min(1.0)
         out = {}
         for k, p in zip(params, plist):
-            noise = torch.randn(p.shape, generator=gen, device=p.device) * (dp.noise_multiplier * dp.clip)
+            noise = gaussian_noise(p.shape, gen, device=p.device) * (dp.noise_multiplier * dp.clip)
             out[k] = (torch.tensordot(scale, p.grad_sample, dims=1) + noise) / size
         if on_release is not None:
             on_release()

@@ -31,9 +31,11 @@ def canary_ids(count: int, num_clients: int) -> np.ndarray:
     return np.arange(num_clients - count, num_clients)
 
 
-def canary_inclusion(seed: int, count: int) -> np.ndarray:
-    """Which canaries join the federation: independent fair coins."""
-    return np_rng(seed, "canary-inclusion").random(count) < 0.5
+def canary_inclusion(streams, count: int) -> np.ndarray:
+    """Which canaries join the federation: independent fair coins from the run's secret streams
+    (`Secrets`): the audit's guess is measured against coins the released model's observer cannot
+    recompute from the seed."""
+    return streams.np_rng("canary-inclusion").random(count) < 0.5
 
 
 def canary_direction(seed: int, cid: int, n_params: int) -> np.ndarray:

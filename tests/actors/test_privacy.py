@@ -287,7 +287,8 @@ def test_accounting_facts_are_what_summary_and_card_report():
     off = RunAccounting(UserLevelDP(sampling=Sampling("fixed", 100, 10))).facts()
     assert off == {"mode": "off", "differential_privacy": False, "epsilon": None, "delta": None,
                    "noise_multiplier": None, "clip_norm": None, "accountant": None, "sample_rate": 0.1,
-                   "sampling": "fixed", "adjacency": None, "local_dp": None}
+                   "sampling": "fixed", "adjacency": None, "local_dp": None, "epsilon_by_party": None,
+                   "noise_sampler": None}
     acc = RunAccounting(UserLevelDP(sampling=Sampling("fixed", 100, 10)),
                         SampleLevelDP(clip=1.0, noise_multiplier=0.8, batch_size=8))
     acc.record_round({"local_dp_releases": [(3, 4, 16), (5, 4, 16)]})

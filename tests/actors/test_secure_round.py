@@ -74,6 +74,40 @@ def test_too_many_dropouts_abort_the_round_only():
     assert metrics["secagg_survivors"] == 10 and np.isfinite(new).all()
 
 
+@pytest.mark.adversary
+def test_survivors_below_the_floor_are_refused_and_the_model_is_untouched():
+    """The complete graph of 10 with t = 5, sized for a third dropping: 6 survivors are enough
+    shares for t, but below ceil(10 (1 - 0.33)) = 7, so the aggregator refuses to unmask; no
+    survivor is asked for a share, the server rule never runs, and the next round goes on."""
+    cfg, p, workers, agg = setup(None)
+    assert (p.threshold, p.dropout) == (5, 0.33)
+    g = np.random.default_rng(4).normal(0, 0.05, workers[0].n_params).astype(np.float32)
+    before, cohort = g.copy(), list(range(10))
+    ring = agg.secure_open(0, cohort, p, len(g))
+    pairs = list(zip(workers, split_even(np.array(ring), 2)))
+    keys = agg.secure_keys(0, *[w.secure_advertise(0, sh, p) for w, sh in pairs])
+    inbox = agg.secure_route(0, *[w.secure_share(0, keys) for w, sh in pairs])
+    msgs = [w.train(0, g, [c for c in sh if c in set(range(6))], inbox)[0] for w, sh in pairs]
+    with pytest.raises(SecAggRoundAborted, match=r"6 of the 10 clients survived, below the survivor floor .* = 7 .*"
+                                                 r"unmasking refused \(secagg.dropout_rate: at most 0.33"):
+        agg.secure_collect(0, *msgs)
+    with pytest.raises(SecAggRoundAborted, match="no secure-aggregation session"):     # nothing left to unmask
+        agg.secure_unmask(0, [])
+    assert agg.rounds_done == 0 and np.array_equal(g, before)
+    new, metrics, _ = secure_round(workers, agg, p, g, 1, cohort, alive=set(range(7)))    # at the floor: released
+    assert metrics["secagg_survivors"] == 7 and agg.rounds_done == 1
+
+
+@pytest.mark.adversary
+def test_a_cohort_larger_than_the_graph_is_sized_for_is_refused():
+    import dataclasses
+
+    cfg, p, workers, agg = setup(None)
+    small = dataclasses.replace(p, cohort_range=(8, 9))
+    with pytest.raises(SecAggRoundAborted, match="10 clients exceed the 9 the neighbour graph is sized for"):
+        agg.secure_open(0, list(range(10)), small, workers[0].n_params)
+
+
 def test_distributed_noise_arrives_in_the_unmasked_sum():
     cfg, p, workers, agg = setup(None, z=1.0)
     g = np.zeros(workers[0].n_params, np.float32)

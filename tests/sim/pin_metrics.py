@@ -30,7 +30,8 @@ TIMING = ("round_s", "clients_per_s")   # wall-clock metrics: never pinned
 # log rows added after the pins were taken (communication, stragglers, simulated time): new
 # figures about the same training, left out so the pins still hold from a9b06a1 on
 ADDED = ("bytes_up", "bytes_down", "bytes_up_per_client", "bytes_down_per_client", "late_clients", "lost_clients",
-         "sim_round_s", "staleness_mean", "staleness_max", "rejected_updates", "mia_auc_individual")
+         "sim_round_s", "staleness_mean", "staleness_max", "rejected_updates", "mia_auc_individual",
+         "secagg_survivor_floor", "secagg_security_bits", "secagg_correctness_bits")
 
 
 def fingerprint() -> dict:

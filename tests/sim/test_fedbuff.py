@@ -10,7 +10,7 @@ import fedmeta
 from sim import checkpoint as ckpt
 from sim.config import ConfigError
 from sim.fedbuff import BufferClock, staleness_weight
-from sim.seeding import np_rng
+from sim.seeding import Secrets, np_rng
 from tests.conftest import tiny_raw
 from tests.sim.test_faults import round_metrics
 
@@ -23,7 +23,7 @@ def fedbuff_raw(tmp_path, **federation):
 
 
 def test_the_clock_pops_completions_in_time_order_and_draws_only_idle_clients():
-    clock = BufferClock(seed=1, population=20)
+    clock = BufferClock(Secrets.seeded(1), population=20)
     first = clock.draw(8)
     assert len(set(first)) == 8 and all(0 <= c < 20 for c in first)
     clock.start(first, [5.0, 1.0, 3.0, 1.0, 9.0, 2.0, 7.0, 4.0], version=0)
@@ -32,7 +32,7 @@ def test_the_clock_pops_completions_in_time_order_and_draws_only_idle_clients():
     assert clock.now == 2.0 and len(clock.in_flight) == 5
     again = clock.draw(3)
     assert not set(again) & clock.in_flight                      # never a client already training
-    assert BufferClock(1, 20).draw(8) == first                   # seeded
+    assert BufferClock(Secrets.seeded(1), 20).draw(8) == first                   # seeded
     assert staleness_weight(3, "sqrt") == 0.5 and staleness_weight(3, "constant") == 1.0
 
 
@@ -55,7 +55,7 @@ def reference_fedbuff(raw: dict, steps: int) -> np.ndarray:
     plan = FederationPlan.from_config(cfg)
     worker = ClientWorker(cfg, 0, plan.dp)
     alg, fb = worker.algorithm, cfg.federation
-    drawer = BufferClock(cfg.seed, plan.num_clients)             # who starts: the engine's seeded draw
+    drawer = BufferClock(Secrets.seeded(cfg.seed), plan.num_clients)             # who starts: the engine's seeded draw
     events, now, seq, models = [], 0.0, 0, {0: torch.tensor(plan.init_params)}
 
     def start(n, version):
@@ -101,13 +101,21 @@ def test_the_engine_matches_a_hand_written_event_loop(ray_session, tmp_path):
 
 @pytest.mark.slow
 def test_dp_fedbuff_is_accounted_without_sampling_amplification(ray_session, tmp_path):
-    from actors.privacy import epsilon_for
+    import math
+
+    from actors.privacy import epsilon_for, make_accountant
 
     raw = fedbuff_raw(tmp_path)
     raw["privacy"] = {"mode": "central", "noise_multiplier": 2.0, "clip_norm": 0.5, "audit_canaries": 0}
     s = fedmeta.run(raw, overrides=["federation.rounds=3", "eval.every=3"]).summary
     assert s["sample_rate"] == 1.0
-    assert s["epsilon"] == pytest.approx(epsilon_for(2.0, 1.0, 3, s["delta"]), rel=1e-6)
+    assert s["epsilon"] > epsilon_for(2.0, 1.0, 3, s["delta"])
+    rounds = make_accountant("rdp")        # the rounds at q = 1, then the model card's two releases
+    for _ in range(3):
+        rounds.step(2.0, 1.0)
+    rounds.release(2.0)
+    rounds.release(2.0 / math.sqrt(2))
+    assert s["epsilon"] == pytest.approx(rounds.epsilon(s["delta"]), rel=1e-6)
 
 
 @pytest.mark.slow

@@ -85,6 +85,8 @@ def test_a_run_learns_lambda_from_private_releases_and_accounts_them(ray_session
     for _ in range(4):
         hand.step(2.0, dp.sample_rate)
         hand.release(0.1)
+    hand.release(2.0)                   # the model card's input profile and panel quality (sim/card_stats.py)
+    hand.release(dp.metric_release_noise)
     assert s["epsilon"] == pytest.approx(hand.epsilon(dp.delta))
     # the evaluations after an update personalize with the new lambda: their per-individual AUC is logged
     assert sorted(df[df.metric == "mia_auc_individual"]["round"]) == [2, 4]

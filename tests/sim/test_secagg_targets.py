@@ -1,13 +1,14 @@
 """`secagg.neighbors: auto` and the security targets (issue 15): the plan picks k and t with the
 SecAgg+ parameter finder (actors/secagg/params.py) for the cohort, checks explicit ones against
 the same targets (a warning when they fall short), and the summary reports both. No Ray."""
+import math
 import warnings
 
 import pytest
 
-from actors.secagg.params import SecAggTargetWarning
+from actors.secagg.params import SecAggTargetWarning, evaluate_harary_params, poisson_cohort_sizes
 from sim.config import ConfigError, ExperimentConfig, from_dict
-from sim.plan import FederationPlan, secagg_targets
+from sim.plan import FederationPlan, _round_facts, secagg_round_facts, secagg_targets
 from sim.report import secagg_targets_facts
 from tests.conftest import tiny_raw
 
@@ -81,11 +82,64 @@ def test_a_complete_graph_whose_t_is_not_a_majority_of_an_even_k_stays_complete(
     assert (p.secagg.neighbors, p.secagg.threshold, p.secagg.allow_low_threshold) == (4, 2, True)
 
 
-def test_a_poisson_cohort_is_sized_for_its_expectation():
+@pytest.mark.adversary
+@pytest.mark.parametrize("population", [120, 200])
+def test_a_poisson_cohort_is_sized_for_every_size_it_takes(population):
+    """The finding: sized for the expected 100, k = 28, t = 6 had 6.3 security bits at n = 120. Now
+    the graph holds at every size up to the 1 - 2^-20 quantile (and down to the 2^-20 one); a
+    larger cohort is refused (SecureSum)."""
+    p = quiet_plan(secagg={"enabled": True}, privacy={"mode": "distributed", "noise_multiplier": 1.0},
+                   data={"num_clients": population}, federation={"clients_per_round": 100})
+    s, sa = p.dp.sampling, p.secagg
+    assert s.kind == "poisson" and sa.cohort == 100 and sa.max_clients > 100     # the noise is still split 100 ways
+    lo, hi = sa.cohort_range
+    assert (lo, hi) == poisson_cohort_sizes(population, 100 / population) and lo < 100 < hi <= sa.max_clients
+    assert (sa.neighbors, sa.threshold) != (28, 6)
+    for n in range(lo, hi + 1):
+        got = evaluate_harary_params(n, sa.neighbors, sa.threshold, **secagg_targets(p.cfg))
+        assert got.meets_security and (got.meets_targets or n < 100), n
+    if hi >= 120:
+        assert not evaluate_harary_params(120, 28, 6, **secagg_targets(p.cfg)).meets_security
+    facts = secagg_targets_facts(p)           # reported at the weakest size of the range
+    assert facts["meets_targets"] and lo <= facts["cohort"] <= hi
+
+
+def test_a_fixed_cohort_keeps_its_exact_size():
+    p = quiet_plan(secagg={"enabled": True}, data={"num_clients": 120}, federation={"clients_per_round": 100})
+    assert p.dp.sampling.kind == "fixed" and p.secagg.cohort_range == (100, 100)
+    assert (p.secagg.neighbors, p.secagg.threshold, p.secagg.dropout) == (28, 6, 0.33)
+
+
+@pytest.mark.adversary
+def test_a_dropout_bound_below_the_planned_dropout_is_a_config_error():
+    """`--set federation.dropout=0.6 --set secagg.dropout_rate=0.33`: every round would be refused at
+    the survivor floor; the plan says so before any round runs."""
+    with pytest.raises(ConfigError, match=r"^secagg.dropout_rate: 0.33, but 0.6 of each cohort drops by design.*"
+                                          r"ceil\(n\(1 - 0.33\)\) survivors"):
+        plan_of(secagg={"enabled": True, "dropout_rate": 0.33}, federation={"dropout": 0.6})
+    with pytest.raises(ConfigError, match="at least 0.5"):          # over-selection drops by design too
+        plan_of(secagg={"enabled": True, "dropout_rate": 0.33}, federation={"over_selection": 2.0},
+                data={"num_clients": 40})
+    assert quiet_plan(secagg={"enabled": True, "dropout_rate": 0.6}, federation={"dropout": 0.6}).secagg.dropout == 0.6
+
+
+def test_each_round_reports_its_floor_and_bits_for_its_size():
     p = quiet_plan(secagg={"enabled": True}, privacy={"mode": "distributed", "noise_multiplier": 1.0},
                    data={"num_clients": 120}, federation={"clients_per_round": 100})
-    assert p.dp.sampling.kind == "poisson" and (p.secagg.neighbors, p.secagg.threshold) == (28, 6)
-    assert p.secagg.max_clients > 100
+    sa, targets = p.secagg, secagg_targets(p.cfg)
+    _round_facts.cache_clear()
+    for n in (90, 100, 116):
+        got = secagg_round_facts(p.cfg, sa, n)
+        want = evaluate_harary_params(n, sa.neighbors, sa.threshold, **targets)
+        assert got["secagg_survivor_floor"] == math.ceil(n * 0.67 - 1e-9)
+        assert got["secagg_security_bits"] == pytest.approx(-want.security_log2, abs=0.01) and want.meets_security
+        assert got["secagg_correctness_bits"] == pytest.approx(-want.abort_log2, abs=0.01) and want.meets_correctness
+    assert secagg_round_facts(p.cfg, sa, 100) == secagg_round_facts(p.cfg, sa, 100)
+    assert _round_facts.cache_info().hits >= 2                    # memoized: one evaluation per size
+    # an event that cannot happen has infinite bits; a cohort too small to run has a floor only
+    small = quiet_plan(secagg={"enabled": True})
+    assert secagg_round_facts(small.cfg, small.secagg, 10)["secagg_security_bits"] == math.inf
+    assert secagg_round_facts(small.cfg, small.secagg, 1) == {"secagg_survivor_floor": 1}
 
 
 def test_explicit_k_and_t_that_fall_short_warn_at_plan_time():
