@@ -203,3 +203,31 @@ def test_a_curious_worker_holds_neither_the_run_secret_nor_the_aggregators_key(r
             assert not held & round0          # the session of round 0 is forgotten with its keys
     finally:
         fed.shutdown()
+
+
+def test_under_distributed_dp_the_panel_not_the_aggregator_noises_a_metric():
+    """A curious aggregator of distributed DP never sees a panel metric without its noise: each
+    panel member's Skellam share carries 1/panel of the release's variance (their sum: std `noise`
+    on each sum of values in [0, 1]), and the aggregator adds nothing itself. Central DP: no
+    shares, the (trusted) aggregator adds the noise."""
+    from actors.aggregator import Aggregator
+    from actors.privacy import Sampling, UserLevelDP
+    from sim.config import AlgorithmConfig
+
+    dp = UserLevelDP("distributed", 1.0, 2.0, 10, Sampling("poisson", 100, 10))
+    step, panel, noise = 1e-3, 20, 1.5
+    rng = np.random.default_rng(0)
+    shares = np.stack([dp.metric_share(5000, step, noise, panel, rng) for _ in range(panel)])
+    total = shares.sum(0) * step                       # what the unmasked sum carries, in value units
+    assert abs(total.std() - noise) < 0.05 and abs(total.mean()) < 0.05
+    assert UserLevelDP("central", 1.0, 2.0, 10, Sampling("poisson", 100, 10)).metric_share(
+        5, step, noise, panel, rng) is None
+    agg = Aggregator(AlgorithmConfig(), 2, dp=dp, secrets=Secrets.fresh(0))
+    from actors.messages import SummedUpdates
+
+    summed = SummedUpdates(np.array([7.0, 9.0, 20.0]), 20.0)      # the unmasked (already noisy) sum
+    out = agg.metric_from_sum(1_000_000, summed, "accuracy", noise, panel)
+    assert out["acc_global_DI"] == 7.0 / 20 and out["acc_personalized_DI"] == 9.0 / 20
+    central = Aggregator(AlgorithmConfig(), 2, dp=UserLevelDP("central", 1.0, 2.0, 10, Sampling("poisson", 100, 10)),
+                         secrets=Secrets.fresh(0)).metric_from_sum(1_000_000, summed, "accuracy", noise, panel)
+    assert central["acc_global_DI"] != 7.0 / 20                  # there the aggregator adds the noise
