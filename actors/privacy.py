@@ -517,13 +517,13 @@ class PrivacyBudget:
         spent = [*self.prior, *self.entries.values()]
         for round_z in sorted(z for z, _ in spent if z > 0):
             acc.step(round_z, self.dp.sample_rate)
-        for release_z in sorted(z for _, z in spent):
+        for release_z in sorted(z for _, z in spent if z > 0):
             acc.release(release_z)
         return acc
 
     def reserve(self, round_z: float, release_z: float) -> int | None:
         """An id for one more round (noise `round_z`; 0: it releases no model) and metric release
-        (`release_z`), or None when it would exceed the target."""
+        (`release_z`; 0: it reports nothing), or None when it would exceed the target."""
         rid, self._next = self._next, self._next + 1
         self.entries[rid] = (float(round_z), float(release_z))
         if self.target is not None and self._accountant(True).epsilon(self.dp.delta) > self.target:
@@ -533,7 +533,8 @@ class PrivacyBudget:
         return rid
 
     def settle(self, rid: int, round_z: float, release_z: float) -> None:
-        """What reservation `rid` released: `round_z` 0 for a round that released no model."""
+        """What reservation `rid` released: `round_z` 0 for a round that released no model,
+        `release_z` 0 for one that reported nothing."""
         if rid not in self.entries:
             raise KeyError(f"reservation {rid}: unknown")
         self.entries[rid] = (float(round_z), float(release_z))
@@ -595,6 +596,7 @@ class UserLevelDP:
     accountant: AccountantName = "rdp"
     target_epsilon: float | None = None
     bound_updates: bool = False
+    metric_noise_multiplier: float | None = None   # panel metric releases (None: z)
 
     @classmethod
     def from_config(cls, p, sampling: Sampling, rounds: int, secure: bool = False,
@@ -607,7 +609,8 @@ class UserLevelDP:
             make_accountant(p.accountant, sampling)      # refuses PRV for fixed-size cohorts
         expected = min(reporting or sampling.cohort, sampling.cohort)
         return cls(p.mode, p.clip_norm, _resolve_noise(p, sampling, rounds), expected, sampling,
-                   p.delta, p.accountant, p.target_epsilon, bound_updates=p.mode != "off" or secure)
+                   p.delta, p.accountant, p.target_epsilon, bound_updates=p.mode != "off" or secure,
+                   metric_noise_multiplier=p.metric_noise_multiplier)
 
     @property
     def enabled(self) -> bool:
@@ -616,6 +619,13 @@ class UserLevelDP:
     @property
     def sample_rate(self) -> float:
         return self.sampling.rate
+
+    @property
+    def metric_noise(self) -> float:
+        """Noise std of a panel metric release over its sensitivity 1 (`privacy.metric_noise_multiplier`,
+        else z): a panel mean's noise is this over the panel's size, so a larger panel buys the same
+        precision with more noise and less epsilon."""
+        return self.noise_multiplier if self.metric_noise_multiplier is None else self.metric_noise_multiplier
 
     # ------------------------------------------------------------ client half
     def client_half(self, updates: torch.Tensor, natural_weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -640,11 +650,11 @@ class UserLevelDP:
     def metric_share(self, n: int, step: float, noise: float | None, panel: int,
                      rng: np.random.Generator) -> np.ndarray | None:
         """A panel member's integer noise share of a metric release (distributed mode), else None:
-        the shares of the `panel` carry the release's Gaussian of std `noise` (default z) on each
+        the shares of the `panel` carry the release's Gaussian of std `noise` (default `metric_noise`) on each
         sum of values in [0, 1], so the aggregator never sees a metric without its noise."""
         if self.mode != "distributed":
             return None
-        z = self.noise_multiplier if noise is None else noise
+        z = self.metric_noise if noise is None else noise
         return distributed_noise_share(n, 1.0, z, max(panel, 1), step, rng) if z > 0 else None
 
     # ------------------------------------------------------------ server half
@@ -663,9 +673,9 @@ class UserLevelDP:
         return total / (self.expected_clients if self.enabled else weight), metrics
 
     def noisy_sum(self, total: torch.Tensor, gen, noise: float | None = None) -> torch.Tensor:
-        """A released sum of values in [0, 1] (e.g. accuracies): Gaussian noise of std z (or
-        `noise`) under DP."""
-        z = self.noise_multiplier if noise is None else noise
+        """A released sum of values in [0, 1] (e.g. accuracies): Gaussian noise of std
+        `metric_noise` (or `noise`) under DP."""
+        z = self.metric_noise if noise is None else noise
         return total + z * gaussian_noise((), gen, dtype=total.dtype) if self.enabled else total
 
     @property
@@ -673,7 +683,8 @@ class UserLevelDP:
         """The noise multiplier of one tuning-metric release: two `noisy_sum`s (global and
         personalized accuracy) to which an individual adds at most 1 each, i.e. L2 sensitivity
         sqrt(2) under adding, removing or replacing one individual."""
-        return self.noise_multiplier / math.sqrt(2)
+        return self.metric_noise / math.sqrt(2)
+
     # ------------------------------------------------------------ accounting
     def round_noise(self, survivors: int | None) -> float:
         """The z a released round achieved: in the distributed mode only the survivors' shares

@@ -218,7 +218,8 @@ class LeakageControlConfig(Section):
     max_weight: float = Field(100.0, gt=0, description="lambda is kept in [0, max_weight]")
     every: int | None = Field(None, ge=1, description="rounds between updates (null: eval.every)")
     noise_multiplier: float | None = Field(None, gt=0, description=(
-        "under DP: noise std of each leakage release / its sensitivity 1 (null: privacy's z); the mean's "
+        "under DP: noise std of each leakage release / its sensitivity 1 (null: privacy.metric_noise_multiplier, "
+        "else z); the mean's "
         "noise is this over eval.num_individuals"))
 
 
@@ -244,6 +245,9 @@ class PrivacyConfig(Section):
                                                                "(Steinke et al. 2023); null: 5% of the population "
                                                                "(at most 100) when DP is on, none otherwise")
     audit_confidence: float = Field(0.95, gt=0, lt=1, description="the audit's lower bound holds with this probability")
+    metric_noise_multiplier: float | None = Field(None, gt=0, description=(
+        "under DP: noise std of each panel metric release (Tune's reports, the card's quality) / its sensitivity 1; "
+        "the mean's noise is this over eval.num_individuals (null: z)"))
     profile_clip: float | None = Field(None, gt=0, description=(
         "under DP: L2 bound on each client's contribution to the model card's input profile (its per-feature "
         "means of x and x^2); null: sqrt(2 x features), which never clips inputs in [0, 1]"))
@@ -268,7 +272,7 @@ class SecAggConfig(Section):
         "delta: the most a round's cohort may lose after key set-up (a bound, not a mean: a round keeping fewer "
         "than ceil(n (1 - delta)) of its n clients is refused); null = the larger of "
         "0.33 (Bell et al.'s example) and the share the federation drops by design (federation.dropout and the "
-        "over-selected clients)"))
+        "over-selected clients) in all but 2^-correctness_bits of rounds"))
     adversarial_fraction: float = Field(0.05, ge=0, lt=1, description=(
         "gamma: the most clients that may collude with the server"))
     security_bits: int = Field(40, ge=1, le=128, description="sigma: the adversary learns more than the sum, or a "
@@ -517,6 +521,9 @@ class TuneConfig(Section):
     num_samples: int = Field(8, ge=1, description="trials")
     max_concurrent: int = Field(2, ge=1, description="trials at once (each runs its own actor pool)")
     rounds_per_trial: int = Field(10, ge=1)
+    report_every: int = Field(1, ge=1, description="a trial reports its panel metrics every this many rounds and after "
+                                                   "its last (ASHA sees only these); under DP each report is a "
+                                                   "release that spends budget")
     searcher: Literal["optuna", "random"] = "optuna"
     metric: Literal["acc_personalized_DI", "acc_global_DI"] = "acc_personalized_DI"
     objectives: list[TuneObjective] = Field(

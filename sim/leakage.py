@@ -53,7 +53,7 @@ class LeakageControl(Hook):
         done, rounds = state.rounds_done, self.fed.cfg.federation.rounds
         if done % self.every and done != rounds:
             return
-        z = self.cfg.noise_multiplier or self.fed.plan.dp.noise_multiplier   # an individual adds at most 1
+        z = self.cfg.noise_multiplier or self.fed.plan.dp.metric_noise   # an individual adds at most 1
         self.skipped = state.accounting.release_stop(z)
         if self.skipped:                    # the budget has no room for it: lambda stays
             return

@@ -226,6 +226,21 @@ def _planned_dropout(cfg: ExperimentConfig) -> float:
     return 1 - (1 - fed.dropout) * fed.clients_per_round / sampled
 
 
+def _dropout_bound(cfg: ExperimentConfig) -> float:
+    """The share of a sampled cohort that drops after key set-up by design, at worst: each of the
+    m sampled clients drops independently with probability federation.dropout, and of the
+    survivors at most clients_per_round report (over-selection). The survivors' 2^-correctness_bits
+    lower quantile of Binomial(m, 1 - dropout) bounds them in all but that share of rounds, which is
+    what a survivor floor sized on it must hold for (the mean would refuse about half the rounds)."""
+    from scipy.stats import binom
+
+    fed = cfg.federation
+    sampled = max(fed.clients_per_round, math.ceil(fed.over_selection * fed.clients_per_round - 1e-9))
+    survivors = sampled if fed.dropout <= 0 else int(binom.ppf(2.0 ** -cfg.secagg.correctness_bits, sampled,
+                                                               1 - fed.dropout))
+    return 1 - min(survivors, fed.clients_per_round) / sampled
+
+
 def _check_planned_dropout(cfg: ExperimentConfig, delta: float) -> None:
     """A dropout bound below the planned dropout would have most rounds refused at the survivor floor."""
     planned = _planned_dropout(cfg)
@@ -252,11 +267,18 @@ def secagg_targets(cfg: ExperimentConfig) -> dict:
     """The security targets of the secure aggregation (arguments of actors.secagg.params): the
     configured ones, with `dropout_rate: null` resolved to the larger of SECAGG_DROPOUT_FLOOR and the
     share of a sampled cohort that drops after key set-up by design (federation.dropout, and the
-    over-selected clients beyond clients_per_round)."""
+    over-selected clients beyond clients_per_round) in all but 2^-correctness_bits of rounds
+    (`_dropout_bound`)."""
     sa = cfg.secagg
     delta = sa.dropout_rate
     if delta is None:
-        delta = max(SECAGG_DROPOUT_FLOOR, _planned_dropout(cfg))
+        delta = max(SECAGG_DROPOUT_FLOOR, _dropout_bound(cfg))
+        if delta >= 1:
+            fed = cfg.federation
+            raise ValueError(f"secagg.dropout_rate: null, but with federation.dropout {fed.dropout:g} a cohort of "
+                             f"{fed.clients_per_round} can lose every client in more than 2^-"
+                             f"{cfg.secagg.correctness_bits} of rounds (secagg.correctness_bits); set "
+                             f"secagg.dropout_rate below 1 and accept the rounds that abort, or sample more clients")
     return {"dropout": float(delta), "adversarial": sa.adversarial_fraction, "security_bits": sa.security_bits,
             "correctness_bits": sa.correctness_bits, "adversary": sa.adversary}
 

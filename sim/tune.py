@@ -108,14 +108,14 @@ def trial_objectives(fed: Federation, objectives: set[str], rounds_done: int, g:
     """The objectives that are not the private accuracies, for the trial's model after a round:
     its inference time per batch and the membership-inference AUC. Under DP the AUC is computed
     from users' data, so it is a release like the accuracies: the panel's mean per-individual AUC
-    of the personalized models, noised by the aggregator's `private_metric` (noise z, an individual
+    of the personalized models, noised by the aggregator's `private_metric` (noise `metric_noise`, an individual
     adds at most 1) and accounted in `trial_release_noise`. Without DP, the audit's exact AUC (the
     larger of the global and the personalized models': the attacker picks)."""
     cfg, out, dp = fed.cfg, {}, fed.plan.dp
     model = build_model(cfg.model, fed.plan.input_shape, fed.plan.num_classes)
     out["latency_ms"] = inference_ms(model, torch.tensor(g), tuple(fed.plan.input_shape), cfg.tune.latency_batch)
     if "mia_auc" in objectives and dp.enabled:
-        out["mia_auc"] = fed.private_metric(rounds_done, g, "leakage", weight, dp.noise_multiplier)["mia_auc_DI"]
+        out["mia_auc"] = fed.private_metric(rounds_done, g, "leakage", weight, dp.metric_noise)["mia_auc_DI"]
     elif "mia_auc" in objectives:
         ev = fed.evaluate(rounds_done, g, weight=weight)
         out["mia_auc"] = max(ev["mia_auc_global"], ev["mia_auc_personalized"])
@@ -125,10 +125,10 @@ def trial_objectives(fed: Federation, objectives: set[str], rounds_done: int, g:
 def trial_release_noise(dp, objectives: set[str]) -> float:
     """The noise multiplier of one trial round's reports as one Gaussian release: the two private
     accuracies (`metric_release_noise`) and, with the `mia_auc` objective, the private leakage at
-    noise z. Gaussian releases compose exactly into one whose 1/z^2 is the sum of theirs (GDP)."""
+    noise `metric_noise`. Gaussian releases compose exactly into one whose 1/z^2 is the sum of theirs (GDP)."""
     if "mia_auc" not in objectives:
         return dp.metric_release_noise
-    return 1.0 / math.sqrt(dp.metric_release_noise ** -2 + dp.noise_multiplier ** -2)
+    return 1.0 / math.sqrt(dp.metric_release_noise ** -2 + dp.metric_noise ** -2)
 
 
 def federation_trial(params: dict, plan: FederationPlan, start: str | None, rounds: int, start_round: int,
@@ -143,8 +143,8 @@ def federation_trial(params: dict, plan: FederationPlan, start: str | None, roun
     # which is what composing their rounds as separate subsampled releases assumes (a fresh run
     # secret; seeded, the seed's streams under the trial's id)
     seed = plan.cfg.seed
-    secrets = Secrets.seeded(seed).for_trial(tune.get_context().get_trial_id() or "trial") \
-        if cfg.run.seeded_secrets else Secrets.fresh(seed)
+    base = Secrets.seeded(seed) if cfg.run.seeded_secrets else Secrets.fresh(seed)
+    secrets = base.for_trial(tune.get_context().get_trial_id() or "trial")
     fed = Federation(plan.with_config(cfg), secrets=secrets)
     dp = fed.plan.dp
     own = make_accountant(dp.accountant, dp.sampling) if dp.enabled else None   # this trial's own spending
@@ -160,34 +160,58 @@ def federation_trial(params: dict, plan: FederationPlan, start: str | None, roun
                 own.load_state_dict(done["own"])
         else:
             g = ckpt.load(Path(start)).global_params if start else fed.plan.init_params
+        every, pending, reported = cfg.tune.report_every, False, first > 0
         for r in range(first, rounds):
+            reports = (r + 1) % every == 0 or r + 1 == rounds     # a round that ends with a (released) report
             rid = None
             if budget is not None:
-                rid = ray.get(budget.reserve.remote(worst_round_noise(fed.plan), release_z))
-                if rid is None:    # one more round would take the run past privacy.target_epsilon
-                    if r == 0:     # Tune wants the metrics once: NaN marks a trial that never ran
-                        tune.report({k: float("nan") for k in (*METRIC_KEYS, *objectives)} | {"round": 0,
+                rid = ray.get(budget.reserve.remote(worst_round_noise(fed.plan), release_z if reports else 0.0))
+                # refused: one more round would take the run past privacy.target_epsilon. Rounds trained
+                # since the last report are reported now if the budget still has room for the release
+                if rid is None:
+                    last = ray.get(budget.reserve.remote(0.0, release_z)) if pending else None
+                    if last is not None:
+                        _report(fed, own, budget, last, release_z, objectives, start_round, r, g, weight, 0.0)
+                    elif not reported:     # Tune wants the metrics once: NaN marks a trial that never reported
+                        tune.report({k: float("nan") for k in (*METRIC_KEYS, *objectives)} | {"round": r,
                                                                                           "budget_stopped": True})
                     break
             res = fed.train_round(start_round + r, g)
             g = res.global_params
-            metric = fed.private_metric(start_round + r + 1, g, weight=weight)
-            report = {**{k: metric[k] for k in METRIC_KEYS}, "round": r + 1,
-                      **trial_objectives(fed, objectives, start_round + r + 1, g, weight)}
+            released = 0.0
             if dp.enabled:
                 released = 0.0 if res.metrics.get("skipped") else dp.round_noise(res.metrics.get("secagg_survivors"))
                 if released > 0:
                     own.step(released, dp.sample_rate)
-                own.release(release_z)
+            if reports:
+                _report(fed, own, budget, rid, release_z, objectives, start_round, r + 1, g, weight, released)
+                pending, reported = False, True
+            else:
+                pending = True
                 if rid is not None:
-                    ray.get(budget.settle.remote(rid, released, release_z))
-                report["epsilon"] = own.epsilon(dp.delta)
-            with tempfile.TemporaryDirectory() as d:
-                np.save(Path(d) / "global.npy", g)
-                (Path(d) / TRIAL_STATE).write_text(json.dumps({"round": r + 1, "own": own.state_dict() if own else None}))
-                tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
+                    ray.get(budget.settle.remote(rid, released, 0.0))
     finally:
         fed.shutdown()
+
+
+def _report(fed: Federation, own, budget, rid: int | None, release_z: float, objectives: set[str], start_round: int,
+            done: int, g: np.ndarray, weight: float | None, released: float) -> None:
+    """Release the trial's metrics after its `done`-th round (the panel's noised accuracies and the
+    other objectives), settle reservation `rid` with what the round (`released`: its z, 0 for
+    none) and the report spent, and report them to Tune with the model as the trial's checkpoint."""
+    rounds_done = start_round + done
+    metric = fed.private_metric(rounds_done, g, weight=weight)
+    report = {**{k: metric[k] for k in METRIC_KEYS}, "round": done,
+              **trial_objectives(fed, objectives, rounds_done, g, weight)}
+    if own is not None:
+        own.release(release_z)
+        if rid is not None:
+            ray.get(budget.settle.remote(rid, released, release_z))
+        report["epsilon"] = own.epsilon(fed.plan.dp.delta)
+    with tempfile.TemporaryDirectory() as d:
+        np.save(Path(d) / "global.npy", g)
+        (Path(d) / TRIAL_STATE).write_text(json.dumps({"round": done, "own": own.state_dict() if own else None}))
+        tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
 
 
 def trial_resources(cfg: ExperimentConfig) -> tune.PlacementGroupFactory:

@@ -412,6 +412,44 @@ def test_privacy_budget_refuses_what_would_overshoot(kind, accountant):
     assert PrivacyBudget(dp).reserve(1.0, 1.0) == 0
 
 
+def test_privacy_budget_counts_a_round_without_a_report_as_the_round_alone():
+    """release_z 0: a trial round that reports nothing (tune.report_every) spends its subsampled
+    round only; a release-only reservation (round_z 0) spends its report only."""
+    from actors.privacy import PrivacyBudget, Sampling, UserLevelDP, make_accountant
+
+    dp = UserLevelDP("central", 1.0, 2.0, 10, Sampling("poisson", 100, 10), 1e-5, "rdp")
+    budget = PrivacyBudget(dp)
+    budget.reserve(2.0, 0.0)
+    budget.reserve(2.0, 0.0)
+    budget.reserve(0.0, 3.0)
+    ref = make_accountant("rdp", dp.sampling)
+    ref.step(2.0, 0.1)
+    ref.step(2.0, 0.1)
+    ref.release(3.0)
+    out = budget.epsilon()
+    assert out["epsilon_total"] == pytest.approx(ref.epsilon(1e-5)) and out["accountant_state"]["releases"] == 1
+
+
+def test_metric_noise_is_its_own_multiplier():
+    """privacy.metric_noise_multiplier sets the panel releases' noise (accuracies, leakage, the
+    card's quality) apart from the model's z; unset, it is z."""
+    from actors.privacy import Sampling, UserLevelDP
+    from sim.config import ConfigError, from_dict
+    from sim.plan import FederationPlan
+    from tests.conftest import tiny_raw
+
+    dp = UserLevelDP("central", 1.0, 2.0, 10, Sampling("poisson", 100, 10))
+    assert dp.metric_noise == 2.0 and dp.metric_release_noise == pytest.approx(2.0 / 2 ** 0.5)
+    raw = tiny_raw(privacy={"mode": "central", "noise_multiplier": 2.0, "metric_noise_multiplier": 8.0,
+                            "audit_canaries": 0})
+    dp = FederationPlan.from_config(from_dict(raw)).dp
+    assert dp.noise_multiplier == 2.0 and dp.metric_noise == 8.0
+    draws = torch.stack([dp.noisy_sum(torch.zeros((), dtype=torch.float64), torch_gen(0, i)) for i in range(4000)])
+    assert float(draws.std()) == pytest.approx(8.0, rel=0.05)        # 4000 draws: the std's sd is ~1.1%
+    with pytest.raises(ConfigError, match="privacy.metric_noise_multiplier"):
+        from_dict(tiny_raw(privacy={"metric_noise_multiplier": -1.0}))
+
+
 def test_privacy_budget_ledger_carries_a_search_into_its_next_sitting(tmp_path):
     """Each reservation and settlement is on disk at once; a budget started with an earlier
     sitting's entries as `prior` spends on top of them and against the same target."""

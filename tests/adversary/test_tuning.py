@@ -24,8 +24,7 @@ SAMPLING = Sampling("poisson", 400, 40)
 def test_trials_draw_independent_cohorts(seeded):
     """Two trials replaying the same round indices overlap at the rate independent draws would
     (q = 0.1 of a cohort), never as one shared sample; each trial's own draws repeat."""
-    base = Secrets.seeded(0) if seeded else None
-    trials = [base.for_trial(t) if seeded else Secrets.fresh(0) for t in ("a", "b")]
+    trials = [(Secrets.seeded(0) if seeded else Secrets.fresh(0)).for_trial(t) for t in ("a", "b")]
     overlap, size = 0, 0
     for r in range(20):
         a, b = (set(draw_cohort(s, r, SAMPLING).tolist()) for s in trials)

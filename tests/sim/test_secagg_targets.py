@@ -37,12 +37,29 @@ def test_auto_is_the_default_with_bell_et_al_s_targets():
 
 
 def test_the_dropout_target_follows_the_federation():
-    def delta(**fed):
-        return secagg_targets(from_dict(tiny_raw(federation=fed)))["dropout"]
+    """null: a bound the planned dropout stays under in all but 2^-correctness_bits of rounds, not
+    its mean (a mean bound refuses about half the rounds at the survivor floor)."""
+    from math import comb
+
+    def delta(num_clients=400, **fed):
+        return secagg_targets(from_dict(tiny_raw(data={"num_clients": num_clients}, federation=fed)))["dropout"]
+
+    def lower_quantile(n, p, bits=20):      # the smallest survivor count s with P(survivors <= s) >= 2^-bits
+        cdf = 0.0
+        for s in range(n + 1):
+            cdf += comb(n, s) * (1 - p) ** s * p ** (n - s)
+            if cdf >= 2.0 ** -bits:
+                return s
+
     assert delta() == 0.33                                         # nothing planned: the floor
-    assert delta(dropout=0.5) == 0.5
-    assert delta(over_selection=2.0) == pytest.approx(0.5)         # half the sample is left behind
-    assert delta(dropout=0.2, over_selection=2.0) == pytest.approx(0.6)
+    assert delta(over_selection=2.0) == pytest.approx(0.5)         # half the sample is left behind, always
+    assert delta(dropout=0.05, clients_per_round=100) == 0.33      # the tail of 5% of 100 stays under the floor
+    assert delta(dropout=0.33, clients_per_round=100) == pytest.approx(1 - lower_quantile(100, 0.33) / 100)
+    assert delta(dropout=0.33, clients_per_round=100) > 0.5        # the mean (0.33) would abort half the rounds
+    assert delta(dropout=0.2, over_selection=2.0) == pytest.approx(1 - min(lower_quantile(20, 0.2), 10) / 20)
+    with pytest.raises(ValueError, match="secagg.dropout_rate: null, but with federation.dropout 0.5 a cohort of "
+                                         "10 can lose every client"):
+        delta(dropout=0.5)
     assert secagg_targets(from_dict(tiny_raw(secagg={"dropout_rate": 0.1})))["dropout"] == 0.1
     assert secagg_targets(ExperimentConfig())["adversary"] == "semi_honest"
 

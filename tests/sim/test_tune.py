@@ -257,3 +257,80 @@ def test_an_interrupted_search_resumes_with_its_privacy_spent(ray_session, tmp_p
         acc.step(round_z, dp.sample_rate)
         acc.release(release_z)
     assert out["epsilon_tuning"] == pytest.approx(acc.epsilon(dp.delta))
+
+
+class _Context:
+    def get_trial_id(self):
+        return "trial-under-test"
+
+
+def _run_trial(monkeypatch, raw, budget_target=None):
+    """One trial run in this process (Tune's session calls faked): its reports, and what its
+    budget accounted."""
+    import ray
+
+    from sim import tune as tuning
+    from sim.plan import FederationPlan
+
+    reports = []
+    monkeypatch.setattr(tuning.tune, "report", lambda metrics, checkpoint=None: reports.append(dict(metrics)))
+    monkeypatch.setattr(tuning.tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(tuning.tune, "get_context", lambda: _Context())
+    plan = FederationPlan.from_config(from_dict(raw))
+    budget = tuning.BudgetActor.remote(plan.dp, None, budget_target)
+    try:
+        tuning.federation_trial({}, plan, None, plan.cfg.tune.rounds_per_trial, 0, budget)
+        return reports, ray.get(budget.epsilon.remote()), plan
+    finally:
+        ray.kill(budget)
+
+
+def _trial_raw(metric_noise=6.0, **tune):
+    return tiny_raw(privacy={"mode": "central", "noise_multiplier": 2.0, "metric_noise_multiplier": metric_noise,
+                             "mia_audit": False, "audit_canaries": 0},
+                    tune={"rounds_per_trial": 3, "params": [{"key": "algorithm.lr", "low": 0.05, "high": 0.2}],
+                          **tune},
+                    ray={"num_workers": 1, "num_cpus_per_worker": 0.5})
+
+
+def test_a_trial_reports_every_few_rounds_and_spends_only_on_its_reports(ray_session, monkeypatch):
+    """tune.report_every 2 over 3 rounds: reports after rounds 2 and 3 (the last), so the budget
+    composes 3 subsampled rounds and 2 metric releases, at the metric noise, not 3."""
+    from actors.privacy import make_accountant
+    from sim.tune import trial_release_noise
+
+    reports, spent, plan = _run_trial(monkeypatch, _trial_raw(report_every=2))
+    assert [r["round"] for r in reports] == [2, 3]
+    dp = plan.dp
+    assert dp.metric_noise == 6.0 and dp.metric_release_noise == pytest.approx(6.0 / np.sqrt(2))
+    state = spent["accountant_state"]
+    assert state["releases"] == 2
+    hand = make_accountant(dp.accountant, dp.sampling)
+    for _ in range(3):
+        hand.step(2.0, dp.sample_rate)
+    for _ in range(2):
+        hand.release(trial_release_noise(dp, set()))
+    assert spent["epsilon_total"] == pytest.approx(hand.epsilon(dp.delta), rel=1e-9)
+    assert reports[-1]["epsilon"] == pytest.approx(hand.epsilon(dp.delta), rel=1e-9)   # the trial's own
+
+
+def test_a_trial_stopped_by_the_budget_reports_its_unreported_rounds(ray_session, monkeypatch):
+    """A target with room for one round and one release but not two rounds: the trial trains round
+    1 (no report due), is refused round 2, and releases round 1's model instead of losing it."""
+    from actors.privacy import make_accountant
+    from sim.plan import FederationPlan
+    from sim.tune import trial_release_noise
+
+    raw = _trial_raw(metric_noise=12.0, report_every=3)
+    dp = FederationPlan.from_config(from_dict(raw)).dp
+    one = make_accountant(dp.accountant, dp.sampling)
+    one.step(2.0, dp.sample_rate)
+    one.release(trial_release_noise(dp, set()))
+    two = make_accountant(dp.accountant, dp.sampling)
+    two.load_state_dict(one.state_dict())
+    two.step(2.0, dp.sample_rate)
+    assert one.epsilon(dp.delta) < two.epsilon(dp.delta)      # the premise: a release is cheaper than a round here
+    target = (one.epsilon(dp.delta) + two.epsilon(dp.delta)) / 2
+    reports, spent, _ = _run_trial(monkeypatch, raw, target)
+    assert [r["round"] for r in reports] == [1] and np.isfinite(reports[0]["acc_personalized_DI"])
+    assert spent["epsilon_total"] == pytest.approx(one.epsilon(dp.delta), rel=1e-9) and spent["epsilon_total"] <= target
