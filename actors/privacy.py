@@ -33,7 +33,6 @@ import copy
 import functools
 import json
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -505,9 +504,9 @@ class PrivacyBudget:
     def _save(self) -> None:
         if self.ledger is None:
             return
-        tmp = self.ledger.with_name(self.ledger.name + ".tmp")     # whole or not at all: a crash keeps the last one
-        tmp.write_text(json.dumps({"entries": [list(e) for e in self.entries.values()]}))
-        os.replace(tmp, self.ledger)
+        from sim.durable import write_atomic     # whole or not at all: a crash keeps the last one
+
+        write_atomic(self.ledger, json.dumps({"entries": [list(e) for e in self.entries.values()]}))
 
     def _accountant(self, with_base: bool):
         acc = make_accountant(self.dp.accountant, self.dp.sampling)

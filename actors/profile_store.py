@@ -22,11 +22,16 @@ What is on disk (all in the one database file):
     users(user_id, token_salt, token_hash, ...)   HMAC-SHA256(salt, token), never the token
     data_keys(user_id, wrapped)                   data key wrapped under the master key
     vectors(user_id, name, sealed, updated_at)    dtype and shape live inside the sealed npy bytes
-    consents(user_id, purpose, granted, updated_at)
+    consents(user_id, purpose, granted, updated_at, version, mac)
+                                                  mac = HMAC-SHA256(consent key, user, purpose,
+                                                  granted, version); consent key = HMAC(master, ...)
 
-In the clear: user ids, vector names, consent flags, timestamps and ciphertext sizes. Not detected:
-replacing a row with an *older* ciphertext of the same (user, name) -- AES-GCM authenticates a record,
-not the freshness of the whole database.
+In the clear: user ids, vector names, consent flags, timestamps and ciphertext sizes. A consent flag
+is in the clear but authenticated: a row edited, inserted or copied to another user or purpose fails
+its MAC and is refused on read (TamperedRecordError), so granting a purpose takes the user's token.
+Not detected: replacing a row with an *older* ciphertext (or consent row, with its MAC) of the same
+(user, name) -- a MAC authenticates a record, not the freshness of the whole database -- nor a deleted
+consent row (it reads as not granted: a denial, never a grant).
 
 Privacy semantics:
 * Consent is per user and purpose (PURPOSES) and defaults to not granted. The federation reads
@@ -37,7 +42,10 @@ Privacy semantics:
   deleted (crypto-shredded); the registration and the consent rows (all "not granted") remain, so the
   user can grant again and upload anew. A user may store vectors before granting any consent: those
   are theirs to read but no purpose sees them.
-* `delete_user` removes the user's token hash, data key, vectors and consent rows.
+* `delete_user` removes the user's token hash, data key, vectors and consent rows, then rotates the
+  master key (a store opened from a key file; `new_master_key=` for one given its key): a backup of
+  the database taken before the deletion, which still holds the user's wrapped data key, no longer
+  opens with the current key file. Backups of the old key file are beyond its reach.
 * Deleted bytes leave the database *file*: `secure_delete` overwrites freed cells and pages with
   zeros, the rollback journal (DELETE mode, no WAL that would keep old pages around) is removed after
   each commit, and -- unless `vacuum=False` for large stores -- VACUUM rebuilds the file afterwards.
@@ -62,6 +70,8 @@ import ray
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from sim.durable import replace_durably
+
 if TYPE_CHECKING:
     from typing_extensions import Self
 
@@ -74,7 +84,7 @@ SALT_BYTES = 16
 MAX_NAME_CHARS = 128
 MAX_VECTOR_BYTES = 1 << 24      # aggregated features are small; a bigger array is probably raw data
 MAX_USER_ID = (1 << 63) - 1     # SQLite INTEGER is a signed 64-bit int
-SCHEMA_VERSION = b"1"
+SCHEMA_VERSION = b"2"        # 2: consent rows carry a version counter and a MAC (1 is migrated on open)
 AD_PREFIX = "fedmeta/profile-store/v1"
 KEY_CHECK_AD = f"{AD_PREFIX}/key-check".encode()
 
@@ -102,6 +112,8 @@ CREATE TABLE IF NOT EXISTS consents (
     purpose TEXT NOT NULL,
     granted INTEGER NOT NULL,
     updated_at REAL NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0,
+    mac BLOB,
     PRIMARY KEY (user_id, purpose)
 );
 """
@@ -147,6 +159,16 @@ def data_key_ad(user_id: int) -> bytes:
     return f"{AD_PREFIX}/data-key/{user_id}".encode()
 
 
+def consent_key(master_key: bytes) -> bytes:
+    """The key consent rows are authenticated with, derived from the master key."""
+    return hmac.new(master_key, f"{AD_PREFIX}/consent-mac".encode(), hashlib.sha256).digest()
+
+
+def consent_mac(key: bytes, user_id: int, purpose: str, granted: bool, version: int) -> bytes:
+    return hmac.new(key, f"{int(user_id)}\x00{purpose}\x00{int(bool(granted))}\x00{int(version)}".encode(),
+                    hashlib.sha256).digest()
+
+
 def token_hash(salt: bytes, token: str) -> bytes:
     # Tokens carry 256 random bits, so a fast keyed hash suffices: there is nothing to brute-force.
     return hmac.new(salt, token.encode(), hashlib.sha256).digest()
@@ -179,16 +201,6 @@ def load_or_create_key_file(path: str | os.PathLike) -> bytes:
         f.flush()
         os.fsync(f.fileno())
     return key
-
-
-def replace_durably(src: Path, dst: Path) -> None:
-    """os.replace, then fsync the directory so the rename itself survives a crash."""
-    os.replace(src, dst)
-    dir_fd = os.open(dst.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def stage_key_file(path: Path, key: bytes) -> Path:
@@ -319,7 +331,7 @@ class ProfileStore:
                 self._conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
                 self._conn.execute("INSERT INTO meta VALUES ('key_check', ?)",
                                    (seal(self._master_key, b"", KEY_CHECK_AD),))
-        elif version != SCHEMA_VERSION:
+        elif version not in (SCHEMA_VERSION, b"1"):
             raise ValueError(f"{self.path}: schema version {version!r}, expected {SCHEMA_VERSION!r}")
         try:
             # Fail at open, not at the first read, when the key is not the one the store was made with.
@@ -327,6 +339,33 @@ class ProfileStore:
         except TamperedRecordError:
             raise MasterKeyMismatch(f"the master key does not open {self.path}: wrong key or key file "
                                     "(or the store's key check was tampered with)") from None
+        if version == b"1":
+            self._migrate_v1()
+
+    def _migrate_v1(self) -> None:
+        """Schema 1 had unauthenticated consent rows: add the version and the MAC, trusting the rows
+        as they are now (the last moment they can be vouched for)."""
+        with self._conn:
+            columns = {r[1] for r in self._conn.execute("PRAGMA table_info(consents)")}
+            if "version" not in columns:
+                self._conn.execute("ALTER TABLE consents ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
+            if "mac" not in columns:
+                self._conn.execute("ALTER TABLE consents ADD COLUMN mac BLOB")
+            self._remac(self._master_key)
+            self._conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
+
+    def _remac(self, master_key: bytes) -> None:
+        key = consent_key(master_key)
+        for u, p, g, v in self._conn.execute("SELECT user_id, purpose, granted, version FROM consents").fetchall():
+            self._conn.execute("UPDATE consents SET mac = ? WHERE user_id = ? AND purpose = ?",
+                               (consent_mac(key, u, p, g, v), u, p))
+
+    def _check_consent(self, user_id: int, purpose: str, granted: int, version: int, mac) -> None:
+        """Refuse a consent row the store did not write (edited, inserted, copied)."""
+        want = consent_mac(consent_key(self._master_key), user_id, purpose, granted, version)
+        if mac is None or not hmac.compare_digest(bytes(mac), want):
+            raise TamperedRecordError(f"consents: the row of user {user_id}, purpose {purpose!r} fails its MAC "
+                                      "(changed outside the store); refusing to read consent from it")
 
     def _meta(self, key: str) -> bytes | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -374,8 +413,9 @@ class ProfileStore:
                 salt = os.urandom(SALT_BYTES)
                 rows.append((u, salt, token_hash(salt, token), now))
             self._conn.executemany("INSERT INTO users VALUES (?, ?, ?, ?)", rows)
-            self._conn.executemany("INSERT INTO consents VALUES (?, ?, 1, ?)",
-                                   [(u, p, now) for u in ids for p in purposes])
+            key = consent_key(self._master_key)
+            self._conn.executemany("INSERT INTO consents VALUES (?, ?, 1, ?, 1, ?)",
+                                   [(u, p, now, consent_mac(key, u, p, True, 1)) for u in ids for p in purposes])
         return tokens
 
     def _user_row(self, user_id: int) -> tuple | None:
@@ -425,9 +465,14 @@ class ProfileStore:
                 self._scrub()
         return shredded
 
-    def delete_user(self, user_id: int, token: str) -> None:
-        """Remove everything about the user: token hash, data key, vectors, consent rows."""
+    def delete_user(self, user_id: int, token: str, new_master_key: bytes | None = None) -> None:
+        """Remove everything about the user: token hash, data key, vectors, consent rows; then rotate
+        the master key (to a fresh random one for a store opened from a key file, else to
+        `new_master_key` when given), so a backup taken before the deletion, which still holds the
+        user's wrapped data key, does not open with the current key."""
         user_id = check_user_id(user_id)
+        if new_master_key is not None:
+            new_master_key = check_master_key(new_master_key, "new_master_key")
         with self._lock:
             self._authenticate(user_id, token)
             with self._conn:
@@ -435,15 +480,27 @@ class ProfileStore:
                 for table in ("vectors", "data_keys", "consents", "users"):
                     self._conn.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))
             self._scrub()
+        if new_master_key is None and self.key_file is not None:
+            new_master_key = os.urandom(MASTER_KEY_BYTES)
+        if new_master_key is not None:
+            self.rotate_master_key(new_master_key)
 
     def _write_consent(self, user_id: int, purpose: str, granted: bool) -> None:
+        row = self._conn.execute("SELECT version FROM consents WHERE user_id = ? AND purpose = ?",
+                                 (user_id, purpose)).fetchone()
+        version = 1 if row is None else int(row[0]) + 1      # each write a new version, each under its own MAC
+        mac = consent_mac(consent_key(self._master_key), user_id, purpose, granted, version)
         self._conn.execute(
-            "INSERT INTO consents VALUES (?, ?, ?, ?) ON CONFLICT (user_id, purpose) "
-            "DO UPDATE SET granted = excluded.granted, updated_at = excluded.updated_at",
-            (user_id, purpose, int(granted), time.time()))
+            "INSERT INTO consents VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (user_id, purpose) "
+            "DO UPDATE SET granted = excluded.granted, updated_at = excluded.updated_at, "
+            "version = excluded.version, mac = excluded.mac",
+            (user_id, purpose, int(granted), time.time(), version, mac))
 
     def _granted_purposes(self, user_id: int) -> set[str]:
-        rows = self._conn.execute("SELECT purpose FROM consents WHERE user_id = ? AND granted = 1", (user_id,))
+        rows = self._conn.execute("SELECT purpose, granted, version, mac FROM consents "
+                                  "WHERE user_id = ? AND granted = 1", (user_id,)).fetchall()
+        for p, g, v, mac in rows:
+            self._check_consent(user_id, p, g, v, mac)
         return {r[0] for r in rows}
 
     def _shred(self, user_id: int) -> bool:
@@ -516,7 +573,7 @@ class ProfileStore:
         Users without consent or without that vector are simply absent."""
         purpose, name = check_purpose(purpose), check_name(name)
         ids = None if user_ids is None else check_user_ids(user_ids)
-        query = ("SELECT v.user_id, v.sealed, k.wrapped FROM vectors v "
+        query = ("SELECT v.user_id, v.sealed, k.wrapped, c.granted, c.version, c.mac FROM vectors v "
                  "JOIN data_keys k USING (user_id) JOIN consents c USING (user_id) "
                  "WHERE c.purpose = ? AND c.granted = 1 AND v.name = ?")
         with self._lock:
@@ -525,13 +582,18 @@ class ProfileStore:
             else:   # point lookups: a cohort may exceed SQLite's limit on bound parameters
                 rows = [r for u in dict.fromkeys(ids)
                         for r in self._conn.execute(query + " AND v.user_id = ?", (purpose, name, u))]
-            return {uid: self._decrypt_vector(uid, name, sealed, wrapped) for uid, sealed, wrapped in rows}
+            for uid, _, _, granted, version, mac in rows:
+                self._check_consent(uid, purpose, granted, version, mac)
+            return {uid: self._decrypt_vector(uid, name, sealed, wrapped) for uid, sealed, wrapped, *_ in rows}
 
     def eligible(self, purpose: str, user_ids: Iterable[int]) -> list[int]:
         """The users of `user_ids` who consent to `purpose` right now, in the given order."""
         purpose, ids = check_purpose(purpose), check_user_ids(user_ids)
         with self._lock:
-            rows = self._conn.execute("SELECT user_id FROM consents WHERE purpose = ? AND granted = 1", (purpose,))
+            rows = self._conn.execute("SELECT user_id, granted, version, mac FROM consents "
+                                      "WHERE purpose = ? AND granted = 1", (purpose,)).fetchall()
+            for uid, granted, version, mac in rows:
+                self._check_consent(uid, purpose, granted, version, mac)
             consenting = {r[0] for r in rows}
         return [u for u in ids if u in consenting]
 
@@ -548,6 +610,7 @@ class ProfileStore:
                         self._conn.execute("UPDATE data_keys SET wrapped = ? WHERE user_id = ?", (rewrapped, user_id))
                     self._conn.execute("UPDATE meta SET value = ? WHERE key = 'key_check'",
                                        (seal(new_key, b"", KEY_CHECK_AD),))
+                    self._remac(new_key)           # consent rows are authenticated under the master key too
             except BaseException:
                 if staged:
                     staged.unlink(missing_ok=True)

@@ -320,9 +320,10 @@ def _split(probs: np.ndarray, xs: list[np.ndarray]) -> list[np.ndarray]:
     return np.split(probs, np.cumsum([len(x) for x in xs])[:-1])
 
 
-def member_info(checkpoint: str | Path) -> dict:
-    """What the router needs to know about a member, from its model card alone."""
-    _, card = load_model(Path(checkpoint))
+def member_info(checkpoint: str | Path, trust_code: bool = False) -> dict:
+    """What the router needs to know about a member, from its model card alone (a custom model the
+    card names is refused unless `trust_code`: sim/userimport.py)."""
+    _, card = load_model(Path(checkpoint), trust_code)
     quality = card.get("quality", {})
     if card.get("input_profile") is None:   # under DP a card ships it only once released (sim/card_stats.py)
         why = card.get("statistics_privacy", {}).get("input_profile", {}).get("reason", "not in the card")
@@ -361,10 +362,10 @@ FAN_OUTS_IN_FLIGHT = 1
 class Member:
     """One ensemble member: a checkpoint's global model, rebuilt from its model card."""
 
-    def __init__(self, name: str, checkpoint: str):
+    def __init__(self, name: str, checkpoint: str, trust_code: bool = False):
         torch.set_num_threads(1)
         self.name = name
-        self.model, self.card = load_model(Path(checkpoint))
+        self.model, self.card = load_model(Path(checkpoint), trust_code)
         self.shape = tuple(self.card["data_schema"]["input_shape"])
 
     @serve.batch(max_batch_size=BATCH_REQUESTS, batch_wait_timeout_s=BATCH_WAIT_S)
@@ -380,9 +381,9 @@ class PersonalModels:
     parameters) on the architecture of `checkpoint`, loaded on demand with model multiplexing: each
     replica keeps at most MAX_USER_MODELS users (least recently used evicted)."""
 
-    def __init__(self, checkpoint: str, directory: str):
+    def __init__(self, checkpoint: str, directory: str, trust_code: bool = False):
         torch.set_num_threads(1)
-        self.base, self.card = load_model(Path(checkpoint))
+        self.base, self.card = load_model(Path(checkpoint), trust_code)
         self.directory = Path(directory)
         self.shape = tuple(self.card["data_schema"]["input_shape"])
         self.loads = 0
@@ -730,8 +731,8 @@ class Ensemble:
 
 
 # ---------------------------------------------------------------- building the apps
-def member_app(name: str, checkpoint: str) -> serve.Application:
-    return Member.bind(name, str(checkpoint))
+def member_app(name: str, checkpoint: str, trust_code: bool = False) -> serve.Application:
+    return Member.bind(name, str(checkpoint), trust_code)
 
 
 def _router_entry(info: dict) -> dict:
@@ -739,9 +740,9 @@ def _router_entry(info: dict) -> dict:
 
 
 def ensemble_app(members: dict[str, str], personalized: str | None = None, settings: dict | None = None,
-                 reweight_s: float = 2.0, app_name: str = "fedmeta") -> serve.Application:
+                 reweight_s: float = 2.0, app_name: str = "fedmeta", trust_code: bool = False) -> serve.Application:
     """The ingress application for members (name -> checkpoint) deployed as their own apps."""
-    infos = {name: member_info(path) for name, path in members.items()}
+    infos = {name: member_info(path, trust_code) for name, path in members.items()}
     shapes = {tuple(i["input_shape"]) for i in infos.values()}
     classes = {i["num_classes"] for i in infos.values()}
     if len(shapes) != 1 or len(classes) != 1:
@@ -750,20 +751,22 @@ def ensemble_app(members: dict[str, str], personalized: str | None = None, setti
     router = Router.bind({n: _router_entry(i) for n, i in infos.items()}, settings or {}, app_name, reweight_s)
     personal = None
     if personalized:
-        personal = PersonalModels.bind(str(personalized), str(Path(personalized) / "personalized"))
+        personal = PersonalModels.bind(str(personalized), str(Path(personalized) / "personalized"), trust_code)
     return Ensemble.bind(list(members), router, personal, math.prod(shapes.pop()), app_name)
 
 
 def member_builder(args: dict) -> serve.Application:
-    """For Serve config files: `import_path: serve.app:member_builder`, args {name, checkpoint}."""
-    return member_app(args["name"], args["checkpoint"])
+    """For Serve config files: `import_path: serve.app:member_builder`, args {name, checkpoint,
+    trust_code}."""
+    return member_app(args["name"], args["checkpoint"], args.get("trust_code") is True)
 
 
 def ensemble_builder(args: dict) -> serve.Application:
     """For Serve config files: `import_path: serve.app:ensemble_builder`, args {members: {name:
-    checkpoint}, personalized, settings, reweight_s}."""
+    checkpoint}, personalized, settings, reweight_s, app_name, trust_code}."""
     return ensemble_app(dict(args["members"]), args.get("personalized"), args.get("settings"),
-                        float(args.get("reweight_s", 2.0)), args.get("app_name", "fedmeta"))
+                        float(args.get("reweight_s", 2.0)), args.get("app_name", "fedmeta"),
+                        args.get("trust_code") is True)
 
 
 @dataclass
@@ -779,15 +782,16 @@ class Deployment:
     # Serve's LoggingConfig of every replica, e.g. {"enable_access_log": False}: an access-log line
     # per request and replica is written, tailed and shipped to the driver (~1 ms of CPU a request)
     logging_config: dict | None = None
+    trust_code: bool = False      # custom models named by the members' cards may be imported (--trust-code)
 
     def _run(self, app: serve.Application, name: str, route_prefix: str | None) -> None:
         serve.run(app, name=name, route_prefix=route_prefix, logging_config=self.logging_config)
 
     def deploy(self) -> None:
         for name, path in self.members.items():
-            self._run(member_app(name, path), member_app_name(name, self.app_name), None)
-        self._run(ensemble_app(self.members, self.personalized, self.settings, self.reweight_s, self.app_name),
-                  self.app_name, "/")
+            self._run(member_app(name, path, self.trust_code), member_app_name(name, self.app_name), None)
+        self._run(ensemble_app(self.members, self.personalized, self.settings, self.reweight_s, self.app_name,
+                               self.trust_code), self.app_name, "/")
 
     def router(self):
         return serve.get_deployment_handle("Router", app_name=self.app_name)
@@ -797,8 +801,8 @@ class Deployment:
         the sequential test (e.g. max_pairs=200 to bound how long a trial can run)."""
         if name in self.members or name in self.candidates:
             raise ValueError(f"name: {name!r} is already deployed")
-        info = member_info(checkpoint)
-        self._run(member_app(name, checkpoint), member_app_name(name, self.app_name), None)
+        info = member_info(checkpoint, self.trust_code)
+        self._run(member_app(name, checkpoint, self.trust_code), member_app_name(name, self.app_name), None)
         self.candidates[name] = str(checkpoint)
         return self.router().start_trial.remote(name, _router_entry(info), mode, fraction, test_options).result()
 
@@ -830,9 +834,11 @@ class Deployment:
         """A Serve config file for `serve deploy` / `serve run` (members as their own applications)."""
         logging = {"logging_config": self.logging_config} if self.logging_config else {}
         apps = [{"name": member_app_name(n, self.app_name), "route_prefix": None, "import_path": "serve.app:member_builder",
-                 "args": {"name": n, "checkpoint": str(p)}, **logging} for n, p in self.members.items()]
+                 "args": {"name": n, "checkpoint": str(p), "trust_code": self.trust_code}, **logging}
+                for n, p in self.members.items()]
         apps.append({"name": self.app_name, "route_prefix": "/", "import_path": "serve.app:ensemble_builder",
                      "args": {"members": dict(self.members), "personalized": self.personalized,
-                              "settings": self.settings, "reweight_s": self.reweight_s, "app_name": self.app_name},
+                              "settings": self.settings, "reweight_s": self.reweight_s, "app_name": self.app_name,
+                              "trust_code": self.trust_code},
                      **logging})
         return {"http_options": {"host": host, "port": port}, "applications": apps}

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from sim.config import ConfigError
+from sim.durable import replace_durably
 
 CHECKPOINT = "checkpoint.pt"
 MAGIC = b"fedmeta-checkpoint/2\n"
@@ -84,7 +85,7 @@ def save(run_dir: Path, ck: Checkpoint) -> Path:
         f.write(MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
         f.flush()
         os.fsync(f.fileno())           # the rename below must not point at unwritten blocks after a crash
-    tmp.replace(path)
+    replace_durably(tmp, path)         # and the rename itself must survive it
     return path
 
 
@@ -115,21 +116,32 @@ def load(run_dir: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: not loadable as a fedmeta checkpoint ({type(e).__name__})") from None
 
 
-def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
+def load_model(path: Path, trust_code: bool = False) -> tuple[torch.nn.Module, dict]:
     """The global model of a checkpoint (a run directory or its checkpoint.pt), rebuilt from its
-    model card alone, with its weights loaded; and the card. No experiment config needed."""
+    model card alone, with its weights loaded; and the card. No experiment config needed. The card
+    is data: its fields are type-checked before use, and a custom model it names (code to import
+    and call) is refused unless `trust_code` (`--trust-code`; sim/userimport.py)."""
     from sim.config import ModelConfig
     from sim.models import build_model, param_shapes, unflatten
+    from sim.userimport import named_code, refuse_code
 
     path = Path(path)
     ck = load(path.parent if path.name == CHECKPOINT else path)
     card = ck.model_card
-    if card.get("format") != MODEL_CARD_FORMAT:
+    if not isinstance(card, dict) or card.get("format") != MODEL_CARD_FORMAT:
         raise ValueError(f"{path}: checkpoint has no {MODEL_CARD_FORMAT} model card (written by an older fedmeta?)")
     try:
-        schema = card["data_schema"]
-        model = build_model(ModelConfig(**card["model"]["config"]), tuple(schema["input_shape"]),
-                            schema["num_classes"])
+        schema, model_card = _card_field(card, "data_schema", dict), _card_field(card, "model", dict)
+        shape = _card_field(schema, "input_shape", list, "data_schema.")
+        if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 20 for d in shape):
+            raise ValueError(f"data_schema.input_shape: expected a list of positive ints, got {shape!r}")
+        classes = _card_field(schema, "num_classes", int, "data_schema.")
+        _card_field(model_card, "n_params", int, "model.")
+        config = ModelConfig(**_card_field(model_card, "config", dict, "model."))
+        refuse_code(named_code(config.kind, config.target), f"{path}: model card", trust_code)
+        model = build_model(config, tuple(shape), classes)
+    except ConfigError:
+        raise
     except (KeyError, TypeError, ValueError) as e:     # pydantic's ValidationError is a ValueError
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: its model card does not describe a model ({first})") from None
@@ -138,6 +150,16 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
         raise ValueError(f"{path}: {flat.numel()} parameters, the model card says {card['model']['n_params']}")
     model.load_state_dict(unflatten(flat, param_shapes(model)))
     return model.eval(), card
+
+
+def _card_field(node: dict, key: str, kind: type, prefix: str = ""):
+    """A model card's field, checked to be a `kind` before anything uses it."""
+    if key not in node:
+        raise KeyError(f"{prefix}{key}: missing")
+    value = node[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise TypeError(f"{prefix}{key}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
 
 
 def save_member(run_dir: Path, model_config: dict, global_params: np.ndarray, input_shape: list[int],

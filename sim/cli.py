@@ -24,6 +24,10 @@ err = Console(stderr=True, highlight=False)
 app.add_typer(privacy_app, name="privacy", help="Differential-privacy accounting (Opacus RDP/PRV).")
 
 SetOpt = Annotated[list[str], typer.Option("--set", help="override a config key: --set federation.rounds=3")]
+TrustOpt = Annotated[bool, typer.Option("--trust-code", help="let the artifact (a run directory's config or model card, a Tune "
+                                                              "experiment's search.json) name a custom model or algorithm, "
+                                                              "imported from the working directory and PYTHONPATH: it runs "
+                                                              "that code")]
 
 
 def summary_table(summary: dict) -> Table:
@@ -145,7 +149,8 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML o
         address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start local Ray)")] = None,
         dp: Annotated[bool, typer.Option("--dp", help="user-level DP-FedAvg with central noise (= --set privacy.mode=central)")] = False,
         secagg: Annotated[bool, typer.Option("--secagg", help="masked secure aggregation (= --set secagg.enabled=true)")] = False,
-        progress: Annotated[bool, typer.Option(help="show a progress bar")] = True) -> None:
+        progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+        trust_code: TrustOpt = False) -> None:
     """Run an experiment; prints a summary table and, last, the run directory."""
     from ray.exceptions import RayTaskError
 
@@ -157,7 +162,7 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="experiment YAML o
     if resume is not None:
         if config is not None or set_ or dp or secagg:
             raise ConfigError("--resume: takes the run directory's own config; drop CONFIG, --set, --dp and --secagg")
-        cfg = resume_config(resume)
+        cfg = resume_config(resume, trust_code)
         if not (resume / "checkpoint.pt").is_file():
             raise ConfigError(f"--resume: {resume} has no checkpoint.pt (the run never finished a checkpoint)")
     else:
@@ -230,7 +235,8 @@ def serve_cmd(run_dirs: Annotated[list[Path], typer.Argument(help="run directori
               top_k: Annotated[int, typer.Option(min=1, help="members combined per answer")] = 2,
               reweight_s: Annotated[float, typer.Option(min=0.1, help="seconds between routing recomputations")] = 2.0,
               write_config: Annotated[Optional[Path], typer.Option(help="write a Serve config file for `serve deploy` and exit")] = None,
-              address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start local Ray)")] = None) -> None:
+              address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start local Ray)")] = None,
+              trust_code: TrustOpt = False) -> None:
     """Serve federation checkpoints as a routed, weighted ensemble (Ray Serve) until Ctrl-C."""
     import time
 
@@ -241,7 +247,7 @@ def serve_cmd(run_dirs: Annotated[list[Path], typer.Argument(help="run directori
         if not (d / "checkpoint.pt").is_file():
             raise ConfigError(f"RUN_DIRS: {d} has no checkpoint.pt")
         try:
-            member_info(d)         # a damaged or foreign checkpoint, or a card with no profile, fails here, before Ray starts
+            member_info(d, trust_code)     # a damaged or foreign checkpoint, or a card with no profile, fails here, before Ray starts
         except ValueError as e:
             raise ConfigError(f"RUN_DIRS: {e}") from None
         name = "".join(ch if ch.isalnum() else "-" for ch in d.resolve().name)[:40] or "member"
@@ -251,7 +257,7 @@ def serve_cmd(run_dirs: Annotated[list[Path], typer.Argument(help="run directori
     if personalized is not None and not (personalized / "personalized").is_dir():
         raise ConfigError(f"--personalized: {personalized} has no personalized/ directory (a finished fedmeta run)")
     dep = Deployment(names, personalized=str(personalized.resolve()) if personalized else None,
-                     settings={"top_k": top_k}, reweight_s=reweight_s)
+                     settings={"top_k": top_k}, reweight_s=reweight_s, trust_code=trust_code)
     if write_config is not None:
         import yaml
 
@@ -279,12 +285,13 @@ def serve_cmd(run_dirs: Annotated[list[Path], typer.Argument(help="run directori
 @app.command()
 def specialize(run_dir: Annotated[Path, typer.Argument(help="a finished run directory (with personalized/)")],
                groups: Annotated[int, typer.Option(min=1, help="members to make: groups of similar individuals")] = 3,
-               out_dir: Annotated[Optional[Path], typer.Option("--out", help="where to write them (default RUN_DIR/members)")] = None) -> None:
+               out_dir: Annotated[Optional[Path], typer.Option("--out", help="where to write them (default RUN_DIR/members)")] = None,
+               trust_code: TrustOpt = False) -> None:
     """Export specialized ensemble members, one per group of similar individuals, for `fedmeta serve`."""
     from sim.specialize import specialize as export
 
     try:
-        for path in export(run_dir, groups, out_dir):
+        for path in export(run_dir, groups, out_dir, trust_code):
             print(path)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
@@ -297,7 +304,8 @@ def tune_cmd(config: Annotated[Optional[Path], typer.Argument(help="experiment Y
              name: Annotated[str, typer.Option(help="Tune experiment name (a directory under run.out_dir/tune)")] = "tune",
              resume: Annotated[Optional[Path], typer.Option(help="a Tune experiment directory to finish (its own "
                                                                  "config, start and privacy ledger)")] = None,
-             as_json: Annotated[bool, typer.Option("--json", help="also one JSON line with the result")] = False) -> None:
+             as_json: Annotated[bool, typer.Option("--json", help="also one JSON line with the result")] = False,
+             trust_code: TrustOpt = False) -> None:
     """Search the federation's hyperparameters with Ray Tune (Optuna TPE or random, ASHA); the best
     model becomes a candidate member. Last line: the candidate's directory."""
     from sim.checkpoint import load as load_ckpt
@@ -305,13 +313,13 @@ def tune_cmd(config: Annotated[Optional[Path], typer.Argument(help="experiment Y
 
     if resume is not None and (config is not None or set_ or start is not None):
         raise ConfigError("--resume: the experiment keeps its own config and start; give no CONFIG, --set or --start")
-    cfg = load(config, list(set_)) if resume is None else searched_config(resume)
+    cfg = load(config, list(set_)) if resume is None else searched_config(resume, trust_code)
     if start is not None and not (start / "checkpoint.pt").is_file():
         raise ConfigError(f"--start: {start} has no checkpoint.pt")
     start_round = load_ckpt(start).round if start is not None else 0
     try:
         if resume is not None:
-            res = resume_tune(resume)
+            res = resume_tune(resume, trust_code)
         else:
             res = run_tune(cfg, start=str(start.resolve()) if start else None, start_round=start_round, name=name)
     except KeyboardInterrupt as e:

@@ -468,7 +468,8 @@ class ProfilesConfig(Section):
 
     enabled: bool = False
     path: str | None = Field(None, description="SQLite file; null = profiles.sqlite in the run directory "
-                                               "(master key in profiles.key next to it)")
+                                               "(its master key in the per-user state directory, "
+                                               "$FEDMETA_STATE_DIR, never next to it)")
     consent_rate: float = Field(1.0, ge=0, le=1, description="share of users granting 'personalization' at sign-up")
 
 

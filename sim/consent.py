@@ -10,6 +10,7 @@ import numpy as np
 import ray
 
 from actors.profile_store import ProfileStoreActor
+from sim.statedir import store_key_path
 from sim.config import ExperimentConfig
 from sim.seeding import np_rng
 
@@ -30,7 +31,9 @@ class ConsentGate:
         p = cfg.profiles
         path = Path(p.path) if p.path else (run_dir or Path(cfg.run.out_dir)) / "profiles.sqlite"
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.store = ProfileStoreActor.remote(path, key_file=path.with_suffix(".key"))
+        # the master key lives in the per-user state directory, never beside the database (sim/statedir.py):
+        # with the run's secrets for the run's own store, by the database's path for a store runs share
+        self.store = ProfileStoreActor.remote(path, key_file=store_key_path(path, None if p.path else run_dir))
         grants = np_rng(cfg.seed, "profiles-consent").random(num_clients) < p.consent_rate
         ids = np.arange(num_clients)
         self._tokens = ray.get(self.store.register_many.remote(ids[grants].tolist(), [PURPOSE]))

@@ -28,6 +28,7 @@ from sim.hooks import (Accounting, CanaryAudit, CardStatistics, Checkpointing, E
                        RoundLog)
 from sim.plan import FederationPlan
 from sim.report import run_summary
+from sim.durable import write_atomic
 from sim.rundir import new_run_dir, run_secrets
 from sim.state import RunState
 
@@ -42,8 +43,9 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, resume: b
     saved = ckpt.load(run_dir) if resume else None
     if not resume:
         run_dir = run_dir or new_run_dir(cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        run_dir.chmod(0o700)       # owner-only: the model, per-user exports and logs of real users
+        write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     secrets = run_secrets(cfg, run_dir, resume)
     started = init_ray(cfg.ray.address, cfg.ray.connect_timeout_s)
     try:
@@ -149,9 +151,7 @@ def finish(fed: Federation, state: RunState, hooks: list[Hook], run_dir: Path) -
     summary = run_summary(fed.plan, state, run_dir, fed.peak_rss_mib())
     for h in hooks:
         summary.update(getattr(h, "summary", dict)())
-    tmp = run_dir / ".summary.json.tmp"     # renamed into place: a crash never leaves half a summary
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(run_dir / "summary.json")
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))   # a crash never leaves half a summary
     from sim.plots import plot_run  # matplotlib only when a run finishes
 
     plot_run(state.log, run_dir)

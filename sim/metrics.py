@@ -15,6 +15,8 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from sim.durable import fsync_file, replace_durably
+
 STATS = ("mean", "sd", "min", "max")
 
 
@@ -84,7 +86,8 @@ class MetricsLog:
             for ext in ("parquet", "csv"):
                 tmp = run_dir / f".{name}.{ext}.tmp"
                 df.to_parquet(tmp, index=False) if ext == "parquet" else df.to_csv(tmp, index=False)
-                tmp.replace(run_dir / f"{name}.{ext}")
+                fsync_file(tmp)
+                replace_durably(tmp, run_dir / f"{name}.{ext}")
 
 
 def finite_or_none(x: float) -> float | None:

@@ -49,13 +49,14 @@ def group_individuals(means: np.ndarray, groups: int, seed: int) -> np.ndarray:
     return KMeans(n_clusters=groups, n_init=10, random_state=seed).fit_predict(means)
 
 
-def specialize(run_dir: Path, groups: int, out_dir: Path | None = None) -> list[Path]:
-    """Write one member checkpoint per group under `out_dir` (default RUN_DIR/members)."""
+def specialize(run_dir: Path, groups: int, out_dir: Path | None = None, trust_code: bool = False) -> list[Path]:
+    """Write one member checkpoint per group under `out_dir` (default RUN_DIR/members). The run
+    directory is data: a custom model or algorithm its config names is refused unless `trust_code`."""
     run_dir = Path(run_dir)
     files = sorted((run_dir / "personalized").glob("*.npy"), key=lambda f: int(f.stem))
     if not files:
         raise FileNotFoundError(f"{run_dir}: no personalized/*.npy (a finished fedmeta run exports them)")
-    cfg = resume_config(run_dir)
+    cfg = resume_config(run_dir, trust_code)
     card = load(run_dir).model_card
     data = build_dataset(cfg.data, cfg.seed)
     ids = [int(f.stem) for f in files]

@@ -26,6 +26,7 @@ import ray
 import torch
 
 from actors.profile_store import ProfileStoreActor
+from sim.statedir import store_key_path
 from sim.algorithms.grouping import (
     class_mean_latents,
     encode,
@@ -163,7 +164,8 @@ def run_table(cfg: ExperimentConfig, run_dir: Path | None = None,
         shards = split_even(np.array(_pool(cfg, individuals)), cfg.ray.num_workers)
         latents = {k: v for part in ray.get([_encode_task.remote(raw_json, ae_ref, s) for s in shards])
                    for k, v in part.items()}
-        store = ProfileStoreActor.remote(run_dir / "profiles.sqlite", key_file=run_dir / "profiles.key")
+        store = ProfileStoreActor.remote(run_dir / "profiles.sqlite",
+                                         key_file=store_key_path(run_dir / "profiles.sqlite", run_dir))
         candidates = _store_latents(store, cfg, individuals, latents)
         _check_sizes(cfg, len(dg.y_train), len(candidates))
         z_global = encode(ray.get(ae_ref), dg.x_train) if any(s.method == "sg" for s in p.methods) else None

@@ -43,11 +43,13 @@ from sim.algorithms import build_algorithm
 from sim.card_stats import exact_statistics
 from sim.cluster import init_ray, worker_resources
 from sim.config import ConfigError, ExperimentConfig, TuneParam, from_dict
+from sim.durable import write_atomic
 from sim.federation import Federation
 from sim.metrics import pareto_front
 from sim.models import build_model, inference_ms
 from sim.plan import FederationPlan, input_profile
 from sim.seeding import Secrets
+from sim.userimport import artifact_config
 
 METRIC_KEYS = ("acc_personalized_DI", "acc_global_DI")
 
@@ -325,12 +327,12 @@ def run_tune(cfg: ExperimentConfig, start: str | None = None, start_round: int =
     experiment.mkdir(parents=True, exist_ok=True)
     for old in experiment.glob(LEDGER.format("*")):       # a new search under an old name spends afresh
         old.unlink()
-    (experiment / SEARCH_FILE).write_text(json.dumps({"config": cfg.model_dump(mode="json"), "start": start,
+    write_atomic(experiment / SEARCH_FILE, json.dumps({"config": cfg.model_dump(mode="json"), "start": start,
                                                       "start_round": start_round}, indent=2))
     return _search(cfg, start, start_round, experiment, restore=False)
 
 
-def resume_tune(experiment: Path) -> dict:
+def resume_tune(experiment: Path, trust_code: bool = False) -> dict:
     """Finish an interrupted search (`fedmeta tune --resume`): Tune restores its trials and its
     searcher, unfinished trials continue from their last report, and the privacy budget continues
     from the experiment's ledger (the rounds spent before the interruption stay spent)."""
@@ -338,7 +340,8 @@ def resume_tune(experiment: Path) -> dict:
     meta = _search_file(experiment)
     if not tune.Tuner.can_restore(str(experiment.resolve())):
         raise ConfigError(f"--resume: {experiment} holds no Tune experiment state to resume")
-    cfg = from_dict(meta["config"], source=str(experiment / SEARCH_FILE))
+    cfg = artifact_config(from_dict(meta["config"], source=str(experiment / SEARCH_FILE)),
+                          str(experiment / SEARCH_FILE), trust_code)
     return _search(cfg, meta["start"], meta["start_round"], experiment, restore=True)
 
 
@@ -349,9 +352,11 @@ def _search_file(experiment: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def searched_config(experiment: Path) -> ExperimentConfig:
-    """The config a `fedmeta tune` experiment was started with (its search.json)."""
-    return from_dict(_search_file(experiment)["config"], source=str(Path(experiment) / SEARCH_FILE))
+def searched_config(experiment: Path, trust_code: bool = False) -> ExperimentConfig:
+    """The config a `fedmeta tune` experiment was started with (its search.json), read as data
+    (`sim.userimport.artifact_config`)."""
+    source = str(Path(experiment) / SEARCH_FILE)
+    return artifact_config(from_dict(_search_file(experiment)["config"], source=source), source, trust_code)
 
 
 def _search(cfg: ExperimentConfig, start: str | None, start_round: int, experiment: Path, restore: bool) -> dict:
@@ -389,7 +394,7 @@ def _search(cfg: ExperimentConfig, start: str | None, start_round: int, experime
         if started:
             ray.shutdown()
     summary = summarize(cfg, results, experiment, spent, weight)
-    (experiment / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_atomic(experiment / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
 
 

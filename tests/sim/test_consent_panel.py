@@ -17,8 +17,9 @@ CONSENT = {"enabled": True, "consent_rate": 0.5}
 def consenting_users(run_dir, n: int) -> set[int]:
     """Who consents to personalization, read from the run's encrypted store itself."""
     from actors.profile_store import ProfileStore
+    from sim.statedir import store_key_path
 
-    store = ProfileStore(run_dir / "profiles.sqlite", key_file=run_dir / "profiles.key")
+    store = ProfileStore(run_dir / "profiles.sqlite", key_file=store_key_path(run_dir / "profiles.sqlite", run_dir))
     try:
         return set(store.eligible(PURPOSE, list(range(n))))
     finally:

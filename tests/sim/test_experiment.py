@@ -291,7 +291,11 @@ def test_consent_gates_the_cohort_and_revocation_takes_effect_next_round(ray_ses
         assert nxt[0] not in res.trained and set(res.trained) == set(nxt[1:])
     finally:
         fed.shutdown()
-    assert (tmp_path / "profiles.sqlite").is_file() and (tmp_path / "profiles.key").stat().st_mode & 0o077 == 0
+    from sim.statedir import run_secrets_dir
+
+    key = run_secrets_dir(tmp_path, create=False) / "profiles.key"     # the state directory, not the run's
+    assert (tmp_path / "profiles.sqlite").is_file() and not list(tmp_path.glob("*.key"))
+    assert key.stat().st_mode & 0o077 == 0 and key.parent.stat().st_mode & 0o077 == 0
 
 
 def ray_get_eligible(fed, ids):
@@ -396,15 +400,21 @@ def test_tuning_metric_under_secure_aggregation_equals_the_plain_mean(ray_sessio
 
 def test_dp_noise_is_secret_unless_seeded_secrets_is_asked_for(ray_session, tmp_path):
     """Two DP runs of one seed release different noise; with run.seeded_secrets they are identical.
-    The run secret stays in run_secret.key (owner-only), never in the checkpoint, card or summary."""
+    The run secret stays in run_secret.key (owner-only) in the per-user state directory, never in the
+    run directory (0700), its checkpoint, card or summary."""
     raw = tiny_raw(tmp_path, privacy={"mode": "central"}, federation={"rounds": 2}, eval={"every": 2},
                    ray={"num_workers": 1})
     a_dir, a = run_experiment(from_dict(raw))
     b_dir, _ = run_experiment(from_dict(raw))
     pa, pb = ckpt.load(a_dir).global_params, ckpt.load(b_dir).global_params
     assert not np.array_equal(pa, pb) and a["secrets"] == "csprng"
-    key = (a_dir / "run_secret.key").read_bytes()
-    assert len(key) == 32 and (a_dir / "run_secret.key").stat().st_mode & 0o077 == 0
+    from sim.statedir import run_secrets_dir
+
+    secret = run_secrets_dir(a_dir, create=False) / "run_secret.key"     # outside the run directory
+    key = secret.read_bytes()
+    assert len(key) == 32 and secret.stat().st_mode & 0o077 == 0 and secret.parent.stat().st_mode & 0o077 == 0
+    assert not list(a_dir.rglob("*.key")) and a_dir.stat().st_mode & 0o777 == 0o700
+    assert key not in b"".join(f.read_bytes() for f in a_dir.rglob("*") if f.is_file())
     assert key not in (a_dir / "checkpoint.pt").read_bytes() and key.hex() not in (a_dir / "summary.json").read_text()
     raw["run"]["seeded_secrets"] = True
     c_dir, c = run_experiment(from_dict(raw))
