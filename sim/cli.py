@@ -236,11 +236,19 @@ def serve_cmd(run_dirs: Annotated[list[Path], typer.Argument(help="run directori
               reweight_s: Annotated[float, typer.Option(min=0.1, help="seconds between routing recomputations")] = 2.0,
               write_config: Annotated[Optional[Path], typer.Option(help="write a Serve config file for `serve deploy` and exit")] = None,
               address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start local Ray)")] = None,
-              trust_code: TrustOpt = False) -> None:
+              trust_code: TrustOpt = False,
+              auth: Annotated[Optional[Path], typer.Option(help="JSON file mapping each bearer token to its scopes "
+                                                                "(predict, personal, feedback, operator); default: "
+                                                                "fresh tokens, one per scope, in a 0600 file in the "
+                                                                "state directory (loopback hosts only)")] = None,
+              request_timeout_s: Annotated[float, typer.Option(min=0.1, help="HTTP request timeout")] = 30.0) -> None:
     """Serve federation checkpoints as a routed, weighted ensemble (Ray Serve) until Ctrl-C."""
+    import ipaddress
     import time
 
     from serve.app import Deployment, member_info
+    from serve.auth import AuthError, load_tokens, new_token_file
+    from sim.statedir import state_dir
 
     names: dict[str, str] = {}
     for d in run_dirs:
@@ -256,22 +264,47 @@ def serve_cmd(run_dirs: Annotated[list[Path], typer.Argument(help="run directori
         names[name] = str(d.resolve())
     if personalized is not None and not (personalized / "personalized").is_dir():
         raise ConfigError(f"--personalized: {personalized} has no personalized/ directory (a finished fedmeta run)")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if auth is None and not loopback:
+        raise ConfigError(f"--host {host}: a host other hosts can reach needs --auth FILE (bearer tokens and their "
+                          "scopes); without it only a loopback host is served, with generated tokens")
+    token_file = None
+    try:
+        if auth is not None:
+            tokens = load_tokens(auth)
+        else:
+            token_file = state_dir() / "serve" / f"tokens-{port}.json"
+            tokens = load_tokens(token_file) if token_file.is_file() else None
+            if tokens is None or write_config is None:     # a fresh set for each server started
+                new_token_file(token_file)
+                tokens = load_tokens(token_file)
+    except AuthError as e:
+        raise ConfigError(str(e)) from None
     dep = Deployment(names, personalized=str(personalized.resolve()) if personalized else None,
-                     settings={"top_k": top_k}, reweight_s=reweight_s, trust_code=trust_code)
+                     settings={"top_k": top_k}, reweight_s=reweight_s, trust_code=trust_code, auth=tokens)
     if write_config is not None:
         import yaml
 
-        write_config.write_text(yaml.safe_dump(dep.config(host, port), sort_keys=False))
+        config = dep.config(host, port)
+        config["http_options"]["request_timeout_s"] = request_timeout_s
+        write_config.write_text(yaml.safe_dump(config, sort_keys=False))
+        if token_file is not None:
+            print(f"bearer tokens (one per scope): {token_file}")
         print(write_config)
         return
     import ray
     from ray import serve
 
     ray.init(address=address) if address else ray.init()
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
     dep.deploy()
     print(f"serving {', '.join(names)} at http://{host}:{port} (predict, feedback, routing, members, health, "
           f"metrics); Ctrl-C stops")
+    if token_file is not None:
+        print(f"bearer tokens (one per scope): {token_file}")
     try:
         while True:
             time.sleep(reweight_s)

@@ -59,8 +59,8 @@ def run_secrets_dir(run_dir: Path, create: bool = True) -> Path | None:
     rid = run_id(run_dir, create)
     if rid is None:
         return None
-    folder = state_dir() / "runs" / rid
-    return private_dir(folder) if create else folder
+    runs = state_dir() / "runs"
+    return private_dir(private_dir(runs) / rid) if create else runs / rid
 
 
 def store_key_path(db: Path, run_dir: Path | None) -> Path:
@@ -69,4 +69,4 @@ def store_key_path(db: Path, run_dir: Path | None) -> Path:
     if run_dir is not None:
         return run_secrets_dir(run_dir) / "profiles.key"
     name = hashlib.sha256(str(Path(db).resolve()).encode()).hexdigest()[:32]
-    return private_dir(state_dir() / "stores" / name) / "profiles.key"
+    return private_dir(private_dir(state_dir() / "stores") / name) / "profiles.key"

@@ -42,6 +42,7 @@ def clean_apps(serve_url):
 def deploy(tmp_path, members, reweight_s=0.0, **settings):
     from serve.app import Deployment
 
+    settings.setdefault("auto_promote", True)      # these tests check the test's decisions, not the operator's
     dep = Deployment({n: member(tmp_path / n, **kw) for n, kw in members.items()}, settings=settings,
                      reweight_s=reweight_s)
     dep.deploy()
@@ -251,20 +252,63 @@ def test_per_user_models_with_fallback(serve_url, tmp_path):
     assert other["predictions"] == expected.tolist()
 
 
+def test_the_api_needs_a_token_with_the_scope(serve_url, tmp_path):
+    """Issue 27: every endpoint but /health needs a bearer token with its scope; a user_id without
+    the `personal` scope gets the ensemble, and /routing shows no salt."""
+    from serve.app import Deployment
+    from serve.auth import parse_tokens
+
+    run = tmp_path / "run"
+    member(run, seed=1)
+    (run / "personalized").mkdir()
+    _, card = load_model(run)
+    personal = np.zeros(card["model"]["n_params"], np.float32)
+    personal[-10 + 4] = 10.0
+    np.save(run / "personalized" / "42.npy", personal)
+    tokens = {"p" * 32: ["predict"], "u" * 32: ["predict", "personal"], "f" * 32: ["feedback"], "o" * 32: ["operator"]}
+    dep = Deployment({"g": str(run)}, personalized=str(run), reweight_s=0.0, auth=parse_tokens(tokens))
+    dep.deploy()
+    dep.add_candidate("c", member(tmp_path / "c", constant=3), "ab", 0.5)
+    bearer = {scope: {"Authorization": f"Bearer {t}"} for t, (scope, *_) in
+              zip(tokens, [["predict"], ["personal"], ["feedback"], ["operator"]])}
+    body = {"inputs": [[0.3] * 64], "user_id": "42"}
+    assert requests.post(serve_url + "/predict", json=body, timeout=30).status_code == 401
+    wrong = {"Authorization": "Bearer " + "x" * 32}
+    assert requests.post(serve_url + "/predict", json=body, headers=wrong, timeout=30).status_code == 401
+    plain = requests.post(serve_url + "/predict", json=body, headers=bearer["predict"], timeout=30)
+    assert plain.status_code == 200 and plain.json()["answered_by"] != "personal"
+    own = requests.post(serve_url + "/predict", json=body, headers=bearer["personal"], timeout=30).json()
+    assert own["answered_by"] == "personal" and own["predictions"] == [4]
+    fb = {"request_id": plain.json()["request_id"], "labels": [1]}
+    assert requests.post(serve_url + "/feedback", json=fb, headers=bearer["predict"], timeout=30).status_code == 403
+    assert requests.post(serve_url + "/feedback", json=fb, headers=bearer["feedback"], timeout=30).status_code == 200
+    for path in ("/routing", "/members", "/metrics", "/openapi.json"):
+        assert requests.get(serve_url + path, timeout=30).status_code == 401
+        assert requests.get(serve_url + path, headers=bearer["predict"], timeout=30).status_code == 403
+        assert requests.get(serve_url + path, headers=bearer["operator"], timeout=30).status_code == 200
+    routing = requests.get(serve_url + "/routing", headers=bearer["operator"], timeout=30).json()
+    assert routing["candidate"]["name"] == "c" and "salt" not in routing["candidate"]
+    promote = {"name": "c"}
+    assert requests.post(serve_url + "/promote", json=promote, headers=bearer["predict"], timeout=30).status_code == 403
+    undecided = requests.post(serve_url + "/promote", json=promote, headers=bearer["operator"], timeout=30)
+    assert undecided.status_code == 409 and "has not decided" in undecided.json()["detail"]
+    assert requests.get(serve_url + "/docs", timeout=30).status_code == 404
+    assert requests.get(serve_url + "/health", timeout=30).status_code == 200
+
+
 def test_ab_arm_by_user_and_drift_compensation(serve_url, tmp_path):
     """A/B: a stable set of users gets the candidate's answers (the rest production's); feedback
     on both arms promotes the better one. A member whose feedback accuracy falls far below its
     reference quality loses the drift-compensation share."""
-    from serve.shadow import ab_arm
-
     dep = deploy(tmp_path, {"a": {"constant": 0}, "b": {"constant": 0, "seed": 5}}, min_feedback=5)
     dep.add_candidate("c", member(tmp_path / "c", constant=3), "ab", 0.5)
     users = [f"user{i}" for i in range(40)]
+    arms: dict[str, str] = {}          # the arms follow a secret salt: stable per user, about half each
     for rnd in range(6):
         for u in users:
             out = predict(serve_url, np.full((2, 64), 0.3, np.float32), user=u)
-            arm = ab_arm(u, 0.5, "ab")
-            assert out["answered_by"] == ("candidate" if arm == "candidate" else "ensemble")
+            arm = arms.setdefault(u, out["answered_by"])
+            assert out["answered_by"] == arm in ("candidate", "ensemble")
             assert (3 in out["predictions"]) == (arm == "candidate")
             requests.post(serve_url + "/feedback", json={"request_id": out["request_id"], "labels": [3, 3]},
                           timeout=30)

@@ -29,6 +29,7 @@ def test_a_run_keeps_its_secret_outside_its_directory_and_a_copy_cannot_resume_w
     assert not (run_dir / SECRET_FILE).exists() and [p.name for p in run_dir.iterdir()] == ["run_id"]
     secret = run_secrets_dir(run_dir, create=False) / SECRET_FILE
     assert secret.read_bytes() == first.key and secret.stat().st_mode & 0o777 == 0o600
+    assert all(d.stat().st_mode & 0o777 == 0o700 for d in (secret.parent, secret.parent.parent))
     assert run_secrets(cfg, run_dir, resume=True).key == first.key           # resume finds it by the run id
     # the same directory shipped to another machine (another state directory): it has no secret there
     monkeypatch.setenv("FEDMETA_STATE_DIR", str(tmp_path / "other-machine"))
