@@ -18,11 +18,11 @@ import numpy as np
 import ray
 import torch
 
-from actors.client_worker import peak_rss_mib
-from actors.messages import METRIC_KEYS, MaskedUpdate, PlainUpdate, SummedUpdates, one_client_update, wire_bytes
-from actors.privacy import UserLevelDP
-from actors.process import settle
-from actors.secagg.protocol import (
+from fedmeta.actors.client_worker import peak_rss_mib
+from fedmeta.actors.messages import METRIC_KEYS, MaskedUpdate, PlainUpdate, SummedUpdates, one_client_update, wire_bytes
+from fedmeta.actors.privacy import UserLevelDP
+from fedmeta.actors.process import settle
+from fedmeta.actors.secagg.protocol import (
     AdvertiseKeys,
     EncryptedShares,
     ProtocolViolation,
@@ -30,11 +30,11 @@ from actors.secagg.protocol import (
     UnmaskRequest,
     UnmaskShares,
 )
-from actors.secagg.session import SecAggParams, SecureSum
-from sim.algorithms import build_algorithm
-from sim.config import AlgorithmConfig
-from sim.seeding import Secrets, np_rng
-from sim.userimport import add_code_path
+from fedmeta.actors.secagg.session import SecAggParams, SecureSum
+from fedmeta.sim.algorithms import build_algorithm
+from fedmeta.sim.config import AlgorithmConfig
+from fedmeta.sim.seeding import Secrets, np_rng
+from fedmeta.sim.artifacts.usercode import add_code_path
 
 
 class AggregationError(RuntimeError):
@@ -121,7 +121,7 @@ class Aggregator:
 
     def aggregate_buffered(self, round_id: int, global_params: np.ndarray, versions: Sequence[int],
                            weights: Sequence[float], *messages: PlainUpdate) -> tuple[np.ndarray, dict]:
-        """A FedBuff server step (sim/fedbuff.py): message i trained from server step `versions[i]`
+        """A FedBuff server step (sim/engine/fedbuff.py): message i trained from server step `versions[i]`
         and counts with its staleness weight `weights[i]` (<= 1, so a clipped update's
         sensitivity stays C); the mean divides by the unweighted total weight, so staleness
         shrinks stale updates rather than being normalized away."""

@@ -19,11 +19,11 @@ import numpy as np
 import ray
 import torch
 
-from actors.messages import METRIC_KEYS, Diagnostics, MaskedUpdate, PlainUpdate, ProtocolStateLost, wire_bytes
-from actors.privacy import UserLevelDP, clip_updates, individual_mia_auc
-from actors.process import settle
-from actors.screening import screen, without_rejected
-from actors.secagg.protocol import (
+from fedmeta.actors.messages import METRIC_KEYS, Diagnostics, MaskedUpdate, PlainUpdate, ProtocolStateLost, wire_bytes
+from fedmeta.actors.privacy import UserLevelDP, clip_updates, individual_mia_auc
+from fedmeta.actors.process import settle
+from fedmeta.actors.screening import screen, without_rejected
+from fedmeta.actors.secagg.protocol import (
     AdvertiseKeys,
     EncryptedShares,
     MaskedInput,
@@ -31,19 +31,19 @@ from actors.secagg.protocol import (
     UnmaskRequest,
     UnmaskShares,
 )
-from actors.secagg.quantize import add_mod, quantize
-from actors.secagg.session import SecAggParams
-from sim.algorithms import build_algorithm
-from sim.algorithms.local import LocalDP, accuracies_stacked, predictions_hit, resolve_compute, sample_losses
-from sim.compression import compress
-from sim.config import ExperimentConfig, from_dict
-from sim.data import build_dataset
-from sim.data.canaries import canary_count, canary_direction, canary_ids
-from sim.data.drift import data_for_round, drift_data
-from sim.models import build_model, num_params
-from sim.seeding import Secrets, client_keys, np_rng, torch_gen
-from sim.system import choose, device, duration
-from sim.userimport import add_code_path
+from fedmeta.actors.secagg.quantize import add_mod, quantize
+from fedmeta.actors.secagg.session import SecAggParams
+from fedmeta.sim.algorithms import build_algorithm
+from fedmeta.sim.algorithms.local import LocalDP, accuracies_stacked, predictions_hit, resolve_compute, sample_losses
+from fedmeta.sim.compression import compress
+from fedmeta.sim.config import ExperimentConfig, from_dict
+from fedmeta.sim.data import build_dataset
+from fedmeta.sim.data.canaries import canary_count, canary_direction, canary_ids
+from fedmeta.sim.data.drift import data_for_round, drift_data
+from fedmeta.sim.models import build_model, num_params
+from fedmeta.sim.seeding import Secrets, client_keys, np_rng, torch_gen
+from fedmeta.sim.system import choose, device, duration
+from fedmeta.sim.artifacts.usercode import add_code_path
 
 # Per-sample losses an evaluation returns for the membership-inference audit.
 LOSS_KEYS = ("loss_global_train", "loss_global_test", "loss_personalized_train", "loss_personalized_test")
@@ -133,7 +133,7 @@ class ClientWorker:
               deadline: float | None = None, keys: dict[int, Secrets] | None = None
               ) -> tuple[PlainUpdate | MaskedUpdate, Diagnostics]:
         """Run the algorithm's client rule for every client in `cids`; sum their weighted updates.
-        `keys`: each client's key for this round (its local DP-SGD noise; `sim.seeding.client_keys`).
+        `keys`: each client's key for this round (its local DP-SGD noise; `fedmeta.sim.seeding.client_keys`).
         With secure aggregation (`inbox`: the encrypted shares routed to each client) the
         clients' clipped updates are quantized and masked, and only the masked sum leaves.
         Stragglers: only the first `quota` clients to finish report (over-selection), and none

@@ -20,7 +20,7 @@ LocalDPReleases = tuple[tuple[int, int, int], ...]   # (client id, noisy gradien
 
 # The panel statistics the aggregator may release (each a noisy mean of per-individual values in
 # [0, 1]): the evaluation accuracies Tune optimizes, and each individual's own membership-inference
-# AUC of its personalized model, which the privacy weight's controller reads (sim/leakage.py).
+# AUC of its personalized model, which the privacy weight's controller reads (sim/run/leakage.py).
 METRIC_KEYS = {"accuracy": ("acc_global_DI", "acc_personalized_DI"), "leakage": ("mia_auc_DI",)}
 
 

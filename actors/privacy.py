@@ -25,7 +25,7 @@ Fredrikson & Jha 2018 ("Privacy Risk in Machine Learning: Analyzing the Connecti
 Overfitting"). The privacy term of the local objective that this audit motivates lives with the
 algorithms (``sim/algorithms/penalty.py``).
 
-No global RNG is used: randomness comes only from the generator passed in (see ``sim.seeding``).
+No global RNG is used: randomness comes only from the generator passed in (see ``fedmeta.sim.seeding``).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-from sim.seeding import gaussian_noise, noise_sampler
+from fedmeta.sim.seeding import gaussian_noise, noise_sampler
 
 AccountantName = Literal["rdp", "prv"]
 ACCOUNTANTS = ("rdp", "prv")
@@ -113,7 +113,7 @@ def clip_updates(updates: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor,
 def central_noise(sum_vec: torch.Tensor, clip_norm: float, noise_multiplier: float,
                   gen) -> tuple[torch.Tensor, dict]:
     """``sum_vec`` plus i.i.d. N(0, (z C)^2) per coordinate, drawn from ``gen`` (a
-    `sim.seeding.Secrets.noise` source: the attack-safe `SecureGaussian` unless secrets are seeded).
+    `fedmeta.sim.seeding.Secrets.noise` source: the attack-safe `SecureGaussian` unless secrets are seeded).
 
     The sum of C-clipped updates has L2 sensitivity C to one user, so std z*C makes this the
     Gaussian mechanism with noise multiplier z (the quantity the accountant is stepped with).
@@ -504,7 +504,7 @@ class PrivacyBudget:
     def _save(self) -> None:
         if self.ledger is None:
             return
-        from sim.durable import write_atomic     # whole or not at all: a crash keeps the last one
+        from fedmeta.sim.artifacts.durable import write_atomic     # whole or not at all: a crash keeps the last one
 
         write_atomic(self.ledger, json.dumps({"entries": [list(e) for e in self.entries.values()]}))
 
@@ -600,7 +600,7 @@ class UserLevelDP:
     @classmethod
     def from_config(cls, p, sampling: Sampling, rounds: int, secure: bool = False,
                     reporting: int | None = None) -> UserLevelDP:
-        """`p` is a `sim.config.PrivacyConfig`; `reporting`: the clients expected to report when
+        """`p` is a `fedmeta.sim.config.PrivacyConfig`; `reporting`: the clients expected to report when
         more are sampled (over-selection; default: the cohort). Raises ValueError naming the key
         when a target epsilon cannot be met in `rounds` rounds, or the accountant cannot account
         the sampling."""
@@ -697,7 +697,7 @@ def _resolve_noise(p, sampling: Sampling, rounds: int) -> float:
     """0 without DP, the configured z, or (a target epsilon alone) the smallest z whose epsilon
     after all `rounds` stays within `target_epsilon` (Opacus' search for Poisson sampling, a
     bisection for fixed cohorts)."""
-    from sim.config import DEFAULT_NOISE_MULTIPLIER
+    from fedmeta.sim.config import DEFAULT_NOISE_MULTIPLIER
 
     if p.mode == "off":
         return 0.0

@@ -70,7 +70,7 @@ import ray
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sim.durable import replace_durably
+from fedmeta.sim.artifacts.durable import replace_durably
 
 if TYPE_CHECKING:
     from typing_extensions import Self

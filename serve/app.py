@@ -11,7 +11,7 @@ handles looked up by application name.
 
 A request's inputs go to the top-k active members by routing weight (in parallel) and the answer is
 their weighted average (serve/routing.py `combine`); the response names the members and weights.
-Concurrent requests share member calls and forward passes (`Coalesce` at the ingress, `serve.batch`
+Concurrent requests share member calls and forward passes (`Coalesce` at the ingress, `fedmeta.serve.batch`
 at a member: see BATCH_REQUESTS), and what answered reaches the Router off the request's path.
 With a user id whose personalized model exists, that model answers instead (`personal_id`: only the
 canonical ASCII decimal spelling of an id selects a model; any other id is answered by the ensemble).
@@ -50,11 +50,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.auth import Caller, RateLimit, authenticate
-from serve.routing import combine
-from serve.shadow import ab_arm, in_shadow
-from serve.state import RouterSettings, RouterState
-from sim.checkpoint import load_model
+from fedmeta.serve.auth import Caller, RateLimit, authenticate
+from fedmeta.serve.routing import combine
+from fedmeta.serve.shadow import ab_arm, in_shadow
+from fedmeta.serve.state import RouterSettings, RouterState
+from fedmeta.sim.checkpoint import load_model
 
 # no open docs: the schema is served to operators only (/openapi.json below)
 api = FastAPI(title="fedmeta ensemble", docs_url=None, redoc_url=None, openapi_url=None)
@@ -328,10 +328,10 @@ def _split(probs: np.ndarray, xs: list[np.ndarray]) -> list[np.ndarray]:
 
 def member_info(checkpoint: str | Path, trust_code: bool = False) -> dict:
     """What the router needs to know about a member, from its model card alone (a custom model the
-    card names is refused unless `trust_code`: sim/userimport.py)."""
+    card names is refused unless `trust_code`: sim/artifacts/usercode.py)."""
     _, card = load_model(Path(checkpoint), trust_code)
     quality = card.get("quality", {})
-    if card.get("input_profile") is None:   # under DP a card ships it only once released (sim/card_stats.py)
+    if card.get("input_profile") is None:   # under DP a card ships it only once released (sim/run/card_stats.py)
         why = card.get("statistics_privacy", {}).get("input_profile", {}).get("reason", "not in the card")
         raise ValueError(f"{checkpoint}: the model card has no input_profile to route by ({why})")
     return {"profile": card["input_profile"], "input_shape": card["data_schema"]["input_shape"],
@@ -348,7 +348,7 @@ SHUTDOWN = {"graceful_shutdown_wait_loop_s": 0.2, "graceful_shutdown_timeout_s":
 # forward pass a fraction of a ms: calls, not models, bound throughput, and an ensemble makes top_k
 # calls where a single model makes one. So concurrent requests share calls: the ingress sends the
 # inputs of all requests waiting for the ensemble in one call per member (`Coalesce`), and a member
-# answers the calls that queued up meanwhile in one forward pass (`serve.batch`).
+# answers the calls that queued up meanwhile in one forward pass (`fedmeta.serve.batch`).
 # At most BATCH_REQUESTS requests a call: more than are in flight at the bench's concurrency of 8,
 # so one call can carry them all; more would buy little (the calls are already few) and hold more
 # memory (BATCH_REQUESTS x MAX_BATCH rows, forwarded in slices of MAX_BATCH rows).
@@ -406,7 +406,7 @@ class PersonalModels:
     async def get_model(self, user_id: str) -> torch.nn.Module:
         import copy
 
-        from sim.models import param_shapes, unflatten
+        from fedmeta.sim.models import param_shapes, unflatten
 
         flat = torch.as_tensor(np.load(self._path(user_id)))
         model = copy.deepcopy(self.base)
@@ -509,7 +509,7 @@ class Coalesce:
     """`await coalesce(item)` from concurrent requests, answered by calls of `batch_call(items)` (one
     result per item, in order): while `limit` calls are in flight, new items wait and go together in
     the next one (at most `max_items`). No timer: a lone item goes at once, and batches grow with the
-    load. A failed call fails each of its items with the same exception. (`serve.batch` forms a batch
+    load. A failed call fails each of its items with the same exception. (`fedmeta.serve.batch` forms a batch
     by a timer, not by what is in flight.)"""
 
     def __init__(self, batch_call, limit: int = FAN_OUTS_IN_FLIGHT, max_items: int = BATCH_REQUESTS):
@@ -894,10 +894,10 @@ class Deployment:
     def config(self, host: str = "127.0.0.1", port: int = 8000) -> dict:
         """A Serve config file for `serve deploy` / `serve run` (members as their own applications)."""
         logging = {"logging_config": self.logging_config} if self.logging_config else {}
-        apps = [{"name": member_app_name(n, self.app_name), "route_prefix": None, "import_path": "serve.app:member_builder",
+        apps = [{"name": member_app_name(n, self.app_name), "route_prefix": None, "import_path": "fedmeta.serve.app:member_builder",
                  "args": {"name": n, "checkpoint": str(p), "trust_code": self.trust_code}, **logging}
                 for n, p in self.members.items()]
-        apps.append({"name": self.app_name, "route_prefix": "/", "import_path": "serve.app:ensemble_builder",
+        apps.append({"name": self.app_name, "route_prefix": "/", "import_path": "fedmeta.serve.app:ensemble_builder",
                      "args": {"members": dict(self.members), "personalized": self.personalized,
                               "settings": self.settings, "reweight_s": self.reweight_s, "app_name": self.app_name,
                               "trust_code": self.trust_code, "auth": self.auth},

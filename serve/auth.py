@@ -70,7 +70,7 @@ def load_tokens(path: Path) -> dict[str, list[str]]:
 def new_token_file(path: Path) -> dict[str, str]:
     """One fresh token per scope (the operator's also holds the others), written 0600; returns
     {scope: token}."""
-    from sim.durable import write_atomic
+    from fedmeta.sim.artifacts.durable import write_atomic
 
     tokens = {scope: secrets.token_urlsafe(32) for scope in SCOPES}
     grants = {tokens[s]: ([s] if s != "operator" else list(SCOPES)) for s in SCOPES}

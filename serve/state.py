@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serve.routing import InputProfile, RoutingController
-from serve.shadow import CandidateTrial, Decision, PruningTracker
+from fedmeta.serve.routing import InputProfile, RoutingController
+from fedmeta.serve.shadow import CandidateTrial, Decision, PruningTracker
 
 
 @dataclass(frozen=True)

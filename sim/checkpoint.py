@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sim.config import ConfigError
-from sim.durable import replace_durably
+from fedmeta.sim.config import ConfigError
+from fedmeta.sim.artifacts.durable import replace_durably
 
 CHECKPOINT = "checkpoint.pt"
 MAGIC = b"fedmeta-checkpoint/2\n"
@@ -39,7 +39,7 @@ class Checkpoint:
     accountant: dict | None = None   # PrivacyAccountant.state_dict(): the privacy spent so far
     local_dp: dict | None = None     # LocalDPLedger.state_dict(): clients' local DP-SGD steps
     server_state: dict = field(default_factory=dict)   # the server rule's state (adaptive optimizers)
-    faults: dict = field(default_factory=dict)         # actor losses survived so far (sim/faults.py)
+    faults: dict = field(default_factory=dict)         # actor losses survived so far (sim/engine/faults.py)
     participation: dict | None = None  # KnownParticipation.state_dict(): what the aggregator learned per user
 
 
@@ -120,10 +120,10 @@ def load_model(path: Path, trust_code: bool = False) -> tuple[torch.nn.Module, d
     """The global model of a checkpoint (a run directory or its checkpoint.pt), rebuilt from its
     model card alone, with its weights loaded; and the card. No experiment config needed. The card
     is data: its fields are type-checked before use, and a custom model it names (code to import
-    and call) is refused unless `trust_code` (`--trust-code`; sim/userimport.py)."""
-    from sim.config import ModelConfig
-    from sim.models import build_model, param_shapes, unflatten
-    from sim.userimport import named_code, refuse_code
+    and call) is refused unless `trust_code` (`--trust-code`; sim/artifacts/usercode.py)."""
+    from fedmeta.sim.config import ModelConfig
+    from fedmeta.sim.models import build_model, param_shapes, unflatten
+    from fedmeta.sim.artifacts.usercode import named_code, refuse_code
 
     path = Path(path)
     ck = load(path.parent if path.name == CHECKPOINT else path)

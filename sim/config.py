@@ -208,7 +208,7 @@ DEFAULT_NOISE_MULTIPLIER = 1.0
 
 
 class LeakageControlConfig(Section):
-    """The privacy weight lambda of the personalization objective, adapted between rounds (sim/leakage.py):
+    """The privacy weight lambda of the personalization objective, adapted between rounds (sim/run/leakage.py):
     a dual-ascent step on the constraint `leakage <= target_auc`, from a private release of the panel's
     membership-inference AUC."""
 
@@ -825,13 +825,13 @@ def with_absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def default_config_path(name: str = "quickstart.yaml") -> Path:
     """configs/<name> (default: the quickstart): the checkout's folder, or in an installed wheel the
-    package data of `fedmeta_presets`, found with importlib.resources."""
+    package data of `fedmeta.configs`, found with importlib.resources."""
     here = Path(__file__).resolve().parent.parent / "configs" / name
     if here.is_file():
         return here
     from importlib.resources import files
 
-    return Path(str(files("fedmeta_presets") / name))
+    return Path(str(files("fedmeta.configs") / name))
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

@@ -15,7 +15,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from sim.durable import fsync_file, replace_durably
+from fedmeta.sim.artifacts.durable import fsync_file, replace_durably
 
 STATS = ("mean", "sd", "min", "max")
 

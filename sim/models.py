@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from sim.config import ConfigError, ModelConfig
+from fedmeta.sim.config import ConfigError, ModelConfig
 
 Params = dict[str, torch.Tensor]
 
@@ -51,7 +51,7 @@ def custom(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> 
     """The researcher's `factory(input_shape, num_classes, **kwargs)`, checked: an nn.Module whose
     state is all parameters. Buffers (e.g. BatchNorm's running statistics) would be neither
     averaged nor sent by the clients, so they are refused rather than silently wrong."""
-    from sim.userimport import import_target
+    from fedmeta.sim.artifacts.usercode import import_target
 
     factory = import_target(cfg.target, "model.target")
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sim.seeding import Secrets, np_rng
+from fedmeta.sim.seeding import Secrets, np_rng
 
 
 def sample_cohort(streams: Secrets, rnd: int, num_clients: int, k: int) -> np.ndarray:
@@ -30,7 +30,7 @@ def sample_poisson(streams: Secrets, rnd: int, num_clients: int, rate: float) ->
 
 
 def draw_cohort(streams: Secrets, rnd: int, sampling) -> np.ndarray:
-    """Round `rnd`'s cohort as `sampling` (an `actors.privacy.Sampling`-like kind/population/cohort) says."""
+    """Round `rnd`'s cohort as `sampling` (an `fedmeta.actors.privacy.Sampling`-like kind/population/cohort) says."""
     if sampling.kind == "poisson":
         return sample_poisson(streams, rnd, sampling.population, sampling.cohort / sampling.population)
     return sample_cohort(streams, rnd, sampling.population, sampling.cohort)

@@ -50,7 +50,7 @@ class Secrets:
     By default every stream is ChaCha20 (20 rounds, `randomgen`), keyed per stream by
     HMAC-SHA256(run secret, stream name and ids): a cryptographic generator whose outputs reveal
     neither the key nor other streams. The 32-byte run secret comes from the OS (`secrets`) and is
-    kept by the driver (run_secret.key in the per-user state directory, sim/statedir.py) so a resumed run continues the same
+    kept by the driver (run_secret.key in the per-user state directory, sim/artifacts/statedir.py) so a resumed run continues the same
     streams and cohorts; the aggregator only ever gets `derive("aggregator")`, and a worker only its
     clients' keys of the round at hand (`client_keys`), from which neither the run secret nor any
     other party's key follows (HMAC is a PRF). Opacus' `secure_mode` is the model.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sim.seeding import np_rng
+from fedmeta.sim.seeding import np_rng
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Device:
 
 
 def device(seed: int, cid: int, system) -> Device:
-    """Client `cid`'s device under `system` (a `sim.config.SystemConfig`)."""
+    """Client `cid`'s device under `system` (a `fedmeta.sim.config.SystemConfig`)."""
     rng = np_rng(seed, "system", cid)
     speed, down, up = np.exp(rng.normal(0.0, [system.speed_sigma, system.bandwidth_sigma, system.bandwidth_sigma]))
     return Device(float(speed), system.down_mbps * 1e6 / 8 * float(down), system.up_mbps * 1e6 / 8 * float(up))

@@ -15,7 +15,7 @@ if "FEDMETA_CACHE_DIR" not in os.environ:
     _CACHE = tempfile.mkdtemp(prefix="fedmeta-test-cache-")
     os.environ["FEDMETA_CACHE_DIR"] = _CACHE
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-# and the runs' secrets go to a throwaway state directory, not the user's (sim/statedir.py)
+# and the runs' secrets go to a throwaway state directory, not the user's (sim/artifacts/statedir.py)
 if "FEDMETA_STATE_DIR" not in os.environ:
     _STATE = tempfile.mkdtemp(prefix="fedmeta-test-state-")
     os.environ["FEDMETA_STATE_DIR"] = _STATE

@@ -24,8 +24,8 @@ from collections.abc import Set as AbstractSet
 
 import numpy as np
 
-from actors.secagg.prg import expand_masks
-from actors.secagg.quantize import MAX_BITS
+from fedmeta.actors.secagg.prg import expand_masks
+from fedmeta.actors.secagg.quantize import MAX_BITS
 
 Graph = Sequence[AbstractSet[int]] | Mapping[int, AbstractSet[int]]
 

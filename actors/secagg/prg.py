@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from actors.secagg.quantize import MAX_BITS
+from fedmeta.actors.secagg.quantize import MAX_BITS
 
 SEED_BYTES = 32
 # ChaCha20 in `cryptography` takes a 16-byte nonce (32-bit counter || 96-bit nonce); all zeros.

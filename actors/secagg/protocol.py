@@ -63,9 +63,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from actors.secagg import shamir
-from actors.secagg.graph import complete_graph, harary_from_ring, harary_graph
-from actors.secagg.keys import (
+from fedmeta.actors.secagg import shamir
+from fedmeta.actors.secagg.graph import complete_graph, harary_from_ring, harary_graph
+from fedmeta.actors.secagg.keys import (
     KEY_BYTES,
     NONCE_BYTES,
     ShareDecryptionError,
@@ -76,9 +76,9 @@ from actors.secagg.keys import (
     pair_info,
     shared_seed,
 )
-from actors.secagg.masking import mask_vector, unmask_sum
-from actors.secagg.params import survivor_floor
-from actors.secagg.quantize import MAX_BITS
+from fedmeta.actors.secagg.masking import mask_vector, unmask_sum
+from fedmeta.actors.secagg.params import survivor_floor
+from fedmeta.actors.secagg.quantize import MAX_BITS
 
 __all__ = [
     "PHASES",

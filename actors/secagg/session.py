@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from actors.messages import MaskedUpdate, SummedUpdates, wire_bytes
-from actors.secagg.protocol import (
+from fedmeta.actors.messages import MaskedUpdate, SummedUpdates, wire_bytes
+from fedmeta.actors.secagg.protocol import (
     AdvertiseKeys,
     BelowSurvivorFloor,
     EncryptedShares,
@@ -31,7 +31,7 @@ from actors.secagg.protocol import (
     UnmaskRequest,
     UnmaskShares,
 )
-from actors.secagg.quantize import check_no_overflow, dequantize
+from fedmeta.actors.secagg.quantize import check_no_overflow, dequantize
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,13 @@
 """Client rule + server rule per algorithm (pure torch; no Ray)."""
-from sim.algorithms.base import Algorithm, SGDClient
-from sim.algorithms.ditto import Ditto
-from sim.algorithms.fedavg import FedAvg
-from sim.algorithms.fedopt import FedAdagrad, FedAdam, FedYogi
-from sim.algorithms.fedprox import FedProx
-from sim.algorithms.fomaml import FOMAML
-from sim.algorithms.reptile import Reptile
-from sim.config import AlgorithmConfig, ConfigError
-from sim.userimport import import_target
+from fedmeta.sim.algorithms.base import Algorithm, SGDClient
+from fedmeta.sim.algorithms.ditto import Ditto
+from fedmeta.sim.algorithms.fedavg import FedAvg
+from fedmeta.sim.algorithms.fedopt import FedAdagrad, FedAdam, FedYogi
+from fedmeta.sim.algorithms.fedprox import FedProx
+from fedmeta.sim.algorithms.fomaml import FOMAML
+from fedmeta.sim.algorithms.reptile import Reptile
+from fedmeta.sim.config import AlgorithmConfig, ConfigError
+from fedmeta.sim.artifacts.usercode import import_target
 
 ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (FedAvg, Reptile, FOMAML, FedProx, FedAdam, FedYogi,
                                                                 FedAdagrad, Ditto)}

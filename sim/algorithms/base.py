@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from sim.algorithms.local import LocalDP, Ops, batch_schedule, train_loop, train_vmap
-from sim.config import AlgorithmConfig, EvalConfig
-from sim.models import Params, param_shapes, unflatten
+from fedmeta.sim.algorithms.local import LocalDP, Ops, batch_schedule, train_loop, train_vmap
+from fedmeta.sim.config import AlgorithmConfig, EvalConfig
+from fedmeta.sim.models import Params, param_shapes, unflatten
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x, y, mask)
 
@@ -85,7 +85,7 @@ class Algorithm(ABC):
         to get its personalized model: `eval.finetune_steps` steps of SGD on its loss plus
         `weight`/2 ||v - w||^2 (Ditto's personal objective; default `privacy_weight`). At 0 that is
         plain fine-tuning. The pull bounds how far v moves to fit the individual's own examples,
-        which is what the loss-threshold membership attack reads (sim/leakage.py adapts it)."""
+        which is what the loss-threshold membership attack reads (sim/run/leakage.py adapts it)."""
         mu = self.privacy_weight if weight is None else weight
         if not mu:
             return SGDClient(AlgorithmConfig(local_steps=max(ev.finetune_steps, 1), lr=ev.finetune_lr,

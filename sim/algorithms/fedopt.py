@@ -15,7 +15,7 @@ from abc import abstractmethod
 
 import torch
 
-from sim.algorithms.base import SGDClient
+from fedmeta.sim.algorithms.base import SGDClient
 
 
 class _ServerOptimizer(SGDClient):

@@ -5,8 +5,8 @@ Approach", first-order variant). Each local step samples two independent batches
     theta = theta - beta  * grad L_D'(tmp)         (first-order meta step, beta = lr)
 so the global model learns an initialisation that adapts well in one step; the server averages
 updates as FedAvg does."""
-from sim.algorithms.base import Algorithm
-from sim.algorithms.local import sgd
+from fedmeta.sim.algorithms.base import Algorithm
+from fedmeta.sim.algorithms.local import sgd
 
 
 class FOMAML(Algorithm):

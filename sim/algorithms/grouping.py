@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sim.models import init_params
+from fedmeta.sim.models import init_params
 
 
 class AutoEncoder(nn.Module):

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from sim.algorithms.penalty import negative_entropy
-from sim.models import Params, flatten, param_shapes, unflatten
-from sim.seeding import gaussian_noise
+from fedmeta.sim.algorithms.penalty import negative_entropy
+from fedmeta.sim.models import Params, flatten, param_shapes, unflatten
+from fedmeta.sim.seeding import gaussian_noise
 
 GradFn = Callable[[Params, torch.Tensor, torch.Tensor, torch.Tensor], tuple[Params, torch.Tensor]]
 DescendFn = Callable[[Params, Params, float], Params]
@@ -156,7 +156,7 @@ def dp_sgd_grad(gsm: nn.Module, dp: LocalDP, gen, lam: float = 0.0,
     """DP-SGD gradient of one client on the loop path. `gsm` is Opacus' GradSampleModule around a
     private copy of the model (loss_reduction="sum"): its hooks turn each layer's activations and
     backprops into per-sample gradients (`p.grad_sample`). Each is clipped to `dp.clip`, they are
-    summed, Gaussian noise from the client's own source is added (`sim.seeding.gaussian_noise`: a
+    summed, Gaussian noise from the client's own source is added (`fedmeta.sim.seeding.gaussian_noise`: a
     `SecureGaussian` on the client's key, or a seeded torch generator), and the sum is divided by the
     batch size. The client's parameters are swapped into the module's storage as in `module_grad`.
     `on_release` is called once per noisy gradient: what the client's privacy ledger counts (an

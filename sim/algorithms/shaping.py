@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sim.algorithms.base import SGDClient
-from sim.algorithms.local import batch_schedule
-from sim.config import AlgorithmConfig
+from fedmeta.sim.algorithms.base import SGDClient
+from fedmeta.sim.algorithms.local import batch_schedule
+from fedmeta.sim.config import AlgorithmConfig
 
 SERVER, DEVICE = "G", "I"
 

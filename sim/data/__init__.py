@@ -15,14 +15,14 @@ source, whose federation is generated once into memory-mapped files that every p
 """
 from __future__ import annotations
 
-from sim.config import DataConfig
-from sim.data.base import ClientData, FederatedDataset
-from sim.data.cache import CachedClients
-from sim.data.femnist import FemnistDataset
-from sim.data.prototypes import PrototypesDataset
-from sim.data.synthetic import SyntheticDataset
-from sim.data.tabular import TableDataset
-from sim.data.writers import WritersDataset
+from fedmeta.sim.config import DataConfig
+from fedmeta.sim.data.base import ClientData, FederatedDataset
+from fedmeta.sim.data.cache import CachedClients
+from fedmeta.sim.data.femnist import FemnistDataset
+from fedmeta.sim.data.prototypes import PrototypesDataset
+from fedmeta.sim.data.synthetic import SyntheticDataset
+from fedmeta.sim.data.tabular import TableDataset
+from fedmeta.sim.data.writers import WritersDataset
 
 DATASETS: dict[str, type[FederatedDataset]] = {
     "writers": WritersDataset,

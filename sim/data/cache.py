@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sim.config import DataConfig
-from sim.data.base import ClientData, FederatedDataset, check_cids
-from sim.data.tabular import cache_root
+from fedmeta.sim.config import DataConfig
+from fedmeta.sim.data.base import ClientData, FederatedDataset, check_cids
+from fedmeta.sim.data.tabular import cache_root
 
 try:                        # advisory locks: POSIX only; elsewhere racing builders still end correct
     import fcntl
@@ -49,7 +49,7 @@ CHUNK_BYTES = 64 << 20      # a build generates this much at a time...
 MAX_CHUNK = 1024            # ...and at most this many clients
 ARRAYS = ("x", "y", "offsets", "n_train")
 # modules besides the source's own whose code shapes every generated client
-SHARED_CODE = ("sim.data.base", "sim.seeding")
+SHARED_CODE = ("fedmeta.sim.data.base", "fedmeta.sim.seeding")
 Generate = Callable[[Sequence[int]], list[ClientData]]
 
 

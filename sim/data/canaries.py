@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sim.seeding import np_rng
+from fedmeta.sim.seeding import np_rng
 
 MAX_AUTO = 100        # auto: 5% of the population, at most this many
 

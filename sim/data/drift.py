@@ -15,14 +15,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sim.config import DataConfig
-from sim.data.base import ClientData, FederatedDataset
+from fedmeta.sim.config import DataConfig
+from fedmeta.sim.data.base import ClientData, FederatedDataset
 
 
 def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
     """Rotate images (n, c, h, w) about their centre, nearest pixel, zeros outside. Nearest, not
     bilinear: bilinear resampling blurs 8x8 digits, which makes them *easier* to reconstruct, so a
-    rotated stream would look less anomalous to the drift detectors, not more (sim/drift.py)."""
+    rotated stream would look less anomalous to the drift detectors, not more (sim/detectors.py)."""
     if x.dim() != 4:
         raise ValueError(f"drift.rotation: needs image inputs (n, channels, h, w), got shape {tuple(x.shape)}")
     a = math.radians(degrees)
@@ -40,7 +40,7 @@ def post_drift_config(cfg: DataConfig) -> DataConfig:
 
 class DriftedDataset(FederatedDataset):
     def __init__(self, cfg: DataConfig, seed: int, base: FederatedDataset):
-        from sim.data import build_dataset
+        from fedmeta.sim.data import build_dataset
 
         self.base, self.degrees = base, cfg.drift.rotation
         self.inner = build_dataset(post_drift_config(cfg), seed)

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sim.config import ConfigError, DataConfig
-from sim.data.base import ClientData, FederatedDataset, check_cids, train_size
-from sim.seeding import np_rng
+from fedmeta.sim.config import ConfigError, DataConfig
+from fedmeta.sim.data.base import ClientData, FederatedDataset, check_cids, train_size
+from fedmeta.sim.seeding import np_rng
 
 KEY = "data.femnist.path"
 SIDE = 28

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sim.config import DataConfig
-from sim.data.base import ClientData, FederatedDataset, check_cids, split_order, train_size
-from sim.seeding import np_rng
+from fedmeta.sim.config import DataConfig
+from fedmeta.sim.data.base import ClientData, FederatedDataset, check_cids, split_order, train_size
+from fedmeta.sim.seeding import np_rng
 
 FED_STREAM, GLOBAL_STREAM = "prototypes-client", "prototypes-global-client"
 BANK_VALUES = 1 << 22  # the noise bank holds about this many floats (16 MiB)...

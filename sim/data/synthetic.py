@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from sim.config import DataConfig
-from sim.data.base import ClientData, FederatedDataset, check_cids, split_clients, split_order, train_size
-from sim.seeding import np_rng
+from fedmeta.sim.config import DataConfig
+from fedmeta.sim.data.base import ClientData, FederatedDataset, check_cids, split_clients, split_order, train_size
+from fedmeta.sim.seeding import np_rng
 
 FED_STREAM, GLOBAL_STREAM = "synthetic-device", "synthetic-global-device"
 CHUNK = 256  # devices generated per batch, bounding the temporaries of huge requests

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from sim.config import ConfigError, DataConfig, TableConfig
-from sim.data.base import ClientData, FederatedDataset, check_cids, train_size
-from sim.seeding import np_rng
+from fedmeta.sim.config import ConfigError, DataConfig, TableConfig
+from fedmeta.sim.data.base import ClientData, FederatedDataset, check_cids, train_size
+from fedmeta.sim.seeding import np_rng
 
 KEY = "data.table"
 MIN_SAMPLES = 2          # one to train on, one to test on

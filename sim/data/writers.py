@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sim.config import DataConfig
-from sim.data.base import ClientData, FederatedDataset, check_cids, split_clients, split_order, train_size
-from sim.seeding import np_rng
+from fedmeta.sim.config import DataConfig
+from fedmeta.sim.data.base import ClientData, FederatedDataset, check_cids, split_clients, split_order, train_size
+from fedmeta.sim.seeding import np_rng
 
 BASE_SIZE = 8  # side of the scikit-learn digits
 HELD_OUT = 0.2  # share of each digit's images reserved for D_G writers

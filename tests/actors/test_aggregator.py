@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from actors.aggregator import AggregationError, Aggregator
-from actors.messages import MaskedUpdate, PlainUpdate
-from actors.privacy import UserLevelDP
-from sim.config import AlgorithmConfig
-from sim.seeding import Secrets
+from fedmeta.actors.aggregator import AggregationError, Aggregator
+from fedmeta.actors.messages import MaskedUpdate, PlainUpdate
+from fedmeta.actors.privacy import UserLevelDP
+from fedmeta.sim.config import AlgorithmConfig
+from fedmeta.sim.seeding import Secrets
 
 
 def msg(rnd, worker, vec, weight, ids):

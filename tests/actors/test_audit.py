@@ -9,7 +9,7 @@ import scipy.optimize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.audit import audit_one_run, best_audit, epsilon_lower_bound, guesses, tpr_at_fpr
+from fedmeta.actors.audit import audit_one_run, best_audit, epsilon_lower_bound, guesses, tpr_at_fpr
 
 SEEDS = range(20)
 M = 1000

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from actors.client_worker import ClientWorker
-from sim.config import from_dict
-from sim.seeding import np_rng
+from fedmeta.actors.client_worker import ClientWorker
+from fedmeta.sim.config import from_dict
+from fedmeta.sim.seeding import np_rng
 from tests.conftest import tiny_raw
 
 
@@ -63,8 +63,7 @@ def test_a_dp_config_needs_the_runs_dp_object():
 
 
 def test_a_quota_keeps_the_first_clients_and_a_deadline_stops_between_clients(monkeypatch):
-    import actors.client_worker as cw
-
+    import fedmeta.actors.client_worker as cw
     raw = tiny_raw()
     raw["ray"] = {**raw["ray"], "compute": "loop"}          # under a deadline: one client per step
     w = ClientWorker(from_dict(raw))
@@ -86,7 +85,7 @@ def test_a_plain_round_counts_each_client_as_the_message_it_would_send_alone(wor
     """bytes up per client = the size of a worker's message for one client; down = the model's."""
     import pickle
 
-    from actors.aggregator import Aggregator
+    from fedmeta.actors.aggregator import Aggregator
 
     g = np.zeros(worker.n_params, np.float32) + 0.01
     alone, _ = worker.train(2, g, [7])
@@ -102,8 +101,8 @@ def test_simulated_devices_pick_who_reports_and_say_how_long_the_round_took():
     deadline in simulated seconds, and the round lasts as long as its slowest reporting client."""
     import pickle
 
-    from actors.messages import PlainUpdate
-    from sim.system import device, duration
+    from fedmeta.actors.messages import PlainUpdate
+    from fedmeta.sim.system import device, duration
 
     raw = tiny_raw(federation={"system": {"enabled": True, "speed_sigma": 1.0, "step_s": 0.2}})
     w = ClientWorker(from_dict(raw))

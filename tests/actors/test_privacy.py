@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from actors.privacy import (
+from fedmeta.actors.privacy import (
     PrivacyAccountant,
     budget_spent,
     central_noise,
@@ -21,7 +21,7 @@ from actors.privacy import (
     mia_auc,
     noise_for,
 )
-from sim.seeding import np_rng, torch_gen
+from fedmeta.sim.seeding import np_rng, torch_gen
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 vectors = arrays(np.float32, st.integers(1, 64), elements=finite)
@@ -209,7 +209,7 @@ def test_mia_auc_near_one_when_members_fit_better():
 
 
 def test_local_ledger_reports_the_worst_client():
-    from actors.privacy import LocalDPLedger
+    from fedmeta.actors.privacy import LocalDPLedger
 
     ledger = LocalDPLedger(1.1)
     assert ledger.epsilon(1e-5) == 0.0
@@ -228,7 +228,7 @@ def test_local_ledger_reports_the_worst_client():
 
 # ---------------------------------------------------------------- the run's DP object and its accounting
 def test_client_half_clips_and_equalizes_only_when_bounded():
-    from actors.privacy import UserLevelDP
+    from fedmeta.actors.privacy import UserLevelDP
 
     u = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
     same, w = UserLevelDP().client_half(u, [5.0, 7.0])
@@ -240,7 +240,7 @@ def test_client_half_clips_and_equalizes_only_when_bounded():
 
 
 def test_server_half_noise_and_denominator_by_mode():
-    from actors.privacy import UserLevelDP
+    from fedmeta.actors.privacy import UserLevelDP
 
     total = torch.zeros(20000)
     mean, met = UserLevelDP().server_half(total + 6.0, 3.0, torch_gen(0, "x"))
@@ -254,7 +254,7 @@ def test_server_half_noise_and_denominator_by_mode():
 
 
 def test_noise_shares_and_round_noise_only_in_the_distributed_mode():
-    from actors.privacy import UserLevelDP
+    from fedmeta.actors.privacy import UserLevelDP
 
     central = UserLevelDP("central", noise_multiplier=1.2, expected_clients=10)
     assert central.noise_share(5, 0.01, np_rng(0, "s")) is None and central.round_noise(7) == 1.2
@@ -264,7 +264,7 @@ def test_noise_shares_and_round_noise_only_in_the_distributed_mode():
 
 
 def test_run_accounting_steps_released_rounds_and_stops_before_the_budget():
-    from actors.privacy import RunAccounting, Sampling, UserLevelDP
+    from fedmeta.actors.privacy import RunAccounting, Sampling, UserLevelDP
 
     dp = UserLevelDP("central", noise_multiplier=1.0, sampling=Sampling("poisson", 40, 10), target_epsilon=5.0)
     acc = RunAccounting(dp)
@@ -282,7 +282,7 @@ def test_run_accounting_steps_released_rounds_and_stops_before_the_budget():
 
 
 def test_accounting_facts_are_what_summary_and_card_report():
-    from actors.privacy import RunAccounting, SampleLevelDP, Sampling, UserLevelDP
+    from fedmeta.actors.privacy import RunAccounting, SampleLevelDP, Sampling, UserLevelDP
 
     off = RunAccounting(UserLevelDP(sampling=Sampling("fixed", 100, 10))).facts()
     assert off == {"mode": "off", "differential_privacy": False, "epsilon": None, "delta": None,
@@ -303,7 +303,7 @@ def test_the_dp_quickstart_under_each_sampling():
     import dp_accounting as dpa
     from dp_accounting.rdp import RdpAccountant
 
-    from actors.privacy import Sampling
+    from fedmeta.actors.privacy import Sampling
 
     assert epsilon_for(1.0, 0.05, 300, 1e-5) == pytest.approx(6.46, abs=0.01)
     fixed = epsilon_for(1.0, 0.05, 300, 1e-5, sampling=Sampling("fixed", 2000, 100))
@@ -314,7 +314,7 @@ def test_the_dp_quickstart_under_each_sampling():
 
 
 def test_fixed_cohort_accountant_composes_varying_rounds_and_checkpoints():
-    from actors.privacy import FixedCohortAccountant, Sampling, make_accountant
+    from fedmeta.actors.privacy import FixedCohortAccountant, Sampling, make_accountant
 
     s = Sampling("fixed", 500, 50)
     acc = make_accountant("rdp", s)
@@ -334,7 +334,7 @@ def test_fixed_cohort_accountant_composes_varying_rounds_and_checkpoints():
 
 
 def test_noise_for_fixed_cohorts_meets_the_target_from_below():
-    from actors.privacy import Sampling
+    from fedmeta.actors.privacy import Sampling
 
     s = Sampling("fixed", 2000, 100)
     z = noise_for(8.0, s.rate, 300, 1e-5, sampling=s)
@@ -343,7 +343,7 @@ def test_noise_for_fixed_cohorts_meets_the_target_from_below():
 
 
 def test_sampling_is_validated():
-    from actors.privacy import Sampling
+    from fedmeta.actors.privacy import Sampling
 
     with pytest.raises(ValueError, match="cohort: must be in"):
         Sampling("fixed", 10, 11)
@@ -356,7 +356,7 @@ def test_sampling_is_validated():
 def test_releases_compose_with_rounds_and_checkpoint():
     """A tuning metric release is an unsampled Gaussian step; `steps` counts rounds only; the
     state round-trips, for Poisson (Opacus) and fixed-size cohorts (dp-accounting) alike."""
-    from actors.privacy import FixedCohortAccountant, PrivacyAccountant, Sampling, epsilon_for
+    from fedmeta.actors.privacy import FixedCohortAccountant, PrivacyAccountant, Sampling, epsilon_for
 
     acc = PrivacyAccountant("rdp")
     for _ in range(5):
@@ -380,7 +380,7 @@ def test_releases_compose_with_rounds_and_checkpoint():
 
 @pytest.mark.parametrize("kind, accountant", [("poisson", "rdp"), ("fixed", "rdp"), ("poisson", "prv")])
 def test_privacy_budget_refuses_what_would_overshoot(kind, accountant):
-    from actors.privacy import PrivacyBudget, Sampling, UserLevelDP, make_accountant
+    from fedmeta.actors.privacy import PrivacyBudget, Sampling, UserLevelDP, make_accountant
 
     dp = UserLevelDP("central", 1.0, 4.0, 10, Sampling(kind, 100, 10), 1e-5, accountant)
     base = make_accountant(accountant, dp.sampling)
@@ -415,7 +415,7 @@ def test_privacy_budget_refuses_what_would_overshoot(kind, accountant):
 def test_privacy_budget_counts_a_round_without_a_report_as_the_round_alone():
     """release_z 0: a trial round that reports nothing (tune.report_every) spends its subsampled
     round only; a release-only reservation (round_z 0) spends its report only."""
-    from actors.privacy import PrivacyBudget, Sampling, UserLevelDP, make_accountant
+    from fedmeta.actors.privacy import PrivacyBudget, Sampling, UserLevelDP, make_accountant
 
     dp = UserLevelDP("central", 1.0, 2.0, 10, Sampling("poisson", 100, 10), 1e-5, "rdp")
     budget = PrivacyBudget(dp)
@@ -433,9 +433,9 @@ def test_privacy_budget_counts_a_round_without_a_report_as_the_round_alone():
 def test_metric_noise_is_its_own_multiplier():
     """privacy.metric_noise_multiplier sets the panel releases' noise (accuracies, leakage, the
     card's quality) apart from the model's z; unset, it is z."""
-    from actors.privacy import Sampling, UserLevelDP
-    from sim.config import ConfigError, from_dict
-    from sim.plan import FederationPlan
+    from fedmeta.actors.privacy import Sampling, UserLevelDP
+    from fedmeta.sim.config import ConfigError, from_dict
+    from fedmeta.sim.engine.plan import FederationPlan
     from tests.conftest import tiny_raw
 
     dp = UserLevelDP("central", 1.0, 2.0, 10, Sampling("poisson", 100, 10))
@@ -455,7 +455,7 @@ def test_privacy_budget_ledger_carries_a_search_into_its_next_sitting(tmp_path):
     sitting's entries as `prior` spends on top of them and against the same target."""
     import json
 
-    from actors.privacy import PrivacyBudget, Sampling, UserLevelDP
+    from fedmeta.actors.privacy import PrivacyBudget, Sampling, UserLevelDP
 
     dp = UserLevelDP("central", 1.0, 4.0, 10, Sampling("poisson", 100, 10), 1e-5, "rdp")
     first = PrivacyBudget(dp, None, 8.0, tmp_path / "privacy_ledger-0.json")
@@ -480,7 +480,7 @@ def test_privacy_budget_ledger_carries_a_search_into_its_next_sitting(tmp_path):
 
 
 def test_individual_mia_auc_is_each_individuals_own_attack():
-    from actors.privacy import individual_mia_auc
+    from fedmeta.actors.privacy import individual_mia_auc
 
     rng = np_rng(2, "mia-individual")
     members = [rng.exponential(0.1, 12), rng.exponential(1.0, 9), np.zeros(0), rng.exponential(1.0, 4)]
@@ -496,7 +496,7 @@ def test_individual_mia_auc_is_each_individuals_own_attack():
 
 
 def test_a_metric_release_the_budget_has_no_room_for_is_refused_and_not_accounted():
-    from actors.privacy import RunAccounting, Sampling, UserLevelDP
+    from fedmeta.actors.privacy import RunAccounting, Sampling, UserLevelDP
 
     sampling = Sampling("poisson", 100, 10)
     one_round = epsilon_for(1.0, 0.1, 1, 1e-5, sampling=sampling)

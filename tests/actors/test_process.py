@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from actors import process
+from fedmeta.actors import process
 
 
 @pytest.fixture

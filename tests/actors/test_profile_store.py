@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
-import actors.profile_store as ps
-from actors.profile_store import (
+import fedmeta.actors.profile_store as ps
+from fedmeta.actors.profile_store import (
     PURPOSES,
     AccessDenied,
     MasterKeyMismatch,

@@ -6,10 +6,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actors.aggregator import AggregationError, Aggregator
-from actors.client_worker import ClientWorker
-from actors.screening import screen, without_rejected
-from sim.config import from_dict
+from fedmeta.actors.aggregator import AggregationError, Aggregator
+from fedmeta.actors.client_worker import ClientWorker
+from fedmeta.actors.screening import screen, without_rejected
+from fedmeta.sim.config import from_dict
 from tests.conftest import tiny_raw
 
 # big: above the bound; huge: a finite float whose norm overflows float32 (rejected with or without a bound)

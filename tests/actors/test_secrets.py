@@ -5,12 +5,12 @@ import pickle
 import numpy as np
 import pytest
 
-from actors.aggregator import Aggregator
-from actors.client_worker import ClientWorker
-from actors.secagg.protocol import SecAggClient
-from sim.config import from_dict
-from sim.plan import FederationPlan
-from sim.seeding import Secrets
+from fedmeta.actors.aggregator import Aggregator
+from fedmeta.actors.client_worker import ClientWorker
+from fedmeta.actors.secagg.protocol import SecAggClient
+from fedmeta.sim.config import from_dict
+from fedmeta.sim.engine.plan import FederationPlan
+from fedmeta.sim.seeding import Secrets
 from tests.actors.test_secure_round import secure_round
 from tests.conftest import tiny_raw
 
@@ -84,7 +84,7 @@ def test_two_trials_replaying_one_round_get_unrelated_keys():
 def test_uniform_coins_are_the_seeded_stream_or_a_uniform_keystream_of_their_own():
     from scipy import stats
 
-    from sim.seeding import np_rng
+    from fedmeta.sim.seeding import np_rng
     seeded = Secrets.seeded(7)
     np.testing.assert_array_equal(seeded.uniform(1000, "quantize", 3, 5), np_rng(7, "quantize", 3, 5).random(1000))
     s = Secrets.fresh(7)

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from actors.aggregator import Aggregator, SecAggRoundAborted
-from actors.client_worker import ClientWorker
-from actors.messages import MaskedUpdate
-from actors.privacy import clip_updates
-from sim.config import from_dict
-from sim.plan import FederationPlan
-from sim.sampling import split_even
-from sim.seeding import np_rng
+from fedmeta.actors.aggregator import Aggregator, SecAggRoundAborted
+from fedmeta.actors.client_worker import ClientWorker
+from fedmeta.actors.messages import MaskedUpdate
+from fedmeta.actors.privacy import clip_updates
+from fedmeta.sim.config import from_dict
+from fedmeta.sim.engine.plan import FederationPlan
+from fedmeta.sim.sampling import split_even
+from fedmeta.sim.seeding import np_rng
 from tests.conftest import tiny_raw
 
 
@@ -122,8 +122,7 @@ def test_a_deadline_inside_a_secure_round_drops_the_late_clients_exactly(monkeyp
     """A worker cut off by its deadline sends the masked sum of the clients it finished; the pair
     masks between them and its late clients must not cancel, so the unmasked sum is exactly the
     reporting clients' clipped mean."""
-    import actors.client_worker as cw
-
+    import fedmeta.actors.client_worker as cw
     cfg = from_dict(tiny_raw(secagg={"enabled": True, "neighbors": None}, privacy={"clip_norm": 0.5},
                              ray={"compute": "loop"}))
     plan = FederationPlan.from_config(cfg)
@@ -156,7 +155,7 @@ def test_bytes_are_the_sizes_of_the_messages_each_client_sent_and_received():
     import pickle
     from collections import Counter
 
-    from actors.secagg.protocol import MaskedInput
+    from fedmeta.actors.secagg.protocol import MaskedInput
 
     cfg, p, workers, agg = setup(4)
     g = np.random.default_rng(2).normal(0, 0.05, workers[0].n_params).astype(np.float32)

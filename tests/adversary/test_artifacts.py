@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from sim import checkpoint as ckpt
-from sim.config import ConfigError
+from fedmeta.sim import checkpoint as ckpt
+from fedmeta.sim.config import ConfigError
 from tests.conftest import tiny_raw
 
 pytestmark = pytest.mark.adversary
@@ -45,7 +45,7 @@ def attacker_dir(tmp_path, monkeypatch):
 
 def fedmeta(monkeypatch, capsys, *argv) -> tuple[int, str]:
     """`fedmeta ARGV` in this process: (exit code, stderr)."""
-    from sim.cli import main
+    from fedmeta.sim.cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["fedmeta", *argv])
     with pytest.raises(SystemExit) as stop:
@@ -114,7 +114,7 @@ def test_resume_and_specialize_refuse_a_config_that_names_code(attacker_dir, mon
 def test_an_artifact_never_adds_where_code_is_imported_from(attacker_dir):
     """Even trusted, a run directory's run.code_paths are dropped: code comes from the user's
     working directory and PYTHONPATH only."""
-    from sim.rundir import resume_config
+    from fedmeta.sim.artifacts.rundir import resume_config
 
     run_dir = _run_dir(attacker_dir, run={"code_paths": [str(attacker_dir / "elsewhere")]})
     assert resume_config(run_dir).run.code_paths == []

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from sim.seeding import SecureGaussian, Secrets, gaussian_noise
+from fedmeta.sim.seeding import SecureGaussian, Secrets, gaussian_noise
 
 pytestmark = pytest.mark.adversary
 
@@ -35,7 +35,7 @@ def test_every_noise_source_of_a_run_is_the_secure_one(seeded):
     """The aggregator's central and metric noise, clients' local DP-SGD noise: `Secrets.noise`
     gives the CSPRNG's Gaussian for a run with real secrets; only seeded runs (bit-exact replays,
     private against nobody holding the seed) keep torch's generator."""
-    from actors.privacy import central_noise
+    from fedmeta.actors.privacy import central_noise
 
     s = Secrets.seeded(1) if seeded else Secrets.fresh(1)
     for source in (s.derive("aggregator").noise("dp-noise", 3), s.derive("client", 0, 5).noise("local-dp-noise", 0, 5)):

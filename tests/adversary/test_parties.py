@@ -15,16 +15,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sim.config import from_dict
-from sim.seeding import Secrets
+from fedmeta.sim.config import from_dict
+from fedmeta.sim.seeding import Secrets
 from tests.conftest import tiny_raw
 
 pytestmark = pytest.mark.adversary
 
 
 def _federation(tmp_path, seeded: bool, **sections):
-    from sim.federation import Federation
-    from sim.plan import FederationPlan
+    from fedmeta.sim.engine.federation import Federation
+    from fedmeta.sim.engine.plan import FederationPlan
 
     sections["privacy"] = {"mode": "central", "noise_multiplier": 1.0, **sections.get("privacy", {})}
     raw = tiny_raw(tmp_path, **sections)
@@ -37,7 +37,7 @@ def test_an_analyst_with_the_seed_cannot_recompute_the_cohorts(ray_session, tmp_
     """The analyst reruns the sampler with the published seed and calls 'member' whoever it draws.
     With secret cohorts the guess overlaps the real cohorts no more than any other draw at rate q
     would (expected q = 0.25 of them); with seeded secrets it is exact."""
-    from sim.sampling import draw_cohort
+    from fedmeta.sim.sampling import draw_cohort
 
     fed = _federation(tmp_path, seeded, federation={"rounds": 6})
     try:
@@ -66,7 +66,7 @@ def _metrics(run_dir) -> pd.DataFrame:
 def test_two_runs_with_one_seed_draw_different_cohorts_unless_seeded(ray_session, tmp_path):
     """Done-when of issue 26: two DP runs with one seed differ in their per-round cohort sizes
     (`clients` in the metrics); with run.seeded_secrets they are identical."""
-    from sim.experiment import run_experiment
+    from fedmeta.sim.run.experiment import run_experiment
 
     def sizes(seeded: bool, name: str) -> list[float]:
         raw = tiny_raw(tmp_path / name, privacy={"mode": "central", "noise_multiplier": 1.0},
@@ -90,9 +90,9 @@ def test_a_curious_aggregator_composes_each_users_rounds_without_amplification(r
     own shares, so the aggregator never sees a metric without it."""
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-    from actors.privacy import effective_noise_multiplier
-    from sim.experiment import run_experiment
-    from sim.sampling import sample_poisson
+    from fedmeta.actors.privacy import effective_noise_multiplier
+    from fedmeta.sim.run.experiment import run_experiment
+    from fedmeta.sim.sampling import sample_poisson
 
     raw = tiny_raw(tmp_path, secagg={"enabled": True, "neighbors": 4},
                    privacy={"mode": "distributed", "noise_multiplier": 1.2}, federation={"dropout": 0.0})
@@ -112,7 +112,7 @@ def test_a_curious_aggregator_composes_each_users_rounds_without_amplification(r
         rdp[cohort] += compute_rdp(q=1.0, noise_multiplier=z, steps=1, orders=orders)
         rounds[cohort] += 1
     # the run's metric releases over the panel (steps at rate 1 in its accountant) count for every user
-    from sim import checkpoint as ckpt
+    from fedmeta.sim import checkpoint as ckpt
 
     for z, q, n in ckpt.load(run_dir).accountant["history"]:
         if q == 1.0:
@@ -126,7 +126,7 @@ def test_a_curious_aggregator_composes_each_users_rounds_without_amplification(r
 
 
 def test_central_dp_names_the_aggregator_as_trusted():
-    from actors.privacy import RunAccounting, Sampling, UserLevelDP
+    from fedmeta.actors.privacy import RunAccounting, Sampling, UserLevelDP
 
     acc = RunAccounting(UserLevelDP("central", 1.0, 1.0, 10, Sampling("poisson", 100, 10)))
     acc.record_round({}, [1, 2, 3])
@@ -138,7 +138,7 @@ def test_central_dp_names_the_aggregator_as_trusted():
 def test_the_aggregators_epsilon_is_the_exact_gaussian_composition_per_user():
     """Three rounds at z = 1 for user 0, one for user 1: mu^2 = 3 and 1, i.e. one Gaussian release
     at z = 1/sqrt(3) and at z = 1; the aggregator-side epsilon survives a checkpoint round trip."""
-    from actors.privacy import RunAccounting, Sampling, UserLevelDP, epsilon_for
+    from fedmeta.actors.privacy import RunAccounting, Sampling, UserLevelDP, epsilon_for
 
     dp = UserLevelDP("distributed", 1.0, 1.0, 10, Sampling("poisson", 5, 2))
     acc = RunAccounting(dp)
@@ -160,7 +160,7 @@ def _secrets_held(actor) -> list[bytes]:
     """Everything key-like a curious worker finds in its own actor: every `Secrets` key and every
     32-byte string in its attributes, one level into containers."""
     def look(self):
-        from sim.seeding import Secrets
+        from fedmeta.sim.seeding import Secrets
 
         found = []
 
@@ -187,7 +187,7 @@ def test_a_curious_worker_holds_neither_the_run_secret_nor_the_aggregators_key(r
     """After secure rounds with distributed noise, a worker has held only its clients' keys of a
     round: not the run secret (from which cohorts, every key and every noise stream follow), not
     the aggregator's key (its central and metric noise), and no client key of another round."""
-    from sim.seeding import client_keys
+    from fedmeta.sim.seeding import client_keys
 
     fed = _federation(tmp_path, False, secagg={"enabled": True, "neighbors": 4},
                       privacy={"mode": "distributed", "noise_multiplier": 1.0}, federation={"rounds": 2})
@@ -210,9 +210,9 @@ def test_under_distributed_dp_the_panel_not_the_aggregator_noises_a_metric():
     panel member's Skellam share carries 1/panel of the release's variance (their sum: std `noise`
     on each sum of values in [0, 1]), and the aggregator adds nothing itself. Central DP: no
     shares, the (trusted) aggregator adds the noise."""
-    from actors.aggregator import Aggregator
-    from actors.privacy import Sampling, UserLevelDP
-    from sim.config import AlgorithmConfig
+    from fedmeta.actors.aggregator import Aggregator
+    from fedmeta.actors.privacy import Sampling, UserLevelDP
+    from fedmeta.sim.config import AlgorithmConfig
 
     dp = UserLevelDP("distributed", 1.0, 2.0, 10, Sampling("poisson", 100, 10))
     step, panel, noise = 1e-3, 20, 1.5
@@ -223,7 +223,7 @@ def test_under_distributed_dp_the_panel_not_the_aggregator_noises_a_metric():
     assert UserLevelDP("central", 1.0, 2.0, 10, Sampling("poisson", 100, 10)).metric_share(
         5, step, noise, panel, rng) is None
     agg = Aggregator(AlgorithmConfig(), 2, dp=dp, secrets=Secrets.fresh(0))
-    from actors.messages import SummedUpdates
+    from fedmeta.actors.messages import SummedUpdates
 
     summed = SummedUpdates(np.array([7.0, 9.0, 20.0]), 20.0)      # the unmasked (already noisy) sum
     out = agg.metric_from_sum(1_000_000, summed, "accuracy", noise, panel)

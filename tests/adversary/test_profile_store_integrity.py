@@ -9,7 +9,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from actors.profile_store import MasterKeyMismatch, ProfileStore, TamperedRecordError
+from fedmeta.actors.profile_store import MasterKeyMismatch, ProfileStore, TamperedRecordError
 
 pytestmark = pytest.mark.adversary
 

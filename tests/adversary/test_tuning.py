@@ -11,9 +11,9 @@ import math
 import numpy as np
 import pytest
 
-from actors.privacy import Sampling, UserLevelDP, epsilon_for
-from sim.sampling import draw_cohort
-from sim.seeding import Secrets
+from fedmeta.actors.privacy import Sampling, UserLevelDP, epsilon_for
+from fedmeta.sim.sampling import draw_cohort
+from fedmeta.sim.seeding import Secrets
 
 pytestmark = pytest.mark.adversary
 
@@ -41,7 +41,7 @@ def test_a_trial_rounds_reports_compose_as_one_gaussian_release():
     1/z^2 = 2/z^2 + 1/z^2, which is exactly their composition (compare with RDP of the parts)."""
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-    from sim.tune import trial_release_noise
+    from fedmeta.sim.tuning.tune import trial_release_noise
 
     dp = UserLevelDP("central", 1.0, 1.5, 40, SAMPLING)
     z = trial_release_noise(dp, {"acc_personalized_DI", "mia_auc"})

@@ -1,4 +1,5 @@
 """The Serve application end to end over real HTTP on loopback (a free port, never 8000)."""
+import importlib
 import threading
 import time
 
@@ -7,10 +8,10 @@ import pytest
 import requests
 import torch
 
-from serve.routing import update_routing_weights
-from sim.checkpoint import load_model, save_member
-from sim.config import ModelConfig
-from sim.models import build_model, init_params, param_shapes, unflatten
+from fedmeta.serve.routing import update_routing_weights
+from fedmeta.sim.checkpoint import load_model, save_member
+from fedmeta.sim.config import ModelConfig
+from fedmeta.sim.models import build_model, init_params, param_shapes, unflatten
 
 pytestmark = pytest.mark.slow
 MLP = {"kind": "mlp", "hidden": [8]}
@@ -40,7 +41,7 @@ def clean_apps(serve_url):
 
 
 def deploy(tmp_path, members, reweight_s=0.0, **settings):
-    from serve.app import Deployment
+    from fedmeta.serve.app import Deployment
 
     settings.setdefault("auto_promote", True)      # these tests check the test's decisions, not the operator's
     dep = Deployment({n: member(tmp_path / n, **kw) for n, kw in members.items()}, settings=settings,
@@ -74,7 +75,7 @@ def test_predictions_match_the_models_run_directly(serve_url, tmp_path):
 
 
 def test_concurrent_requests_batched_together_get_their_own_answers(serve_url, tmp_path):
-    """Concurrent requests share member calls and forward passes (`serve.batch` at the ingress and at
+    """Concurrent requests share member calls and forward passes (`fedmeta.serve.batch` at the ingress and at
     the members): each still gets the answer to its own inputs, whatever their row counts, and a
     request the models cannot answer (non-finite output) fails alone."""
     from concurrent.futures import ThreadPoolExecutor
@@ -231,7 +232,7 @@ def test_no_request_fails_while_weights_are_pushed_and_a_candidate_is_promoted(s
 
 
 def test_per_user_models_with_fallback(serve_url, tmp_path):
-    from serve.app import Deployment
+    from fedmeta.serve.app import Deployment
 
     run = tmp_path / "run"
     member(run, seed=1)
@@ -255,8 +256,8 @@ def test_per_user_models_with_fallback(serve_url, tmp_path):
 def test_the_api_needs_a_token_with_the_scope(serve_url, tmp_path):
     """Issue 27: every endpoint but /health needs a bearer token with its scope; a user_id without
     the `personal` scope gets the ensemble, and /routing shows no salt."""
-    from serve.app import Deployment
-    from serve.auth import parse_tokens
+    from fedmeta.serve.app import Deployment
+    from fedmeta.serve.auth import parse_tokens
 
     run = tmp_path / "run"
     member(run, seed=1)
@@ -324,13 +325,15 @@ def test_serve_config_builders(serve_url, tmp_path):
     """What `fedmeta serve --write-config` writes runs through the builders Serve config files name."""
     from ray import serve
 
-    from serve.app import Deployment, ensemble_builder, member_builder
+    from fedmeta.serve.app import Deployment, ensemble_builder, member_builder
 
     dep = Deployment({"a": member(tmp_path / "a", seed=1)}, reweight_s=0.0)
     config = dep.config(port=1234)
     assert config["http_options"]["port"] == 1234 and len(config["applications"]) == 2
     for app in config["applications"]:
         builder = member_builder if app["import_path"].endswith("member_builder") else ensemble_builder
+        module, _, name = app["import_path"].partition(":")      # what `serve run CONFIG` imports
+        assert getattr(importlib.import_module(module), name) is builder
         serve.run(builder(app["args"]), name=app["name"], route_prefix=app["route_prefix"])
     out = predict(serve_url, np.random.default_rng(3).random((2, 64)))
     assert [m["name"] for m in out["members"]] == ["a"]

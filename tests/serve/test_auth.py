@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from serve.auth import SCOPES, AuthError, RateLimit, authenticate, digest, load_tokens, new_token_file, parse_tokens
+from fedmeta.serve.auth import SCOPES, AuthError, RateLimit, authenticate, digest, load_tokens, new_token_file, parse_tokens
 
 TOKEN = "t" * 32
 
@@ -56,8 +56,8 @@ def test_the_rate_limit_is_per_token():
 
 
 def test_serve_refuses_a_public_host_without_auth_and_a_bad_token_file(tmp_path, monkeypatch, capsys):
-    from sim.checkpoint import save_member
-    from sim.cli import main
+    from fedmeta.sim.checkpoint import save_member
+    from fedmeta.sim.cli.main import main
 
     member = save_member(tmp_path / "m", {"kind": "mlp", "hidden": [4]}, [0.0] * (4 * 4 + 4 + 4 * 2 + 2), [4], 2,
                          {"mean": [0.0] * 4, "var": [1.0] * 4, "n": 10}).parent

@@ -4,7 +4,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from serve.app import MAX_BATCH, Coalesce, _split
+from fedmeta.serve.app import MAX_BATCH, Coalesce, _split
 
 
 def run(coro):

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 @pytest.mark.slow
 def test_serve_bench_reports_noop_single_and_ensemble(ray_session):
-    from sim.bench import SERVE_TARGETS, run_serve_bench
+    from fedmeta.sim.cli.bench import SERVE_TARGETS, run_serve_bench
 
     res = run_serve_bench(concurrency=(2,), seconds=0.5, warmup_s=0.2)
     for label in SERVE_TARGETS:
@@ -23,8 +23,8 @@ def test_serve_bench_reports_noop_single_and_ensemble(ray_session):
 
 def test_serve_bench_prints_p99_of_all_three_and_json(monkeypatch):
     """The report's lines from a canned result (no Ray): p99 of each target, the ratios, the JSON."""
-    import sim.bench
-    from sim.cli import app
+    import fedmeta.sim.cli.bench as bench
+    from fedmeta.sim.cli.main import app
 
     def level(rps):
         return {"rps": rps, "p50_ms": 10.0, "p99_ms": 1000 / rps, "errors": 0, "requests": int(rps)}
@@ -33,7 +33,7 @@ def test_serve_bench_prints_p99_of_all_three_and_json(monkeypatch):
     for label, rps in (("noop", 200.0), ("single", 100.0), ("ensemble", 80.0)):
         res[label] = {8: level(rps) | ({} if label == "noop" else {"requests_per_fan_out": 2.5})}
         res[f"{label}_rps"], res[f"{label}_p99_ms"] = rps, 1000 / rps
-    monkeypatch.setattr(sim.bench, "run_serve_bench", lambda seconds: res)
+    monkeypatch.setattr(bench, "run_serve_bench", lambda seconds: res)
     out = CliRunner().invoke(app, ["bench", "--serve", "--json", "--seconds", "1"])
     assert out.exit_code == 0, out.output
     lines = out.output.strip().splitlines()

@@ -6,9 +6,9 @@ import pytest
 import requests
 import torch
 
-from sim.config import from_dict
-from sim.data import build_dataset
-from sim.data.drift import rotate
+from fedmeta.sim.config import from_dict
+from fedmeta.sim.data import build_dataset
+from fedmeta.sim.data.drift import rotate
 from tests.conftest import tiny_raw
 
 pytestmark = pytest.mark.slow
@@ -47,9 +47,9 @@ def send(url, x, y, feedback=False):
 
 
 def test_drift_alarm_tunes_and_shadow_tests_a_candidate(serve_url, tmp_path):
-    from serve.app import Deployment
-    from serve.closed_loop import ClosedLoop
-    from sim.experiment import run_experiment
+    from fedmeta.serve.app import Deployment
+    from fedmeta.sim.tuning.closed_loop import ClosedLoop
+    from fedmeta.sim.run.experiment import run_experiment
 
     raw = tiny_raw(tmp_path, data={"num_clients": 60, "samples_per_client": 40},
                    federation={"rounds": 2, "clients_per_round": 10})

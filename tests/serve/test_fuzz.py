@@ -19,11 +19,11 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 
-from serve.app import api as serve_api
-from serve.state import RouterSettings, RouterState
-from sim.checkpoint import load_model, save_member
-from sim.config import ModelConfig
-from sim.models import build_model, init_params
+from fedmeta.serve.app import api as serve_api
+from fedmeta.serve.state import RouterSettings, RouterState
+from fedmeta.sim.checkpoint import load_model, save_member
+from fedmeta.sim.config import ModelConfig
+from fedmeta.sim.models import build_model, init_params
 
 MLP = {"kind": "mlp", "hidden": [8]}
 PERSONAL_USER, PERSONAL_CLASS = 42, 4
@@ -52,7 +52,7 @@ def with_personal_model(run):
 def app(request, serve_url, tmp_path_factory):
     from ray import serve
 
-    from serve.app import Deployment
+    from fedmeta.serve.app import Deployment
 
     tmp = tmp_path_factory.mktemp(request.param)
     members = {"a": member(tmp / "a", seed=1), "b": member(tmp / "b", seed=2)}
@@ -238,7 +238,7 @@ def _length(response: bytes) -> int:
 
 @pytest.mark.slow
 def test_bodies_over_the_limit_get_a_413(app):
-    from serve.app import MAX_BODY_BYTES
+    from fedmeta.serve.app import MAX_BODY_BYTES
 
     # declared too large: refused before a byte of the body is read (none is sent)
     head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" \
@@ -259,7 +259,7 @@ def test_bodies_over_the_limit_get_a_413(app):
 
 # ---------------------------------------------------------------- the pure parts
 def test_batch_takes_one_input_or_a_batch_of_the_right_width():
-    from serve.app import batch
+    from fedmeta.serve.app import batch
 
     assert batch([0.5] * 4, 4).shape == (1, 4) and batch([[0.5] * 4] * 3, 4).dtype == np.float32
     for inputs, text in (([[1.0, 2.0], [1.0]], "got rows of [1, 2] numbers"), ([1.0] * 3, "got 3"),
@@ -273,7 +273,7 @@ def test_batch_takes_one_input_or_a_batch_of_the_right_width():
 def test_a_non_finite_answer_is_the_inputs_fault():
     from fastapi import HTTPException
 
-    from serve.app import _finite_answer
+    from fedmeta.serve.app import _finite_answer
 
     assert _finite_answer(np.full((1, 3), 1 / 3)).shape == (1, 3)
     with pytest.raises(HTTPException) as e:
@@ -282,7 +282,7 @@ def test_a_non_finite_answer_is_the_inputs_fault():
 
 
 def test_personal_id_takes_only_canonical_ascii_decimals():
-    from serve.app import personal_id
+    from fedmeta.serve.app import personal_id
 
     assert [personal_id(u) for u in ("0", "42", "1234567890")] == ["0", "42", "1234567890"]
     for user in ("042", "00", "\u0664\u0662", "\u00b2", "+42", "-1", " 42", "42 ", "42\n", "4_2", "", "x", None):
@@ -292,7 +292,7 @@ def test_personal_id_takes_only_canonical_ascii_decimals():
 def test_schema_errors_are_one_line_naming_the_field():
     from pydantic import ValidationError
 
-    from serve.app import PredictRequest, one_line
+    from fedmeta.serve.app import PredictRequest, one_line
 
     def line(body):
         with pytest.raises(ValidationError) as e:
@@ -327,7 +327,7 @@ def test_feedback_with_a_wrong_label_count_keeps_the_request():
 def test_traffic_split_takes_any_json_string():
     import hashlib
 
-    from serve.shadow import stable_fraction
+    from fedmeta.serve.shadow import stable_fraction
 
     # a lone surrogate (valid in JSON) is a key like any other, not a UnicodeEncodeError
     assert 0 <= stable_fraction("\ud800", "ab") < 1
@@ -339,8 +339,7 @@ def test_traffic_split_takes_any_json_string():
 def test_the_schedule_logs_failed_pushes_and_goes_on(monkeypatch):
     import ray.exceptions
 
-    import serve.app as app_module
-
+    import fedmeta.serve.app as app_module
     logged = []
     monkeypatch.setattr(app_module, "logger", types.SimpleNamespace(
         debug=lambda *a: logged.append(("debug", a)), exception=lambda *a: logged.append(("exception", a))))

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serve.routing import (
+from fedmeta.serve.routing import (
     FeedbackTracker,
     InputProfile,
     RoutingController,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serve.shadow import (
+from fedmeta.serve.shadow import (
     CandidateTrial,
     Decision,
     PairedSPRT,

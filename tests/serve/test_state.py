@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from serve.state import RouterSettings, RouterState
+from fedmeta.serve.state import RouterSettings, RouterState
 
 PROFILE = {"mean": [0.0, 0.0], "var": [1.0, 1.0], "n": 10}
 

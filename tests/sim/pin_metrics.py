@@ -66,7 +66,7 @@ def scenarios(tmp: Path) -> dict[str, dict]:
     DP-SGD, the consent gate, both compute modes and every algorithm."""
     import yaml
 
-    from sim.config import default_config_path
+    from fedmeta.sim.config import default_config_path
 
     quick = yaml.safe_load(default_config_path().read_text())
     quick["federation"]["rounds"] = 30
@@ -103,15 +103,15 @@ SUMMARY_KEYS = ("rounds", "dropouts", "acc_global_DG", "acc_global_DI", "acc_per
 
 def _run_experiment():
     try:
-        from sim.experiment import run_experiment
+        from fedmeta.sim.run.experiment import run_experiment
     except ImportError:            # the driver before the split
-        from sim.runner import run_experiment
+        from fedmeta.sim.runner import run_experiment
     return run_experiment
 
 
 def run_scenario(raw: dict) -> dict:
-    from sim import checkpoint as ckpt
-    from sim.config import from_dict
+    from fedmeta.sim import checkpoint as ckpt
+    from fedmeta.sim.config import from_dict
 
     run_dir, summary = _run_experiment()(from_dict(raw))
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
@@ -127,13 +127,13 @@ def run_scenario(raw: dict) -> dict:
 def private_metrics(tmp: Path) -> dict:
     """Tune's objective after one round, plain (with DP noise) and as a secure sum."""
     try:
-        from sim.federation import Federation, FederationPlan
+        from fedmeta.sim.engine.federation import Federation, FederationPlan
 
         def spawn(cfg):
             return Federation(FederationPlan.from_config(cfg))
     except ImportError:
-        from sim.runner import Federation as spawn
-    from sim.config import from_dict
+        from fedmeta.sim.runner import Federation as spawn
+    from fedmeta.sim.config import from_dict
 
     out = {}
     for name, sections in (("plain_dp", {"privacy": {"mode": "central"}}),

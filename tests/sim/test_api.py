@@ -7,8 +7,8 @@ import textwrap
 import pytest
 
 import fedmeta
-from sim.algorithms import build_algorithm
-from sim.config import AlgorithmConfig, ConfigError, from_dict
+from fedmeta.sim.algorithms import build_algorithm
+from fedmeta.sim.config import AlgorithmConfig, ConfigError, from_dict
 from tests.conftest import tiny_raw
 
 MY_ALGORITHM = '''
@@ -63,9 +63,11 @@ def test_fedmeta_run_with_your_own_algorithm(ray_session, tmp_path, monkeypatch)
     assert (result.run_dir / "summary.json").is_file() and 0 <= result.summary["acc_personalized_DI"]["mean"] <= 1
 
 
-def test_the_installed_package_claims_no_configs_name_and_finds_presets_anywhere(tmp_path):
-    code = ("import importlib.util, sim.config as c; assert importlib.util.find_spec('configs') is None; "
-            "print(c.load('quickstart').run.name)")
+def test_the_installed_package_claims_one_import_name_and_finds_presets_anywhere(tmp_path):
+    """Outside the checkout, only `fedmeta` imports: the design's folders are its subpackages."""
+    code = ("import importlib.util as u, fedmeta.sim.config as c; "
+            "assert [n for n in ('sim', 'actors', 'serve', 'configs') if u.find_spec(n)] == []; "
+            "import fedmeta.actors.aggregator, fedmeta.serve.auth; print(c.load('quickstart').run.name)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "quickstart"
@@ -117,7 +119,7 @@ def not_a_module(input_shape, num_classes):
 
 
 def test_your_own_model_is_checked_and_runs_on_the_right_cohort_engine(tmp_path, monkeypatch):
-    from sim.plan import FederationPlan
+    from fedmeta.sim.engine.plan import FederationPlan
 
     (tmp_path / "mymodels.py").write_text(textwrap.dedent(MY_MODELS))
     monkeypatch.chdir(tmp_path)

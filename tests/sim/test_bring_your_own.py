@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 import fedmeta
-from sim.cli import app
+from fedmeta.sim.cli.main import app
 
 MYMODELS = '''
 import math

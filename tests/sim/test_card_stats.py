@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from actors.privacy import PrivacyAccountant, RunAccounting, Sampling, UserLevelDP
-from sim.card_stats import (
+from fedmeta.actors.privacy import PrivacyAccountant, RunAccounting, Sampling, UserLevelDP
+from fedmeta.sim.run.card_stats import (
     card_statistics,
     client_moments,
     clip_rows,
@@ -14,9 +14,9 @@ from sim.card_stats import (
     profile_release_noise,
     release_card_statistics,
 )
-from sim.config import from_dict
-from sim.plan import FederationPlan, profile_ids
-from sim.seeding import torch_gen
+from fedmeta.sim.config import from_dict
+from fedmeta.sim.engine.plan import FederationPlan, profile_ids
+from fedmeta.sim.seeding import torch_gen
 from tests.conftest import tiny_raw
 
 DP = {"mode": "central", "noise_multiplier": 1.0, "audit_canaries": 0}
@@ -69,8 +69,8 @@ def test_with_no_budget_left_nothing_exact_ships_and_nothing_more_is_spent(tmp_p
 @pytest.mark.slow
 @pytest.mark.adversary
 def test_under_dp_the_card_is_noised_at_the_accounted_scale_and_epsilon_includes_it(ray_session, tmp_path):
-    from sim.checkpoint import load_model
-    from sim.experiment import run_experiment
+    from fedmeta.sim.checkpoint import load_model
+    from fedmeta.sim.run.experiment import run_experiment
 
     cfg = from_dict(tiny_raw(tmp_path, privacy=DP, run={"seeded_secrets": True}))
     run_dir, s = run_experiment(cfg)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sim import checkpoint as ckpt
+from fedmeta.sim import checkpoint as ckpt
 
 
 def test_load_model_needs_a_model_card(tmp_path):
@@ -94,7 +94,7 @@ def test_a_checkpoint_never_unpickles_code(tmp_path, monkeypatch):
 
 
 def test_cli_resume_report_and_serve_refuse_damaged_run_dirs(tmp_path):
-    from sim.config import ExperimentConfig, to_yaml
+    from fedmeta.sim.config import ExperimentConfig, to_yaml
 
     run = tmp_path / "run"
     run.mkdir()
@@ -106,12 +106,12 @@ def test_cli_resume_report_and_serve_refuse_damaged_run_dirs(tmp_path):
     for args, expected in [(["run", "--resume", str(run), "--no-progress"], "damaged"),
                            (["serve", str(run), "--port", "1"], "damaged"),
                            (["report", str(run)], "no summary.json")]:
-        r = subprocess.run([sys.executable, "-m", "sim.cli", *args], cwd=tmp_path, capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-m", "fedmeta", *args], cwd=tmp_path, capture_output=True, text=True,
                            timeout=120)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, r.stderr[-2000:])
     (run / "summary.json").write_text('{"acc": 0.5')               # a summary cut short
-    r = subprocess.run([sys.executable, "-m", "sim.cli", "report", str(run)], cwd=tmp_path, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "fedmeta", "report", str(run)], cwd=tmp_path, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "not valid JSON" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     (run / "summary.json").unlink()

@@ -7,8 +7,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from sim.cli import app
-from sim.config import ConfigError
+from fedmeta.sim.cli.main import app
+from fedmeta.sim.config import ConfigError
 from tests.conftest import tiny_raw
 
 pytestmark = pytest.mark.slow

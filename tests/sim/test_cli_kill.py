@@ -24,7 +24,7 @@ def cli_start(tmp_path: Path, name: str) -> subprocess.Popen:
     raw["federation"]["rounds"] = 30
     raw["eval"]["every"] = 30
     (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
-    return subprocess.Popen([sys.executable, "-m", "sim.cli", "run", str(tmp_path / f"{name}.yaml"), "--no-progress"],
+    return subprocess.Popen([sys.executable, "-m", "fedmeta", "run", str(tmp_path / f"{name}.yaml"), "--no-progress"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)          # its Ray processes share its session: cleaned up below
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sim.cluster import cluster_target, wait_for_cluster
-from sim.config import ConfigError
+from fedmeta.sim.engine.cluster import cluster_target, wait_for_cluster
+from fedmeta.sim.config import ConfigError
 
 
 def free_port() -> int:
@@ -42,7 +42,7 @@ def test_waiting_ends_when_someone_listens_and_fails_in_time_when_nobody_does():
 def test_fedmeta_run_against_an_unreachable_address_exits_2_with_one_line(tmp_path):
     root = Path(__file__).resolve().parents[2]
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "sim.cli", "run", "--address", f"127.0.0.1:{free_port()}",
+    out = subprocess.run([sys.executable, "-m", "fedmeta", "run", "--address", f"127.0.0.1:{free_port()}",
                           "--set", "ray.connect_timeout_s=2", "--set", f"run.out_dir={tmp_path}", "--no-progress"],
                          cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and time.monotonic() - t0 < 60

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.compression import compress, int8_roundtrip, topk_roundtrip, topk_size
-from sim.seeding import torch_gen
+from fedmeta.sim.compression import compress, int8_roundtrip, topk_roundtrip, topk_size
+from fedmeta.sim.seeding import torch_gen
 
 rows = st.integers(1, 4).flatmap(lambda c: st.integers(2, 40).flatmap(
     lambda n: st.lists(st.floats(-10, 10, allow_nan=False, width=32), min_size=c * n, max_size=c * n).map(
@@ -58,8 +58,8 @@ def test_error_feedback_delays_but_never_loses(updates):
 
 @pytest.mark.parametrize("kind", ["int8", "topk"])
 def test_the_worker_sends_what_the_server_decodes_and_counts_the_encoded_bytes(kind):
-    from actors.client_worker import ClientWorker
-    from sim.config import from_dict
+    from fedmeta.actors.client_worker import ClientWorker
+    from fedmeta.sim.config import from_dict
     from tests.conftest import tiny_raw
 
     raw = tiny_raw(federation={"compression": {"kind": kind, "topk_fraction": 0.05}})
@@ -79,7 +79,7 @@ def test_the_worker_sends_what_the_server_decodes_and_counts_the_encoded_bytes(k
 
 
 def test_compression_and_secure_aggregation_do_not_mix():
-    from sim.config import ConfigError, from_dict
+    from fedmeta.sim.config import ConfigError, from_dict
     from tests.conftest import tiny_raw
 
     with pytest.raises(ConfigError, match="federation.compression: secure aggregation sends masked vectors"):

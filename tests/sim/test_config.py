@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sim import config as C
+from fedmeta.sim import config as C
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,7 +58,7 @@ def test_overrides_and_yaml_errors(tmp_path):
 def test_cli_exits_2_with_one_line(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("federation:\n  rounds: many\n")
-    r = subprocess.run([sys.executable, "-m", "sim.cli", "run", str(p)], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "fedmeta", "run", str(p)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "federation.rounds" in lines[0] and "Traceback" not in r.stderr
@@ -68,7 +68,7 @@ def test_cli_exits_2_with_one_line(tmp_path):
 def test_cli_missing_femnist_path(tmp_path):
     p = tmp_path / "f.yaml"
     p.write_text(f"data:\n  kind: femnist\n  femnist:\n    path: {tmp_path / 'nope'}\n")
-    r = subprocess.run([sys.executable, "-m", "sim.cli", "run", str(p), "--no-progress"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "fedmeta", "run", str(p), "--no-progress"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
@@ -78,7 +78,7 @@ def test_cli_missing_femnist_path(tmp_path):
 def test_cli_config_prints_the_resolved_config():
     from typer.testing import CliRunner
 
-    from sim.cli import app
+    from fedmeta.sim.cli.main import app
 
     res = CliRunner().invoke(app, ["config", "--set", "federation.rounds=7"])
     assert res.exit_code == 0

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from sim import config as C
+from fedmeta.sim import config as C
 
 ROOT = Path(__file__).resolve().parents[2]
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
@@ -204,7 +204,7 @@ def test_cli_exits_2_with_one_line_for_nine_kinds(kind, tmp_path):
     text, expected = NINE[kind]
     p = tmp_path / "bad.yaml"
     p.write_text(text)
-    r = subprocess.run([sys.executable, "-m", "sim.cli", "run", str(p), "--no-progress"], cwd=tmp_path,
+    r = subprocess.run([sys.executable, "-m", "fedmeta", "run", str(p), "--no-progress"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2, r.stderr[-2000:]

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from sim.config import from_dict
-from sim.consent import PURPOSE, consenting_panel
+from fedmeta.sim.config import from_dict
+from fedmeta.sim.engine.consent import PURPOSE, consenting_panel
 from tests.conftest import tiny_raw
 
 CONSENT = {"enabled": True, "consent_rate": 0.5}
@@ -16,8 +16,8 @@ CONSENT = {"enabled": True, "consent_rate": 0.5}
 
 def consenting_users(run_dir, n: int) -> set[int]:
     """Who consents to personalization, read from the run's encrypted store itself."""
-    from actors.profile_store import ProfileStore
-    from sim.statedir import store_key_path
+    from fedmeta.actors.profile_store import ProfileStore
+    from fedmeta.sim.artifacts.statedir import store_key_path
 
     store = ProfileStore(run_dir / "profiles.sqlite", key_file=store_key_path(run_dir / "profiles.sqlite", run_dir))
     try:
@@ -28,7 +28,7 @@ def consenting_users(run_dir, n: int) -> set[int]:
 
 def knows(run_dir, user: int) -> bool:
     """Whether per-user serving would answer `user` with a personalized model (serve/app.py)."""
-    from serve.app import PersonalModels
+    from fedmeta.serve.app import PersonalModels
 
     threads = torch.get_num_threads()       # the replica pins itself to one thread: not this process
     try:
@@ -49,7 +49,7 @@ def test_the_panel_is_drawn_from_consenting_users_and_all_of_them_when_too_few_c
 @pytest.mark.slow
 @pytest.mark.adversary
 def test_a_user_without_consent_is_never_evaluated_exported_or_served(ray_session, tmp_path):
-    from sim.experiment import run_experiment
+    from fedmeta.sim.run.experiment import run_experiment
 
     run_dir, s = run_experiment(from_dict(tiny_raw(tmp_path, profiles=CONSENT, federation={"rounds": 2})))
     consenting = consenting_users(run_dir, 40)
@@ -65,10 +65,10 @@ def test_a_user_without_consent_is_never_evaluated_exported_or_served(ray_sessio
 
 @pytest.mark.adversary
 def test_revoking_deletes_the_exported_model_and_leaves_the_next_evaluation(ray_session, tmp_path):
-    from sim.checkpoint import save_member
-    from sim.federation import Federation
-    from sim.hooks import export_personalized
-    from sim.plan import FederationPlan
+    from fedmeta.sim.checkpoint import save_member
+    from fedmeta.sim.engine.federation import Federation
+    from fedmeta.sim.run.hooks import export_personalized
+    from fedmeta.sim.engine.plan import FederationPlan
 
     cfg = from_dict(tiny_raw(tmp_path, profiles=CONSENT))
     fed = Federation(FederationPlan.from_config(cfg), run_dir=tmp_path)

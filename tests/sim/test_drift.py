@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.drift import (
+from fedmeta.sim.detectors import (
     AutoencoderDetector,
     Detector,
     DriftMonitor,
@@ -25,7 +25,7 @@ from sim.drift import (
     threshold_from_signals,
     writers_drift_data,
 )
-from sim.seeding import np_rng
+from fedmeta.sim.seeding import np_rng
 
 BATCH = 64
 TARGET = 0.05
@@ -257,7 +257,7 @@ def test_bad_arguments_name_the_field():
 
 def test_false_alarm_summary_intervals():
     """The across-seed t interval and the pooled exact binomial interval, and the target check."""
-    from sim.drift import false_alarm_summary
+    from fedmeta.sim.detectors import false_alarm_summary
 
     s = false_alarm_summary([0.04, 0.06, 0.05, 0.05], alarms=200, batches=4000, target=0.05)
     assert s["mean"] == pytest.approx(0.05) and s["within_target"]

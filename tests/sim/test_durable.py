@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from sim.durable import write_atomic
+from fedmeta.sim.artifacts.durable import write_atomic
 
 WRITER = """
 import sys
-from sim.durable import write_atomic
+from fedmeta.sim.artifacts.durable import write_atomic
 path, i = sys.argv[1], 0
 print("ready", flush=True)
 while True:

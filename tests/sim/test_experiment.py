@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sim import checkpoint as ckpt
-from sim.config import from_dict
-from sim.experiment import run_experiment
-from sim.seeding import Secrets
+from fedmeta.sim import checkpoint as ckpt
+from fedmeta.sim.config import from_dict
+from fedmeta.sim.run.experiment import run_experiment
+from fedmeta.sim.seeding import Secrets
 from tests.conftest import tiny_raw
 
 pytestmark = pytest.mark.slow
@@ -17,10 +17,10 @@ pytestmark = pytest.mark.slow
 
 def with_card(z: float, q: float, rounds: int, sampling=None) -> float:
     """Epsilon of `rounds` rounds plus what a finished DP run adds, the model card's two releases
-    (sim/card_stats.py): the input profile (z, or z/2 for fixed cohorts) and the panel quality (z/sqrt 2)."""
+    (sim/run/card_stats.py): the input profile (z, or z/2 for fixed cohorts) and the panel quality (z/sqrt 2)."""
     import math
 
-    from actors.privacy import make_accountant
+    from fedmeta.actors.privacy import make_accountant
 
     acc = make_accountant("rdp", sampling)
     for _ in range(rounds):
@@ -82,7 +82,7 @@ def test_runs_are_reproducible_and_seed_matters(ray_session, tmp_path):
 
 
 def test_impossible_pool_is_a_clear_error(ray_session, tmp_path):
-    from sim.config import ConfigError
+    from fedmeta.sim.config import ConfigError
 
     cfg = from_dict(tiny_raw(tmp_path, ray={"num_workers": 4, "num_cpus_per_worker": 1.0}))
     with pytest.raises(ConfigError, match="ray.num_cpus_per_worker: 4 workers x 1 CPUs needs 4"):
@@ -92,7 +92,7 @@ def test_impossible_pool_is_a_clear_error(ray_session, tmp_path):
 def test_a_failing_round_leaves_the_last_good_checkpoint(ray_session, tmp_path):
     from ray.exceptions import RayTaskError
 
-    from actors.aggregator import AggregationError
+    from fedmeta.actors.aggregator import AggregationError
 
     raw = tiny_raw(tmp_path, algorithm={"lr": 1e30})  # diverges at once: non-finite updates
     cfg = from_dict(raw)
@@ -117,7 +117,7 @@ def test_ctrl_c_in_a_real_process_leaves_a_usable_checkpoint(tmp_path):
     cfg = tmp_path / "long.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen([sys.executable, "-m", "sim.cli", "run", str(cfg), "--no-progress"], cwd=root,
+    proc = subprocess.Popen([sys.executable, "-m", "fedmeta", "run", str(cfg), "--no-progress"], cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -139,7 +139,7 @@ def test_ctrl_c_in_a_real_process_leaves_a_usable_checkpoint(tmp_path):
 
 
 def test_dp_run_accounts_every_round_and_audits(ray_session, tmp_path):
-    from actors.privacy import epsilon_for
+    from fedmeta.actors.privacy import epsilon_for
 
     raw = tiny_raw(tmp_path, privacy={"mode": "central", "noise_multiplier": 1.1, "clip_norm": 0.5})
     _, s = run_experiment(from_dict(raw))
@@ -152,7 +152,7 @@ def test_dp_run_accounts_every_round_and_audits(ray_session, tmp_path):
 
 
 def test_dp_target_epsilon_is_met_and_budget_stops_training(ray_session, tmp_path):
-    from actors.privacy import noise_for
+    from fedmeta.actors.privacy import noise_for
 
     raw = tiny_raw(tmp_path, privacy={"mode": "central", "target_epsilon": 30.0})
     _, s = run_experiment(from_dict(raw))
@@ -177,15 +177,15 @@ def test_secagg_and_dp_run_end_to_end(ray_session, tmp_path):
     for k in ("acc_global_DI", "acc_personalized_DI"):
         assert 0 <= s[k]["mean"] <= 1
     # an aborted round releases nothing: the accountant counts only the rounds that went through
-    from actors.privacy import epsilon_for
+    from fedmeta.actors.privacy import epsilon_for
 
     done = 4 - s["secagg_aborted_rounds"]
     assert done >= 1 and s["epsilon"] == pytest.approx(with_card(1.0, 0.25, done), rel=1e-9)
     # the checkpoint's model card alone rebuilds the model and tells what it cost
     import torch
 
-    from sim.checkpoint import load as load_ckpt
-    from sim.checkpoint import load_model
+    from fedmeta.sim.checkpoint import load as load_ckpt
+    from fedmeta.sim.checkpoint import load_model
 
     model, card = load_model(run_dir)
     assert card["supports_federated_meta_learning"] and card["training"]["rounds_completed"] == 4
@@ -193,7 +193,7 @@ def test_secagg_and_dp_run_end_to_end(ray_session, tmp_path):
     assert card["privacy"]["secagg_neighbors"] == 4 and card["privacy"]["clip_norm"] == 1.0
     assert card["data_schema"]["input_shape"] == [1, 8, 8] and card["data_schema"]["num_classes"] == 10
     assert card["adaptation"]["lr"] == 0.05 and card["adaptation"]["steps"] == 5
-    from sim.models import build_model, param_shapes, unflatten
+    from fedmeta.sim.models import build_model, param_shapes, unflatten
 
     reference = build_model(from_dict(raw).model, (1, 8, 8), 10)
     params = unflatten(torch.as_tensor(load_ckpt(run_dir).global_params), param_shapes(reference))
@@ -203,7 +203,7 @@ def test_secagg_and_dp_run_end_to_end(ray_session, tmp_path):
 
 
 def test_fixed_size_cohorts_are_accounted_without_replacement(ray_session, tmp_path):
-    from actors.privacy import Sampling, epsilon_for
+    from fedmeta.actors.privacy import Sampling, epsilon_for
 
     raw = tiny_raw(tmp_path, privacy={"mode": "central", "noise_multiplier": 1.1}, federation={"sampling": "fixed"},
                    eval={"every": 4})
@@ -217,8 +217,8 @@ def test_fixed_size_cohorts_are_accounted_without_replacement(ray_session, tmp_p
 def test_distributed_dp_accounts_with_the_surviving_shares(ray_session, tmp_path):
     """Each client's Skellam share carries 1/M of the planned variance, so a Poisson cohort of k
     clients (no dropout) adds k/M of it: every round is accounted at z * sqrt(k / M)."""
-    from actors.privacy import PrivacyAccountant, effective_noise_multiplier
-    from sim.sampling import sample_poisson
+    from fedmeta.actors.privacy import PrivacyAccountant, effective_noise_multiplier
+    from fedmeta.sim.sampling import sample_poisson
 
     raw = tiny_raw(tmp_path, secagg={"enabled": True, "neighbors": 4},
                    privacy={"mode": "distributed", "noise_multiplier": 1.2}, federation={"dropout": 0.0},
@@ -231,13 +231,13 @@ def test_distributed_dp_accounts_with_the_surviving_shares(ray_session, tmp_path
         k = len(sample_poisson(Secrets.seeded(3), r, 40, 0.25))
         if not was_aborted:            # an aborted round released nothing
             expected.step(effective_noise_multiplier(1.2, 10, k), 0.25)
-    expected.release(1.2)                 # the model card's input profile and panel quality (sim/card_stats.py)
+    expected.release(1.2)                 # the model card's input profile and panel quality (sim/run/card_stats.py)
     expected.release(1.2 / np.sqrt(2))
     assert expected.steps >= 1 and s["epsilon"] == pytest.approx(expected.epsilon(1e-5), rel=1e-9)
 
 
 def test_secagg_config_problems_are_config_errors(ray_session, tmp_path):
-    from sim.config import ConfigError
+    from fedmeta.sim.config import ConfigError
 
     for sections, match in (({"federation": {"clients_per_round": 1}}, "federation.clients_per_round: secure"),
                             ({"secagg": {"enabled": True, "neighbors": 4, "threshold": 9}}, "secagg.threshold")):
@@ -252,8 +252,8 @@ def test_local_dp_sgd_run_reports_each_clients_budget(ray_session, tmp_path, alg
     """Sample-level DP-SGD inside clients: the summary carries the worst client's epsilon, which the
     ledger recomputes from the rounds' cohorts. Every noisy gradient counts: a client here takes 3
     local steps (batches of 8 of its 21 samples), each one noisy gradient, or two for FO-MAML."""
-    from actors.privacy import epsilon_for
-    from sim.sampling import apply_dropout, sample_cohort
+    from fedmeta.actors.privacy import epsilon_for
+    from fedmeta.sim.sampling import apply_dropout, sample_cohort
 
     raw = tiny_raw(tmp_path, privacy={"local_dp": True, "local_clip": 1.0, "local_noise_multiplier": 0.8},
                    algorithm={"name": algorithm}, run={"seeded_secrets": True})   # cohorts from the seed
@@ -272,9 +272,9 @@ def test_local_dp_sgd_run_reports_each_clients_budget(ray_session, tmp_path, alg
 def test_consent_gates_the_cohort_and_revocation_takes_effect_next_round(ray_session, tmp_path):
     """With the profile store on, only users consenting to 'personalization' train; a user who
     revokes is out of the very next round."""
-    from sim.federation import Federation
-    from sim.plan import FederationPlan
-    from sim.sampling import sample_cohort
+    from fedmeta.sim.engine.federation import Federation
+    from fedmeta.sim.engine.plan import FederationPlan
+    from fedmeta.sim.sampling import sample_cohort
 
     cfg = from_dict(tiny_raw(tmp_path, profiles={"enabled": True, "consent_rate": 0.5}, run={"seeded_secrets": True}))
     fed = Federation(FederationPlan.from_config(cfg), run_dir=tmp_path)   # seeded: the test recomputes cohorts
@@ -291,7 +291,7 @@ def test_consent_gates_the_cohort_and_revocation_takes_effect_next_round(ray_ses
         assert nxt[0] not in res.trained and set(res.trained) == set(nxt[1:])
     finally:
         fed.shutdown()
-    from sim.statedir import run_secrets_dir
+    from fedmeta.sim.artifacts.statedir import run_secrets_dir
 
     key = run_secrets_dir(tmp_path, create=False) / "profiles.key"     # the state directory, not the run's
     assert (tmp_path / "profiles.sqlite").is_file() and not list(tmp_path.glob("*.key"))
@@ -307,7 +307,7 @@ def ray_get_eligible(fed, ids):
 def test_last_evaluation_exports_personalized_models(ray_session, tmp_path):
     """personalized/<id>.npy: each evaluated individual's fine-tuned parameters; the model card
     carries the input profile and the last evaluation's quality."""
-    from sim.checkpoint import load_model
+    from fedmeta.sim.checkpoint import load_model
 
     run_dir, s = run_experiment(from_dict(tiny_raw(tmp_path, federation={"rounds": 2})))
     files = sorted((run_dir / "personalized").glob("*.npy"))
@@ -328,8 +328,8 @@ def test_newcomers_joining_raise_the_alarm_and_the_run_tunes_within_its_epsilon(
     the newcomers' inputs raise the alarm right after, Tune searches from that checkpoint and the run
     finishes under the best configuration. Under DP the trials' rounds and metric reports are in the
     run's epsilon. (The everyone-rotates drift raises its alarm in the test after this one.)"""
-    from actors.privacy import epsilon_for
-    from sim.plan import FederationPlan
+    from fedmeta.actors.privacy import epsilon_for
+    from fedmeta.sim.engine.plan import FederationPlan
 
     raw = tiny_raw(tmp_path, data={"num_clients": 60, "samples_per_client": 40,
                                    "drift": {"at_round": 4, "rotation": 90.0, "joiners": 20}},
@@ -356,8 +356,8 @@ def test_auto_tuning_without_budget_goes_on_untuned(ray_session, tmp_path):
     trial's round and metric report: no trial runs, the run records why, continues under its own
     configuration and stops at the budget, never past it. With no room even for that round, the
     run stops at the alarm and says the search never started."""
-    from actors.privacy import epsilon_for
-    from sim.plan import FederationPlan
+    from fedmeta.actors.privacy import epsilon_for
+    from fedmeta.sim.engine.plan import FederationPlan
 
     privacy = {"mode": "central", "noise_multiplier": 3.0, "audit_canaries": 0}
     raw = tiny_raw(tmp_path, data={"num_clients": 60, "samples_per_client": 40,
@@ -382,8 +382,8 @@ def test_auto_tuning_without_budget_goes_on_untuned(ray_session, tmp_path):
 def test_tuning_metric_under_secure_aggregation_equals_the_plain_mean(ray_session, tmp_path):
     """With secagg on, Tune's metric is a secure sum of the individuals' accuracies: the aggregator
     sees masked vectors and their total, which equals the plain mean (to quantization)."""
-    from sim.federation import Federation
-    from sim.plan import FederationPlan
+    from fedmeta.sim.engine.federation import Federation
+    from fedmeta.sim.engine.plan import FederationPlan
 
     cfg = from_dict(tiny_raw(tmp_path, secagg={"enabled": True, "neighbors": 4}))
     fed = Federation(FederationPlan.from_config(cfg))
@@ -408,7 +408,7 @@ def test_dp_noise_is_secret_unless_seeded_secrets_is_asked_for(ray_session, tmp_
     b_dir, _ = run_experiment(from_dict(raw))
     pa, pb = ckpt.load(a_dir).global_params, ckpt.load(b_dir).global_params
     assert not np.array_equal(pa, pb) and a["secrets"] == "csprng"
-    from sim.statedir import run_secrets_dir
+    from fedmeta.sim.artifacts.statedir import run_secrets_dir
 
     secret = run_secrets_dir(a_dir, create=False) / "run_secret.key"     # outside the run directory
     key = secret.read_bytes()
@@ -453,7 +453,7 @@ def test_sigterm_checkpoints_exits_143_and_the_resume_ends_where_an_uninterrupte
     root = Path(__file__).resolve().parents[2]
 
     def cli(*args):
-        return subprocess.Popen([sys.executable, "-m", "sim.cli", *args, "--no-progress"], cwd=root,
+        return subprocess.Popen([sys.executable, "-m", "fedmeta", *args, "--no-progress"], cwd=root,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     for name in ("stopped", "calm"):
@@ -491,8 +491,8 @@ def test_sigterm_checkpoints_exits_143_and_the_resume_ends_where_an_uninterrupte
 def test_joiners_train_only_from_the_drift_round_on(ray_session, tmp_path, mode):
     """`data.drift.joiners`: the newcomers are never in a cohort before `at_round` and are after it
     (with the drifted data the worker hands them)."""
-    from sim.federation import Federation
-    from sim.plan import FederationPlan
+    from fedmeta.sim.engine.federation import Federation
+    from fedmeta.sim.engine.plan import FederationPlan
 
     federation = {"rounds": 6, "clients_per_round": 20}
     if mode == "fedbuff":

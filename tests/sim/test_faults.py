@@ -9,9 +9,9 @@ import pytest
 from ray.exceptions import ActorDiedError, RayTaskError
 
 import fedmeta
-from sim import checkpoint as ckpt
-from sim.faults import FaultLog, RoundFailed, lost_actor
-from sim.federation import Federation
+from fedmeta.sim import checkpoint as ckpt
+from fedmeta.sim.engine.faults import FaultLog, RoundFailed, lost_actor
+from fedmeta.sim.engine.federation import Federation
 from tests.conftest import tiny_raw
 
 METRICS = ("acc_global_DI", "acc_personalized_DI", "acc_global_DG")
@@ -75,7 +75,7 @@ def test_a_killed_actor_costs_nothing_but_time(ray_session, tmp_path, monkeypatc
 
 DYING = '''
 import os
-from sim.algorithms.fedavg import FedAvg
+from fedmeta.sim.algorithms.fedavg import FedAvg
 
 class DyingFedAvg(FedAvg):
     """FedAvg whose worker process dies while training, once, when the test arms it."""

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import fedmeta
-from sim import checkpoint as ckpt
-from sim.config import ConfigError
-from sim.fedbuff import BufferClock, staleness_weight
-from sim.seeding import Secrets, np_rng
+from fedmeta.sim import checkpoint as ckpt
+from fedmeta.sim.config import ConfigError
+from fedmeta.sim.engine.fedbuff import BufferClock, staleness_weight
+from fedmeta.sim.seeding import Secrets, np_rng
 from tests.conftest import tiny_raw
 from tests.sim.test_faults import round_metrics
 
@@ -48,8 +48,8 @@ def test_fedbuff_config_rules_name_their_key(tmp_path):
 def reference_fedbuff(raw: dict, steps: int) -> np.ndarray:
     """FedBuff as the paper states it, one client at a time: a sorted list of completion events,
     each update trained from the model its client started with, weighted 1/sqrt(1 + staleness)."""
-    from actors.client_worker import ClientWorker
-    from sim.plan import FederationPlan
+    from fedmeta.actors.client_worker import ClientWorker
+    from fedmeta.sim.engine.plan import FederationPlan
 
     cfg = fedmeta.load_config(raw)
     plan = FederationPlan.from_config(cfg)
@@ -103,7 +103,7 @@ def test_the_engine_matches_a_hand_written_event_loop(ray_session, tmp_path):
 def test_dp_fedbuff_is_accounted_without_sampling_amplification(ray_session, tmp_path):
     import math
 
-    from actors.privacy import epsilon_for, make_accountant
+    from fedmeta.actors.privacy import epsilon_for, make_accountant
 
     raw = fedbuff_raw(tmp_path)
     raw["privacy"] = {"mode": "central", "noise_multiplier": 2.0, "clip_norm": 0.5, "audit_canaries": 0}
@@ -120,7 +120,7 @@ def test_dp_fedbuff_is_accounted_without_sampling_amplification(ray_session, tmp
 
 @pytest.mark.slow
 def test_the_async_bench_compares_time_to_target_over_seeds(ray_session, tmp_path):
-    from sim.bench import run_async_bench
+    from fedmeta.sim.cli.bench import run_async_bench
 
     raw = tiny_raw(tmp_path, federation={"clients_per_round": 8, "rounds": 4,
                                          "system": {"enabled": True, "speed_sigma": 1.0},

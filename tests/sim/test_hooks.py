@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from actors.privacy import RunAccounting, Sampling, UserLevelDP
-from sim.experiment import run_rounds
-from sim.federation import RoundResult
-from sim.hooks import Accounting, Hook, RoundLog
-from sim.state import RunState
+from fedmeta.actors.privacy import RunAccounting, Sampling, UserLevelDP
+from fedmeta.sim.run.experiment import run_rounds
+from fedmeta.sim.engine.federation import RoundResult
+from fedmeta.sim.run.hooks import Accounting, Hook, RoundLog
+from fedmeta.sim.run.run_state import RunState
 
 
 class CountingFederation:
@@ -52,7 +52,7 @@ def test_a_hook_stops_the_run_after_the_others_saw_the_round():
 
 
 def test_the_privacy_budget_stops_before_the_round_that_would_overshoot():
-    from actors.privacy import epsilon_for
+    from fedmeta.actors.privacy import epsilon_for
 
     dp = UserLevelDP("central", noise_multiplier=1.0, sampling=Sampling("poisson", 40, 10), target_epsilon=3.0)
     state = fresh(dp)

@@ -1,4 +1,4 @@
-"""The learned privacy weight (sim/leakage.py): the dual-ascent step, and runs that adapt lambda."""
+"""The learned privacy weight (sim/run/leakage.py): the dual-ascent step, and runs that adapt lambda."""
 import math
 from pathlib import Path
 
@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sim import checkpoint as ckpt
-from sim.config import ConfigError, from_dict
-from sim.leakage import dual_ascent
+from fedmeta.sim import checkpoint as ckpt
+from fedmeta.sim.config import ConfigError, from_dict
+from fedmeta.sim.run.leakage import dual_ascent
 from tests.conftest import tiny_raw
 
 unit = st.floats(0, 1)
@@ -62,9 +62,9 @@ def test_a_run_learns_lambda_from_private_releases_and_accounts_them(ray_session
     """Once per round lambda takes the dual-ascent step on the released leakage (rising first: plain
     fine-tuning leaks more than 0.51), the releases compose with the rounds in the run's epsilon,
     and the summary says what was learned."""
-    from actors.privacy import make_accountant
-    from sim.experiment import run_experiment
-    from sim.plan import FederationPlan
+    from fedmeta.actors.privacy import make_accountant
+    from fedmeta.sim.run.experiment import run_experiment
+    from fedmeta.sim.engine.plan import FederationPlan
 
     raw = _controlled(tmp_path, mode="central", noise_multiplier=2.0,
                       leakage_control={"noise_multiplier": 0.1})
@@ -85,7 +85,7 @@ def test_a_run_learns_lambda_from_private_releases_and_accounts_them(ray_session
     for _ in range(4):
         hand.step(2.0, dp.sample_rate)
         hand.release(0.1)
-    hand.release(2.0)                   # the model card's input profile and panel quality (sim/card_stats.py)
+    hand.release(2.0)                   # the model card's input profile and panel quality (sim/run/card_stats.py)
     hand.release(dp.metric_release_noise)
     assert s["epsilon"] == pytest.approx(hand.epsilon(dp.delta))
     # the evaluations after an update personalize with the new lambda: their per-individual AUC is logged
@@ -94,7 +94,7 @@ def test_a_run_learns_lambda_from_private_releases_and_accounts_them(ray_session
 
 @pytest.mark.slow
 def test_lambda_goes_down_when_the_models_leak_less_than_the_target(ray_session, tmp_path):
-    from sim.experiment import run_experiment
+    from fedmeta.sim.run.experiment import run_experiment
 
     raw = _controlled(tmp_path, leakage_control={"target_auc": 0.99, "step": 1.0})
     raw["algorithm"]["ditto_lambda"] = 3.0
@@ -105,7 +105,7 @@ def test_lambda_goes_down_when_the_models_leak_less_than_the_target(ray_session,
 
 @pytest.mark.slow
 def test_a_resumed_run_continues_from_the_learned_lambda(ray_session, tmp_path):
-    from sim.experiment import run_experiment
+    from fedmeta.sim.run.experiment import run_experiment
 
     raw = _controlled(tmp_path)
     full_dir, full = run_experiment(from_dict(raw))
@@ -128,8 +128,8 @@ def test_a_resumed_run_continues_from_the_learned_lambda(ray_session, tmp_path):
 def test_the_leakage_release_under_secure_aggregation_equals_the_plain_mean(ray_session, tmp_path):
     """Masked per individual, the panel's leakage sums to the plain mean of each individual's own
     AUC (to quantization), and to what the evaluation's audit computes at the same weight."""
-    from sim.federation import Federation
-    from sim.plan import FederationPlan
+    from fedmeta.sim.engine.federation import Federation
+    from fedmeta.sim.engine.plan import FederationPlan
 
     raw = _controlled(tmp_path)
     plain_fed = Federation(FederationPlan.from_config(from_dict(raw)))

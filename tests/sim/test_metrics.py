@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.metrics import pareto_front
+from fedmeta.sim.metrics import pareto_front
 
 
 def dominates(a, b, directions):

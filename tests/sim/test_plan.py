@@ -3,11 +3,11 @@ their key before any actor starts."""
 import numpy as np
 import pytest
 
-from actors.privacy import noise_for
-from sim.config import ConfigError, from_dict
-from sim.models import build_model, init_params, num_params
-from sim.plan import FederationPlan
-from sim.seeding import torch_gen
+from fedmeta.actors.privacy import noise_for
+from fedmeta.sim.config import ConfigError, from_dict
+from fedmeta.sim.models import build_model, init_params, num_params
+from fedmeta.sim.engine.plan import FederationPlan
+from fedmeta.sim.seeding import torch_gen
 from tests.conftest import tiny_raw
 
 

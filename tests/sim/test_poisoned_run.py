@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 import fedmeta
-from sim import checkpoint as ckpt
+from fedmeta.sim import checkpoint as ckpt
 from tests.conftest import tiny_raw
 
 POISONER = '''
 import torch
 import fedmeta
-from sim.algorithms.fedavg import FedAvg
+from fedmeta.sim.algorithms.fedavg import FedAvg
 
 
 class Poisoner(FedAvg):

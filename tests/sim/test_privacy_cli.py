@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from actors.privacy import epsilon_for, noise_for
-from sim.config import ConfigError
-from sim.privacy_cli import privacy_app
+from fedmeta.actors.privacy import epsilon_for, noise_for
+from fedmeta.sim.config import ConfigError
+from fedmeta.sim.cli.privacy import privacy_app
 
 runner = CliRunner()
 
@@ -64,7 +64,7 @@ def test_poisson_from_population_and_cohort_is_the_rate_cohort_over_population()
 
 
 def test_fixed_sampling_accounts_without_replacement_and_is_larger():
-    from actors.privacy import Sampling
+    from fedmeta.actors.privacy import Sampling
 
     args = ["--population", "2000", "--cohort", "100", "--steps", "300", "--delta", "1e-5", "--sampling", "fixed"]
     r = runner.invoke(privacy_app, ["epsilon", "--noise-multiplier", "1", *args])

@@ -1,11 +1,11 @@
-"""sim/report.py's parts that stand alone."""
+"""sim/run/report.py's parts that stand alone."""
 import numpy as np
 import pytest
 
-from sim.config import from_dict
-from sim.metrics import MetricsLog
-from sim.plan import FederationPlan
-from sim.report import joiners_summary
+from fedmeta.sim.config import from_dict
+from fedmeta.sim.metrics import MetricsLog
+from fedmeta.sim.engine.plan import FederationPlan
+from fedmeta.sim.run.report import joiners_summary
 from tests.conftest import tiny_raw
 
 

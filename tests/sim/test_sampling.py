@@ -2,8 +2,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.sampling import apply_dropout, eval_individuals, sample_cohort, split_even
-from sim.seeding import Secrets
+from fedmeta.sim.sampling import apply_dropout, eval_individuals, sample_cohort, split_even
+from fedmeta.sim.seeding import Secrets
 
 
 @given(seed=st.integers(0, 2**31), rnd=st.integers(0, 1000), n=st.integers(1, 500), data=st.data())
@@ -34,7 +34,7 @@ def test_split_even():
 @given(seed=st.integers(0, 2**31), rnd=st.integers(0, 1000), n=st.integers(1, 300), q=st.floats(0.01, 1.0))
 @settings(max_examples=50, deadline=None)
 def test_poisson_cohort_is_seeded_distinct_and_in_range(seed, rnd, n, q):
-    from sim.sampling import sample_poisson
+    from fedmeta.sim.sampling import sample_poisson
 
     c = sample_poisson(Secrets.seeded(seed), rnd, n, q)
     assert len(set(c.tolist())) == len(c) and (len(c) == 0 or (c.min() >= 0 and c.max() < n))
@@ -46,7 +46,7 @@ def test_poisson_sampling_includes_each_client_independently_at_rate_q():
     cohort sizes are Binomial(n, q) and a client's participation count is Binomial(rounds, q)."""
     from scipy import stats
 
-    from sim.sampling import sample_poisson
+    from fedmeta.sim.sampling import sample_poisson
 
     n, q, rounds = 200, 0.1, 2000
     member = np.zeros((rounds, n), bool)

@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 
-from actors.secagg.params import SecAggTargetWarning, evaluate_harary_params, poisson_cohort_sizes
-from sim.config import ConfigError, ExperimentConfig, from_dict
-from sim.plan import FederationPlan, _round_facts, secagg_round_facts, secagg_targets
-from sim.report import secagg_targets_facts
+from fedmeta.actors.secagg.params import SecAggTargetWarning, evaluate_harary_params, poisson_cohort_sizes
+from fedmeta.sim.config import ConfigError, ExperimentConfig, from_dict
+from fedmeta.sim.engine.plan import FederationPlan, _round_facts, secagg_round_facts, secagg_targets
+from fedmeta.sim.run.report import secagg_targets_facts
 from tests.conftest import tiny_raw
 
 

@@ -4,10 +4,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from sim.cli import app
-from sim.config import ConfigError, from_dict
-from sim.experiment import run_experiment
-from sim.specialize import input_stats, pooled_profile
+from fedmeta.sim.cli.main import app
+from fedmeta.sim.config import ConfigError, from_dict
+from fedmeta.sim.run.experiment import run_experiment
+from fedmeta.sim.personalize.specialize import input_stats, pooled_profile
 from tests.conftest import tiny_raw
 
 
@@ -24,7 +24,7 @@ def test_pooled_profile_equals_the_union(sizes, seed):
 
 
 def test_specialize_writes_servable_group_members(ray_session, tmp_path):
-    from sim.checkpoint import load_model
+    from fedmeta.sim.checkpoint import load_model
 
     run_dir, _ = run_experiment(from_dict(tiny_raw(tmp_path, federation={"rounds": 2})))
     res = CliRunner().invoke(app, ["specialize", str(run_dir), "--groups", "2"])

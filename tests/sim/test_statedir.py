@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from sim.config import from_dict
-from sim.rundir import SECRET_FILE, new_run_dir, run_secrets
-from sim.statedir import run_id, run_secrets_dir, state_dir, store_key_path
+from fedmeta.sim.config import from_dict
+from fedmeta.sim.artifacts.rundir import SECRET_FILE, new_run_dir, run_secrets
+from fedmeta.sim.artifacts.statedir import run_id, run_secrets_dir, state_dir, store_key_path
 from tests.conftest import tiny_raw
 
 

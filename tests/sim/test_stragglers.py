@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 import fedmeta
-from sim.config import ConfigError
-from sim.federation import Federation
-from sim.plan import FederationPlan
+from fedmeta.sim.config import ConfigError
+from fedmeta.sim.engine.federation import Federation
+from fedmeta.sim.engine.plan import FederationPlan
 from tests.conftest import tiny_raw
 from tests.sim.test_faults import round_metrics
 
@@ -34,7 +34,7 @@ def test_over_selected_rounds_keep_exactly_clients_per_round_and_stay_reproducib
 
 STALLING = '''
 import os, time
-from sim.algorithms.fedavg import FedAvg
+from fedmeta.sim.algorithms.fedavg import FedAvg
 
 class StallingFedAvg(FedAvg):
     """FedAvg whose worker stalls on one client, once, when the test arms it."""

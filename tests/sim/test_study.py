@@ -13,10 +13,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from sim.cli import app, main
-from sim.config import ConfigError
-from sim.study import load_study
-from sim.study_plots import METRICS, plot_study
+from fedmeta.sim.cli.main import app, main
+from fedmeta.sim.config import ConfigError
+from fedmeta.sim.tuning.study import load_study
+from fedmeta.sim.tuning.study_plots import METRICS, plot_study
 from tests.conftest import tiny_raw
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,7 +146,7 @@ def test_rerunning_a_finished_study_restores_it_and_reruns_no_cell(study_2x2):
 def test_repeats_give_a_seed_column(ray_session, tmp_path):
     path = write_study(tmp_path, "base: base.yaml\nset: {federation.rounds: 1, eval.every: 1}\n"
                                  "grid: {federation.clients_per_round: [10]}\nrepeats: 2\nname: seeds\n")
-    from sim.study import run_study
+    from fedmeta.sim.tuning.study import run_study
 
     directory = run_study(path)
     assert directory == tmp_path / "studies" / "seeds"
@@ -195,7 +195,7 @@ def test_another_study_in_the_same_directory_is_refused(study_2x2):
     other = path.with_name("s2.yaml")
     other.write_text(path.read_text().replace("[5, 10]", "[5, 20]") + "name: s\n")
     with pytest.raises(ConfigError, match="holds another study"):
-        from sim.study import run_study
+        from fedmeta.sim.tuning.study import run_study
 
         run_study(other)
 
@@ -218,7 +218,7 @@ def test_the_readme_study_file_is_valid():
     """README's 2x2 study (its figure is notebooks/figures/study_bytes_vs_clients_per_round.png)."""
     from pathlib import Path
 
-    from sim.study import load_study
+    from fedmeta.sim.tuning.study import load_study
 
     study = load_study(Path(__file__).resolve().parents[2] / "notebooks" / "clients_x_secagg_study.yaml")
     assert len(study.cells) == 4

@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.config import SystemConfig
-from sim.seeding import Secrets
-from sim.system import choose, device, duration, online
+from fedmeta.sim.config import SystemConfig
+from fedmeta.sim.seeding import Secrets
+from fedmeta.sim.system import choose, device, duration, online
 
 
 def test_a_device_is_the_same_every_time_and_medians_without_spread():

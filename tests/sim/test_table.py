@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from sim.cli import app
-from sim.config import ConfigError
-from sim.table import summarize, to_markdown
+from fedmeta.sim.cli.main import app
+from fedmeta.sim.config import ConfigError
+from fedmeta.sim.personalize.table import summarize, to_markdown
 
 TINY = """
 seed: 1

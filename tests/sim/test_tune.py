@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from sim.cli import app
-from sim.config import ConfigError, from_dict
-from sim.tune import apply_params, search_space
+from fedmeta.sim.cli.main import app
+from fedmeta.sim.config import ConfigError, from_dict
+from fedmeta.sim.tuning.tune import apply_params, search_space
 from tests.conftest import tiny_raw
 
 
@@ -31,8 +31,8 @@ def test_tune_search_end_to_end(ray_session, tmp_path):
     privacy weight (leakage control): the trials and the candidate personalize with that lambda."""
     from ray import tune
 
-    from sim.checkpoint import load, load_model
-    from sim.experiment import run_experiment
+    from fedmeta.sim.checkpoint import load, load_model
+    from fedmeta.sim.run.experiment import run_experiment
 
     control = {"leakage_control": {"target_auc": 0.51}, "audit_canaries": 0}
     run_dir, _ = run_experiment(from_dict(tiny_raw(tmp_path, federation={"rounds": 2}, privacy=control)))
@@ -54,7 +54,7 @@ def test_tune_search_end_to_end(ray_session, tmp_path):
     model, card = load_model(lines[-1])
     assert card["tuned"] == out["best_config"] and card["data_schema"]["input_shape"] == [1, 8, 8]
     assert out["privacy_weight"] == card["adaptation"]["privacy_weight"] == learned
-    from sim.tune import make_trainable
+    from fedmeta.sim.tuning.tune import make_trainable
 
     trainable = make_trainable(from_dict(raw), str(run_dir), 2, weight=learned)
     restored = tune.Tuner.restore(out["experiment"], trainable=trainable)
@@ -66,9 +66,9 @@ def test_list_entries_architecture_and_start_check(tmp_path):
     initial model; an architecture search cannot continue a checkpoint."""
     import torch
 
-    from sim.models import build_model, inference_ms
-    from sim.plan import FederationPlan
-    from sim.tune import check_start
+    from fedmeta.sim.models import build_model, inference_ms
+    from fedmeta.sim.engine.plan import FederationPlan
+    from fedmeta.sim.tuning.tune import check_start
 
     raw = tiny_raw(tmp_path, tune={"params": [{"key": "model.hidden.0", "low": 8, "high": 64, "integer": True}]})
     out = apply_params(raw, {"model.hidden.0": np.int64(16)})
@@ -86,7 +86,7 @@ def test_list_entries_architecture_and_start_check(tmp_path):
 
 
 def test_noise_and_target_together_fix_z_and_cap_the_budget():
-    from sim.plan import FederationPlan
+    from fedmeta.sim.engine.plan import FederationPlan
 
     plan = FederationPlan.from_config(from_dict(tiny_raw(privacy={"mode": "central", "noise_multiplier": 3.0,
                                                                    "target_epsilon": 5.0, "audit_canaries": 0})))
@@ -102,8 +102,8 @@ def test_multi_objective_search_under_a_privacy_budget(ray_session, tmp_path):
 
     import yaml
 
-    from sim.checkpoint import load_model
-    from sim.metrics import pareto_front
+    from fedmeta.sim.checkpoint import load_model
+    from fedmeta.sim.metrics import pareto_front
 
     raw = tiny_raw(tmp_path, privacy={"mode": "central", "noise_multiplier": 4.0, "target_epsilon": 6.0,
                                       "audit_canaries": 0},
@@ -137,7 +137,7 @@ def test_searchers_are_seeded_and_warm_started():
     from `startup_trials` trials on; random search is seeded."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from sim.tune import current_values, searcher
+    from fedmeta.sim.tuning.tune import current_values, searcher
 
     cfg = from_dict(tiny_raw(algorithm={"lr": 2.0, "local_epochs": 3},
                              tune={"startup_trials": 2, "ei_candidates": 100,
@@ -159,7 +159,7 @@ def test_searchers_are_seeded_and_warm_started():
 def test_a_known_warm_result_is_told_to_the_searcher_not_rerun():
     """`warm_result`: the config's own values enter the Optuna study as a finished trial with that
     value, so the first trial Tune runs is already the searcher's own proposal."""
-    from sim.tune import current_values, search_space, searcher
+    from fedmeta.sim.tuning.tune import current_values, search_space, searcher
 
     cfg = from_dict(tiny_raw(tune={"sampler": "gp", "startup_trials": 2}))
     told = searcher(cfg, warm_result=0.25).searcher
@@ -176,8 +176,7 @@ def test_a_known_warm_result_is_told_to_the_searcher_not_rerun():
 
 def test_tune_bench_reports_across_seeds(monkeypatch):
     """`bench --tune --seeds N` aggregates one whole comparison per seed (stubbed here)."""
-    import sim.bench as B
-
+    import fedmeta.sim.cli.bench as B
     def fake(cfg, **kwargs):
         s = cfg.seed
         return {"metric": "acc_personalized_DI", "tuned_acc": 0.3 + s / 100, "untuned_acc": 0.2,
@@ -192,7 +191,7 @@ def test_tune_bench_reports_across_seeds(monkeypatch):
 def test_a_trial_the_cluster_can_never_place_is_a_config_error(ray_session, tmp_path):
     """2 workers x 1 CPU + the trial's sliver does not fit 2 CPUs: Tune would wait forever, so
     `fedmeta tune` and a `tune.auto` run refuse it up front, naming the key."""
-    from sim.tune import check_fits
+    from fedmeta.sim.tuning.tune import check_fits
 
     raw = tiny_raw(tmp_path, ray={"num_workers": 2, "num_cpus_per_worker": 1.0})
     with pytest.raises(ConfigError, match=r"ray.num_cpus_per_worker: a trial needs 2.01 CPUs \(2 workers x 1 \+ 0.01"):
@@ -214,9 +213,9 @@ def test_an_interrupted_search_resumes_with_its_privacy_spent(ray_session, tmp_p
 
     import yaml
 
-    from actors.privacy import make_accountant
-    from sim.config import from_dict as cfg_of
-    from sim.plan import FederationPlan
+    from fedmeta.actors.privacy import make_accountant
+    from fedmeta.sim.config import from_dict as cfg_of
+    from fedmeta.sim.engine.plan import FederationPlan
 
     raw = tiny_raw(tmp_path, privacy={"mode": "central", "noise_multiplier": 2.0, "audit_canaries": 0},
                    tune={"num_samples": 2, "max_concurrent": 1, "rounds_per_trial": 4, "grace_period": 4},
@@ -227,7 +226,7 @@ def test_an_interrupted_search_resumes_with_its_privacy_spent(ray_session, tmp_p
     ledger = experiment / "privacy_ledger-0.json"
     entries = (lambda f: json.loads(f.read_text())["entries"] if f.is_file() else [])  # noqa: E731
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen([sys.executable, "-m", "sim.cli", "tune", str(path), "--name", "x"], cwd=root,
+    proc = subprocess.Popen([sys.executable, "-m", "fedmeta", "tune", str(path), "--name", "x"], cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 180
@@ -269,8 +268,8 @@ def _run_trial(monkeypatch, raw, budget_target=None):
     budget accounted."""
     import ray
 
-    from sim import tune as tuning
-    from sim.plan import FederationPlan
+    from fedmeta.sim.tuning import tune as tuning
+    from fedmeta.sim.engine.plan import FederationPlan
 
     reports = []
     monkeypatch.setattr(tuning.tune, "report", lambda metrics, checkpoint=None: reports.append(dict(metrics)))
@@ -296,8 +295,8 @@ def _trial_raw(metric_noise=6.0, **tune):
 def test_a_trial_reports_every_few_rounds_and_spends_only_on_its_reports(ray_session, monkeypatch):
     """tune.report_every 2 over 3 rounds: reports after rounds 2 and 3 (the last), so the budget
     composes 3 subsampled rounds and 2 metric releases, at the metric noise, not 3."""
-    from actors.privacy import make_accountant
-    from sim.tune import trial_release_noise
+    from fedmeta.actors.privacy import make_accountant
+    from fedmeta.sim.tuning.tune import trial_release_noise
 
     reports, spent, plan = _run_trial(monkeypatch, _trial_raw(report_every=2))
     assert [r["round"] for r in reports] == [2, 3]
@@ -317,9 +316,9 @@ def test_a_trial_reports_every_few_rounds_and_spends_only_on_its_reports(ray_ses
 def test_a_trial_stopped_by_the_budget_reports_its_unreported_rounds(ray_session, monkeypatch):
     """A target with room for one round and one release but not two rounds: the trial trains round
     1 (no report due), is refused round 2, and releases round 1's model instead of losing it."""
-    from actors.privacy import make_accountant
-    from sim.plan import FederationPlan
-    from sim.tune import trial_release_noise
+    from fedmeta.actors.privacy import make_accountant
+    from fedmeta.sim.engine.plan import FederationPlan
+    from fedmeta.sim.tuning.tune import trial_release_noise
 
     raw = _trial_raw(metric_noise=12.0, report_every=3)
     dp = FederationPlan.from_config(from_dict(raw)).dp

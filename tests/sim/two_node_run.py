@@ -31,7 +31,7 @@ def main(out: Path, cpus_per_worker: float, restart_timeout_s: float) -> None:
     raw["eval"]["every"] = 20
     raw["ray"] = {"num_workers": 4, "num_cpus_per_worker": cpus_per_worker, "restart_timeout_s": restart_timeout_s}
     (out / "exp.yaml").write_text(yaml.safe_dump(raw))
-    run = subprocess.Popen([sys.executable, "-m", "sim.cli", "run", str(out / "exp.yaml"), "--address",
+    run = subprocess.Popen([sys.executable, "-m", "fedmeta", "run", str(out / "exp.yaml"), "--address",
                             cluster.address, "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
     deadline = time.time() + 240

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.secagg.graph import complete_graph, harary_graph
+from fedmeta.actors.secagg.graph import complete_graph, harary_graph
 
 
 def _check_simple_symmetric(g: list[set[int]], n: int) -> None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.secagg.keys import (
+from fedmeta.actors.secagg.keys import (
     ShareDecryptionError,
     decrypt_share,
     draw_private_bytes,

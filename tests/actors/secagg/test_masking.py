@@ -6,16 +6,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.secagg.graph import complete_graph, harary_graph
-from actors.secagg.keys import (
+from fedmeta.actors.secagg.graph import complete_graph, harary_graph
+from fedmeta.actors.secagg.keys import (
     draw_private_bytes,
     keypair_from_bytes,
     pair_info,
     shared_seed,
 )
-from actors.secagg.masking import mask_vector, pairwise_mask_sum, unmask_sum
-from actors.secagg.prg import expand_mask
-from actors.secagg.quantize import bits_needed, dequantize, quantize, sub_mod, sum_mod
+from fedmeta.actors.secagg.masking import mask_vector, pairwise_mask_sum, unmask_sum
+from fedmeta.actors.secagg.prg import expand_mask
+from fedmeta.actors.secagg.quantize import bits_needed, dequantize, quantize, sub_mod, sum_mod
 
 
 def _setup(num_clients: int, graph: list[set[int]], rng: np.random.Generator, round_id: int = 0):

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.secagg.params import (
+from fedmeta.actors.secagg.params import (
     HararyParams,
     SecAggTargetWarning,
     _Hypergeometric,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.secagg.prg import expand_mask, expand_masks
+from fedmeta.actors.secagg.prg import expand_mask, expand_masks
 
 seeds = st.binary(min_size=32, max_size=32)
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from actors.secagg.protocol import (
+from fedmeta.actors.secagg.protocol import (
     PHASES,
     AdvertiseKeys,
     EncryptedShares,
@@ -22,7 +22,7 @@ from actors.secagg.protocol import (
     UnmaskShares,
     run_round,
 )
-from actors.secagg.quantize import dequantize, quantize, sub_mod, sum_mod
+from fedmeta.actors.secagg.quantize import dequantize, quantize, sub_mod, sum_mod
 
 
 def _vectors(num_clients: int, n: int, bits: int, seed: int) -> dict[int, np.ndarray]:

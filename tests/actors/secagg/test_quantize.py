@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from actors.secagg.quantize import (
+from fedmeta.actors.secagg.quantize import (
     MAX_BITS,
     add_mod,
     bits_needed,

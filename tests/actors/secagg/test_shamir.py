@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.secagg.shamir import (
+from fedmeta.actors.secagg.shamir import (
     PRIME,
     SHARE_BYTES,
     reconstruct,

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from actors.secagg.params import (
+from fedmeta.actors.secagg.params import (
     evaluate_harary_params,
     find_harary_params,
     find_harary_params_over,
@@ -16,8 +16,8 @@ from actors.secagg.params import (
     survivor_floor,
     weakest_harary_params,
 )
-from actors.secagg.protocol import BelowSurvivorFloor, SecAggAbort, run_round
-from actors.secagg.quantize import sum_mod
+from fedmeta.actors.secagg.protocol import BelowSurvivorFloor, SecAggAbort, run_round
+from fedmeta.actors.secagg.quantize import sum_mod
 
 TARGETS = {"dropout": 0.33, "adversarial": 0.05}     # Bell et al.'s example, the config's defaults
 BITS = 16
@@ -62,7 +62,7 @@ def test_below_the_floor_no_share_is_revealed_and_nothing_is_unmasked(phase):
     """Whatever phase the clients drop in, the floor counts the n clients invited to key set-up:
     with 4 of 10 gone (the complete graph, t = 5: the threshold alone would pass) the server stops
     at the end of the masked phase, before the unmask request, holding only the masked sum."""
-    from actors.secagg.protocol import SecAggClient, SecAggServer
+    from fedmeta.actors.secagg.protocol import SecAggClient, SecAggServer
 
     vectors, gone = _vectors(10), {1, 4, 6, 9}
     child = np.random.default_rng(2).spawn(11)

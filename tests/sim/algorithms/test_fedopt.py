@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from sim.algorithms import build_algorithm
-from sim.config import AlgorithmConfig
+from fedmeta.sim.algorithms import build_algorithm
+from fedmeta.sim.config import AlgorithmConfig
 
 
 def reference(name, deltas, x0, lr, b1, b2, tau):

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sim.algorithms import build_algorithm
-from sim.algorithms.local import batch_schedule
-from sim.config import AlgorithmConfig
-from sim.models import flatten, param_shapes, unflatten
+from fedmeta.sim.algorithms import build_algorithm
+from fedmeta.sim.algorithms.local import batch_schedule
+from fedmeta.sim.config import AlgorithmConfig
+from fedmeta.sim.models import flatten, param_shapes, unflatten
 from tests.sim.algorithms.test_local import cohort
 
 

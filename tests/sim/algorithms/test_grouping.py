@@ -5,14 +5,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.algorithms.grouping import (
+from fedmeta.sim.algorithms.grouping import (
     class_mean_latents,
     encode,
     individual_group,
     single_sample_group,
     train_autoencoder,
 )
-from sim.data.writers import _digits
+from fedmeta.sim.data.writers import _digits
 
 
 def test_class_mean_latents_against_a_loop():

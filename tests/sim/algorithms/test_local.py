@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.algorithms import build_algorithm
-from sim.algorithms.local import batch_schedule
-from sim.config import AlgorithmConfig, ModelConfig
-from sim.models import build_model, flatten, init_params, param_shapes, unflatten
+from fedmeta.sim.algorithms import build_algorithm
+from fedmeta.sim.algorithms.local import batch_schedule
+from fedmeta.sim.config import AlgorithmConfig, ModelConfig
+from fedmeta.sim.models import build_model, flatten, init_params, param_shapes, unflatten
 
 
 def cohort(kind, sizes, shape, classes, seed=0):
@@ -130,7 +130,7 @@ def _dp_setup():
 
 def test_dp_sgd_grad_equals_a_loop_over_samples():
     """Per-sample clipping and the noise draw, reproduced one sample at a time."""
-    from sim.algorithms.local import LocalDP, dp_sgd_grad, grad_sample_module
+    from fedmeta.sim.algorithms.local import LocalDP, dp_sgd_grad, grad_sample_module
 
     model, params, x, y = _dp_setup()
     dp = LocalDP(clip=0.3, noise_multiplier=1.2)
@@ -154,7 +154,7 @@ def test_dp_sgd_grad_equals_a_loop_over_samples():
 @given(clip=st.floats(1e-3, 10.0))
 def test_dp_sgd_noiseless_grad_is_bounded_by_the_clip(clip):
     """Each sample contributes at most `clip`: ||mean of clipped grads|| <= clip."""
-    from sim.algorithms.local import LocalDP, dp_sgd_grad, grad_sample_module
+    from fedmeta.sim.algorithms.local import LocalDP, dp_sgd_grad, grad_sample_module
 
     model, params, x, y = _dp_setup()
     g, _ = dp_sgd_grad(grad_sample_module(model), LocalDP(clip, 0.0), torch.Generator())(params, x, y, torch.ones(6))

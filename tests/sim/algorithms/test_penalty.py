@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from sim.algorithms.penalty import privacy_penalty, regularized_loss
-from sim.seeding import torch_gen
+from fedmeta.sim.algorithms.penalty import privacy_penalty, regularized_loss
+from fedmeta.sim.seeding import torch_gen
 
 
 def test_privacy_penalty_per_sample_grads_under_vmap():

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.algorithms.local import train_loop
-from sim.algorithms.shaping import (
+from fedmeta.sim.algorithms.local import train_loop
+from fedmeta.sim.algorithms.shaping import (
     PartialSGD,
     baseline,
     early_shaping,
@@ -17,8 +17,8 @@ from sim.algorithms.shaping import (
     transfer,
     weighed_sources,
 )
-from sim.config import AlgorithmConfig, ModelConfig
-from sim.models import build_model, flatten, init_params, param_shapes, unflatten
+from fedmeta.sim.config import AlgorithmConfig, ModelConfig
+from fedmeta.sim.models import build_model, flatten, init_params, param_shapes, unflatten
 
 
 def rng(seed=0):

@@ -15,10 +15,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.config import DataConfig, load
-from sim.data import CachedWritersDataset, ClientData, WritersDataset, build_dataset
-from sim.data import cache as C
-from sim.data.drift import DriftedDataset
+from fedmeta.sim.config import DataConfig, load
+from fedmeta.sim.data import CachedWritersDataset, ClientData, WritersDataset, build_dataset
+from fedmeta.sim.data import cache as C
+from fedmeta.sim.data.drift import DriftedDataset
 
 ROOT = Path(__file__).resolve().parents[3]
 FIELDS = ("x_train", "y_train", "x_test", "y_test")
@@ -164,7 +164,7 @@ def test_the_key_follows_what_shapes_the_data_and_nothing_else():
 def test_a_change_to_the_generators_code_is_a_new_key(monkeypatch):
     cfg = data_cfg(**CONFIGS["writers"])
     key = C.cache_key(C.identity(cfg, 0, WritersDataset))
-    writers_file = sys.modules["sim.data.writers"].__file__
+    writers_file = sys.modules["fedmeta.sim.data.writers"].__file__
     edited = hashlib.sha256(b"edited").hexdigest()[:16]
     real = C._code_hash
     monkeypatch.setattr(C, "_code_hash", lambda path: edited if path == writers_file else real(path))
@@ -258,8 +258,8 @@ def test_a_builder_that_loses_the_race_keeps_the_winners_cache(cache_dir):
 
 RACER = """
 import hashlib, sys, torch
-from sim.config import DataConfig
-from sim.data import build_dataset
+from fedmeta.sim.config import DataConfig
+from fedmeta.sim.data import build_dataset
 ds = build_dataset(DataConfig(kind="writers", num_clients=800, samples_per_client=20, global_clients=2, cache=True), 9)
 h = hashlib.sha256()
 for c in ds.clients(range(ds.num_clients)):
@@ -327,4 +327,4 @@ def test_the_cache_files_say_what_they_hold(cache_dir):
     meta = json.loads((ds._arrays.folder / "meta.json").read_text())
     assert meta["num_clients"] == 60 and meta["input_shape"] == [1, 8, 8]
     assert meta["ident"]["version"] == C.CACHE_VERSION and "drift" not in meta["ident"]["data"]
-    assert set(meta["ident"]["code"]) == {"sim.data.writers", "sim.data.base", "sim.seeding"}
+    assert set(meta["ident"]["code"]) == {"fedmeta.sim.data.writers", "fedmeta.sim.data.base", "fedmeta.sim.seeding"}

@@ -9,12 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.config import DataConfig
-from sim.data import ClientData, FederatedDataset, build_dataset
-from sim.data.base import check_cids, train_size
-from sim.data.prototypes import PrototypesDataset
-from sim.data.synthetic import SyntheticDataset
-from sim.data.writers import WritersDataset
+from fedmeta.sim.config import DataConfig
+from fedmeta.sim.data import ClientData, FederatedDataset, build_dataset
+from fedmeta.sim.data.base import check_cids, train_size
+from fedmeta.sim.data.prototypes import PrototypesDataset
+from fedmeta.sim.data.synthetic import SyntheticDataset
+from fedmeta.sim.data.writers import WritersDataset
 
 KINDS = ["writers", "synthetic", "prototypes"]
 EXPECTED = {
@@ -165,8 +165,8 @@ def test_data_package_does_not_import_ray():
             elif isinstance(node, ast.ImportFrom):
                 imported.add(node.module)
     assert not {m for m in imported if m.split(".")[0] == "ray"}
-    outside = {m for m in imported if m.startswith("sim.") and not m.startswith("sim.data")}
-    assert outside <= {"sim.config", "sim.seeding"}
+    outside = {m for m in imported if m.startswith("sim.") and not m.startswith("fedmeta.sim.data")}
+    assert outside <= {"fedmeta.sim.config", "fedmeta.sim.seeding"}
 
 
 @given(n=st.integers(1, 10_000), fraction=st.floats(0.001, 1.0))
@@ -191,8 +191,8 @@ def test_check_cids_returns_plain_ints():
 
 @pytest.mark.parametrize("kind", ["writers", "synthetic", "prototypes"])
 def test_global_sizes_cover_global_data_one_block_per_individual(kind):
-    from sim.config import DataConfig
-    from sim.data import build_dataset
+    from fedmeta.sim.config import DataConfig
+    from fedmeta.sim.data import build_dataset
 
     d = build_dataset(DataConfig(kind=kind, num_clients=5, samples_per_client=12, global_clients=3), seed=1)
     assert d.global_sizes() == [12, 12, 12] and len(d.global_data()[1]) == 36

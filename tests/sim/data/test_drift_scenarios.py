@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from sim.config import from_dict
-from sim.data import build_dataset
-from sim.data.drift import DriftedDataset, data_for_round, rotate
+from fedmeta.sim.config import from_dict
+from fedmeta.sim.data import build_dataset
+from fedmeta.sim.data.drift import DriftedDataset, data_for_round, rotate
 from tests.conftest import tiny_raw
 
 
@@ -41,14 +41,14 @@ def test_style_and_label_mix_drift():
     ({"at_round": 0, "rotation": 5.0}, "data.drift.at_round: Input should be greater than or equal to 1"),
 ])
 def test_bad_drift_configs_name_the_key(drift, message):
-    from sim.config import ConfigError
+    from fedmeta.sim.config import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         from_dict(tiny_raw(data={"drift": drift}))
 
 
 def test_joiners_hold_the_drifted_data_and_everyone_else_keeps_theirs():
-    from sim.data.drift import JoinedDataset, drift_data, joiner_ids
+    from fedmeta.sim.data.drift import JoinedDataset, drift_data, joiner_ids
 
     cfg = from_dict(tiny_raw(data={"drift": {"at_round": 3, "style_strength": 3.0, "joiners": 6}}))
     base = build_dataset(cfg.data, cfg.seed)
@@ -70,15 +70,15 @@ def test_joiners_hold_the_drifted_data_and_everyone_else_keeps_theirs():
     ({"joiners": -1}, "data.drift.joiners: Input should be greater than or equal to 0"),
 ])
 def test_bad_joiners_name_the_key(drift, message):
-    from sim.config import ConfigError
+    from fedmeta.sim.config import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         from_dict(tiny_raw(data={"drift": drift}))
 
 
 def test_joiners_must_leave_someone_in_the_federation():
-    from sim.config import ConfigError
-    from sim.plan import FederationPlan
+    from fedmeta.sim.config import ConfigError
+    from fedmeta.sim.engine.plan import FederationPlan
 
     cfg = from_dict(tiny_raw(data={"drift": {"at_round": 2, "style_strength": 3.0, "joiners": 40}}))
     with pytest.raises(ConfigError, match="data.drift.joiners: 40 leaves nobody in the federation"):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from sim.config import ConfigError, DataConfig, FemnistConfig
-from sim.data import build_dataset
-from sim.data.femnist import FemnistDataset
+from fedmeta.sim.config import ConfigError, DataConfig, FemnistConfig
+from fedmeta.sim.data import build_dataset
+from fedmeta.sim.data.femnist import FemnistDataset
 
 USERS = ["f0003_11", "f0001_07", "f0002_42", "f0000_10", "f0005_3", "f0004_9"]  # sorted: 0000, 0001, ...
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from sim.config import DataConfig, PrototypesConfig
-from sim.data import build_dataset
+from fedmeta.sim.config import DataConfig, PrototypesConfig
+from fedmeta.sim.data import build_dataset
 
 
 def prototypes(seed: int = 0, *, samples: int = 64, **params):

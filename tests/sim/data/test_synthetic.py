@@ -2,8 +2,8 @@
 import numpy as np
 import torch
 
-from sim.config import DataConfig, SyntheticConfig
-from sim.data import build_dataset
+from fedmeta.sim.config import DataConfig, SyntheticConfig
+from fedmeta.sim.data import build_dataset
 
 
 def synthetic(seed: int = 0, *, samples: int = 64, num_clients: int = 30, **params):

@@ -6,11 +6,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.config import ConfigError, TableConfig, from_dict
-from sim.data import build_dataset
-from sim.data import tabular as T
-from sim.data.base import train_size
-from sim.data.tabular import TableDataset, cache_key, cached_table, features, labels, partition_rows, shares_to_counts
+from fedmeta.sim.config import ConfigError, TableConfig, from_dict
+from fedmeta.sim.data import build_dataset
+from fedmeta.sim.data import tabular as T
+from fedmeta.sim.data.base import train_size
+from fedmeta.sim.data.tabular import TableDataset, cache_key, cached_table, features, labels, partition_rows, shares_to_counts
 
 FEATURES = ["rid", "f1", "f2", "f3", "f4"]      # rid: the row's index in the table (a feature like any other)
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from sim.config import DataConfig, WritersConfig
-from sim.data import build_dataset
-from sim.data.writers import WritersDataset
+from fedmeta.sim.config import DataConfig, WritersConfig
+from fedmeta.sim.data import build_dataset
+from fedmeta.sim.data.writers import WritersDataset
 
 
 def writers(seed: int = 0, *, num_clients: int = 40, samples: int = 64, global_clients: int = 4,
@@ -145,7 +145,7 @@ def test_a_cohort_of_1000_writers_renders_fast():
 def test_digits_table_matches_sklearn_load_digits():
     from sklearn.datasets import load_digits
 
-    from sim.data.writers import _digits
+    from fedmeta.sim.data.writers import _digits
 
     images, labels = _digits()
     ref = load_digits()

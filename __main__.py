@@ -1,0 +1,4 @@
+"""`python -m fedmeta ...` is the `fedmeta` command."""
+from fedmeta.sim.cli.main import main
+
+main()
