@@ -11,6 +11,7 @@ raises `ConfigError` naming its key. Your own algorithm subclasses `fedmeta.Algo
 rule `step` plus, optionally, a server rule) and is named in the config as
 `algorithm.name: "package.module:ClassName"`; your data implements `fedmeta.FederatedDataset`.
 """
+
 import copy as _copy
 from dataclasses import dataclass as _dataclass
 from importlib import metadata as _metadata
@@ -19,28 +20,41 @@ from typing import Any as _Any
 
 from fedmeta.sim.algorithms.base import Algorithm
 from fedmeta.sim.config import ConfigError, ExperimentConfig, presets
-from fedmeta.sim.config import from_dict as _from_dict, load as _load, parse_overrides as _parse_overrides
+from fedmeta.sim.config import from_dict as _from_dict
+from fedmeta.sim.config import load as _load
+from fedmeta.sim.config import parse_overrides as _parse_overrides
 from fedmeta.sim.data.base import ClientData, FederatedDataset
 
 try:
     __version__ = _metadata.version("fedmeta")
-except _metadata.PackageNotFoundError:      # a checkout that was never installed
+except _metadata.PackageNotFoundError:  # a checkout that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["Algorithm", "ClientData", "ConfigError", "ExperimentConfig", "FederatedDataset", "RunResult",
-           "__version__", "load_config", "presets", "run"]
+__all__ = [
+    "Algorithm",
+    "ClientData",
+    "ConfigError",
+    "ExperimentConfig",
+    "FederatedDataset",
+    "RunResult",
+    "__version__",
+    "load_config",
+    "presets",
+    "run",
+]
 
 
 @_dataclass(frozen=True)
 class RunResult:
     """What `fedmeta.run` returns: the run's summary (summary.json) and its run directory."""
 
-    summary: dict        # what summary.json holds
+    summary: dict  # what summary.json holds
     run_dir: _Path
 
 
-def load_config(config: str | _Path | dict | ExperimentConfig | None = None,
-                overrides: list[str] | None = None) -> ExperimentConfig:
+def load_config(
+    config: str | _Path | dict | ExperimentConfig | None = None, overrides: list[str] | None = None
+) -> ExperimentConfig:
     """The validated config: a path, a preset name, a dict of sections or a config (None: quickstart)."""
     if isinstance(config, ExperimentConfig):
         config = config.model_dump(mode="json")
@@ -58,8 +72,14 @@ def load_config(config: str | _Path | dict | ExperimentConfig | None = None,
     return _load(config, list(overrides or []))
 
 
-def run(config: str | _Path | dict | ExperimentConfig | None = None, overrides: list[str] | None = None, *,
-        run_dir: str | _Path | None = None, resume: bool = False, address: str | None = None) -> RunResult:
+def run(
+    config: str | _Path | dict | ExperimentConfig | None = None,
+    overrides: list[str] | None = None,
+    *,
+    run_dir: str | _Path | None = None,
+    resume: bool = False,
+    address: str | None = None,
+) -> RunResult:
     """Run (or, with `resume`, continue) an experiment on local Ray or the cluster at `address`;
     returns its summary and run directory. Same as `fedmeta run` on the command line."""
     from fedmeta.sim.tuning.autotune import run_experiment

@@ -9,6 +9,7 @@ The same secure-sum session also releases Tune's metric (a sum of accuracies): o
 to the sum differs. A message that does not belong to this round, or carries non-finite numbers,
 aborts the round with an error before anything changes: the caller keeps its previous global model.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,14 @@ import ray
 import torch
 
 from fedmeta.actors.client_worker import peak_rss_mib
-from fedmeta.actors.messages import METRIC_KEYS, MaskedUpdate, PlainUpdate, SummedUpdates, one_client_update, wire_bytes
+from fedmeta.actors.messages import (
+    METRIC_KEYS,
+    MaskedUpdate,
+    PlainUpdate,
+    SummedUpdates,
+    one_client_update,
+    wire_bytes,
+)
 from fedmeta.actors.privacy import UserLevelDP
 from fedmeta.actors.process import settle
 from fedmeta.actors.secagg.protocol import (
@@ -32,9 +40,9 @@ from fedmeta.actors.secagg.protocol import (
 )
 from fedmeta.actors.secagg.session import SecAggParams, SecureSum
 from fedmeta.sim.algorithms import build_algorithm
+from fedmeta.sim.artifacts.usercode import add_code_path
 from fedmeta.sim.config import AlgorithmConfig
 from fedmeta.sim.seeding import Secrets, np_rng
-from fedmeta.sim.artifacts.usercode import add_code_path
 
 
 class AggregationError(RuntimeError):
@@ -58,41 +66,63 @@ def weighted_sum(messages: Sequence[PlainUpdate], n_params: int) -> tuple[np.nda
 
 
 class Aggregator:
-    def __init__(self, algorithm: AlgorithmConfig | dict, n_params: int, dp: UserLevelDP | None = None,
-                 seed: int = 0, secure: bool = False, secrets: Secrets | None = None, code_path: Sequence[str] = ()):
-        add_code_path(code_path)      # a researcher's own algorithm brings its own server rule
-        cfg = algorithm if isinstance(algorithm, AlgorithmConfig) else AlgorithmConfig.model_validate(algorithm)
+    def __init__(
+        self,
+        algorithm: AlgorithmConfig | dict,
+        n_params: int,
+        dp: UserLevelDP | None = None,
+        seed: int = 0,
+        secure: bool = False,
+        secrets: Secrets | None = None,
+        code_path: Sequence[str] = (),
+    ):
+        add_code_path(code_path)  # a researcher's own algorithm brings its own server rule
+        cfg = (
+            algorithm if isinstance(algorithm, AlgorithmConfig) else AlgorithmConfig.model_validate(algorithm)
+        )
         self.algorithm = build_algorithm(cfg)
         self.n_params = n_params
         self.dp = dp or UserLevelDP()
         self.seed = seed
         self.secrets = secrets or Secrets.fresh(seed)  # the server's own: central and metric noise
-        self.secure = secure                          # training rounds must arrive masked
-        self._sessions: dict[int, SecureSum] = {}     # open secure sums by protocol round
+        self.secure = secure  # training rounds must arrive masked
+        self._sessions: dict[int, SecureSum] = {}  # open secure sums by protocol round
         self.rounds_done = 0
 
     # ------------------------------------------------------------ plain rounds
-    def check(self, round_id: int, messages: Sequence[PlainUpdate | MaskedUpdate], dim: int,
-              versions: Sequence[int] | None = None) -> None:
+    def check(
+        self,
+        round_id: int,
+        messages: Sequence[PlainUpdate | MaskedUpdate],
+        dim: int,
+        versions: Sequence[int] | None = None,
+    ) -> None:
         """`versions`: the round each message must be for (FedBuff: the step a client trained from)."""
         seen: set[int] = set()
         for i, m in enumerate(messages):
             expected = round_id if versions is None else versions[i]
             if m.round_id != expected:
-                raise AggregationError(f"round {round_id}: message from worker {m.worker} is for round {m.round_id}, "
-                                       f"expected {expected}")
+                raise AggregationError(
+                    f"round {round_id}: message from worker {m.worker} is for round {m.round_id}, "
+                    f"expected {expected}"
+                )
             if isinstance(m, MaskedUpdate):
                 if m.masked_sum.shape != (dim,) or m.masked_sum.dtype != np.uint64:
                     raise AggregationError(f"round {round_id}: worker {m.worker} sent a malformed masked sum")
             elif self.secure:
-                raise AggregationError(f"round {round_id}: worker {m.worker} sent an unmasked update under "
-                                       "secure aggregation")
+                raise AggregationError(
+                    f"round {round_id}: worker {m.worker} sent an unmasked update under secure aggregation"
+                )
             elif m.weighted_sum.shape != (dim,):
-                raise AggregationError(f"round {round_id}: worker {m.worker} sent {m.weighted_sum.shape[0]} "
-                                       f"parameters, expected {dim}")
+                raise AggregationError(
+                    f"round {round_id}: worker {m.worker} sent {m.weighted_sum.shape[0]} "
+                    f"parameters, expected {dim}"
+                )
             elif not np.isfinite(m.weighted_sum).all() or not np.isfinite(m.weight):
-                raise AggregationError(f"round {round_id}: worker {m.worker} sent non-finite values "
-                                       "(diverging local training? lower algorithm.lr)")
+                raise AggregationError(
+                    f"round {round_id}: worker {m.worker} sent non-finite values "
+                    "(diverging local training? lower algorithm.lr)"
+                )
             dup = seen.intersection(m.client_ids)
             if dup:
                 raise AggregationError(f"round {round_id}: clients {sorted(dup)[:5]} reported twice")
@@ -100,8 +130,10 @@ class Aggregator:
         rejected = sum(getattr(m, "rejected", 0) for m in messages)
         if rejected and rejected == len(seen):
             # some rejections are a broken or hostile device; all of them is the run's own training
-            raise AggregationError(f"round {round_id}: every client's update ({rejected}) was non-finite or oversized "
-                                   "(diverging local training? lower algorithm.lr)")
+            raise AggregationError(
+                f"round {round_id}: every client's update ({rejected}) was non-finite or oversized "
+                "(diverging local training? lower algorithm.lr)"
+            )
 
     def combine(self, round_id: int, messages: Sequence[PlainUpdate]) -> SummedUpdates:
         if any(isinstance(m, MaskedUpdate) for m in messages):
@@ -111,30 +143,51 @@ class Aggregator:
         # every client uploads its own update: a one-client message of the shape the workers sent
         first = messages[0] if clients else None
         up = 0 if first is None else first.upload_bytes or wire_bytes(one_client_update(first))
-        return SummedUpdates(total, weight, {"clients": clients, "bytes_up": clients * up,
-                                             "bytes_up_per_client": up, "bytes_down": 0, "bytes_down_per_client": 0})
+        return SummedUpdates(
+            total,
+            weight,
+            {
+                "clients": clients,
+                "bytes_up": clients * up,
+                "bytes_up_per_client": up,
+                "bytes_down": 0,
+                "bytes_down_per_client": 0,
+            },
+        )
 
-    def aggregate(self, round_id: int, global_params: np.ndarray, *messages: PlainUpdate) -> tuple[np.ndarray, dict]:
+    def aggregate(
+        self, round_id: int, global_params: np.ndarray, *messages: PlainUpdate
+    ) -> tuple[np.ndarray, dict]:
         """A plain round: new global parameters (n_params,) float32 and the round's server metrics."""
         self.check(round_id, messages, self.n_params)
         return self.apply_sum(round_id, global_params, self.combine(round_id, messages))
 
-    def aggregate_buffered(self, round_id: int, global_params: np.ndarray, versions: Sequence[int],
-                           weights: Sequence[float], *messages: PlainUpdate) -> tuple[np.ndarray, dict]:
+    def aggregate_buffered(
+        self,
+        round_id: int,
+        global_params: np.ndarray,
+        versions: Sequence[int],
+        weights: Sequence[float],
+        *messages: PlainUpdate,
+    ) -> tuple[np.ndarray, dict]:
         """A FedBuff server step (sim/engine/fedbuff.py): message i trained from server step `versions[i]`
         and counts with its staleness weight `weights[i]` (<= 1, so a clipped update's
         sensitivity stays C); the mean divides by the unweighted total weight, so staleness
         shrinks stale updates rather than being normalized away."""
         self.check(round_id, messages, self.n_params, versions)
         summed = self.combine(round_id, messages)
-        total = sum((float(w) * m.weighted_sum.astype(np.float64) for m, w in zip(messages, weights)),
-                    np.zeros(self.n_params))
+        total = sum(
+            (float(w) * m.weighted_sum.astype(np.float64) for m, w in zip(messages, weights)),
+            np.zeros(self.n_params),
+        )
         return self.apply_sum(round_id, global_params, SummedUpdates(total, summed.weight, summed.metrics))
 
-    def apply_sum(self, round_id: int, global_params: np.ndarray, summed: SummedUpdates) -> tuple[np.ndarray, dict]:
+    def apply_sum(
+        self, round_id: int, global_params: np.ndarray, summed: SummedUpdates
+    ) -> tuple[np.ndarray, dict]:
         """DP server half, then the server rule; the round's sum may come plain or unmasked."""
         metrics = dict(summed.metrics)
-        if "bytes_down" in metrics:      # and every reporting client downloaded the global model
+        if "bytes_down" in metrics:  # and every reporting client downloaded the global model
             model = wire_bytes(np.asarray(global_params, dtype=np.float32))
             metrics["bytes_down"] += metrics["clients"] * model
             metrics["bytes_down_per_client"] += model if metrics["clients"] else 0
@@ -143,8 +196,11 @@ class Aggregator:
             metrics.update(skipped=True, update_norm=0.0)
             return np.asarray(global_params, dtype=np.float32).copy(), metrics
         g = torch.tensor(global_params, dtype=torch.float32)
-        mean, dp_metrics = self.dp.server_half(torch.tensor(summed.total, dtype=torch.float32), summed.weight,
-                                               self.secrets.noise("dp-noise", round_id))
+        mean, dp_metrics = self.dp.server_half(
+            torch.tensor(summed.total, dtype=torch.float32),
+            summed.weight,
+            self.secrets.noise("dp-noise", round_id),
+        )
         metrics.update(dp_metrics)
         new, server_metrics = self.algorithm.server_update(g, mean)
         if not torch.isfinite(new).all():
@@ -154,15 +210,22 @@ class Aggregator:
         return new.numpy(), metrics
 
     # ------------------------------------------------------------ secure sums (training and metric rounds)
-    def secure_open(self, protocol_id: int, clients: list[int], params: SecAggParams, dim: int,
-                    graph_stream: str = "secagg-server") -> list[int]:
+    def secure_open(
+        self,
+        protocol_id: int,
+        clients: list[int],
+        params: SecAggParams,
+        dim: int,
+        graph_stream: str = "secagg-server",
+    ) -> list[int]:
         """Before phase 0: a session for this protocol round and the ring placement of its mask graph
         (the simulator hosts ring neighbours on one worker, where their pair masks cancel). The
         graph is drawn from (seed, `graph_stream`, protocol round)."""
         try:
-            self._sessions[protocol_id] = SecureSum(protocol_id, clients, params, dim,
-                                                    np_rng(self.seed, graph_stream, protocol_id))
-        except ValueError as e:   # e.g. too few consenting clients for the threshold this round
+            self._sessions[protocol_id] = SecureSum(
+                protocol_id, clients, params, dim, np_rng(self.seed, graph_stream, protocol_id)
+            )
+        except ValueError as e:  # e.g. too few consenting clients for the threshold this round
             raise SecAggRoundAborted(f"round {protocol_id}: secure aggregation aborted: {e}") from None
         return self._step(protocol_id, lambda s: s.placement())
 
@@ -174,7 +237,9 @@ class Aggregator:
 
     def secure_collect(self, protocol_id: int, *messages: MaskedUpdate) -> UnmaskRequest:
         if not all(isinstance(m, MaskedUpdate) for m in messages):
-            raise AggregationError(f"round {protocol_id}: a worker sent an unmasked update under secure aggregation")
+            raise AggregationError(
+                f"round {protocol_id}: a worker sent an unmasked update under secure aggregation"
+            )
         session = self._sessions.get(protocol_id)
         self.check(protocol_id, messages, session.server.vector_length if session else 0)
         return self._step(protocol_id, lambda s: s.collect(messages))
@@ -187,7 +252,9 @@ class Aggregator:
     def _step(self, protocol_id: int, step: Callable[[SecureSum], object]):
         session = self._sessions.get(protocol_id)
         if session is None:
-            raise SecAggRoundAborted(f"round {protocol_id}: no secure-aggregation session open for this round")
+            raise SecAggRoundAborted(
+                f"round {protocol_id}: no secure-aggregation session open for this round"
+            )
         try:
             return step(session)
         except (SecAggAbort, ProtocolViolation) as e:
@@ -195,8 +262,14 @@ class Aggregator:
             raise SecAggRoundAborted(f"round {protocol_id}: secure aggregation aborted: {e}") from None
 
     # ------------------------------------------------------------ Tune's metric
-    def aggregate_metric(self, round_id: int, *parts: dict, noise: float | None = None, panel: int | None = None,
-                         noised: bool = False) -> dict:
+    def aggregate_metric(
+        self,
+        round_id: int,
+        *parts: dict,
+        noise: float | None = None,
+        panel: int | None = None,
+        noised: bool = False,
+    ) -> dict:
         """Panel means from the workers' per-shard SUMS (no individual's value reaches the
         aggregator); with DP on, Gaussian noise of std z (or `noise`) on each sum (an individual's
         value lies in [0, 1]) and the planned `panel` size as divisor: the count of individuals who
@@ -213,13 +286,23 @@ class Aggregator:
             out[key] = float(total) / max(out["count"], 1)
         return out
 
-    def metric_from_sum(self, protocol_id: int, summed: SummedUpdates, stat: str = "accuracy",
-                        noise: float | None = None, panel: int | None = None) -> dict:
+    def metric_from_sum(
+        self,
+        protocol_id: int,
+        summed: SummedUpdates,
+        stat: str = "accuracy",
+        noise: float | None = None,
+        panel: int | None = None,
+    ) -> dict:
         """The metric from a secure sum of the panel's [values of METRIC_KEYS[stat]..., 1] vectors."""
         t, keys = summed.total, METRIC_KEYS[stat]
-        return self.aggregate_metric(protocol_id, {**{k: t[i] for i, k in enumerate(keys)},
-                                                   "count": int(round(t[len(keys)]))}, noise=noise, panel=panel,
-                                     noised=self.dp.mode == "distributed" and panel is not None)
+        return self.aggregate_metric(
+            protocol_id,
+            {**{k: t[i] for i, k in enumerate(keys)}, "count": int(round(t[len(keys)]))},
+            noise=noise,
+            panel=panel,
+            noised=self.dp.mode == "distributed" and panel is not None,
+        )
 
     # ------------------------------------------------------------ the server rule's state
     def server_state(self) -> dict:
@@ -240,4 +323,4 @@ class Aggregator:
 class AggregatorActor(Aggregator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        settle()                   # no full GC walks over start-up state (actors/process.py)
+        settle()  # no full GC walks over start-up state (actors/process.py)

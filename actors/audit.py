@@ -38,6 +38,7 @@ were included; only `audit_one_run` / `best_audit` see `included`, and only to c
 
 Pure numpy/scipy: no ray, no torch, no global RNG.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,6 +61,7 @@ _DEFAULT_GRID_POINTS = 8
 # --------------------------------------------------------------------------------------------
 # input checks: one line, naming the argument
 # --------------------------------------------------------------------------------------------
+
 
 def _as_count(value: object, name: str) -> int:
     """A non-negative integer; bools and floats are rejected so that 3.7 guesses never sneak in."""
@@ -100,7 +102,9 @@ def _as_scores(scores: object, name: str) -> np.ndarray:
 def _as_included(included: object, m: int) -> np.ndarray:
     arr = np.asarray(included)
     if arr.shape != (m,):
-        raise ValueError(f"included must be a 1-D array of length {m} (one entry per score), got shape {arr.shape}")
+        raise ValueError(
+            f"included must be a 1-D array of length {m} (one entry per score), got shape {arr.shape}"
+        )
     if arr.dtype != np.bool_:
         # 0/1 integer arrays are unambiguous; anything else (2, 0.5, strings) is a caller bug
         if not (np.issubdtype(arr.dtype, np.integer) and np.isin(arr, (0, 1)).all()):
@@ -113,6 +117,7 @@ def _as_included(included: object, m: int) -> np.ndarray:
 # guesses
 # --------------------------------------------------------------------------------------------
 
+
 def guesses(scores: Sequence[float] | np.ndarray, k_plus: int, k_minus: int) -> np.ndarray:
     """Per-canary guesses in {-1, 0, +1} (int8): +1 for the k_plus highest scores, -1 for the k_minus lowest.
 
@@ -124,17 +129,20 @@ def guesses(scores: Sequence[float] | np.ndarray, k_plus: int, k_minus: int) -> 
     k_minus = _as_count(k_minus, "k_minus")
     m = arr.size
     if k_plus + k_minus > m:
-        raise ValueError(f"k_plus + k_minus must be <= len(scores) = {m}, got k_plus={k_plus}, k_minus={k_minus}")
+        raise ValueError(
+            f"k_plus + k_minus must be <= len(scores) = {m}, got k_plus={k_plus}, k_minus={k_minus}"
+        )
     order = np.argsort(arr, kind="stable")
     out = np.zeros(m, dtype=np.int8)
     out[order[:k_minus]] = -1
-    out[order[m - k_plus:]] = 1  # m - 0 slices nothing, so k_plus = 0 is handled
+    out[order[m - k_plus :]] = 1  # m - 0 slices nothing, so k_plus = 0 is handled
     return out
 
 
 # --------------------------------------------------------------------------------------------
 # the bound
 # --------------------------------------------------------------------------------------------
+
 
 def _p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
     """Thm. 3.1's bound on P[W >= v] when M is (eps, delta)-DP, clipped to 1."""
@@ -232,6 +240,7 @@ def epsilon_lower_bound(
 # audits from scores
 # --------------------------------------------------------------------------------------------
 
+
 def _count_correct(arr: np.ndarray, member: np.ndarray, k_plus: int, k_minus: int) -> int:
     t = guesses(arr, k_plus, k_minus).astype(np.int64)
     s = np.where(member, 1, -1)
@@ -259,8 +268,14 @@ def audit_one_run(
     v = _count_correct(arr, member, k_plus, k_minus)
     r = int(k_plus) + int(k_minus)
     eps = epsilon_lower_bound(v, r, delta=d, canaries=arr.size, confidence=c)
-    return {"epsilon_lower": eps, "guesses": r, "correct": v, "canaries": int(arr.size), "confidence": c,
-            "delta": d}
+    return {
+        "epsilon_lower": eps,
+        "guesses": r,
+        "correct": v,
+        "canaries": int(arr.size),
+        "confidence": c,
+        "delta": d,
+    }
 
 
 def _default_grid(m: int) -> list[tuple[int, int]]:
@@ -335,6 +350,7 @@ def best_audit(
 # --------------------------------------------------------------------------------------------
 # TPR at fixed FPR
 # --------------------------------------------------------------------------------------------
+
 
 def tpr_at_fpr(
     member_scores: Sequence[float] | np.ndarray,

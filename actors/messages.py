@@ -9,6 +9,7 @@ What the protocol does not release stays out of the messages: the clients' train
 compute time and their local DP-SGD release counts are `Diagnostics`, which go from the worker to
 the driver only (a simulation's view of its clients that a real deployment would not have).
 """
+
 from __future__ import annotations
 
 import pickle
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-LocalDPReleases = tuple[tuple[int, int, int], ...]   # (client id, noisy gradients released, n_train)
+LocalDPReleases = tuple[tuple[int, int, int], ...]  # (client id, noisy gradients released, n_train)
 
 # The panel statistics the aggregator may release (each a noisy mean of per-individual values in
 # [0, 1]): the evaluation accuracies Tune optimizes, and each individual's own membership-inference
@@ -30,11 +31,11 @@ class PlainUpdate:
 
     round_id: int
     worker: int
-    weighted_sum: np.ndarray                  # (n_params,) float32
+    weighted_sum: np.ndarray  # (n_params,) float32
     weight: float
     client_ids: tuple[int, ...]
-    upload_bytes: int = 0                     # what each client uploaded, when compressed (0: the update itself)
-    rejected: int = 0                         # of client_ids, those whose update the admission check refused
+    upload_bytes: int = 0  # what each client uploaded, when compressed (0: the update itself)
+    rejected: int = 0  # of client_ids, those whose update the admission check refused
 
     @property
     def num_clients(self) -> int:
@@ -48,7 +49,7 @@ class MaskedUpdate:
 
     round_id: int
     worker: int
-    masked_sum: np.ndarray                    # (dim,) uint64, each entry < 2^bits
+    masked_sum: np.ndarray  # (dim,) uint64, each entry < 2^bits
     client_ids: tuple[int, ...]
 
     @property
@@ -61,7 +62,7 @@ class SummedUpdates:
     """A round's aggregate before the server rule: the (unmasked) sum, its weight, and facts about
     who contributed. Plain and secure rounds both end here."""
 
-    total: np.ndarray                         # (n,) float64
+    total: np.ndarray  # (n,) float64
     weight: float
     metrics: dict = field(default_factory=dict)
 
@@ -72,13 +73,13 @@ class Diagnostics:
 
     worker: int
     clients: int
-    train_loss_sum: float                     # sum over clients of their mean local loss
+    train_loss_sum: float  # sum over clients of their mean local loss
     compute_s: float
-    local_dp_releases: LocalDPReleases | None = None   # local DP-SGD: each client's own accounting
-    pid: int = 0                              # the worker's process: a new one means Ray restarted it
-    late: int = 0                             # clients that did not report: past the deadline or the quota
-    sim_s: float = 0.0                        # simulated seconds this worker's reporting clients took (system model)
-    rejected: int = 0                         # clients whose update failed the admission check (actors/screening.py)
+    local_dp_releases: LocalDPReleases | None = None  # local DP-SGD: each client's own accounting
+    pid: int = 0  # the worker's process: a new one means Ray restarted it
+    late: int = 0  # clients that did not report: past the deadline or the quota
+    sim_s: float = 0.0  # simulated seconds this worker's reporting clients took (system model)
+    rejected: int = 0  # clients whose update failed the admission check (actors/screening.py)
 
 
 def wire_bytes(message) -> int:
@@ -96,9 +97,12 @@ def one_client_update(m: PlainUpdate) -> PlainUpdate:
 def round_diagnostics(diags) -> dict:
     """The round's training loss and local DP-SGD releases from the workers' diagnostics."""
     clients = sum(d.clients for d in diags)
-    out = {"train_loss": sum(d.train_loss_sum for d in diags) / clients if clients else float("nan"),
-           "late_clients": sum(d.late for d in diags), "rejected_updates": sum(d.rejected for d in diags)}
-    if any(d.sim_s for d in diags):     # a synchronous round lasts as long as its slowest reporting client
+    out = {
+        "train_loss": sum(d.train_loss_sum for d in diags) / clients if clients else float("nan"),
+        "late_clients": sum(d.late for d in diags),
+        "rejected_updates": sum(d.rejected for d in diags),
+    }
+    if any(d.sim_s for d in diags):  # a synchronous round lasts as long as its slowest reporting client
         out["sim_round_s"] = max(d.sim_s for d in diags)
     logs = [d.local_dp_releases for d in diags if d.local_dp_releases is not None]
     if logs:

@@ -14,6 +14,7 @@ Two costs that are not the model's math showed up when a round was profiled (`fe
   thresholds keeps freed memory in the process for reuse (PyTorch's CPU tuning guide suggests a
   caching allocator such as jemalloc for the same reason; this needs no extra library).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -39,7 +40,9 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
 
 
 def settle() -> dict:

@@ -10,6 +10,7 @@ the secure sum, whose protocol must not lose a member) and a malicious client co
 limit of secure aggregation itself (see Bell et al. 2020 for robust variants). Central DP clips
 every update to C, which bounds a finite update but not a NaN: clipping NaN gives NaN.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,5 +34,8 @@ def screen(updates: torch.Tensor, max_norm: float | None = None) -> tuple[torch.
 
 def without_rejected(updates: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """The batch with rejected rows set to zero (not NaN-propagating: torch.where, not a product)."""
-    return updates if bool(keep.all()) else torch.where(keep[:, None], updates, torch.zeros((), dtype=updates.dtype,
-                                                                                              device=updates.device))
+    return (
+        updates
+        if bool(keep.all())
+        else torch.where(keep[:, None], updates, torch.zeros((), dtype=updates.dtype, device=updates.device))
+    )

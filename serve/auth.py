@@ -14,6 +14,7 @@ Only `/health` is open. Tokens are kept as SHA-256 digests and compared with `hm
 against every known digest (no early exit on the first match). Without `--auth`, `fedmeta serve`
 writes one fresh token per scope to a 0600 file in the per-user state directory (never the run
 directory) and prints its path. Pure: no Ray, no FastAPI."""
+
 from __future__ import annotations
 
 import hashlib
@@ -39,18 +40,31 @@ def digest(token: str) -> str:
 def parse_tokens(raw: object, source: str = "--auth") -> dict[str, list[str]]:
     """{token digest: scopes} from a token file's JSON object, refusing what is not one."""
     if not isinstance(raw, dict) or not raw:
-        raise AuthError(f"{source}: expected a JSON object mapping each token to its scopes, e.g. "
-                        '{"<token>": ["predict"]}')
+        raise AuthError(
+            f"{source}: expected a JSON object mapping each token to its scopes, e.g. "
+            '{"<token>": ["predict"]}'
+        )
     out: dict[str, list[str]] = {}
     for token, scopes in raw.items():
-        if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS or not token.isprintable() or " " in token:
-            raise AuthError(f"{source}: a token must be at least {MIN_TOKEN_CHARS} printable characters without "
-                            "spaces (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        if (
+            not isinstance(token, str)
+            or len(token) < MIN_TOKEN_CHARS
+            or not token.isprintable()
+            or " " in token
+        ):
+            raise AuthError(
+                f"{source}: a token must be at least {MIN_TOKEN_CHARS} printable characters without "
+                "spaces (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
         if not isinstance(scopes, list) or not scopes or not all(isinstance(s, str) for s in scopes):
-            raise AuthError(f"{source}: token …{token[-4:]}: scopes must be a non-empty list out of {list(SCOPES)}")
+            raise AuthError(
+                f"{source}: token …{token[-4:]}: scopes must be a non-empty list out of {list(SCOPES)}"
+            )
         unknown = [s for s in scopes if s not in SCOPES]
         if unknown:
-            raise AuthError(f"{source}: token …{token[-4:]}: unknown scope {unknown[0]!r}; the scopes are {list(SCOPES)}")
+            raise AuthError(
+                f"{source}: token …{token[-4:]}: unknown scope {unknown[0]!r}; the scopes are {list(SCOPES)}"
+            )
         out[digest(token)] = sorted(set(scopes))
     return out
 
@@ -83,6 +97,7 @@ def new_token_file(path: Path) -> dict[str, str]:
 class Caller:
     """An authenticated caller: `id` names its token (a digest prefix, safe to log) for the
     per-token limits."""
+
     id: str
     scopes: frozenset[str]
 
@@ -95,7 +110,7 @@ def authenticate(header: str | None, tokens: dict[str, list[str]]) -> Caller | N
     unknown: all a 401). Every known digest is compared, in constant time each."""
     if not header or not header.startswith("Bearer "):
         return None
-    presented = digest(header[len("Bearer "):].strip())
+    presented = digest(header[len("Bearer ") :].strip())
     found = None
     for known, scopes in tokens.items():
         if hmac.compare_digest(presented, known):
@@ -106,6 +121,7 @@ def authenticate(header: str | None, tokens: dict[str, list[str]]) -> Caller | N
 @dataclass
 class RateLimit:
     """A token bucket per caller: `rate` requests a second on average, bursts of `burst`."""
+
     rate: float = 50.0
     burst: float = 100.0
     clock: object = time.monotonic

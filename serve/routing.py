@@ -15,6 +15,7 @@ Hyperparameter Drift":
 ``RoutingController`` holds that state; a Ray Serve deployment wraps it and pushes ``to_state()`` to
 replicas, which answer with ``combine`` over the ``top_members``.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,12 +34,15 @@ _MIN_ALIGNMENT = np.finfo(float).tiny
 
 # ---------------------------------------------------------------------------------------------- weights
 
+
 def _check_members(historical: Mapping[str, float], other: Mapping[str, float], field: str) -> None:
     """Same member set in every input, so no member is silently dropped or invented."""
     missing = sorted(set(historical) - set(other))
     extra = sorted(set(other) - set(historical))
     if missing or extra:
-        raise ValueError(f"{field} must cover exactly the members of historical: missing {missing}, extra {extra}")
+        raise ValueError(
+            f"{field} must cover exactly the members of historical: missing {missing}, extra {extra}"
+        )
 
 
 def _check_values(values: Mapping[str, float], field: str) -> None:
@@ -60,11 +64,17 @@ def update_routing_weights(
         raise ValueError("update_routing_weights needs at least one member")
     _check_members(historical, alignment, "alignment")
     _check_members(historical, compensation, "compensation")
-    for values, field in ((historical, "historical"), (alignment, "alignment"), (compensation, "compensation")):
+    for values, field in (
+        (historical, "historical"),
+        (alignment, "alignment"),
+        (compensation, "compensation"),
+    ):
         _check_values(values, field)
     total_a, total_c = math.fsum(alignment.values()), math.fsum(compensation.values())
-    raw = {m: h * (1.0 + _share(alignment[m], total_a) + _share(compensation[m], total_c))
-           for m, h in historical.items()}
+    raw = {
+        m: h * (1.0 + _share(alignment[m], total_a) + _share(compensation[m], total_c))
+        for m, h in historical.items()
+    }
     return _normalize(raw)
 
 
@@ -77,6 +87,7 @@ def _normalize(raw: Mapping[str, float]) -> dict[str, float]:
 
 
 # -------------------------------------------------------------------------------------------- alignment
+
 
 def _as_rows(x: np.ndarray, what: str) -> np.ndarray:
     """(n, ...) -> (n, d) float64; members see flattened features, whatever the input's shape."""
@@ -152,6 +163,7 @@ def alignment(window: np.ndarray, profile: InputProfile) -> float:
 
 # --------------------------------------------------------------------------------- quality and feedback
 
+
 def _check_unit(value: float, field: str) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{field} = {value!r} must be in [0, 1]")
@@ -201,17 +213,26 @@ class FeedbackTracker:
         return (1.0 + self.successes) / (2.0 + self.successes + self.failures)
 
     def to_state(self) -> dict:
-        return {"half_life": self.half_life, "successes": self.successes, "failures": self.failures,
-                "count": self.count}
+        return {
+            "half_life": self.half_life,
+            "successes": self.successes,
+            "failures": self.failures,
+            "count": self.count,
+        }
 
     @classmethod
     def from_state(cls, state: Mapping) -> FeedbackTracker:
         t = cls(state["half_life"])
-        t.successes, t.failures, t.count = float(state["successes"]), float(state["failures"]), int(state["count"])
+        t.successes, t.failures, t.count = (
+            float(state["successes"]),
+            float(state["failures"]),
+            int(state["count"]),
+        )
         return t
 
 
 # ----------------------------------------------------------------------------------------- controller
+
 
 class RoutingController:
     """Routing state of an ensemble: profiles, feedback, a sliding input window and the current weights."""
@@ -269,7 +290,7 @@ class RoutingController:
         rows = _as_rows(inputs, "inputs")
         if rows.shape[1] != self.dim:
             raise ValueError(f"inputs have {rows.shape[1]} features, the ensemble uses {self.dim}")
-        self._recent.extend(rows[-self.window:])  # rows beyond the window would be evicted anyway
+        self._recent.extend(rows[-self.window :])  # rows beyond the window would be evicted anyway
 
     @property
     def window_rows(self) -> int:
@@ -301,14 +322,19 @@ class RoutingController:
         compensation = {m: self._compensation(m) for m in self.profiles}
         self._weights = update_routing_weights(historical, aligned, compensation)
         self.last_parts = {
-            m: {"historical": historical[m], "alignment": aligned[m], "compensation": compensation[m],
-                "weight": self._weights[m]}
+            m: {
+                "historical": historical[m],
+                "alignment": aligned[m],
+                "compensation": compensation[m],
+                "weight": self._weights[m],
+            }
             for m in self.profiles
         }
         return self.weights
 
-    def add_member(self, name: str, profile: InputProfile, reference_quality: float,
-                   weight: float | None = None) -> None:
+    def add_member(
+        self, name: str, profile: InputProfile, reference_quality: float, weight: float | None = None
+    ) -> None:
         """Add a member; it gets `weight` (default: a uniform share) until the next recompute."""
         if name in self.profiles:
             raise ValueError(f"member {name!r} already exists")
@@ -337,9 +363,17 @@ class RoutingController:
     def to_state(self, include_window: bool = False) -> dict:
         """Plain (JSON-friendly) dict; the window is optional since replicas only need the weights."""
         state = {
-            "window": self.window, "half_life": self.half_life, "min_feedback": self.min_feedback,
-            "members": {m: {"profile": self.profiles[m].to_dict(), "reference_quality": self.reference_quality[m],
-                            "tracker": self.trackers[m].to_state()} for m in self.profiles},
+            "window": self.window,
+            "half_life": self.half_life,
+            "min_feedback": self.min_feedback,
+            "members": {
+                m: {
+                    "profile": self.profiles[m].to_dict(),
+                    "reference_quality": self.reference_quality[m],
+                    "tracker": self.trackers[m].to_state(),
+                }
+                for m in self.profiles
+            },
             "weights": dict(self._weights),
             "last_parts": {m: dict(p) for m, p in self.last_parts.items()},
         }
@@ -350,9 +384,13 @@ class RoutingController:
     @classmethod
     def from_state(cls, state: Mapping) -> RoutingController:
         members = state["members"]
-        ctl = cls({m: InputProfile.from_dict(s["profile"]) for m, s in members.items()},
-                  {m: s["reference_quality"] for m, s in members.items()},
-                  window=state["window"], half_life=state["half_life"], min_feedback=state["min_feedback"])
+        ctl = cls(
+            {m: InputProfile.from_dict(s["profile"]) for m, s in members.items()},
+            {m: s["reference_quality"] for m, s in members.items()},
+            window=state["window"],
+            half_life=state["half_life"],
+            min_feedback=state["min_feedback"],
+        )
         ctl.trackers = {m: FeedbackTracker.from_state(s["tracker"]) for m, s in members.items()}
         weights = {m: float(w) for m, w in state["weights"].items()}
         _check_members(ctl.profiles, weights, "weights")
@@ -365,6 +403,7 @@ class RoutingController:
 
 
 # --------------------------------------------------------------------------------------------- combine
+
 
 def _top(weights: Mapping[str, float], k: int) -> list[tuple[str, float]]:
     if k < 1:
@@ -381,8 +420,9 @@ def _check_probs(member: str, p: np.ndarray, shape: tuple[int, ...] | None) -> N
         raise ValueError(f"probs[{member!r}] rows must be non-negative and sum to 1")
 
 
-def combine(probs: Mapping[str, np.ndarray], weights: Mapping[str, float],
-            top_k: int) -> tuple[np.ndarray, list[tuple[str, float]]]:
+def combine(
+    probs: Mapping[str, np.ndarray], weights: Mapping[str, float], top_k: int
+) -> tuple[np.ndarray, list[tuple[str, float]]]:
     """Weighted average of the top_k members' class probabilities, weights renormalized over them.
 
     Members are ranked among those present in `probs`, so a caller may query only the members it routes to.

@@ -21,6 +21,7 @@ random generator, so every decision is reproducible from the inputs alone.
 Decisions are sticky: once a test says "promote" or "reject" it stops, later feedback is counted in
 `late_updates` but ignored, because the error guarantees only hold for the stopping time that was used.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,8 +32,16 @@ from enum import Enum
 from typing import Literal
 
 __all__ = [
-    "Arm", "CandidateTrial", "Decision", "Mode", "PairedSPRT", "PruningTracker", "TwoSampleTest",
-    "ab_arm", "in_shadow", "stable_fraction",
+    "Arm",
+    "CandidateTrial",
+    "Decision",
+    "Mode",
+    "PairedSPRT",
+    "PruningTracker",
+    "TwoSampleTest",
+    "ab_arm",
+    "in_shadow",
+    "stable_fraction",
 ]
 
 Arm = Literal["candidate", "production"]
@@ -54,6 +63,7 @@ class Decision(str, Enum):
 
 # ----------------------------------------------------------------------------------------- validation
 
+
 def _check_fraction(fraction: float, name: str = "fraction") -> float:
     # `not 0 <= x <= 1` is also true for NaN, which would otherwise route nothing silently
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
@@ -71,7 +81,9 @@ def _check_count(value: int | None, name: str, minimum: int = 1, optional: bool 
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}{' or None' if optional else ''}, got {value!r}")
+        raise ValueError(
+            f"{name} must be an integer >= {minimum}{' or None' if optional else ''}, got {value!r}"
+        )
     return value
 
 
@@ -89,6 +101,7 @@ def _check_arm(arm: str) -> Arm:
 
 
 # ------------------------------------------------------------------------------------- traffic splits
+
 
 def stable_fraction(key: str | int, salt: str) -> float:
     """A number in [0, 1) fixed by (salt, key): the same on every process, host and restart."""
@@ -157,8 +170,9 @@ class PairedSPRT(_SequentialTest):
     without promotion; otherwise "continue". The decision is sticky (see module docstring).
     """
 
-    def __init__(self, alpha: float = 0.05, beta: float = 0.1, delta: float = 0.15,
-                 max_pairs: int | None = None) -> None:
+    def __init__(
+        self, alpha: float = 0.05, beta: float = 0.1, delta: float = 0.15, max_pairs: int | None = None
+    ) -> None:
         self.alpha = _check_open_unit(alpha, "alpha")
         self.beta = _check_open_unit(beta, "beta")
         if alpha + beta >= 1:  # Wald's boundaries would cross (A <= B): no test at all
@@ -220,13 +234,25 @@ class PairedSPRT(_SequentialTest):
             self._stop(Decision.REJECT, "max_pairs")
 
     def to_dict(self) -> dict[str, object]:
-        return {"test": "paired_sprt", "decision": self._decision.value, "reason": self._reason,
-                "pairs": self.pairs, "wins": self.wins, "losses": self.losses, "ties": self.ties,
-                "log_likelihood_ratios": self.log_likelihood_ratios, "alpha": self.alpha, "beta": self.beta,
-                "delta": self.delta, "max_pairs": self.max_pairs, "late_updates": self.late_updates}
+        return {
+            "test": "paired_sprt",
+            "decision": self._decision.value,
+            "reason": self._reason,
+            "pairs": self.pairs,
+            "wins": self.wins,
+            "losses": self.losses,
+            "ties": self.ties,
+            "log_likelihood_ratios": self.log_likelihood_ratios,
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "delta": self.delta,
+            "max_pairs": self.max_pairs,
+            "late_updates": self.late_updates,
+        }
 
 
 # ------------------------------------------------------------------------------- A/B: mixture SPRT
+
 
 class TwoSampleTest(_SequentialTest):
     """Always-valid two-sample test of success rates (A/B mode), Johari, Pekelis & Walsh 2017.
@@ -243,15 +269,18 @@ class TwoSampleTest(_SequentialTest):
     without promotion; otherwise "continue". The decision is sticky (see module docstring).
     """
 
-    def __init__(self, alpha: float = 0.05, tau: float = 0.05, min_samples: int = 50,
-                 max_samples: int | None = None) -> None:
+    def __init__(
+        self, alpha: float = 0.05, tau: float = 0.05, min_samples: int = 50, max_samples: int | None = None
+    ) -> None:
         self.alpha = _check_open_unit(alpha, "alpha")
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 < tau < math.inf:
             raise ValueError(f"tau must be a positive finite number, got {tau!r}")
         self.tau = float(tau)
         self.min_samples = _check_count(min_samples, "min_samples")
         # fewer than 2 * min_samples could never test anything: a rejection with no evidence at all
-        self.max_samples = _check_count(max_samples, "max_samples", minimum=2 * self.min_samples, optional=True)
+        self.max_samples = _check_count(
+            max_samples, "max_samples", minimum=2 * self.min_samples, optional=True
+        )
         self.n = {"candidate": 0, "production": 0}
         self.successes = {"candidate": 0, "production": 0}
         self.late_updates = 0
@@ -283,7 +312,9 @@ class TwoSampleTest(_SequentialTest):
             # min() keeps the p-value valid at every time, not only at the current one
             self._p_value = min(self._p_value, math.exp(-max(self._log_mixture_ratio(theta), 0.0)))
             if self._p_value <= self.alpha:
-                self._stop(Decision.PROMOTE if theta > 0 else Decision.REJECT, "better" if theta > 0 else "worse")
+                self._stop(
+                    Decision.PROMOTE if theta > 0 else Decision.REJECT, "better" if theta > 0 else "worse"
+                )
                 return self._decision
         if self.max_samples is not None and nc + npr >= self.max_samples:
             self._stop(Decision.REJECT, "max_samples")
@@ -297,18 +328,29 @@ class TwoSampleTest(_SequentialTest):
             n = self.n[arm]
             r = (self.successes[arm] + 0.5) / (n + 1)
             var += r * (1 - r) / n
-        tau2 = self.tau ** 2
-        return 0.5 * math.log(var / (var + tau2)) + tau2 * theta ** 2 / (2 * var * (var + tau2))
+        tau2 = self.tau**2
+        return 0.5 * math.log(var / (var + tau2)) + tau2 * theta**2 / (2 * var * (var + tau2))
 
     def to_dict(self) -> dict[str, object]:
         rates = {arm: (None if math.isnan(r := self.rate(arm)) else r) for arm in _ARMS}  # JSON has no NaN
-        return {"test": "msprt", "decision": self._decision.value, "reason": self._reason, "n": dict(self.n),
-                "successes": dict(self.successes), "rates": rates, "p_value": self._p_value,
-                "alpha": self.alpha, "tau": self.tau, "min_samples": self.min_samples,
-                "max_samples": self.max_samples, "late_updates": self.late_updates}
+        return {
+            "test": "msprt",
+            "decision": self._decision.value,
+            "reason": self._reason,
+            "n": dict(self.n),
+            "successes": dict(self.successes),
+            "rates": rates,
+            "p_value": self._p_value,
+            "alpha": self.alpha,
+            "tau": self.tau,
+            "min_samples": self.min_samples,
+            "max_samples": self.max_samples,
+            "late_updates": self.late_updates,
+        }
 
 
 # ------------------------------------------------------------------------------------ candidate trial
+
 
 @dataclass
 class CandidateTrial:
@@ -333,7 +375,9 @@ class CandidateTrial:
         self.fraction = _check_fraction(self.fraction)
         expected = PairedSPRT if self.mode == "shadow" else TwoSampleTest
         if not isinstance(self.test, expected):  # the feedback shape depends on the mode
-            raise TypeError(f"test must be a {expected.__name__} in {self.mode} mode, got {type(self.test).__name__}")
+            raise TypeError(
+                f"test must be a {expected.__name__} in {self.mode} mode, got {type(self.test).__name__}"
+            )
         if self.salt is None:
             self.salt = self.mode
 
@@ -361,8 +405,9 @@ class CandidateTrial:
         self.answers += chosen
         return chosen
 
-    def record_feedback(self, candidate_correct: bool | None = None,
-                        production_correct: bool | None = None) -> Decision:
+    def record_feedback(
+        self, candidate_correct: bool | None = None, production_correct: bool | None = None
+    ) -> Decision:
         """Labelled outcome of one request: both models' correctness in shadow mode, exactly one in
         A/B mode (that of the arm which answered the user)."""
         given = {"candidate_correct": candidate_correct, "production_correct": production_correct}
@@ -374,19 +419,29 @@ class CandidateTrial:
         else:
             present = [name for name, value in given.items() if value is not None]
             if len(present) != 1:
-                raise ValueError("exactly one of candidate_correct, production_correct is required in ab mode")
+                raise ValueError(
+                    "exactly one of candidate_correct, production_correct is required in ab mode"
+                )
             arm = "candidate" if candidate_correct is not None else "production"
             decision = self.test.update(arm, given[present[0]])  # type: ignore[arg-type]
         self.feedback += 1
         return decision
 
     def to_dict(self) -> dict[str, object]:
-        return {"candidate": self.candidate, "mode": self.mode, "fraction": self.fraction,
-                "decision": self.decision.value, "requests": self.requests, "answers": self.answers,
-                "feedback": self.feedback, "test": self.test.to_dict()}
+        return {
+            "candidate": self.candidate,
+            "mode": self.mode,
+            "fraction": self.fraction,
+            "decision": self.decision.value,
+            "requests": self.requests,
+            "answers": self.answers,
+            "feedback": self.feedback,
+            "test": self.test.to_dict(),
+        }
 
 
 # ------------------------------------------------------------------------------------------- pruning
+
 
 class PruningTracker:
     """Names members whose routing weight stayed below `threshold` for `window` observations in a row.
@@ -398,7 +453,11 @@ class PruningTracker:
     """
 
     def __init__(self, threshold: float, window: int) -> None:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold < math.inf:
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or not 0.0 <= threshold < math.inf
+        ):
             raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
         self.threshold = float(threshold)
         self.window = _check_count(window, "window")

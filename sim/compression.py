@@ -9,6 +9,7 @@ topk: only the `fraction` largest-magnitude coordinates, as (index, value) pairs
     feedback (Stich et al. 2018, "Sparsified SGD with Memory"): what a client leaves out is kept
     and added to its next update, so nothing is lost, only delayed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ class Int8Update:
     """What one client uploads under int8 compression."""
 
     client: int
-    q: np.ndarray          # (n,) int8
+    q: np.ndarray  # (n,) int8
     scale: float
 
 
@@ -31,8 +32,8 @@ class SparseUpdate:
     """What one client uploads under top-k compression."""
 
     client: int
-    index: np.ndarray      # (k,) int32
-    value: np.ndarray      # (k,) float32
+    index: np.ndarray  # (k,) int32
+    value: np.ndarray  # (k,) float32
 
 
 def int8_roundtrip(u: torch.Tensor, gens: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,8 +57,9 @@ def topk_size(n: int, fraction: float) -> int:
     return max(1, min(n, int(round(fraction * n))))
 
 
-def compress(kind: str, u: torch.Tensor, residual: torch.Tensor | None, fraction: float,
-             gens: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor | None, object]:
+def compress(
+    kind: str, u: torch.Tensor, residual: torch.Tensor | None, fraction: float, gens: list[torch.Generator]
+) -> tuple[torch.Tensor, torch.Tensor | None, object]:
     """What the server decodes from each client's update, the residual each client keeps (error
     feedback; None without), and one client's encoded message (its size is every client's)."""
     if residual is not None:

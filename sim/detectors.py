@@ -18,6 +18,7 @@ stronger styles, label shift).
 
 Pure code: no Ray, no files, and every random draw comes from an explicit seeded generator.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,9 +38,19 @@ from fedmeta.sim.data.drift import rotate
 from fedmeta.sim.seeding import np_rng, torch_gen
 
 __all__ = [
-    "AutoencoderDetector", "Detector", "DriftMonitor", "IsolationForestDetector", "TwoSampleDrift",
-    "bootstrap_batches", "evaluate_detectors", "evaluate_stream", "make_stream", "rotate_images",
-    "split_reference", "threshold_from_signals", "writers_drift_data",
+    "AutoencoderDetector",
+    "Detector",
+    "DriftMonitor",
+    "IsolationForestDetector",
+    "TwoSampleDrift",
+    "bootstrap_batches",
+    "evaluate_detectors",
+    "evaluate_stream",
+    "make_stream",
+    "rotate_images",
+    "split_reference",
+    "threshold_from_signals",
+    "writers_drift_data",
 ]
 
 
@@ -60,8 +71,9 @@ def _as_2d(x: np.ndarray, name: str, n_features: int | None = None) -> np.ndarra
         raise ValueError(f"{name}: empty (no samples)")
     x = x.reshape(len(x), -1)
     if n_features is not None and x.shape[1] != n_features:
-        raise ValueError(f"{name}: expected {n_features} features per sample (as in the reference), "
-                         f"got {x.shape[1]}")
+        raise ValueError(
+            f"{name}: expected {n_features} features per sample (as in the reference), got {x.shape[1]}"
+        )
     if not np.isfinite(x).all():
         raise ValueError(f"{name}: contains NaN or infinite values")
     return x
@@ -80,8 +92,9 @@ def threshold_from_signals(signals: Sequence[float] | np.ndarray, false_alarm_ra
     return float(np.quantile(signals, 1.0 - far, method="higher"))
 
 
-def split_reference(reference: np.ndarray, holdout: float, rng: np.random.Generator
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def split_reference(
+    reference: np.ndarray, holdout: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Random (fit part, calibration part) of the reference, `holdout` of it for calibration.
 
     The threshold must come from samples the detector was not fitted on: an auto-encoder
@@ -118,7 +131,7 @@ class Detector(ABC):
 
     threshold: float | None = None
     n_features: int | None = None
-    reference_scores: np.ndarray | None = None   # per-sample scores of the calibration hold-out
+    reference_scores: np.ndarray | None = None  # per-sample scores of the calibration hold-out
 
     @abstractmethod
     def _fit(self, x: np.ndarray) -> None: ...
@@ -154,8 +167,15 @@ class Detector(ABC):
         self.threshold = threshold_from_signals([self.signal(b) for b in reference_batches], false_alarm_rate)
         return self.threshold
 
-    def fit_calibrated(self, reference: np.ndarray, false_alarm_rate: float, batch: int,
-                       rng: np.random.Generator, holdout: float = 0.5, n_batches: int = 1000) -> Detector:
+    def fit_calibrated(
+        self,
+        reference: np.ndarray,
+        false_alarm_rate: float,
+        batch: int,
+        rng: np.random.Generator,
+        holdout: float = 0.5,
+        n_batches: int = 1000,
+    ) -> Detector:
         """Fit on part of the reference and calibrate the threshold on bootstrap batches of the rest.
 
         Equals `calibrate` on the batches `fit, cal = split_reference(...)`, `cal[bootstrap_batches(...)]`,
@@ -185,7 +205,9 @@ class AutoencoderDetector(Detector):
     The auto-encoder is the grouping one (`fedmeta.sim.algorithms.grouping`): an MLP with a sigmoid output,
     so inputs should lie in [0, 1]."""
 
-    def __init__(self, latent: int = 16, epochs: int = 30, lr: float = 1e-3, batch_size: int = 64, seed: int = 0):
+    def __init__(
+        self, latent: int = 16, epochs: int = 30, lr: float = 1e-3, batch_size: int = 64, seed: int = 0
+    ):
         if latent < 1:
             raise ValueError(f"latent: must be >= 1, got {latent}")
         if epochs < 1:
@@ -196,12 +218,18 @@ class AutoencoderDetector(Detector):
         self.model: AutoEncoder | None = None
 
     def _fit(self, x: np.ndarray) -> None:
-        self.model = train_autoencoder(torch.from_numpy(x), self.latent, self.epochs, self.lr, self.batch_size,
-                                       torch_gen(self.seed, "drift-ae"))
+        self.model = train_autoencoder(
+            torch.from_numpy(x),
+            self.latent,
+            self.epochs,
+            self.lr,
+            self.batch_size,
+            torch_gen(self.seed, "drift-ae"),
+        )
 
     @torch.no_grad()
     def _score(self, x: np.ndarray) -> np.ndarray:
-        t = torch.tensor(x)     # a copy: x may be a read-only view (e.g. from Ray)
+        t = torch.tensor(x)  # a copy: x may be a read-only view (e.g. from Ray)
         return (self.model(t) - t).pow(2).mean(1).numpy()
 
 
@@ -271,7 +299,9 @@ class DriftMonitor:
     alone. `alarm_at` is the index of the first alarming batch and stays set until `reset()`.
     """
 
-    def __init__(self, detector: Detector, threshold: float | None = None, two_sample: TwoSampleDrift | None = None):
+    def __init__(
+        self, detector: Detector, threshold: float | None = None, two_sample: TwoSampleDrift | None = None
+    ):
         threshold = detector.threshold if threshold is None else threshold
         if threshold is None:
             raise ValueError("threshold: give one or calibrate the detector first")
@@ -305,8 +335,9 @@ class DriftMonitor:
 
 
 # ---------------------------------------------------------------- streams and evaluation
-def make_stream(pre: np.ndarray, post: np.ndarray, batch: int, change_at: int, n_batches: int,
-                rng: np.random.Generator) -> list[np.ndarray]:
+def make_stream(
+    pre: np.ndarray, post: np.ndarray, batch: int, change_at: int, n_batches: int, rng: np.random.Generator
+) -> list[np.ndarray]:
     """n_batches batches of `batch` samples: from `pre` before batch index change_at, from `post` after.
 
     Each batch is drawn without replacement from its pool; successive batches are independent."""
@@ -327,8 +358,9 @@ def make_stream(pre: np.ndarray, post: np.ndarray, batch: int, change_at: int, n
     return stream
 
 
-def evaluate_stream(monitor_factory: Callable[[], DriftMonitor], stream: Sequence[np.ndarray],
-                    change_at: int) -> dict:
+def evaluate_stream(
+    monitor_factory: Callable[[], DriftMonitor], stream: Sequence[np.ndarray], change_at: int
+) -> dict:
     """Detection delay and false alarms of a fresh monitor on a stream whose change is at batch change_at.
 
     Each batch's own alarm counts (not the sticky first alarm): detection_delay = first alarming
@@ -341,14 +373,28 @@ def evaluate_stream(monitor_factory: Callable[[], DriftMonitor], stream: Sequenc
     alarms = [monitor.update(b)["alarm"] for b in stream]
     false_alarms = sum(alarms[:change_at])
     delay = next((i - change_at for i in range(change_at, len(alarms)) if alarms[i]), None)
-    return {"detection_delay": delay, "false_alarms": int(false_alarms),
-            "false_alarm_rate": false_alarms / change_at if change_at else None}
+    return {
+        "detection_delay": delay,
+        "false_alarms": int(false_alarms),
+        "false_alarm_rate": false_alarms / change_at if change_at else None,
+    }
 
 
-def evaluate_detectors(reference: np.ndarray, pre: np.ndarray, post: np.ndarray, *, batch: int = 64,
-                       n_batches: int = 40, change_at: int = 20, null_batches: int = 1000,
-                       false_alarm_rate: float = 0.05, ks_alpha: float = 0.01, ks_window: int = 128,
-                       ae_epochs: int = 30, seed: int = 0) -> dict[str, dict]:
+def evaluate_detectors(
+    reference: np.ndarray,
+    pre: np.ndarray,
+    post: np.ndarray,
+    *,
+    batch: int = 64,
+    n_batches: int = 40,
+    change_at: int = 20,
+    null_batches: int = 1000,
+    false_alarm_rate: float = 0.05,
+    ks_alpha: float = 0.01,
+    ks_window: int = 128,
+    ae_epochs: int = 30,
+    seed: int = 0,
+) -> dict[str, dict]:
     """Both detectors, and the KS test on the auto-encoder's scores, on (a) a stream of n_batches whose
     inputs switch from `pre` to `post` at batch change_at and (b) a drift-free stream of
     null_batches drawn from `pre` alone.
@@ -357,17 +403,23 @@ def evaluate_detectors(reference: np.ndarray, pre: np.ndarray, post: np.ndarray,
     and the threshold (the KS entry gives its alpha instead). JSON-ready: `fedmeta drift eval --json`.
     """
     _check_rate(false_alarm_rate, "false_alarm_rate")
-    detectors: dict[str, Detector] = {"autoencoder": AutoencoderDetector(epochs=ae_epochs, seed=seed),
-                                      "isolation_forest": IsolationForestDetector(seed=seed)}
+    detectors: dict[str, Detector] = {
+        "autoencoder": AutoencoderDetector(epochs=ae_epochs, seed=seed),
+        "isolation_forest": IsolationForestDetector(seed=seed),
+    }
     for name, det in detectors.items():
-        det.fit_calibrated(reference, false_alarm_rate, batch, np_rng(seed, "drift-calibrate", name), n_batches=5000)
+        det.fit_calibrated(
+            reference, false_alarm_rate, batch, np_rng(seed, "drift-calibrate", name), n_batches=5000
+        )
     ae, forest = detectors["autoencoder"], detectors["isolation_forest"]
 
     factories: dict[str, Callable[[], DriftMonitor]] = {
         "autoencoder": lambda: DriftMonitor(ae),
         "isolation_forest": lambda: DriftMonitor(forest),
         # threshold inf: the KS test alone decides, so its delay and false alarms are its own
-        "ks_autoencoder": lambda: DriftMonitor(ae, math.inf, TwoSampleDrift(ae.reference_scores, ks_window, ks_alpha)),
+        "ks_autoencoder": lambda: DriftMonitor(
+            ae, math.inf, TwoSampleDrift(ae.reference_scores, ks_window, ks_alpha)
+        ),
     }
     drift = make_stream(pre, post, batch, change_at, n_batches, np_rng(seed, "drift-stream"))
     null = make_stream(pre, pre, batch, null_batches, null_batches, np_rng(seed, "null-stream"))
@@ -375,10 +427,13 @@ def evaluate_detectors(reference: np.ndarray, pre: np.ndarray, post: np.ndarray,
     for name, factory in factories.items():
         on_drift = evaluate_stream(factory, drift, change_at)
         on_null = evaluate_stream(factory, null, len(null))
-        out[name] = {"detection_delay": on_drift["detection_delay"],
-                     "false_alarms_before_change": on_drift["false_alarms"],
-                     "false_alarm_rate": on_null["false_alarm_rate"], "null_alarms": on_null["false_alarms"],
-                     "null_batches": len(null)}
+        out[name] = {
+            "detection_delay": on_drift["detection_delay"],
+            "false_alarms_before_change": on_drift["false_alarms"],
+            "false_alarm_rate": on_null["false_alarm_rate"],
+            "null_alarms": on_null["false_alarms"],
+            "null_batches": len(null),
+        }
         if name in detectors:
             out[name]["threshold"] = detectors[name].threshold
         else:
@@ -386,8 +441,9 @@ def evaluate_detectors(reference: np.ndarray, pre: np.ndarray, post: np.ndarray,
     return out
 
 
-def false_alarm_summary(rates: Sequence[float], alarms: int, batches: int, target: float,
-                        confidence: float = 0.95) -> dict:
+def false_alarm_summary(
+    rates: Sequence[float], alarms: int, batches: int, target: float, confidence: float = 0.95
+) -> dict:
     """A detector's drift-free alarm rate over several seeds (each its own calibration and
     stream): the mean with a t interval across seeds (what varies with calibration), the pooled
     rate with its exact binomial (Clopper-Pearson) interval, whether the target lies in the
@@ -402,35 +458,53 @@ def false_alarm_summary(rates: Sequence[float], alarms: int, batches: int, targe
     else:
         half = math.nan
     pooled = stats.binomtest(int(alarms), int(batches)).proportion_ci(confidence, method="exact")
-    return {"rates": [float(v) for v in r], "mean": mean,
-            "interval": [mean - half, mean + half] if len(r) > 1 else None,
-            "pooled": alarms / batches, "pooled_interval": [float(pooled.low), float(pooled.high)],
-            "target": target, "within_target": bool(len(r) > 1 and abs(mean - target) <= half),
-            "exceeds_target": bool(len(r) > 1 and mean - half > target)}
+    return {
+        "rates": [float(v) for v in r],
+        "mean": mean,
+        "interval": [mean - half, mean + half] if len(r) > 1 else None,
+        "pooled": alarms / batches,
+        "pooled_interval": [float(pooled.low), float(pooled.high)],
+        "target": target,
+        "within_target": bool(len(r) > 1 and abs(mean - target) <= half),
+        "exceeds_target": bool(len(r) > 1 and mean - half > target),
+    }
 
 
-def evaluate_seeds(kind: str, strength: float, seeds: Sequence[int], false_alarm_rate: float = 0.05,
-                   ks_alpha: float = 0.01) -> dict:
+def evaluate_seeds(
+    kind: str, strength: float, seeds: Sequence[int], false_alarm_rate: float = 0.05, ks_alpha: float = 0.01
+) -> dict:
     """`evaluate_detectors` on the writers scenario `kind` for each seed (fresh writers, detectors,
     calibration and streams per seed); per detector the per-seed delays and the false-alarm
     summary against its target (`false_alarm_rate`; the KS test's is its alpha)."""
-    runs = [evaluate_detectors(*writers_drift_data(seed, kind, strength), seed=seed,
-                               false_alarm_rate=false_alarm_rate, ks_alpha=ks_alpha) for seed in seeds]
+    runs = [
+        evaluate_detectors(
+            *writers_drift_data(seed, kind, strength),
+            seed=seed,
+            false_alarm_rate=false_alarm_rate,
+            ks_alpha=ks_alpha,
+        )
+        for seed in seeds
+    ]
     out = {}
     for name in runs[0]:
         per = [run[name] for run in runs]
         target = ks_alpha if name.startswith("ks_") else false_alarm_rate
-        out[name] = {"detection_delay": [p["detection_delay"] for p in per],
-                     "false_alarms_before_change": [p["false_alarms_before_change"] for p in per],
-                     "false_alarm_rate": false_alarm_summary([p["false_alarm_rate"] for p in per],
-                                                             sum(p["null_alarms"] for p in per),
-                                                             sum(p["null_batches"] for p in per), target)}
+        out[name] = {
+            "detection_delay": [p["detection_delay"] for p in per],
+            "false_alarms_before_change": [p["false_alarms_before_change"] for p in per],
+            "false_alarm_rate": false_alarm_summary(
+                [p["false_alarm_rate"] for p in per],
+                sum(p["null_alarms"] for p in per),
+                sum(p["null_batches"] for p in per),
+                target,
+            ),
+        }
     return out
 
 
 # ---------------------------------------------------------------- writers scenarios
 DRIFT_KINDS = ("rotation", "new_writers", "label_shift", "joiners")
-JOINER_SHARE = 0.25     # joiners: the newcomers' share of the inputs after the change
+JOINER_SHARE = 0.25  # joiners: the newcomers' share of the inputs after the change
 
 
 def rotate_images(x: torch.Tensor, degrees: float) -> torch.Tensor:
@@ -439,21 +513,37 @@ def rotate_images(x: torch.Tensor, degrees: float) -> torch.Tensor:
     return rotate(x, degrees)
 
 
-def _writer_images(seed: int, writer_ids: range, samples_per_writer: int, style_strength: float = 1.0,
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def _writer_images(
+    seed: int,
+    writer_ids: range,
+    samples_per_writer: int,
+    style_strength: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Flattened 8x8 images (n, 64) and labels of the given federation writers, all their samples."""
-    cfg = DataConfig(kind="writers", num_clients=writer_ids.stop, samples_per_client=samples_per_writer,
-                     train_fraction=1.0, global_clients=1,
-                     writers={"flips": False, "style_strength": style_strength})
+    cfg = DataConfig(
+        kind="writers",
+        num_clients=writer_ids.stop,
+        samples_per_client=samples_per_writer,
+        train_fraction=1.0,
+        global_clients=1,
+        writers={"flips": False, "style_strength": style_strength},
+    )
     clients = build_dataset(cfg, seed).clients(list(writer_ids))
     x = torch.cat([c.x_train for c in clients]).flatten(1).numpy()
     y = torch.cat([c.y_train for c in clients]).numpy()
     return x, y
 
 
-def writers_drift_data(seed: int, kind: str = "rotation", strength: float = 1.0, *, n_reference: int = 8000,
-                       n_pre: int = 32000, n_post: int = 2000, samples_per_writer: int = 2,
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def writers_drift_data(
+    seed: int,
+    kind: str = "rotation",
+    strength: float = 1.0,
+    *,
+    n_reference: int = 8000,
+    n_pre: int = 32000,
+    n_post: int = 2000,
+    samples_per_writer: int = 2,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(reference, pre, post) images (n, 64) in [0, 1] for a drift scenario on the writers dataset.
 
     reference and pre come from disjoint blocks of federation writers (the deployed model's
@@ -487,11 +577,11 @@ def writers_drift_data(seed: int, kind: str = "rotation", strength: float = 1.0,
     # label shift keeps about 3 of 10 samples: 5x the writers leaves 1.5x n_post in expectation
     post_writers = writers(n_post) * (5 if kind == "label_shift" else 1)
     a, b = writers(n_reference), writers(n_pre)
-    post_ids = range(a + b, a + b + post_writers)       # three disjoint blocks of writers
+    post_ids = range(a + b, a + b + post_writers)  # three disjoint blocks of writers
     x, y = _writer_images(seed, range(post_ids.stop), samples_per_writer)
     per = samples_per_writer
-    reference, pre = x[:n_reference], x[a * per:a * per + n_pre]
-    post_x, post_y = x[post_ids.start * per:], y[post_ids.start * per:]
+    reference, pre = x[:n_reference], x[a * per : a * per + n_pre]
+    post_x, post_y = x[post_ids.start * per :], y[post_ids.start * per :]
 
     if kind == "rotation":
         images = torch.from_numpy(post_x[:n_post]).view(-1, 1, 8, 8)
@@ -501,8 +591,8 @@ def writers_drift_data(seed: int, kind: str = "rotation", strength: float = 1.0,
     elif kind == "joiners":
         new = _writer_images(seed, post_ids, per, style_strength=2.0 * strength)[0]
         k = round(JOINER_SHARE * n_post)
-        mixed = np.concatenate([new[:k], post_x[k:n_post]])      # newcomers and old writers, disjoint ids
-        post = mixed[np_rng(seed, "drift-joiners-mix").permutation(len(mixed))]   # mixed in every batch
+        mixed = np.concatenate([new[:k], post_x[k:n_post]])  # newcomers and old writers, disjoint ids
+        post = mixed[np_rng(seed, "drift-joiners-mix").permutation(len(mixed))]  # mixed in every batch
     else:
         post = post_x[post_y <= 2][:n_post]
     return reference, pre, np.ascontiguousarray(post, dtype=np.float32)

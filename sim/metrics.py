@@ -6,6 +6,7 @@ fairness view: a good model is good for everyone, not only on average).
 Everything is kept in long format (one row per round x metric x stat) so a run's history is one
 tidy table for pandas, and per-individual accuracies in a second table.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,12 @@ def describe(values: Iterable[float]) -> dict[str, float]:
     a = a[~np.isnan(a)]
     if a.size == 0:
         return {s: float("nan") for s in STATS}
-    return {"mean": float(a.mean()), "sd": float(a.std(ddof=1)) if a.size > 1 else 0.0,
-            "min": float(a.min()), "max": float(a.max())}
+    return {
+        "mean": float(a.mean()),
+        "sd": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+        "min": float(a.min()),
+        "max": float(a.max()),
+    }
 
 
 class MetricsLog:
@@ -45,15 +50,26 @@ class MetricsLog:
             if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool):
                 self.add(rnd, k, float(v))
 
-    def add_eval(self, rnd: int, acc_dg: dict[str, float], client_ids: list[int],
-                 acc_global: np.ndarray, acc_pers: np.ndarray) -> dict[str, dict[str, float]]:
-        out = {"acc_global_DG": acc_dg, "acc_global_DI": describe(acc_global),
-               "acc_personalized_DI": describe(acc_pers)}
+    def add_eval(
+        self,
+        rnd: int,
+        acc_dg: dict[str, float],
+        client_ids: list[int],
+        acc_global: np.ndarray,
+        acc_pers: np.ndarray,
+    ) -> dict[str, dict[str, float]]:
+        out = {
+            "acc_global_DG": acc_dg,
+            "acc_global_DI": describe(acc_global),
+            "acc_personalized_DI": describe(acc_pers),
+        }
         for metric, stats in out.items():
             for s, v in stats.items():
                 self.add(rnd, metric, v, s)
-        self.individuals += [{"round": rnd, "client_id": int(c), "acc_global_DI": float(g),
-                              "acc_personalized_DI": float(p)} for c, g, p in zip(client_ids, acc_global, acc_pers)]
+        self.individuals += [
+            {"round": rnd, "client_id": int(c), "acc_global_DI": float(g), "acc_personalized_DI": float(p)}
+            for c, g, p in zip(client_ids, acc_global, acc_pers)
+        ]
         return out
 
     def last(self, metric: str) -> float | None:
@@ -62,14 +78,18 @@ class MetricsLog:
 
     def truncate(self, last_round: int) -> "MetricsLog":
         """Rows up to and including `last_round` (what a checkpoint of that round saw)."""
-        return MetricsLog([r for r in self.rows if r["round"] <= last_round],
-                          [r for r in self.individuals if r["round"] <= last_round])
+        return MetricsLog(
+            [r for r in self.rows if r["round"] <= last_round],
+            [r for r in self.individuals if r["round"] <= last_round],
+        )
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows, columns=["round", "metric", "stat", "value"])
 
     def individuals_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.individuals, columns=["round", "client_id", "acc_global_DI", "acc_personalized_DI"])
+        return pd.DataFrame(
+            self.individuals, columns=["round", "client_id", "acc_global_DI", "acc_personalized_DI"]
+        )
 
     def latest_eval(self) -> dict[str, dict[str, float]]:
         """The last evaluation's {metric: {stat: value}}."""
@@ -103,7 +123,7 @@ def pareto_front(points: np.ndarray, directions: Iterable[str]) -> np.ndarray:
     sign = np.array([1.0 if d == "max" else -1.0 for d in directions])
     if p.ndim != 2 or p.shape[1] != len(sign):
         raise ValueError(f"pareto_front: points must be (trials, {len(sign)}), got shape {p.shape}")
-    g = p * sign                                            # every objective maximized
+    g = p * sign  # every objective maximized
     ok = ~np.isnan(g).any(axis=1)
     others = g[ok]
     front = []

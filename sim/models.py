@@ -4,6 +4,7 @@ Models are plain `nn.Module`s used as *architectures*: their weights travel as a
 vector (the wire format between driver, workers and aggregator) and are trained as dicts of
 tensors with `torch.func.functional_call`, so one module instance serves any number of clients.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,14 @@ def mlp(in_features: int, hidden: list[int], num_classes: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def cnn(input_shape: tuple[int, ...], channels: list[int], kernel_size: int, padding: int,
-        hidden: int, num_classes: int) -> nn.Module:
+def cnn(
+    input_shape: tuple[int, ...],
+    channels: list[int],
+    kernel_size: int,
+    padding: int,
+    hidden: int,
+    num_classes: int,
+) -> nn.Module:
     """Conv(k)-ReLU-MaxPool2 blocks, then Linear-ReLU-Linear (the FEMNIST CNN of LEAF for 28x28).
 
     Built as Conv-MaxPool-ReLU: ReLU and max-pooling commute (both monotone), so the function is
@@ -41,7 +48,8 @@ def cnn(input_shape: tuple[int, ...], channels: list[int], kernel_size: int, pad
         if h < 1 or w < 1:
             raise ValueError(
                 f"model.channels: {len(channels)} conv blocks with kernel {kernel_size} and padding {padding} "
-                f"shrink a {input_shape[1]}x{input_shape[2]} input to nothing; use fewer blocks or more padding")
+                f"shrink a {input_shape[1]}x{input_shape[2]} input to nothing; use fewer blocks or more padding"
+            )
         in_ch = out_ch
     layers += [nn.Flatten(), nn.Linear(in_ch * h * w, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)]
     return nn.Sequential(*layers)
@@ -56,15 +64,21 @@ def custom(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> 
     factory = import_target(cfg.target, "model.target")
     try:
         model = factory(tuple(input_shape), num_classes, **cfg.kwargs)
-    except Exception as e:   # the user's code: any failure is a config problem to report in one line
-        raise ConfigError(f"model.target: {cfg.target}(input_shape={tuple(input_shape)}, num_classes={num_classes}, "
-                          f"**{cfg.kwargs}) failed: {type(e).__name__}: {e}") from None
+    except Exception as e:  # the user's code: any failure is a config problem to report in one line
+        raise ConfigError(
+            f"model.target: {cfg.target}(input_shape={tuple(input_shape)}, num_classes={num_classes}, "
+            f"**{cfg.kwargs}) failed: {type(e).__name__}: {e}"
+        ) from None
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"model.target: {cfg.target} returned {type(model).__name__}, not a torch.nn.Module")
+        raise ConfigError(
+            f"model.target: {cfg.target} returned {type(model).__name__}, not a torch.nn.Module"
+        )
     buffers = [k for k, _ in model.named_buffers()]
     if buffers:
-        raise ConfigError(f"model.target: the module has buffers ({', '.join(buffers[:3])}), e.g. BatchNorm running "
-                          "statistics, which federated averaging does not carry; use LayerNorm or GroupNorm")
+        raise ConfigError(
+            f"model.target: the module has buffers ({', '.join(buffers[:3])}), e.g. BatchNorm running "
+            "statistics, which federated averaging does not carry; use LayerNorm or GroupNorm"
+        )
     if num_params(model) == 0:
         raise ConfigError(f"model.target: {cfg.target} has no parameters to train")
     return model
@@ -101,16 +115,21 @@ def init_params(model: nn.Module, gen: torch.Generator) -> torch.Tensor:
         elif isinstance(m, nn.Embedding):
             out += [torch.randn(p.shape, generator=gen).flatten() for p in own.values()]
         else:
-            out += [(torch.rand(p.shape, generator=gen) * 2 - 1).div_(math.sqrt(p.shape[-1] if p.dim() else 1)).flatten()
-                    for p in own.values()]
+            out += [
+                (torch.rand(p.shape, generator=gen) * 2 - 1)
+                .div_(math.sqrt(p.shape[-1] if p.dim() else 1))
+                .flatten()
+                for p in own.values()
+            ]
     flat = torch.cat(out)
     assert flat.numel() == num_params(model)
     return flat
 
 
 @torch.no_grad()
-def inference_ms(model: nn.Module, flat: torch.Tensor, input_shape: tuple[int, ...], batch: int = 64,
-                 repeats: int = 21) -> float:
+def inference_ms(
+    model: nn.Module, flat: torch.Tensor, input_shape: tuple[int, ...], batch: int = 64, repeats: int = 21
+) -> float:
     """Median wall time (ms) of one forward pass of `model` with parameters `flat` on a batch of
     `batch` inputs, on one CPU thread (what a serving replica of one CPU gets); the first call is
     a warm-up. The inputs are zeros: the models here have no data-dependent control flow."""
@@ -146,7 +165,7 @@ def unflatten(flat: torch.Tensor, shapes: dict[str, torch.Size]) -> Params:
     lead = flat.shape[:-1]
     for k, s in shapes.items():
         n = math.prod(s)
-        out[k] = flat[..., i:i + n].reshape(*lead, *s)
+        out[k] = flat[..., i : i + n].reshape(*lead, *s)
         i += n
     return out
 

@@ -4,6 +4,7 @@ Every draw takes the run's `Secrets` (sim/seeding.py): cohorts come from its sec
 nobody who holds only the published seed can recompute who was in which round, which is what
 privacy amplification by subsampling assumes. With `run.seeded_secrets` they follow the seed, as
 every stream then does (bit-exact replays)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -46,7 +47,9 @@ def apply_dropout(streams: Secrets, rnd: int, cohort: np.ndarray, p: float) -> t
 
 def eval_individuals(seed: int, num_clients: int, k: int) -> np.ndarray:
     """The fixed panel of individuals evaluated every evaluation round."""
-    return np.sort(np_rng(seed, "eval-individuals").choice(num_clients, size=min(k, num_clients), replace=False))
+    return np.sort(
+        np_rng(seed, "eval-individuals").choice(num_clients, size=min(k, num_clients), replace=False)
+    )
 
 
 def split_even(ids: np.ndarray, parts: int) -> list[list[int]]:

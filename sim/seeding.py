@@ -6,6 +6,7 @@ randomness (data, model init, batches) is a pure function of the config and seed
 data can be regenerated on demand, on any worker, in any order. What must stay secret (who is in
 each round's cohort, keys, masks, noise) comes from `Secrets`, the run's own secret streams.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -113,9 +114,9 @@ class Secrets:
             return np_rng(self.seed, *self.prefix, *keys).random(n)
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-        key = self._stream_key("uniform", *keys)     # its own key: never the Generator stream's
+        key = self._stream_key("uniform", *keys)  # its own key: never the Generator stream's
         stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(8 * n))
-        return (np.frombuffer(stream, dtype="<u8") >> np.uint64(11)) * 2.0 ** -53
+        return (np.frombuffer(stream, dtype="<u8") >> np.uint64(11)) * 2.0**-53
 
     def noise(self, *keys: int | str, device: str | torch.device = "cpu") -> torch.Generator | SecureGaussian:
         """The source of the DP noise named by `keys`, for `gaussian_noise`: a `SecureGaussian` on this
@@ -161,24 +162,30 @@ class SecureGaussian:
 
     def _uniform(self, n: int) -> np.ndarray:
         words = np.frombuffer(self._stream.update(bytes(8 * n)), dtype="<u8")
-        return (words >> np.uint64(11)) * 2.0 ** -53
+        return (words >> np.uint64(11)) * 2.0**-53
 
     def standard(self, n: int) -> np.ndarray:
         """n i.i.d. N(0, 1) samples (float64)."""
         m = 4 * n + (4 * n) % 2
         u = self._uniform(m)
-        r = np.sqrt(-2.0 * np.log1p(-u[0::2]))          # 1 - u in (0, 1]: log is finite
+        r = np.sqrt(-2.0 * np.log1p(-u[0::2]))  # 1 - u in (0, 1]: log is finite
         z = np.concatenate([r * np.cos(2 * np.pi * u[1::2]), r * np.sin(2 * np.pi * u[1::2])])
-        return z[:4 * n].reshape(4, n).sum(0) / 2.0
+        return z[: 4 * n].reshape(4, n).sum(0) / 2.0
 
-    def normal(self, shape, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
+    def normal(
+        self, shape, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
         shape = tuple(shape)
         n = int(np.prod(shape, dtype=np.int64)) if shape else 1
         return torch.from_numpy(self.standard(n).reshape(shape)).to(dtype=dtype, device=device)
 
 
-def gaussian_noise(shape, source: torch.Generator | SecureGaussian, dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu") -> torch.Tensor:
+def gaussian_noise(
+    shape,
+    source: torch.Generator | SecureGaussian,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
     """N(0, 1) noise of `shape` from `source` (a `Secrets.noise` source)."""
     if isinstance(source, SecureGaussian):
         return source.normal(shape, dtype, device)
@@ -187,4 +194,6 @@ def gaussian_noise(shape, source: torch.Generator | SecureGaussian, dtype: torch
 
 def noise_sampler(seeded: bool) -> str:
     """What the summary names as the DP noise sampler."""
-    return "torch.randn from the seed (run.seeded_secrets: not attack-safe)" if seeded else SecureGaussian.NAME
+    return (
+        "torch.randn from the seed (run.seeded_secrets: not attack-safe)" if seeded else SecureGaussian.NAME
+    )

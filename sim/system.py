@@ -11,6 +11,7 @@ A synchronous round lasts as long as its slowest reporting client; with a deadli
 would finish after it drop out and the round lasts the deadline; with over-selection, the
 fastest clients report.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,16 +23,20 @@ from fedmeta.sim.seeding import np_rng
 
 @dataclass(frozen=True)
 class Device:
-    speed: float          # local batches per second relative to a median device
-    down_bps: float       # bytes per second
+    speed: float  # local batches per second relative to a median device
+    down_bps: float  # bytes per second
     up_bps: float
 
 
 def device(seed: int, cid: int, system) -> Device:
     """Client `cid`'s device under `system` (a `fedmeta.sim.config.SystemConfig`)."""
     rng = np_rng(seed, "system", cid)
-    speed, down, up = np.exp(rng.normal(0.0, [system.speed_sigma, system.bandwidth_sigma, system.bandwidth_sigma]))
-    return Device(float(speed), system.down_mbps * 1e6 / 8 * float(down), system.up_mbps * 1e6 / 8 * float(up))
+    speed, down, up = np.exp(
+        rng.normal(0.0, [system.speed_sigma, system.bandwidth_sigma, system.bandwidth_sigma])
+    )
+    return Device(
+        float(speed), system.down_mbps * 1e6 / 8 * float(down), system.up_mbps * 1e6 / 8 * float(up)
+    )
 
 
 def duration(dev: Device, batches: int, bytes_down: int, bytes_up: int, step_s: float) -> float:
@@ -48,9 +53,9 @@ def choose(durations: np.ndarray, quota: int | None, deadline: float | None) -> 
         keep = np.zeros(len(durations), dtype=bool)
         keep[order[:quota]] = True
     last = float(durations[keep].max()) if keep.any() else 0.0
-    filled = quota is not None and int(keep.sum()) == quota       # the round closes at its quota-th report
+    filled = quota is not None and int(keep.sum()) == quota  # the round closes at its quota-th report
     if deadline is not None and bool((durations > deadline).any()) and not filled:
-        return keep, float(deadline)                                # the server waited for the deadline
+        return keep, float(deadline)  # the server waited for the deadline
     return keep, last
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: one local Ray for the whole test session, tiny configs."""
+
 from __future__ import annotations
 
 import atexit
@@ -36,13 +37,18 @@ def tiny_raw(tmp_path=None, **sections) -> dict:
     """A small writers experiment (seconds to run) as a raw dict; `sections` override per section."""
     raw = {
         "seed": 3,
-        "data": {"kind": "writers", "num_clients": 40, "samples_per_client": 30, "global_clients": 4,
-                 "writers": {"alpha": 0.5}},
+        "data": {
+            "kind": "writers",
+            "num_clients": 40,
+            "samples_per_client": 30,
+            "global_clients": 4,
+            "writers": {"alpha": 0.5},
+        },
         "model": {"kind": "mlp", "hidden": [32]},
         "algorithm": {"name": "fedavg", "batch_size": 8, "lr": 0.1},
         "federation": {"rounds": 4, "clients_per_round": 10},
         "eval": {"every": 2, "num_individuals": 8, "finetune_steps": 5},
-        "privacy": {"audit_canaries": 0},       # tiny federations: the audit's tests ask for canaries
+        "privacy": {"audit_canaries": 0},  # tiny federations: the audit's tests ask for canaries
         "ray": {"num_workers": 2, "num_cpus_per_worker": 0.5},
         "run": {"name": "t", "out_dir": str(tmp_path or "runs"), "checkpoint_every": 1, "progress": False},
     }

@@ -12,6 +12,7 @@ Odd k: H_{k,n} adds the diametric chord (ring position i to i + n/2), which is k
 for even n. A k-regular graph on an odd number of nodes with odd k cannot exist (the degree sum
 n*k would be odd), so that combination is refused. k >= n - 1 gives the complete graph.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -31,8 +32,7 @@ def _check_degree(n: int, k: int) -> None:
         raise ValueError(f"degree k must be a positive integer, got {k!r}")
     if k < n - 1 and k % 2 == 1 and n % 2 == 1:
         raise ValueError(
-            f"no {k}-regular graph exists on {n} nodes (odd degree needs an even node count); "
-            f"use an even k"
+            f"no {k}-regular graph exists on {n} nodes (odd degree needs an even node count); use an even k"
         )
 
 

@@ -16,6 +16,7 @@ Private keys are built from explicit bytes so simulations are reproducible;
 `draw_private_bytes` takes them from a numpy Generator, which is for SIMULATION ONLY: a
 deployment must draw private keys from the OS CSPRNG (os.urandom / `secrets`).
 """
+
 from __future__ import annotations
 
 import numpy as np

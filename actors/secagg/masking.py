@@ -17,6 +17,7 @@ protocol layer enforces it, and `unmask_sum` refuses self seeds of dropped clien
 All arithmetic is in uint64 with wraparound, reduced mod 2^b (2^b divides 2^64). Masks are
 expanded with `expand_masks` in chunks of seeds: vectorized, with memory bounded by the chunk.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -54,7 +55,7 @@ def signed_mask_sum(plus: list[bytes], minus: list[bytes], n: int, bits: int) ->
     mask = _check_bits(bits)
     total = _sum_masks(plus, n, bits)
     if minus:
-        total -= _sum_masks(minus, n, bits)      # wraps in the word width, a multiple of 2^bits
+        total -= _sum_masks(minus, n, bits)  # wraps in the word width, a multiple of 2^bits
     total = total.astype(np.uint64, copy=False)  # widened once
     total &= mask
     return total
@@ -98,7 +99,7 @@ def mask_vector(
     plus, minus = _split_pairs(my_id, neighbours, pair_seeds)
     # The self mask has sign +, so it joins the "+" seeds: one batched expansion for all masks.
     masks = signed_mask_sum([self_seed] + plus, minus, q.shape[0], bits)
-    masks += q                      # in place: the masks are this call's own array
+    masks += q  # in place: the masks are this call's own array
     masks &= mask
     return masks
 
@@ -137,11 +138,15 @@ def unmask_sum(
             "must never be revealed next to its pairwise key"
         )
     if not set(pair_seeds_of_dropped) <= dropped:
-        raise ValueError(f"pairwise seeds given for non-dropped clients {sorted(set(pair_seeds_of_dropped) - dropped)}")
+        raise ValueError(
+            f"pairwise seeds given for non-dropped clients {sorted(set(pair_seeds_of_dropped) - dropped)}"
+        )
     for i in survivors:
         unknown = set(graph[i]) - survivors - dropped
         if unknown:
-            raise ValueError(f"survivor {i} has neighbours {sorted(unknown)} that are neither surviving nor dropped")
+            raise ValueError(
+                f"survivor {i} has neighbours {sorted(unknown)} that are neither surviving nor dropped"
+            )
 
     # Subtract every survivor's self mask.
     minus = [self_seeds_of_survivors[i] for i in sorted(survivors)]

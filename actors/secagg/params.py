@@ -39,6 +39,7 @@ the bounds are not monotone in n (floor(gamma n) corrupt clients jumps by one at
 `find_harary_params_over` sizes (k, t) for every size `poisson_cohort_sizes` says the cohort can
 take, not for its mean, and `weakest_harary_params` reports the size where they are weakest.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,9 +48,18 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["ADVERSARIES", "Adversary", "HararyParams", "SecAggTargetWarning", "evaluate_harary_params",
-           "find_harary_params", "find_harary_params_over", "poisson_cohort_sizes", "survivor_floor",
-           "weakest_harary_params"]
+__all__ = [
+    "ADVERSARIES",
+    "Adversary",
+    "HararyParams",
+    "SecAggTargetWarning",
+    "evaluate_harary_params",
+    "find_harary_params",
+    "find_harary_params_over",
+    "poisson_cohort_sizes",
+    "survivor_floor",
+    "weakest_harary_params",
+]
 
 Adversary = Literal["semi_honest", "semi_malicious"]
 ADVERSARIES: tuple[str, ...] = ("semi_honest", "semi_malicious")
@@ -69,17 +79,17 @@ class HararyParams:
     """A neighbour graph degree and threshold with the failure bounds they achieve (log2 of a
     probability bound; -inf when the event is impossible) and the targets they were held to."""
 
-    n: int                    # clients in the cohort
-    k: int                    # degree: each client's neighbours (n - 1: the complete graph)
-    t: int                    # Shamir threshold
-    dropout: float            # delta: bound on the fraction of clients dropping after key set-up
-    adversarial: float        # gamma: bound on the fraction of corrupt clients
-    security_bits: float      # sigma: target security failure 2^-sigma
-    correctness_bits: float   # eta: target correctness failure 2^-eta
-    adversary: str            # "semi_honest" or "semi_malicious"
-    disconnect_log2: float    # event 1: log2 P[honest survivors' graph disconnected]
-    reconstruct_log2: float   # event 2: log2 P[the adversary holds enough shares of an honest client]
-    abort_log2: float         # event 3: log2 P[some client has fewer than t surviving neighbours]
+    n: int  # clients in the cohort
+    k: int  # degree: each client's neighbours (n - 1: the complete graph)
+    t: int  # Shamir threshold
+    dropout: float  # delta: bound on the fraction of clients dropping after key set-up
+    adversarial: float  # gamma: bound on the fraction of corrupt clients
+    security_bits: float  # sigma: target security failure 2^-sigma
+    correctness_bits: float  # eta: target correctness failure 2^-eta
+    adversary: str  # "semi_honest" or "semi_malicious"
+    disconnect_log2: float  # event 1: log2 P[honest survivors' graph disconnected]
+    reconstruct_log2: float  # event 2: log2 P[the adversary holds enough shares of an honest client]
+    abort_log2: float  # event 3: log2 P[some client has fewer than t surviving neighbours]
 
     @property
     def complete(self) -> bool:
@@ -109,22 +119,28 @@ class HararyParams:
         if not self.meets_security:
             out.append(f"security failure <= {_bound(self.security_log2)} (target 2^-{self.security_bits:g})")
         if not self.meets_correctness:
-            out.append(f"abort probability <= {_bound(self.abort_log2)} (target 2^-{self.correctness_bits:g})")
+            out.append(
+                f"abort probability <= {_bound(self.abort_log2)} (target 2^-{self.correctness_bits:g})"
+            )
         return "; ".join(out)
 
     def summary(self) -> dict:
         """JSON-ready: the targets and what (k, t) achieves, in bits (-log2 of the bound; None when
         the event cannot happen)."""
-        return {"dropout_rate": self.dropout, "adversarial_fraction": self.adversarial,
-                "security_bits": self.security_bits, "correctness_bits": self.correctness_bits,
-                "adversary": self.adversary,
-                "security_bits_achieved": _bits(self.security_log2),
-                "correctness_bits_achieved": _bits(self.abort_log2),
-                "meets_targets": self.meets_targets}
+        return {
+            "dropout_rate": self.dropout,
+            "adversarial_fraction": self.adversarial,
+            "security_bits": self.security_bits,
+            "correctness_bits": self.correctness_bits,
+            "adversary": self.adversary,
+            "security_bits_achieved": _bits(self.security_log2),
+            "correctness_bits_achieved": _bits(self.abort_log2),
+            "meets_targets": self.meets_targets,
+        }
 
 
 def _bits(log2p: float) -> float | None:
-    return None if log2p == -math.inf else round(-log2p, 2) + 0.0     # + 0.0: no -0.0
+    return None if log2p == -math.inf else round(-log2p, 2) + 0.0  # + 0.0: no -0.0
 
 
 def _bound(log2p: float) -> str:
@@ -176,8 +192,8 @@ class _Hypergeometric:
         steps = np.log((marked - x) * (draws - x)) - np.log((x + 1) * (total - marked - draws + x + 1))
         base = _lchoose(marked, self.lo) + _lchoose(total - marked, draws - self.lo) - _lchoose(total, draws)
         logpmf = base + np.concatenate(([0.0], np.cumsum(steps)))
-        self._cdf = np.logaddexp.accumulate(logpmf)                    # log P[X <= lo + i]
-        self._sf = np.logaddexp.accumulate(logpmf[::-1])[::-1]         # log P[X >= lo + i]
+        self._cdf = np.logaddexp.accumulate(logpmf)  # log P[X <= lo + i]
+        self._sf = np.logaddexp.accumulate(logpmf[::-1])[::-1]  # log P[X >= lo + i]
 
     def log_cdf(self, x: int) -> float:
         """ln P[X <= x]."""
@@ -206,7 +222,9 @@ def _log_disconnect(n: int, k: int, bad: int) -> float:
         return -math.inf
     pairs = math.log(n) + math.log(n - k - 1) - _LN2
     # P[k given ring positions are all bad] = (bad)_k / (n)_k
-    return pairs + math.lgamma(bad + 1) - math.lgamma(bad - k + 1) + math.lgamma(n - k + 1) - math.lgamma(n + 1)
+    return (
+        pairs + math.lgamma(bad + 1) - math.lgamma(bad - k + 1) + math.lgamma(n - k + 1) - math.lgamma(n + 1)
+    )
 
 
 class _Bounds:
@@ -217,16 +235,20 @@ class _Bounds:
         self.corrupt, self.surviving = _counts(n, dropout, adversarial)
         self.bad = self.corrupt + math.floor((dropout + _SLACK) * n)
         self.log_n = math.log(n)
-        self.log_sec = -(security_bits + 1) * _LN2        # per event
+        self.log_sec = -(security_bits + 1) * _LN2  # per event
         self.log_cor = -correctness_bits * _LN2
 
     def events(self, k: int, t: int) -> tuple[float, float, float]:
         """(event 1, event 2, event 3) as ln of their bounds."""
         a = _Hypergeometric(self.n, self.corrupt, k)
         s = _Hypergeometric(self.n, self.surviving, k)
-        need = 2 * t - k if self.adversary == "semi_malicious" else t    # corrupt shares that break it
+        need = 2 * t - k if self.adversary == "semi_malicious" else t  # corrupt shares that break it
         reconstruct = self.log_n + a.log_sf(need) if need > 0 else self.log_n
-        return _log_disconnect(self.n, k, self.bad), min(reconstruct, 0.0), min(self.log_n + s.log_cdf(t - 1), 0.0)
+        return (
+            _log_disconnect(self.n, k, self.bad),
+            min(reconstruct, 0.0),
+            min(self.log_n + s.log_cdf(t - 1), 0.0),
+        )
 
     def secure_threshold(self, k: int) -> int | None:
         """The smallest t >= 2 for which events 1 and 2 pass with degree k (possibly > k), or None
@@ -251,14 +273,23 @@ class _Bounds:
         return t if self.completes(k, t) else None
 
 
-def _result(b: _Bounds, k: int, t: int, dropout, adversarial, security_bits, correctness_bits) -> HararyParams:
+def _result(
+    b: _Bounds, k: int, t: int, dropout, adversarial, security_bits, correctness_bits
+) -> HararyParams:
     d, r, f = (x / _LN2 for x in b.events(k, t))
-    return HararyParams(b.n, k, t, float(dropout), float(adversarial), security_bits, correctness_bits,
-                        b.adversary, d, r, f)
+    return HararyParams(
+        b.n, k, t, float(dropout), float(adversarial), security_bits, correctness_bits, b.adversary, d, r, f
+    )
 
 
-def find_harary_params(n: int, dropout: float, adversarial: float, security_bits: float = 40,
-                       correctness_bits: float = 20, adversary: Adversary = "semi_honest") -> HararyParams:
+def find_harary_params(
+    n: int,
+    dropout: float,
+    adversarial: float,
+    security_bits: float = 40,
+    correctness_bits: float = 20,
+    adversary: Adversary = "semi_honest",
+) -> HararyParams:
     """The smallest even degree k (and its smallest threshold t) of the SecAgg+ neighbour graph
     for `n` clients such that with at most a `dropout` fraction dropping out and an `adversarial`
     fraction corrupt the protocol is secure except with probability 2^-security_bits and completes
@@ -283,12 +314,20 @@ def find_harary_params(n: int, dropout: float, adversarial: float, security_bits
         f"no neighbour graph for {n} clients meets the targets (security 2^-{security_bits:g}, correctness "
         f"2^-{correctness_bits:g}) with {dropout:g} dropout and {adversarial:g} adversarial clients against a "
         f"{adversary.replace('_', '-')} server, not even the complete graph: lower the rates or the bits, or "
-        f"use a larger cohort (or the complete graph with an explicit threshold, accepting its bounds)")
+        f"use a larger cohort (or the complete graph with an explicit threshold, accepting its bounds)"
+    )
 
 
-def evaluate_harary_params(n: int, k: int | None, t: int, dropout: float, adversarial: float,
-                           security_bits: float = 40, correctness_bits: float = 20,
-                           adversary: Adversary = "semi_honest") -> HararyParams:
+def evaluate_harary_params(
+    n: int,
+    k: int | None,
+    t: int,
+    dropout: float,
+    adversarial: float,
+    security_bits: float = 40,
+    correctness_bits: float = 20,
+    adversary: Adversary = "semi_honest",
+) -> HararyParams:
     """The failure bounds an explicit degree `k` (None or >= n - 1: the complete graph) and
     threshold `t` achieve for `n` clients under the same model as `find_harary_params`; check
     `.meets_targets` (and `.shortfall()` to say what falls short)."""
@@ -332,17 +371,19 @@ def poisson_cohort_sizes(population: int, rate: float, tail_bits: float = 20) ->
     lchoose = np.array([_lchoose(population, int(v)) for v in x])
     logpmf = lchoose + x * math.log(rate) + (population - x) * math.log1p(-rate)
     log_q = -tail_bits * _LN2
-    below = np.logaddexp.accumulate(logpmf)               # ln P[X <= x[i]]
-    above = np.logaddexp.accumulate(logpmf[::-1])[::-1]   # ln P[X >= x[i]]
-    lo = x[int(np.count_nonzero(below < log_q))]          # the largest x with P[X <= x - 1] < q
+    below = np.logaddexp.accumulate(logpmf)  # ln P[X <= x[i]]
+    above = np.logaddexp.accumulate(logpmf[::-1])[::-1]  # ln P[X >= x[i]]
+    lo = x[int(np.count_nonzero(below < log_q))]  # the largest x with P[X <= x - 1] < q
     tail = np.nonzero(above < log_q)[0]
-    hi = x[(int(tail[0]) if len(tail) else len(x)) - 1]   # the smallest x with P[X >= x + 1] < q
+    hi = x[(int(tail[0]) if len(tail) else len(x)) - 1]  # the smallest x with P[X >= x + 1] < q
     return int(lo), int(hi)
 
 
 def _check_sizes(low: int, expected: int, high: int) -> None:
     if not 2 <= low <= expected <= high:
-        raise ValueError(f"cohort sizes must satisfy 2 <= low <= expected <= high, got {low}, {expected}, {high}")
+        raise ValueError(
+            f"cohort sizes must satisfy 2 <= low <= expected <= high, got {low}, {expected}, {high}"
+        )
 
 
 def _threshold_over(bounds: dict[int, _Bounds], k: int, expected: int) -> int | None:
@@ -352,7 +393,7 @@ def _threshold_over(bounds: dict[int, _Bounds], k: int, expected: int) -> int | 
     t = 2
     for n, b in bounds.items():
         need = b.secure_threshold(min(k, n - 1))
-        if need is None:           # the graph can be cut at this size whatever t is
+        if need is None:  # the graph can be cut at this size whatever t is
             return None
         t = max(t, need)
     for n, b in bounds.items():
@@ -362,9 +403,16 @@ def _threshold_over(bounds: dict[int, _Bounds], k: int, expected: int) -> int | 
     return t
 
 
-def find_harary_params_over(low: int, expected: int, high: int, dropout: float, adversarial: float,
-                            security_bits: float = 40, correctness_bits: float = 20,
-                            adversary: Adversary = "semi_honest") -> HararyParams:
+def find_harary_params_over(
+    low: int,
+    expected: int,
+    high: int,
+    dropout: float,
+    adversarial: float,
+    security_bits: float = 40,
+    correctness_bits: float = 20,
+    adversary: Adversary = "semi_honest",
+) -> HararyParams:
     """`find_harary_params` for a cohort whose size varies (a Poisson cohort: `poisson_cohort_sizes`
     gives [low, high]) around `expected`: the smallest even k and its smallest t that meet the
     security target at every size in [low, high] the protocol runs with (t <= min(k, n - 1); it
@@ -378,8 +426,10 @@ def find_harary_params_over(low: int, expected: int, high: int, dropout: float, 
     _check_sizes(low, expected, high)
     high = _check_inputs(high, dropout, adversarial, security_bits, correctness_bits, adversary)
     # the largest sizes first: the bounds grow with n (up to floor rounding), so most k fail there at once
-    bounds = {n: _Bounds(n, dropout, adversarial, security_bits, correctness_bits, adversary)
-              for n in range(high, low - 1, -1)}
+    bounds = {
+        n: _Bounds(n, dropout, adversarial, security_bits, correctness_bits, adversary)
+        for n in range(high, low - 1, -1)
+    }
     for k in (*range(2, high - 1, 2), high - 1):
         t = _threshold_over(bounds, k, expected)
         if t is not None:
@@ -388,7 +438,8 @@ def find_harary_params_over(low: int, expected: int, high: int, dropout: float, 
         f"no neighbour graph for cohorts of {low} to {high} clients (expected {expected}) meets the targets "
         f"(security 2^-{security_bits:g}, correctness 2^-{correctness_bits:g}) with {dropout:g} dropout and "
         f"{adversarial:g} adversarial clients against a {adversary.replace('_', '-')} server, not even the complete "
-        f"graph: lower the rates or the bits, or use a larger cohort")
+        f"graph: lower the rates or the bits, or use a larger cohort"
+    )
 
 
 def _margin(p: HararyParams, correctness: bool) -> float:
@@ -397,9 +448,18 @@ def _margin(p: HararyParams, correctness: bool) -> float:
     return min(security, -p.abort_log2 - p.correctness_bits) if correctness else security
 
 
-def weakest_harary_params(k: int | None, t: int, low: int, expected: int, high: int, dropout: float,
-                          adversarial: float, security_bits: float = 40, correctness_bits: float = 20,
-                          adversary: Adversary = "semi_honest") -> HararyParams:
+def weakest_harary_params(
+    k: int | None,
+    t: int,
+    low: int,
+    expected: int,
+    high: int,
+    dropout: float,
+    adversarial: float,
+    security_bits: float = 40,
+    correctness_bits: float = 20,
+    adversary: Adversary = "semi_honest",
+) -> HararyParams:
     """The bounds of degree `k` (None: the complete graph) and threshold `t` at the cohort size in
     [low, high] where they are weakest against the targets: security at every size the protocol
     runs with (t <= min(k, n - 1)), correctness from `expected` up (as `find_harary_params_over`)."""
@@ -407,7 +467,7 @@ def weakest_harary_params(k: int | None, t: int, low: int, expected: int, high: 
     worst, worst_margin = None, math.inf
     for n in range(high, low - 1, -1):
         degree = n - 1 if k is None else min(int(k), n - 1)
-        if t > degree and n < expected:      # refused at this size: nothing released
+        if t > degree and n < expected:  # refused at this size: nothing released
             continue
         p = evaluate_harary_params(n, k, t, dropout, adversarial, security_bits, correctness_bits, adversary)
         margin = _margin(p, n >= expected)

@@ -14,6 +14,7 @@ The keystream is read as little-endian words (uint32 for b <= 32, else uint64) a
 by masking the low b bits; since 2^b divides the word's range the result is exactly uniform in
 Z_{2^b}.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

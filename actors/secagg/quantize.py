@@ -21,6 +21,7 @@ multiplying the bound by the number of clients never overflows a machine word. T
 helpers rely on numpy's uint64 arithmetic wrapping mod 2^64, which is exact mod 2^b because 2^b
 divides 2^64.
 """
+
 from __future__ import annotations
 
 import math
@@ -103,7 +104,9 @@ def check_no_overflow(num_clients: int, clip: float, step: float, bits: int | No
     return int(bits)
 
 
-def quantize(x: np.ndarray, clip: float, step: float, bits: int, rng: np.random.Generator | np.ndarray) -> np.ndarray:
+def quantize(
+    x: np.ndarray, clip: float, step: float, bits: int, rng: np.random.Generator | np.ndarray
+) -> np.ndarray:
     """Encode floats as elements of Z_{2^bits} (uint64), unbiasedly.
 
     Coordinates are clipped to [-clip, clip] (per coordinate), divided by `step`, and rounded
@@ -121,11 +124,11 @@ def quantize(x: np.ndarray, clip: float, step: float, bits: int, rng: np.random.
     v = np.clip(x, -clip, clip, dtype=np.float64)
     v /= step
     lo = np.floor(v)
-    v -= lo                                   # the fractional part
+    v -= lo  # the fractional part
     coins = rng.random(v.shape) if isinstance(rng, np.random.Generator) else np.asarray(rng, dtype=np.float64)
     if coins.shape != v.shape:
         raise ValueError(f"quantize: {coins.shape} coins for an input of shape {v.shape}")
-    up = coins < v                            # P(up) = fractional part -> unbiased
+    up = coins < v  # P(up) = fractional part -> unbiased
     ints = lo.astype(np.int64)
     ints += up
     # Two's complement int64 bit pattern, truncated to b bits, is the value mod 2^b.

@@ -15,6 +15,7 @@ rejection sampling -- fine for simulation; a deployment would draw them from os.
 Any t shares determine the secret (Lagrange interpolation at 0); any t-1 shares are
 consistent with every secret, so they reveal nothing.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Client rule + server rule per algorithm (pure torch; no Ray)."""
+
 from fedmeta.sim.algorithms.base import Algorithm, SGDClient
 from fedmeta.sim.algorithms.ditto import Ditto
 from fedmeta.sim.algorithms.fedavg import FedAvg
@@ -6,11 +7,12 @@ from fedmeta.sim.algorithms.fedopt import FedAdagrad, FedAdam, FedYogi
 from fedmeta.sim.algorithms.fedprox import FedProx
 from fedmeta.sim.algorithms.fomaml import FOMAML
 from fedmeta.sim.algorithms.reptile import Reptile
-from fedmeta.sim.config import AlgorithmConfig, ConfigError
 from fedmeta.sim.artifacts.usercode import import_target
+from fedmeta.sim.config import AlgorithmConfig, ConfigError
 
-ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (FedAvg, Reptile, FOMAML, FedProx, FedAdam, FedYogi,
-                                                                FedAdagrad, Ditto)}
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    a.name: a for a in (FedAvg, Reptile, FOMAML, FedProx, FedAdam, FedYogi, FedAdagrad, Ditto)
+}
 
 
 def build_algorithm(cfg: AlgorithmConfig) -> Algorithm:
@@ -27,5 +29,18 @@ def import_algorithm(target: str) -> type[Algorithm]:
     return cls
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "Ditto", "FOMAML", "FedAdagrad", "FedAdam", "FedAvg", "FedProx", "FedYogi", "Reptile",
-           "SGDClient", "build_algorithm", "import_algorithm"]
+__all__ = [
+    "ALGORITHMS",
+    "Algorithm",
+    "Ditto",
+    "FOMAML",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedProx",
+    "FedYogi",
+    "Reptile",
+    "SGDClient",
+    "build_algorithm",
+    "import_algorithm",
+]

@@ -5,6 +5,7 @@ The client rule is written for ONE client on a parameter dict (`step`); `client_
 over a whole cohort, vectorized with `torch.func.vmap` or as a loop, and returns only updates
 (local minus global parameters), never data.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -42,10 +43,17 @@ class Algorithm(ABC):
     def client_weight(self, n_train: int) -> float:
         return float(n_train) if self.weighted else 1.0
 
-    def client_update(self, model: nn.Module, global_flat: torch.Tensor, xs: Sequence[torch.Tensor],
-                      ys: Sequence[torch.Tensor], gens: Sequence[np.random.Generator],
-                      path: Literal["vmap", "loop"], local_dp: LocalDP | None = None,
-                      noise_gens: Sequence[torch.Generator] | None = None) -> tuple[torch.Tensor, dict]:
+    def client_update(
+        self,
+        model: nn.Module,
+        global_flat: torch.Tensor,
+        xs: Sequence[torch.Tensor],
+        ys: Sequence[torch.Tensor],
+        gens: Sequence[np.random.Generator],
+        path: Literal["vmap", "loop"],
+        local_dp: LocalDP | None = None,
+        noise_gens: Sequence[torch.Generator] | None = None,
+    ) -> tuple[torch.Tensor, dict]:
         """Updates (clients, n_params) = local - global for a cohort, and metrics. With `local_dp`
         every local gradient is a DP-SGD one (loop path; its noise comes from each client's stream)
         and `local_releases` counts each client's noisy gradients. `noise_gens`: the clients' secret
@@ -55,22 +63,37 @@ class Algorithm(ABC):
         if local_dp is not None:
             if path != "loop":
                 raise ValueError("local DP-SGD runs on the loop path")
-            noise = noise_gens or [torch.Generator(global_flat.device).manual_seed(int(g.integers(2**63)))
-                                   for g in gens]
+            noise = noise_gens or [
+                torch.Generator(global_flat.device).manual_seed(int(g.integers(2**63))) for g in gens
+            ]
             releases: list[int] = []
-            local, loss = train_loop(model, self.step, global_flat, xs, ys, streams, self.cfg.batch_size,
-                                     self.cfg.privacy_lambda, local_dp, noise, releases)
+            local, loss = train_loop(
+                model,
+                self.step,
+                global_flat,
+                xs,
+                ys,
+                streams,
+                self.cfg.batch_size,
+                self.cfg.privacy_lambda,
+                local_dp,
+                noise,
+                releases,
+            )
             metrics = {"local_releases": torch.tensor(releases)}
         else:
             train = train_vmap if path == "vmap" else train_loop
-            local, loss = train(model, self.step, global_flat, xs, ys, streams, self.cfg.batch_size,
-                                self.cfg.privacy_lambda)
+            local, loss = train(
+                model, self.step, global_flat, xs, ys, streams, self.cfg.batch_size, self.cfg.privacy_lambda
+            )
             metrics = {}
         steps = torch.tensor([len(s) for s in streams[0]])
         return local - global_flat, {"train_loss": loss, "local_steps": steps, **metrics}
 
     # ------------------------------------------------------------ server rule
-    def server_update(self, global_flat: torch.Tensor, mean_update: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def server_update(
+        self, global_flat: torch.Tensor, mean_update: torch.Tensor
+    ) -> tuple[torch.Tensor, dict]:
         """New global model from the (weighted) mean update of the cohort."""
         new = global_flat + self.cfg.server_lr * mean_update
         return new, {"update_norm": float(mean_update.norm())}
@@ -88,10 +111,19 @@ class Algorithm(ABC):
         which is what the loss-threshold membership attack reads (sim/run/leakage.py adapts it)."""
         mu = self.privacy_weight if weight is None else weight
         if not mu:
-            return SGDClient(AlgorithmConfig(local_steps=max(ev.finetune_steps, 1), lr=ev.finetune_lr,
-                                             batch_size=ev.batch_size))
-        return ProximalSGDClient(AlgorithmConfig(local_steps=max(ev.finetune_steps, 1), lr=ev.finetune_lr,
-                                       batch_size=ev.batch_size, proximal_mu=mu))
+            return SGDClient(
+                AlgorithmConfig(
+                    local_steps=max(ev.finetune_steps, 1), lr=ev.finetune_lr, batch_size=ev.batch_size
+                )
+            )
+        return ProximalSGDClient(
+            AlgorithmConfig(
+                local_steps=max(ev.finetune_steps, 1),
+                lr=ev.finetune_lr,
+                batch_size=ev.batch_size,
+                proximal_mu=mu,
+            )
+        )
 
     def describe_personalization(self) -> str:
         return "fine-tuning"
@@ -114,7 +146,7 @@ class SGDClient(Algorithm):
         self.lr = cfg.lr if lr is None else lr
 
     def step(self, ops, params, batches):
-        (x, y, m), = batches
+        ((x, y, m),) = batches
         g, loss = ops.grad(params, x, y, m)
         return ops.descend(params, g, self.lr), loss
 
@@ -130,7 +162,7 @@ class ProximalSGDClient(SGDClient):
         return super().client_update(model, global_flat, *args, **kwargs)
 
     def step(self, ops, params, batches):
-        (x, y, m), = batches
+        ((x, y, m),) = batches
         g, loss = ops.grad(params, x, y, m)
         # a padded (all-masked) batch of the vmap path is no step: no proximal pull either
         mu = self.cfg.proximal_mu * (m.sum() > 0).to(x.dtype)

@@ -9,6 +9,7 @@ personal problem is solved when an individual is evaluated, from the global mode
 `eval.finetune_steps` proximal SGD steps at `eval.finetune_lr` starting at w (Algorithm 1's personal
 update with w as anchor). Virtual clients keep no state between rounds, so v_k is not carried from
 one evaluation to the next; its anchor, the current global model, is."""
+
 from fedmeta.sim.algorithms.fedavg import FedAvg
 from fedmeta.sim.config import AlgorithmConfig
 

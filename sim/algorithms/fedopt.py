@@ -11,6 +11,7 @@ local SGD as in FedAvg; the server treats the cohort's mean update Delta as a ps
 with v starting at tau^2. The moments are the server's state: kept by the aggregator, checkpointed
 with the run, carried over when the run restarts under tuned hyperparameters.
 """
+
 from abc import abstractmethod
 
 import torch
@@ -30,15 +31,20 @@ class _ServerOptimizer(SGDClient):
     def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
         """The second-moment update from the squared mean update `d2`: what tells the three apart."""
 
-    def server_update(self, global_flat: torch.Tensor, mean_update: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def server_update(
+        self, global_flat: torch.Tensor, mean_update: torch.Tensor
+    ) -> tuple[torch.Tensor, dict]:
         c = self.cfg
         if self.m is None:
             self.m = torch.zeros_like(mean_update)
-            self.v = torch.full_like(mean_update, c.tau ** 2)
+            self.v = torch.full_like(mean_update, c.tau**2)
         self.m = c.beta1 * self.m + (1 - c.beta1) * mean_update
         self.v = self.second_moment(self.v, mean_update * mean_update)
         step = c.server_lr * self.m / (self.v.sqrt() + c.tau)
-        return global_flat + step, {"update_norm": float(mean_update.norm()), "server_step_norm": float(step.norm())}
+        return global_flat + step, {
+            "update_norm": float(mean_update.norm()),
+            "server_step_norm": float(step.norm()),
+        }
 
     def state_dict(self) -> dict:
         return {} if self.m is None else {"m": self.m.clone(), "v": self.v.clone()}

@@ -5,6 +5,7 @@ Approach", first-order variant). Each local step samples two independent batches
     theta = theta - beta  * grad L_D'(tmp)         (first-order meta step, beta = lr)
 so the global model learns an initialisation that adapts well in one step; the server averages
 updates as FedAvg does."""
+
 from fedmeta.sim.algorithms.base import Algorithm
 from fedmeta.sim.algorithms.local import sgd
 
@@ -17,6 +18,6 @@ class FOMAML(Algorithm):
     def step(self, ops, params, batches):
         (x1, y1, m1), (x2, y2, m2) = batches
         g_inner, _ = ops.grad(params, x1, y1, m1)
-        adapted = sgd(params, g_inner, self.cfg.inner_lr)       # a copy: theta itself must not move yet
+        adapted = sgd(params, g_inner, self.cfg.inner_lr)  # a copy: theta itself must not move yet
         g_outer, loss = ops.grad(adapted, x2, y2, m2)
         return ops.descend(params, g_outer, self.cfg.lr), loss

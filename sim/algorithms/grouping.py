@@ -11,6 +11,7 @@ profile store (IG); raw samples never leave it. The chosen group then trains wit
 as FedSGD would (each member's gradient on its own batch, averaged), which equals a step on the
 pooled batch, so the simulator pools the group's batches.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,17 +31,22 @@ class AutoEncoder(nn.Module):
         super().__init__()
         size = math.prod(input_shape)
         self.input_shape = tuple(input_shape)
-        self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(size, hidden), nn.ReLU(), nn.Linear(hidden, latent))
-        self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, size), nn.Sigmoid())
+        self.encoder = nn.Sequential(
+            nn.Flatten(), nn.Linear(size, hidden), nn.ReLU(), nn.Linear(hidden, latent)
+        )
+        self.decoder = nn.Sequential(
+            nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, size), nn.Sigmoid()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x)).view(-1, *self.input_shape)
 
 
-def train_autoencoder(x: torch.Tensor, latent: int, epochs: int, lr: float, batch_size: int,
-                      gen: torch.Generator) -> AutoEncoder:
+def train_autoencoder(
+    x: torch.Tensor, latent: int, epochs: int, lr: float, batch_size: int, gen: torch.Generator
+) -> AutoEncoder:
     """Fit the auto-encoder to x (n, *input_shape) with Adam on the L2 reconstruction loss."""
-    with torch.device("meta"):                  # no default init (it would draw from the global RNG)
+    with torch.device("meta"):  # no default init (it would draw from the global RNG)
         ae = AutoEncoder(tuple(x.shape[1:]), latent)
     ae = ae.to_empty(device="cpu")
     # PyTorch's default scheme, drawn from `gen` (parameters are in module order, as init_params lays them out)
@@ -65,9 +71,9 @@ def class_mean_latents(z: torch.Tensor, y: torch.Tensor, num_classes: int) -> to
     """Algorithm 1, lines 17-18: the mean latent per class, concatenated: (num_classes * latent,).
     A class the individual has no sample of takes the individual's overall mean latent, so it
     neither attracts nor repels others on that class."""
-    overall = z.mean(0)                                                        # (latent,)
-    sums = torch.zeros(num_classes, z.shape[1]).index_add_(0, y, z)            # (classes, latent)
-    counts = torch.bincount(y, minlength=num_classes).unsqueeze(1)             # (classes, 1)
+    overall = z.mean(0)  # (latent,)
+    sums = torch.zeros(num_classes, z.shape[1]).index_add_(0, y, z)  # (classes, latent)
+    counts = torch.bincount(y, minlength=num_classes).unsqueeze(1)  # (classes, 1)
     means = torch.where(counts > 0, sums / counts.clamp_min(1), overall)
     return means.flatten()
 
@@ -78,7 +84,7 @@ def single_sample_group(z_individual: torch.Tensor, z_global: torch.Tensor, n: i
     if not 1 <= n <= len(z_global):
         raise ValueError(f"n: SG needs 1 <= n <= |D_G| = {len(z_global)}, got {n}")
     per_sample = math.ceil(n / len(z_individual))
-    dist = torch.cdist(z_individual, z_global)                                 # (n_I, n_G)
+    dist = torch.cdist(z_individual, z_global)  # (n_I, n_G)
     taken = torch.zeros(len(z_global), dtype=torch.bool)
     chosen: list[int] = []
     for row in dist:
@@ -92,8 +98,9 @@ def single_sample_group(z_individual: torch.Tensor, z_global: torch.Tensor, n: i
     return np.asarray(chosen[:n], dtype=np.int64)
 
 
-def individual_group(target: torch.Tensor, candidates: Mapping[int, torch.Tensor], n: int,
-                     exclude: int | None = None) -> list[int]:
+def individual_group(
+    target: torch.Tensor, candidates: Mapping[int, torch.Tensor], n: int, exclude: int | None = None
+) -> list[int]:
     """Algorithm 1, line 19: the n candidates (id -> class-mean latents) nearest to `target` in L2,
     nearest first; `exclude` (the individual itself) is never chosen."""
     ids = [i for i in candidates if i != exclude]

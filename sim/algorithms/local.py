@@ -10,6 +10,7 @@
 
 Both return the same thing: the clients' parameters after local training, flattened.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,13 +41,15 @@ class Ops:
 
 
 # A step takes (ops, params, [(x, y, mask), ...]) and returns (new params, loss of the step).
-StepFn = Callable[[Ops, Params, Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
-                  tuple[Params, torch.Tensor]]
+StepFn = Callable[
+    [Ops, Params, Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], tuple[Params, torch.Tensor]
+]
 
 
 # ---------------------------------------------------------------- batch schedules
-def batch_schedule(n: int, batch_size: int, gen: np.random.Generator, *,
-                   epochs: int | None = None, steps: int | None = None) -> list[np.ndarray]:
+def batch_schedule(
+    n: int, batch_size: int, gen: np.random.Generator, *, epochs: int | None = None, steps: int | None = None
+) -> list[np.ndarray]:
     """Index batches over a set of n samples: `epochs` full passes, or the first `steps` batches of
     repeated passes. Each pass is a fresh permutation; batches never straddle passes (as a
     DataLoader with shuffle=True, drop_last=False)."""
@@ -59,19 +62,21 @@ def batch_schedule(n: int, batch_size: int, gen: np.random.Generator, *,
     out: list[np.ndarray] = []
     for _ in range(passes):
         perm = gen.permutation(n)
-        out += [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+        out += [perm[i : i + batch_size] for i in range(0, n, batch_size)]
     return out if steps is None else out[:steps]
 
 
-def pad_schedules(schedules: Sequence[Sequence[np.ndarray]], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_schedules(
+    schedules: Sequence[Sequence[np.ndarray]], batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged per-client schedules -> idx (clients, steps, batch) int64 and mask (clients, steps, batch)."""
     c, s = len(schedules), max(len(x) for x in schedules)
     idx = np.zeros((c, s, batch_size), dtype=np.int64)
     mask = np.zeros((c, s, batch_size), dtype=np.float32)
     for i, sched in enumerate(schedules):
         for j, b in enumerate(sched):
-            idx[i, j, :len(b)] = b
-            mask[i, j, :len(b)] = 1.0
+            idx[i, j, : len(b)] = b
+            mask[i, j, : len(b)] = 1.0
     return torch.from_numpy(idx), torch.from_numpy(mask)
 
 
@@ -102,6 +107,7 @@ def module_grad(model: nn.Module, lam: float = 0.0) -> GradFn:
         loss = masked_loss(model(x), y, m, lam)
         grads = torch.autograd.grad(loss, plist)
         return dict(zip(params, grads)), loss.detach()
+
     return g
 
 
@@ -111,8 +117,13 @@ def module_grad(model: nn.Module, lam: float = 0.0) -> GradFn:
 AUTO_COMPUTE = {"mlp": "vmap", "cnn": "loop"}
 
 
-def resolve_compute(compute: str, model_kind: str, local_dp: bool = False, model: nn.Module | None = None,
-                    input_shape: tuple[int, ...] = ()) -> Literal["vmap", "loop"]:
+def resolve_compute(
+    compute: str,
+    model_kind: str,
+    local_dp: bool = False,
+    model: nn.Module | None = None,
+    input_shape: tuple[int, ...] = (),
+) -> Literal["vmap", "loop"]:
     """The cohort engine a run uses: `ray.compute`, or for auto the measured choice per model kind;
     a custom model gets vmap when `torch.func` can run it (`vmap_works`), else the loop. Local
     DP-SGD needs per-sample gradients with per-client noise streams: the loop."""
@@ -135,10 +146,11 @@ def vmap_works(model: nn.Module, input_shape: tuple[int, ...]) -> bool:
 
     def loss(p, xb, yb):
         return F.cross_entropy(functional_call(model, p, (xb,)), yb)
+
     try:
         vmap(torch.func.grad(loss))(params, x, y)
         return True
-    except Exception:   # whatever torch.func cannot transform: the loop runs any module
+    except Exception:  # whatever torch.func cannot transform: the loop runs any module
         return False
 
 
@@ -151,8 +163,9 @@ class LocalDP:
     noise_multiplier: float
 
 
-def dp_sgd_grad(gsm: nn.Module, dp: LocalDP, gen, lam: float = 0.0,
-                on_release: Callable[[], None] | None = None) -> GradFn:
+def dp_sgd_grad(
+    gsm: nn.Module, dp: LocalDP, gen, lam: float = 0.0, on_release: Callable[[], None] | None = None
+) -> GradFn:
     """DP-SGD gradient of one client on the loop path. `gsm` is Opacus' GradSampleModule around a
     private copy of the model (loss_reduction="sum"): its hooks turn each layer's activations and
     backprops into per-sample gradients (`p.grad_sample`). Each is clipped to `dp.clip`, they are
@@ -171,9 +184,9 @@ def dp_sgd_grad(gsm: nn.Module, dp: LocalDP, gen, lam: float = 0.0,
         per_sample = F.cross_entropy(logits, y, reduction="none")
         if lam:
             per_sample = per_sample + lam * negative_entropy(logits)
-        torch.autograd.grad((per_sample * m).sum(), plist)          # fills p.grad_sample: (batch, ...)
-        norms = torch.sqrt(sum(p.grad_sample.flatten(1).pow(2).sum(1) for p in plist))   # (batch,)
-        scale = (dp.clip / (norms + 1e-12)).clamp(max=1.0) * m                          # (batch,) 0 on padding
+        torch.autograd.grad((per_sample * m).sum(), plist)  # fills p.grad_sample: (batch, ...)
+        norms = torch.sqrt(sum(p.grad_sample.flatten(1).pow(2).sum(1) for p in plist))  # (batch,)
+        scale = (dp.clip / (norms + 1e-12)).clamp(max=1.0) * m  # (batch,) 0 on padding
         size = m.sum().clamp_min(1.0)
         out = {}
         for k, p in zip(params, plist):
@@ -182,6 +195,7 @@ def dp_sgd_grad(gsm: nn.Module, dp: LocalDP, gen, lam: float = 0.0,
         if on_release is not None:
             on_release()
         return out, (per_sample.detach() * m).sum() / size
+
     return g
 
 
@@ -194,8 +208,10 @@ def grad_sample_module(model: nn.Module) -> nn.Module:
 
     # the input batch needs no gradient, so PyTorch notes that the hooks fire on module outputs
     # only, which is all Opacus uses
-    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
-                                              "respect to module outputs")
+    warnings.filterwarnings(
+        "ignore",
+        message="Full backward hook is firing when gradients are computed with respect to module outputs",
+    )
     return GradSampleModule(copy.deepcopy(model), loss_reduction="sum")
 
 
@@ -215,44 +231,58 @@ def sgd_(params: Params, grads: Params, lr: float) -> Params:
 
 
 # ---------------------------------------------------------------- cohort trainers
-def train_vmap(model: nn.Module, step: StepFn, global_flat: torch.Tensor,
-               xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor],
-               schedules: Sequence[Sequence[Sequence[np.ndarray]]], batch_size: int, lam: float = 0.0,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def train_vmap(
+    model: nn.Module,
+    step: StepFn,
+    global_flat: torch.Tensor,
+    xs: Sequence[torch.Tensor],
+    ys: Sequence[torch.Tensor],
+    schedules: Sequence[Sequence[Sequence[np.ndarray]]],
+    batch_size: int,
+    lam: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Train a cohort in lockstep. `schedules[k][i]` is client i's k-th schedule (a step function
     uses one batch from each of its k schedules). Returns (params (clients, n_params), mean loss (clients,))."""
     device = global_flat.device
     c = len(xs)
-    x_pad, y_pad = _pad_data(xs, ys, device)                 # (clients, n_max, *in), (clients, n_max)
+    x_pad, y_pad = _pad_data(xs, ys, device)  # (clients, n_max, *in), (clients, n_max)
     padded = [pad_schedules(s, batch_size) for s in schedules]
-    idx = [p[0].to(device) for p in padded]                  # each (clients, steps, batch)
+    idx = [p[0].to(device) for p in padded]  # each (clients, steps, batch)
     mask = [p[1].to(device) for p in padded]
     n_steps = idx[0].shape[1]
-    rows = torch.arange(c, device=device)[:, None]           # (clients, 1)
+    rows = torch.arange(c, device=device)[:, None]  # (clients, 1)
 
     shapes = param_shapes(model)
     params = {k: v.expand(c, *v.shape).clone() for k, v in unflatten(global_flat, shapes).items()}
     ops = Ops(func_grad(model, lam), sgd_)
-    vstep = vmap(lambda p, *b: step(ops, p, [b[i:i + 3] for i in range(0, len(b), 3)]))
+    vstep = vmap(lambda p, *b: step(ops, p, [b[i : i + 3] for i in range(0, len(b), 3)]))
     loss_sum = torch.zeros(c, device=device)
     live_steps = torch.zeros(c, device=device)
     for s in range(n_steps):
         batches = []
         for k in range(len(schedules)):
-            bi = idx[k][:, s]                                 # (clients, batch)
+            bi = idx[k][:, s]  # (clients, batch)
             batches += [x_pad[rows, bi], y_pad[rows, bi], mask[k][:, s]]
         params, loss = vstep(params, *batches)
-        live = (mask[0][:, s].sum(1) > 0).float()            # clients still training at step s
+        live = (mask[0][:, s].sum(1) > 0).float()  # clients still training at step s
         loss_sum += loss * live
         live_steps += live
     return flatten(params, batch_dims=1).detach(), loss_sum / live_steps.clamp_min(1)
 
 
-def train_loop(model: nn.Module, step: StepFn, global_flat: torch.Tensor,
-               xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor],
-               schedules: Sequence[Sequence[Sequence[np.ndarray]]], batch_size: int, lam: float = 0.0,
-               local_dp: LocalDP | None = None, noise_gens: Sequence[torch.Generator] | None = None,
-               releases: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def train_loop(
+    model: nn.Module,
+    step: StepFn,
+    global_flat: torch.Tensor,
+    xs: Sequence[torch.Tensor],
+    ys: Sequence[torch.Tensor],
+    schedules: Sequence[Sequence[Sequence[np.ndarray]]],
+    batch_size: int,
+    lam: float = 0.0,
+    local_dp: LocalDP | None = None,
+    noise_gens: Sequence[torch.Generator] | None = None,
+    releases: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `train_vmap`, one client at a time with exact-size batches. With
     `local_dp`, every gradient is a DP-SGD gradient drawing noise from the client's `noise_gens[i]`,
     and `releases` (if given) receives each client's number of noisy gradients."""
@@ -267,9 +297,12 @@ def train_loop(model: nn.Module, step: StepFn, global_flat: torch.Tensor,
 
             def released(count=count) -> None:
                 count[0] += 1
+
             ops = Ops(dp_sgd_grad(gsm, local_dp, noise_gens[i], lam, released), sgd_)
         x, y = _fast_layout(x.to(device)), y.to(device)
-        params = {k: v.clone(memory_format=_fast_format(v)) for k, v in unflatten(global_flat, shapes).items()}
+        params = {
+            k: v.clone(memory_format=_fast_format(v)) for k, v in unflatten(global_flat, shapes).items()
+        }
         total, steps = torch.zeros((), device=device), 0
         for batch_idx in zip(*(sched[i] for sched in schedules)):
             batches = []
@@ -277,7 +310,7 @@ def train_loop(model: nn.Module, step: StepFn, global_flat: torch.Tensor,
                 bt = torch.from_numpy(b).to(device)
                 batches.append((x[bt], y[bt], torch.ones(len(b), device=device)))
             params, loss = step(ops, params, batches)
-            total += loss                                  # stays on the device: no sync per step
+            total += loss  # stays on the device: no sync per step
             steps += 1
         out.append(flatten(params).detach())
         losses.append(total / max(steps, 1))
@@ -295,26 +328,32 @@ def _fast_layout(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=_fast_format(t))
 
 
-def _pad_data(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad_data(
+    xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], device
+) -> tuple[torch.Tensor, torch.Tensor]:
     n_max = max(len(x) for x in xs)
     if all(len(x) == n_max for x in xs):
         return torch.stack(list(xs)).to(device), torch.stack(list(ys)).to(device)
     x_pad = xs[0].new_zeros((len(xs), n_max, *xs[0].shape[1:]))
     y_pad = ys[0].new_zeros((len(ys), n_max))
     for i, (x, y) in enumerate(zip(xs, ys)):
-        x_pad[i, :len(x)] = x
-        y_pad[i, :len(y)] = y
+        x_pad[i, : len(x)] = x
+        y_pad[i, : len(y)] = y
     return x_pad.to(device), y_pad.to(device)
 
 
 # ---------------------------------------------------------------- evaluation
 @torch.no_grad()
-def predictions_hit(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                    chunk: int = 4096) -> torch.Tensor:
+def predictions_hit(
+    model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096
+) -> torch.Tensor:
     """(n,) bool: does the model with parameters `flat` classify each sample right? In chunks to bound memory."""
     params = unflatten(flat, param_shapes(model))
-    hits = [functional_call(model, params, (x[i:i + chunk].to(flat.device),)).argmax(-1).cpu() == y[i:i + chunk]
-            for i in range(0, len(y), chunk)]
+    hits = [
+        functional_call(model, params, (x[i : i + chunk].to(flat.device),)).argmax(-1).cpu()
+        == y[i : i + chunk]
+        for i in range(0, len(y), chunk)
+    ]
     return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
 
 
@@ -324,15 +363,20 @@ def accuracy_flat(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torc
 
 
 @torch.no_grad()
-def accuracies_stacked(model: nn.Module, flats: torch.Tensor, xs: Sequence[torch.Tensor],
-                       ys: Sequence[torch.Tensor], vectorized: bool) -> torch.Tensor:
+def accuracies_stacked(
+    model: nn.Module,
+    flats: torch.Tensor,
+    xs: Sequence[torch.Tensor],
+    ys: Sequence[torch.Tensor],
+    vectorized: bool,
+) -> torch.Tensor:
     """Per-client accuracy of client-specific parameters flats (clients, n_params) on each client's data."""
     if not vectorized:
         return torch.tensor([accuracy_flat(model, f, x, y) for f, x, y in zip(flats, xs, ys)])
     device = flats.device
     x_pad, y_pad = _pad_data(xs, ys, device)
     n = torch.tensor([len(y) for y in ys], device=device)
-    valid = torch.arange(x_pad.shape[1], device=device)[None, :] < n[:, None]   # (clients, n_max)
+    valid = torch.arange(x_pad.shape[1], device=device)[None, :] < n[:, None]  # (clients, n_max)
     params = unflatten(flats, param_shapes(model))
     logits = vmap(lambda p, x: functional_call(model, p, (x,)))(params, x_pad)  # (clients, n_max, classes)
     hits = ((logits.argmax(-1) == y_pad) & valid).sum(1).float()
@@ -340,9 +384,14 @@ def accuracies_stacked(model: nn.Module, flats: torch.Tensor, xs: Sequence[torch
 
 
 @torch.no_grad()
-def sample_losses(model: nn.Module, flats: torch.Tensor, xs: Sequence[torch.Tensor],
-                  ys: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def sample_losses(
+    model: nn.Module, flats: torch.Tensor, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
     """Per-sample cross-entropy of each client's parameters on its own data (for the MIA audit)."""
     shapes = param_shapes(model)
-    return [F.cross_entropy(functional_call(model, unflatten(f, shapes), (x.to(f.device),)), y.to(f.device),
-                            reduction="none").cpu() for f, x, y in zip(flats, xs, ys)]
+    return [
+        F.cross_entropy(
+            functional_call(model, unflatten(f, shapes), (x.to(f.device),)), y.to(f.device), reduction="none"
+        ).cpu()
+        for f, x, y in zip(flats, xs, ys)
+    ]

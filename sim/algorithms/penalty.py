@@ -2,10 +2,11 @@
 
 An output-confidence penalty: overconfident outputs on training data are exactly what the
 loss-threshold membership-inference attack (Yeom, Giacomelli, Fredrikson & Jha 2018, the audit in
-actors/privacy.py) exploits, so penalizing the negative entropy of the predictions (Pereyra et al.
+actors/privacy/) exploits, so penalizing the negative entropy of the predictions (Pereyra et al.
 2017, "Regularizing Neural Networks by Penalizing Confident Output Distributions") shrinks the
 member/non-member loss gap. `algorithm.privacy_lambda` weighs it in both cohort paths.
 """
+
 from __future__ import annotations
 
 import math

@@ -2,6 +2,7 @@
 in the federated form of Jiang et al. 2019): each client (a task) runs k SGD steps from the
 global initialisation; the server moves the initialisation towards the adapted weights,
 theta <- theta + eps * mean_i(phi_i - theta), with every task weighted equally."""
+
 from fedmeta.sim.algorithms.base import SGDClient
 
 

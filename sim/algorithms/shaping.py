@@ -15,6 +15,7 @@ records which side runs each step; `transfers` counts the model handovers it nee
 Every plan indexes the concatenation [D_G | D_I'] of one individual (D_G first), so all plans of a
 cohort of individuals train together in `train_vmap` with one step function.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,7 +36,7 @@ class Plan:
     """One individual's training run: batches (indices into [D_G | D_I']) and where each runs."""
 
     batches: list[np.ndarray]
-    sources: str                      # one character per batch: "G" (server) or "I" (device)
+    sources: str  # one character per batch: "G" (server) or "I" (device)
 
     @property
     def transfers(self) -> int:
@@ -44,7 +45,9 @@ class Plan:
         return changes + (1 if self.sources[:1] == DEVICE else 0)
 
 
-def _batches(n: int, count: int, batch_size: int, gen: np.random.Generator, offset: int = 0) -> list[np.ndarray]:
+def _batches(
+    n: int, count: int, batch_size: int, gen: np.random.Generator, offset: int = 0
+) -> list[np.ndarray]:
     """`count` batches over n samples in reshuffled passes, shifted by `offset` into [D_G | D_I']."""
     if count <= 0:
         return []
@@ -76,8 +79,9 @@ def weighed_sources(n_period: float, iterations: int) -> str:
     return "".join(DEVICE if j % inverse != 0 else SERVER for j in range(1, iterations + 1))
 
 
-def sample_weighing(n_period: float, n_g: int, n_i: int, batch_size: int, epochs: int,
-                    gen: np.random.Generator) -> Plan:
+def sample_weighing(
+    n_period: float, n_g: int, n_i: int, batch_size: int, epochs: int, gen: np.random.Generator
+) -> Plan:
     """SW(n_I): `epochs` of ceil(|D_G| / batch) iterations, D_I batches interleaved per n_I. Each
     stream is its own sequence of reshuffled passes, so D_G is only partly covered per epoch when
     D_I takes iterations (as in the paper)."""
@@ -115,7 +119,7 @@ class PartialSGD(SGDClient):
         self.trainable = trainable
 
     def step(self, ops, params, batches):
-        (x, y, m), = batches
+        ((x, y, m),) = batches
         g, loss = ops.grad(params, x, y, m)
         g = {k: v if k in self.trainable else torch.zeros_like(v) for k, v in g.items()}
         return ops.descend(params, g, self.lr), loss

@@ -2,6 +2,7 @@
 torn mix. The new bytes go to a temporary file in the same folder, are fsynced, renamed over the
 old file, and the folder is fsynced so the rename itself survives (a rename that only reached the
 page cache can be lost, leaving the old file, or on some file systems an empty one)."""
+
 from __future__ import annotations
 
 import os

@@ -1,20 +1,21 @@
 """Run directories: a fresh one per run, the config a finished or interrupted run was started with,
 and the run's secret (run_secret.key, kept in the per-user state directory: sim/artifacts/statedir.py), which
 only the driver reads."""
+
 from __future__ import annotations
 
 import time
 import warnings
 from pathlib import Path
 
-from fedmeta.sim.config import ConfigError, ExperimentConfig, from_dict, read_yaml
 from fedmeta.sim.artifacts.durable import write_atomic
-from fedmeta.sim.seeding import Secrets
 from fedmeta.sim.artifacts.statedir import run_secrets_dir
 from fedmeta.sim.artifacts.usercode import artifact_config
+from fedmeta.sim.config import ConfigError, ExperimentConfig, from_dict, read_yaml
+from fedmeta.sim.seeding import Secrets
 
 SECRET_FILE = "run_secret.key"
-PERSONALIZED = "personalized"     # personalized/<user id>.npy: what per-user serving loads (serve/app.py)
+PERSONALIZED = "personalized"  # personalized/<user id>.npy: what per-user serving loads (serve/members.py)
 
 
 def new_run_dir(cfg: ExperimentConfig) -> Path:
@@ -26,7 +27,7 @@ def new_run_dir(cfg: ExperimentConfig) -> Path:
         path, i = base.with_name(f"{base.name}-{i}"), i + 1
     path.parent.mkdir(parents=True, exist_ok=True)
     path.mkdir(mode=0o700)
-    path.chmod(0o700)        # whatever the umask
+    path.chmod(0o700)  # whatever the umask
     return path
 
 
@@ -47,7 +48,7 @@ def run_secrets(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Secrets:
     `run.seeded_secrets`: derived from the seed."""
     if cfg.run.seeded_secrets:
         return Secrets.seeded(cfg.seed)
-    legacy = run_dir / SECRET_FILE         # where runs before issue 27 kept it: moved out on resume
+    legacy = run_dir / SECRET_FILE  # where runs before issue 27 kept it: moved out on resume
     folder = run_secrets_dir(run_dir, create=True)
     path = folder / SECRET_FILE
     if resume and legacy.is_file() and not path.exists():
@@ -59,10 +60,13 @@ def run_secrets(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Secrets:
             raise ConfigError(f"--resume: {path} is not a 32-byte run secret")
         return Secrets(key, cfg.seed)
     if resume:
-        warnings.warn(f"{path} is missing (the run's secret lives in the state directory of the machine that "
-                      f"started it: copy its folder {folder.name} there to this machine's {folder.parent}): the "
-                      "resumed rounds draw a fresh run secret (their noise and masks differ from an uninterrupted "
-                      "run's)", stacklevel=2)
+        warnings.warn(
+            f"{path} is missing (the run's secret lives in the state directory of the machine that "
+            f"started it: copy its folder {folder.name} there to this machine's {folder.parent}): the "
+            "resumed rounds draw a fresh run secret (their noise and masks differ from an uninterrupted "
+            "run's)",
+            stacklevel=2,
+        )
     secrets = Secrets.fresh(cfg.seed)
     write_atomic(path, secrets.key, 0o600)
     return secrets

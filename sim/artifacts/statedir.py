@@ -8,6 +8,7 @@ holds only its run id (`run_id`, not a secret). A copied run directory serves, b
 with the same secret streams or decrypt its profile store on a machine without that folder;
 moving a run with its secrets means copying `runs/<run id>/` to the other machine's state
 directory as well."""
+
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from fedmeta.sim.artifacts.durable import write_atomic
 
-RUN_ID = "run_id"      # in the run directory: the key of its secrets in the state directory
+RUN_ID = "run_id"  # in the run directory: the key of its secrets in the state directory
 
 
 def state_dir() -> Path:

@@ -4,6 +4,7 @@ experiment is data. What it names as code (a custom model's `model.target`, a cu
 `algorithm.name`) is imported only when the user says so for that load (`--trust-code`,
 `trust_code=True`), and then only from the user's own paths (the working directory and PYTHONPATH),
 never from folders the artifact lists (`run.code_paths`)."""
+
 from __future__ import annotations
 
 import importlib
@@ -41,7 +42,9 @@ def import_target(target: str, key: str):
 TRUST_FLAG = "--trust-code"
 
 
-def named_code(model_kind: str, model_target: str | None, algorithm: str | None = None) -> list[tuple[str, str]]:
+def named_code(
+    model_kind: str, model_target: str | None, algorithm: str | None = None
+) -> list[tuple[str, str]]:
     """(key, target) for each entry that names code to import: what loading it would run."""
     named = []
     if model_kind == "custom":
@@ -55,8 +58,10 @@ def refuse_code(named: list[tuple[str, str]], source: str, trust_code: bool) -> 
     """A ConfigError naming the first entry and the flag, unless the user trusts the artifact."""
     if named and not trust_code:
         key, target = named[0]
-        raise ConfigError(f"{source}: {key} names code ({target!r}) that loading it would import and run; "
-                          f"pass {TRUST_FLAG} (trust_code=True) if you trust it")
+        raise ConfigError(
+            f"{source}: {key} names code ({target!r}) that loading it would import and run; "
+            f"pass {TRUST_FLAG} (trust_code=True) if you trust it"
+        )
 
 
 def artifact_config(cfg, source: str, trust_code: bool = False):

@@ -7,6 +7,7 @@ W2 (many small clients): MLP 64-128-30 on the writers data, 10,000 clients x 64 
 One warm-up round, then timed rounds; training runs on the same Federation (actor pool +
 aggregator) as `fedmeta run`, evaluation is off.
 """
+
 from __future__ import annotations
 
 import time
@@ -16,13 +17,18 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from fedmeta.sim.engine.cluster import init_ray
 from fedmeta.sim.config import ExperimentConfig, default_config_path, from_dict, load
+from fedmeta.sim.engine.cluster import init_ray
 from fedmeta.sim.engine.federation import Federation
 from fedmeta.sim.engine.plan import FederationPlan
 
-WORKLOADS = {"w1": "bench_w1.yaml", "w2": "bench_w2.yaml", "w3": "bench_w3.yaml", "tune": "bench_tune.yaml",
-             "heterogeneous": "heterogeneous.yaml"}
+WORKLOADS = {
+    "w1": "bench_w1.yaml",
+    "w2": "bench_w2.yaml",
+    "w3": "bench_w3.yaml",
+    "tune": "bench_tune.yaml",
+    "heterogeneous": "heterogeneous.yaml",
+}
 
 
 def workload_config(workload: str, overrides: list[str]) -> ExperimentConfig:
@@ -48,12 +54,24 @@ def run_bench(cfg: ExperimentConfig, rounds: int = 5, warmup: int = 1, workload:
         total = time.perf_counter() - t0
         flops = train_flops_per_client(plan)
         sgemm = sgemm_gflops(threads=max(1, int(cfg.ray.num_workers * cfg.ray.num_cpus_per_worker)))
-        return {"gflops": flops * clients / total / 1e9, "sgemm_gflops": sgemm,
-                "train_mflop_per_client": flops / 1e6, "workload": workload, "compute": plan.compute, "path": plan.compute, "device": fed.infos[0]["device"],
-                "num_workers": cfg.ray.num_workers, "clients_per_round": cfg.federation.clients_per_round,
-                "rounds": rounds, "s_per_round": float(np.mean(times)), "s_per_round_min": float(np.min(times)),
-                "clients_per_s": clients / total, "peak_rss_mib": fed.peak_rss_mib(),
-                "n_params": plan.n_params, "cluster_cpus": ray.cluster_resources().get("CPU", 0.0)}
+        return {
+            "gflops": flops * clients / total / 1e9,
+            "sgemm_gflops": sgemm,
+            "train_mflop_per_client": flops / 1e6,
+            "workload": workload,
+            "compute": plan.compute,
+            "path": plan.compute,
+            "device": fed.infos[0]["device"],
+            "num_workers": cfg.ray.num_workers,
+            "clients_per_round": cfg.federation.clients_per_round,
+            "rounds": rounds,
+            "s_per_round": float(np.mean(times)),
+            "s_per_round_min": float(np.min(times)),
+            "clients_per_s": clients / total,
+            "peak_rss_mib": fed.peak_rss_mib(),
+            "n_params": plan.n_params,
+            "cluster_cpus": ray.cluster_resources().get("CPU", 0.0),
+        }
     finally:
         if fed is not None:
             fed.shutdown()
@@ -94,19 +112,22 @@ def sgemm_gflops(threads: int, n: int = 1024, repeats: int = 7) -> float:
     torch.set_num_threads(threads)
     try:
         a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b                                          # warm-up (allocations, thread pool)
+        a @ b  # warm-up (allocations, thread pool)
         rates = []
         for _ in range(repeats):
             t = time.perf_counter()
             a @ b
-            rates.append(2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+            rates.append(2 * n**3 / (time.perf_counter() - t) / 1e9)
         return float(np.median(rates))
     finally:
         torch.set_num_threads(before)
 
 
-SECAGG_CASES = {"k20": {"secagg.neighbors": 20}, "complete": {"secagg.neighbors": None},
-                "k20_dropout10": {"secagg.neighbors": 20, "federation.dropout": 0.1}}
+SECAGG_CASES = {
+    "k20": {"secagg.neighbors": 20},
+    "complete": {"secagg.neighbors": None},
+    "k20_dropout10": {"secagg.neighbors": 20, "federation.dropout": 0.1},
+}
 
 
 def _with(cfg: ExperimentConfig, changes: dict) -> ExperimentConfig:
@@ -136,7 +157,9 @@ def run_secagg_bench(cfg: ExperimentConfig, rounds: int, workload: str, repeats:
         return sorted(runs, key=lambda r: r["s_per_round"])[len(runs) // 2]
 
     res = median_run(plain) | {"repeats": repeats, "plain_s_per_round_all": [r["s_per_round"] for r in plain]}
-    res["secagg"] = {"k20": {k: median_run(k20)[k] for k in keep} | {"s_per_round_all": [r["s_per_round"] for r in k20]}}
+    res["secagg"] = {
+        "k20": {k: median_run(k20)[k] for k in keep} | {"s_per_round_all": [r["s_per_round"] for r in k20]}
+    }
     for name in ("complete", "k20_dropout10"):
         r = run_bench(secure[name], rounds=rounds, workload=workload)
         res["secagg"][name] = {k: r[k] for k in keep}
@@ -164,23 +187,38 @@ def run_async_bench(cfg: ExperimentConfig, seeds: int = 3, steps_per_round: int 
     runs = {"sync": [], "fedbuff": []}
     with tempfile.TemporaryDirectory() as out:
         for seed in range(cfg.seed, cfg.seed + seeds):
-            variants = {"sync": {}, "fedbuff": {"federation.mode": "fedbuff", "federation.clients_per_round": buffer,
-                                                "federation.rounds": round(fed.rounds * scale),
-                                                "eval.every": round(cfg.eval.every * scale)}}
+            variants = {
+                "sync": {},
+                "fedbuff": {
+                    "federation.mode": "fedbuff",
+                    "federation.clients_per_round": buffer,
+                    "federation.rounds": round(fed.rounds * scale),
+                    "eval.every": round(cfg.eval.every * scale),
+                },
+            }
             for name, changes in variants.items():
                 run_cfg = _with(cfg, {"seed": seed, "run.out_dir": out, "run.progress": False, **changes})
                 _, summary = run_experiment(run_cfg)
-                runs[name].append({k: summary[k] for k in ("time_to_target_s", "rounds_to_target", "sim_time_s")}
-                                  | {"acc_global_DI": summary["acc_global_DI"]["mean"], "seed": seed})
+                runs[name].append(
+                    {k: summary[k] for k in ("time_to_target_s", "rounds_to_target", "sim_time_s")}
+                    | {"acc_global_DI": summary["acc_global_DI"]["mean"], "seed": seed}
+                )
 
     def median(name: str, key: str):
         values = [r[key] for r in runs[name] if r[key] is not None]
-        return float(np.median(values)) if len(values) == len(runs[name]) else None    # None: some seed missed
+        return float(np.median(values)) if len(values) == len(runs[name]) else None  # None: some seed missed
 
-    res = {"workload": "heterogeneous", "target": cfg.eval.target, "target_metric": cfg.eval.target_metric,
-           "seeds": seeds, "fedbuff_buffer": buffer, "fedbuff_concurrency": fed.fedbuff.concurrency,
-           "sync_time_to_target_s": median("sync", "time_to_target_s"),
-           "fedbuff_time_to_target_s": median("fedbuff", "time_to_target_s"), "runs": runs}
+    res = {
+        "workload": "heterogeneous",
+        "target": cfg.eval.target,
+        "target_metric": cfg.eval.target_metric,
+        "seeds": seeds,
+        "fedbuff_buffer": buffer,
+        "fedbuff_concurrency": fed.fedbuff.concurrency,
+        "sync_time_to_target_s": median("sync", "time_to_target_s"),
+        "fedbuff_time_to_target_s": median("fedbuff", "time_to_target_s"),
+        "runs": runs,
+    }
     both = res["sync_time_to_target_s"], res["fedbuff_time_to_target_s"]
     res["fedbuff_speedup"] = both[0] / both[1] if None not in both else None
     return res
@@ -225,8 +263,13 @@ async def _load(url: str, body: dict, concurrency: int, seconds: float) -> dict:
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
-    return {"rps": len(latencies) / wall, "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)), "errors": errors, "requests": len(latencies)}
+    return {
+        "rps": len(latencies) / wall,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "errors": errors,
+        "requests": len(latencies),
+    }
 
 
 def _noop_app():
@@ -256,8 +299,16 @@ def _serve_members(tmp: Path, members: int) -> dict[str, str]:
     paths = {}
     for i in range(members):
         flat = init_params(build_model(cfg, (1, 8, 8), 30), torch.Generator().manual_seed(i)).numpy()
-        paths[f"m{i}"] = str(save_member(tmp / f"m{i}", cfg.model_dump(), flat, [1, 8, 8], 30,
-                                         {"mean": [0.3] * 64, "var": [0.05] * 64, "n": 1000}).parent)
+        paths[f"m{i}"] = str(
+            save_member(
+                tmp / f"m{i}",
+                cfg.model_dump(),
+                flat,
+                [1, 8, 8],
+                30,
+                {"mean": [0.3] * 64, "var": [0.05] * 64, "n": 1000},
+            ).parent
+        )
     return paths
 
 
@@ -289,12 +340,15 @@ def _fan_outs(base_url: str) -> tuple[float, float]:
     from urllib.request import urlopen
 
     with urlopen(f"{base_url}/metrics", timeout=30) as r:
-        counts = dict(line.split()[:2] for line in r.read().decode().splitlines() if line.startswith("fedmeta_"))
+        counts = dict(
+            line.split()[:2] for line in r.read().decode().splitlines() if line.startswith("fedmeta_")
+        )
     return float(counts["fedmeta_requests_total"]), float(counts["fedmeta_ensemble_batches_total"])
 
 
-def run_serve_bench(concurrency: tuple[int, ...] = (1, 8, 32), seconds: float = 5.0, members: int = 3,
-                    warmup_s: float = 1.0) -> dict:
+def run_serve_bench(
+    concurrency: tuple[int, ...] = (1, 8, 32), seconds: float = 5.0, members: int = 3, warmup_s: float = 1.0
+) -> dict:
     """Throughput and latency of the routed ensemble (`members` members, default top-k) against a
     single-model deployment of the same model and a no-op Serve app (Serve's ceiling on this
     machine), on loopback, with the same request body, load generator and concurrency levels."""
@@ -318,7 +372,7 @@ def run_serve_bench(concurrency: tuple[int, ...] = (1, 8, 32), seconds: float = 
             for c in concurrency:
                 before = None if label == "noop" else _fan_outs(base)
                 out[label][c] = asyncio.run(_load(url, body, c, seconds))
-                if before is not None:     # how many requests shared a member call (ingress batching)
+                if before is not None:  # how many requests shared a member call (ingress batching)
                     (r0, f0), (r1, f1) = before, _fan_outs(base)
                     out[label][c]["requests_per_fan_out"] = (r1 - r0) / max(f1 - f0, 1)
     finally:
@@ -329,14 +383,17 @@ def run_serve_bench(concurrency: tuple[int, ...] = (1, 8, 32), seconds: float = 
     at = {label: out[label][c8] for label in SERVE_TARGETS}
     out.update({f"{label}_rps": at[label]["rps"] for label in SERVE_TARGETS})
     out.update({f"{label}_p99_ms": at[label]["p99_ms"] for label in SERVE_TARGETS})
-    out.update(errors=sum(r["errors"] for label in SERVE_TARGETS for r in out[label].values()),
-               throughput_ratio=_ratio(at["ensemble"]["rps"], at["single"]["rps"]),
-               single_to_noop=_ratio(at["single"]["rps"], at["noop"]["rps"]), at_concurrency=c8)
+    out.update(
+        errors=sum(r["errors"] for label in SERVE_TARGETS for r in out[label].values()),
+        throughput_ratio=_ratio(at["ensemble"]["rps"], at["single"]["rps"]),
+        single_to_noop=_ratio(at["single"]["rps"], at["noop"]["rps"]),
+        at_concurrency=c8,
+    )
     return out
 
 
 def _ratio(a: float, b: float) -> float | None:
-    return a / b if b > 0 else None     # None, not a ZeroDivisionError, when nothing was answered
+    return a / b if b > 0 else None  # None, not a ZeroDivisionError, when nothing was answered
 
 
 # ---------------------------------------------------------------- tuning after drift
@@ -370,17 +427,29 @@ def run_tune_bench(base: ExperimentConfig, seeds: Sequence[int] = (0,), **kwargs
         runs[-1]["seed"] = int(seed)
     tuned, untuned = np.array([r["tuned_acc"] for r in runs]), np.array([r["untuned_acc"] for r in runs])
     reached = [r["bo_trials_to_95"] for r in runs]
-    sd = (lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0)  # noqa: E731
-    return {"metric": runs[0]["metric"], "seeds": [r["seed"] for r in runs], "runs": runs,
-            "bo_trials_to_95_seeds": reached, "bo_reached_95": sum(x is not None for x in reached),
-            "tuned_acc_mean": float(tuned.mean()), "tuned_acc_sd": sd(tuned),
-            "untuned_acc_mean": float(untuned.mean()), "untuned_acc_sd": sd(untuned),
-            "tuned_minus_untuned": [float(d) for d in tuned - untuned],
-            "tuned_beats_untuned": bool(tuned.mean() > untuned.mean())}
+    sd = lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0  # noqa: E731
+    return {
+        "metric": runs[0]["metric"],
+        "seeds": [r["seed"] for r in runs],
+        "runs": runs,
+        "bo_trials_to_95_seeds": reached,
+        "bo_reached_95": sum(x is not None for x in reached),
+        "tuned_acc_mean": float(tuned.mean()),
+        "tuned_acc_sd": sd(tuned),
+        "untuned_acc_mean": float(untuned.mean()),
+        "untuned_acc_sd": sd(untuned),
+        "tuned_minus_untuned": [float(d) for d in tuned - untuned],
+        "tuned_beats_untuned": bool(tuned.mean() > untuned.mean()),
+    }
 
 
-def tune_bench_seed(base: ExperimentConfig, pre_rounds: int = 10, post_rounds: int = 5, bo_trials: int = 6,
-                    out_dir: Path | None = None) -> dict:
+def tune_bench_seed(
+    base: ExperimentConfig,
+    pre_rounds: int = 10,
+    post_rounds: int = 5,
+    bo_trials: int = 6,
+    out_dir: Path | None = None,
+) -> dict:
     """After a drift: the federation continued with its old hyperparameters (untuned) against the
     best Tune trial (Optuna's `tune.sampler`, `bo_trials` trials, told what the old ones reach),
     plus random search with 4x the trials, and how many Bayesian trials reach 95% of random
@@ -395,8 +464,10 @@ def tune_bench_seed(base: ExperimentConfig, pre_rounds: int = 10, post_rounds: i
     started = init_ray(base.ray.address, base.ray.connect_timeout_s)
     try:
         # before the drift: a federation trained with the base hyperparameters, checkpointed
-        pre = from_dict(base.model_dump(mode="json") | {"data": {**base.data.model_dump(mode="json"),
-                                                                  "drift": {"at_round": None}}})
+        pre = from_dict(
+            base.model_dump(mode="json")
+            | {"data": {**base.data.model_dump(mode="json"), "drift": {"at_round": None}}}
+        )
         fed = Federation(FederationPlan.from_config(pre))
         g = fed.plan.init_params
         for r in range(pre_rounds):
@@ -417,10 +488,15 @@ def tune_bench_seed(base: ExperimentConfig, pre_rounds: int = 10, post_rounds: i
         tuned_cfg = copy.deepcopy(base.model_dump(mode="json"))
         # the Bayesian search proposes one trial at a time (each proposal sees every result so far),
         # and is told what the pre-drift values reach (the untuned curve) instead of rerunning them
-        tuned_cfg["tune"].update(rounds_per_trial=post_rounds, num_samples=bo_trials, searcher="optuna",
-                                 max_concurrent=1)
-        bo = build_tuner(from_dict(tuned_cfg), out_dir, "bo", str(start_dir), pre_rounds, warm_result=untuned[-1]).fit()
-        tuned_cfg["tune"].update(num_samples=4 * bo_trials, searcher="random", max_concurrent=base.tune.max_concurrent)
+        tuned_cfg["tune"].update(
+            rounds_per_trial=post_rounds, num_samples=bo_trials, searcher="optuna", max_concurrent=1
+        )
+        bo = build_tuner(
+            from_dict(tuned_cfg), out_dir, "bo", str(start_dir), pre_rounds, warm_result=untuned[-1]
+        ).fit()
+        tuned_cfg["tune"].update(
+            num_samples=4 * bo_trials, searcher="random", max_concurrent=base.tune.max_concurrent
+        )
         rnd = build_tuner(from_dict(tuned_cfg), out_dir, "random", str(start_dir), pre_rounds).fit()
     finally:
         if started:
@@ -429,9 +505,20 @@ def tune_bench_seed(base: ExperimentConfig, pre_rounds: int = 10, post_rounds: i
     tuned_curve = [float(v) for v in best.metrics_dataframe[metric]]
     bo_bests, random_bests = _trial_bests(bo, metric), _trial_bests(rnd, metric)
     target = 0.95 * max(random_bests)
-    return {"metric": metric, "pre_rounds": pre_rounds, "post_rounds": post_rounds,
-            "untuned_curve": untuned, "tuned_curve": tuned_curve, "untuned_acc": untuned[-1],
-            "tuned_acc": tuned_curve[-1], "best_config": best.config, "bo_trial_bests": bo_bests,
-            "random_trial_bests": random_bests, "random_best": max(random_bests),
-            "bo_trials_to_95": trials_to_reach(bo_bests, target), "bo_trials": len(bo_bests),
-            "random_trials": len(random_bests), "experiment": str(out_dir)}
+    return {
+        "metric": metric,
+        "pre_rounds": pre_rounds,
+        "post_rounds": post_rounds,
+        "untuned_curve": untuned,
+        "tuned_curve": tuned_curve,
+        "untuned_acc": untuned[-1],
+        "tuned_acc": tuned_curve[-1],
+        "best_config": best.config,
+        "bo_trial_bests": bo_bests,
+        "random_trial_bests": random_bests,
+        "random_best": max(random_bests),
+        "bo_trials_to_95": trials_to_reach(bo_bests, target),
+        "bo_trials": len(bo_bests),
+        "random_trials": len(random_bests),
+        "experiment": str(out_dir),
+    }

@@ -13,6 +13,7 @@ The generated sources (writers, synthetic, prototypes) come as their cached clas
 source, whose federation is generated once into memory-mapped files that every process shares
 (sim/data/cache.py), when ``data.cache`` is on and it fits ``data.cache_max_mb``.
 """
+
 from __future__ import annotations
 
 from fedmeta.sim.config import DataConfig
@@ -63,6 +64,18 @@ def build_dataset(cfg: DataConfig, seed: int) -> FederatedDataset:
     return (kind or DATASETS[cfg.kind])(cfg, seed)
 
 
-__all__ = ["CACHED", "DATASETS", "CachedPrototypesDataset", "CachedSyntheticDataset", "CachedWritersDataset",
-           "ClientData", "FederatedDataset", "FemnistDataset", "PrototypesDataset",
-           "SyntheticDataset", "TableDataset", "WritersDataset", "build_dataset"]
+__all__ = [
+    "CACHED",
+    "DATASETS",
+    "CachedPrototypesDataset",
+    "CachedSyntheticDataset",
+    "CachedWritersDataset",
+    "ClientData",
+    "FederatedDataset",
+    "FemnistDataset",
+    "PrototypesDataset",
+    "SyntheticDataset",
+    "TableDataset",
+    "WritersDataset",
+    "build_dataset",
+]

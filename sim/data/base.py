@@ -6,6 +6,7 @@ from individuals outside the federation. Sources generate an individual's data o
 (experiment seed, client id), so a federation of any size costs memory only for the clients requested,
 and any worker can regenerate any client in any order.
 """
+
 from __future__ import annotations
 
 import operator
@@ -56,8 +57,10 @@ class FederatedDataset(ABC):
         return [n // k] * k
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(num_clients={self.num_clients}, num_classes={self.num_classes}, "
-                f"input_shape={self.input_shape})")
+        return (
+            f"{type(self).__name__}(num_clients={self.num_clients}, num_classes={self.num_classes}, "
+            f"input_shape={self.input_shape})"
+        )
 
 
 def check_cids(cids: Sequence[int], num_clients: int) -> list[int]:
@@ -95,5 +98,9 @@ def split_clients(cids: Sequence[int], x: torch.Tensor, y: torch.Tensor, n_train
     """
     xs = [t.clone() for t in x.unbind(0)]
     ys = [t.clone() for t in y.unbind(0)]
-    return [ClientData(cid=cid, x_train=xi[:n_train], y_train=yi[:n_train], x_test=xi[n_train:], y_test=yi[n_train:])
-            for cid, xi, yi in zip(cids, xs, ys, strict=True)]
+    return [
+        ClientData(
+            cid=cid, x_train=xi[:n_train], y_train=yi[:n_train], x_test=xi[n_train:], y_test=yi[n_train:]
+        )
+        for cid, xi, yi in zip(cids, xs, ys, strict=True)
+    ]

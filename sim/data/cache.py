@@ -17,6 +17,7 @@ file lock lets one process build while the others wait and then map, and a folde
 checks (a missing or truncated file) is replaced. A cache folder that cannot be written means the
 data is generated on demand, as without the cache, after one warning.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,14 +40,14 @@ from fedmeta.sim.config import DataConfig
 from fedmeta.sim.data.base import ClientData, FederatedDataset, check_cids
 from fedmeta.sim.data.tabular import cache_root
 
-try:                        # advisory locks: POSIX only; elsewhere racing builders still end correct
+try:  # advisory locks: POSIX only; elsewhere racing builders still end correct
     import fcntl
-except ImportError:         # pragma: no cover - Windows
+except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-CACHE_VERSION = 1           # bump when the cached layout changes
-CHUNK_BYTES = 64 << 20      # a build generates this much at a time...
-MAX_CHUNK = 1024            # ...and at most this many clients
+CACHE_VERSION = 1  # bump when the cached layout changes
+CHUNK_BYTES = 64 << 20  # a build generates this much at a time...
+MAX_CHUNK = 1024  # ...and at most this many clients
 ARRAYS = ("x", "y", "offsets", "n_train")
 # modules besides the source's own whose code shapes every generated client
 SHARED_CODE = ("fedmeta.sim.data.base", "fedmeta.sim.seeding")
@@ -63,7 +64,7 @@ class CachedClients(FederatedDataset):
     `clients` reads the shared cache when there is one."""
 
     def __init__(self, cfg: DataConfig, seed: int):
-        super().__init__(cfg, seed)     # the source's own constructor (next in the MRO)
+        super().__init__(cfg, seed)  # the source's own constructor (next in the MRO)
         self._arrays = open_cache(cfg, seed, self._source(), super().clients, self)
 
     def _source(self) -> type:
@@ -92,7 +93,7 @@ class CachedClients(FederatedDataset):
         self.__dict__.update(state)
         try:
             self._arrays = _try_load(Path(folder), None) if folder else None
-        except OSError:                 # unpickled where the folder cannot be read: generate
+        except OSError:  # unpickled where the folder cannot be read: generate
             self._arrays = None
 
 
@@ -117,8 +118,9 @@ class ClientArrays:
 
 
 # ---------------------------------------------------------------- deciding, keying, opening
-def open_cache(cfg: DataConfig, seed: int, source: type, generate: Generate, ds: FederatedDataset
-               ) -> ClientArrays | None:
+def open_cache(
+    cfg: DataConfig, seed: int, source: type, generate: Generate, ds: FederatedDataset
+) -> ClientArrays | None:
     """The cache of this federation, built first if no process has built it; None when the data
     should stay generated on demand (caching off, too big, or the cache folder is unusable)."""
     if not applies(cfg, ds):
@@ -131,18 +133,21 @@ def open_cache(cfg: DataConfig, seed: int, source: type, generate: Generate, ds:
         _warn_once(f"data cache unusable ({type(e).__name__}: {e}); generating clients on demand")
         return None
     if arrays is None:
-        _warn_once(f"data cache {folder} failed its checks right after it was built; generating clients on demand")
+        _warn_once(
+            f"data cache {folder} failed its checks right after it was built; generating clients on demand"
+        )
     return arrays
 
 
-def _build_once(folder: Path, ident: dict, generate: Generate, ds: FederatedDataset, samples: int
-                ) -> ClientArrays | None:
+def _build_once(
+    folder: Path, ident: dict, generate: Generate, ds: FederatedDataset, samples: int
+) -> ClientArrays | None:
     """Build the cache unless another process did while this one waited for the lock."""
     with _lock(folder.parent, folder.name) as locked:
         arrays = _try_load(folder, ident)
         if arrays is not None:
             return arrays
-        _discard(folder)                      # damaged: a missing, truncated or inconsistent file
+        _discard(folder)  # damaged: a missing, truncated or inconsistent file
         if locked:
             _sweep_builds(folder.parent, folder.name)
         build(folder, generate, ds.num_clients, samples, tuple(ds.input_shape), ident)
@@ -166,9 +171,15 @@ def identity(cfg: DataConfig, seed: int, source: type) -> dict:
     other_kinds = {"writers", "synthetic", "femnist", "prototypes", "table"} - {cfg.kind}
     data = cfg.model_dump(mode="json", exclude={"drift", "cache", "cache_max_mb", *other_kinds})
     modules = (source.__module__, *SHARED_CODE)
-    return {"version": CACHE_VERSION, "seed": seed, "data": data, "source": f"{source.__module__}.{source.__name__}",
-            "code": {m: _code_hash(sys.modules[m].__file__) for m in modules},
-            "numpy": np.__version__, "torch": torch.__version__}
+    return {
+        "version": CACHE_VERSION,
+        "seed": seed,
+        "data": data,
+        "source": f"{source.__module__}.{source.__name__}",
+        "code": {m: _code_hash(sys.modules[m].__file__) for m in modules},
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+    }
 
 
 def cache_key(ident: dict) -> str:
@@ -191,7 +202,7 @@ def _try_load(folder: Path, ident: dict | None) -> ClientArrays | None:
         return None
     if not isinstance(meta, dict) or (ident is not None and meta.get("ident") != ident):
         return None
-    x, y, offsets, n_train = (np.asarray(maps[name]) for name in ARRAYS)   # plain views: cheaper to slice
+    x, y, offsets, n_train = (np.asarray(maps[name]) for name in ARRAYS)  # plain views: cheaper to slice
     return ClientArrays(folder, x, y, offsets, n_train) if _consistent(meta, x, y, offsets, n_train) else None
 
 
@@ -200,15 +211,30 @@ def _consistent(meta: dict, x: np.ndarray, y: np.ndarray, offsets: np.ndarray, n
     n, shape = meta.get("num_clients"), meta.get("input_shape")
     if not (isinstance(n, int) and n >= 0 and isinstance(shape, list) and x.ndim == 1 + len(shape)):
         return False
-    return (x.dtype == np.float32 and y.dtype == np.int64 and offsets.dtype == n_train.dtype == np.int64
-            and x.shape[1:] == tuple(shape) and y.ndim == 1 and offsets.shape == (n + 1,) and n_train.shape == (n,)
-            and offsets[0] == 0 and offsets[-1] == len(x) == len(y)
-            and bool(np.all(n_train >= 0)) and bool(np.all(np.diff(offsets) >= n_train)))
+    return (
+        x.dtype == np.float32
+        and y.dtype == np.int64
+        and offsets.dtype == n_train.dtype == np.int64
+        and x.shape[1:] == tuple(shape)
+        and y.ndim == 1
+        and offsets.shape == (n + 1,)
+        and n_train.shape == (n,)
+        and offsets[0] == 0
+        and offsets[-1] == len(x) == len(y)
+        and bool(np.all(n_train >= 0))
+        and bool(np.all(np.diff(offsets) >= n_train))
+    )
 
 
 # ---------------------------------------------------------------- building
-def build(folder: Path, generate: Generate, num_clients: int, samples: int, input_shape: tuple[int, ...],
-          ident: dict) -> None:
+def build(
+    folder: Path,
+    generate: Generate,
+    num_clients: int,
+    samples: int,
+    input_shape: tuple[int, ...],
+    ident: dict,
+) -> None:
     """Generate every client in chunks into a temporary folder, then rename it into place: a reader
     never sees a partial cache, and of two racing builders one rename wins and the other's copy is
     dropped. Files are written (not mapped) while building, so a full disk is an OSError, not a
@@ -222,30 +248,35 @@ def build(folder: Path, generate: Generate, num_clients: int, samples: int, inpu
         meta = {"ident": ident, "num_clients": num_clients, "input_shape": list(input_shape)}
         (tmp / "meta.json").write_text(json.dumps(meta))
         for f in tmp.iterdir():
-            f.chmod(0o444)             # the maps are copy-on-write; this keeps other tools out too
+            f.chmod(0o444)  # the maps are copy-on-write; this keeps other tools out too
         try:
             os.rename(tmp, folder)
         except OSError:
-            if _try_load(folder, ident) is None:      # lost the race to a complete cache: keep that one
+            if _try_load(folder, ident) is None:  # lost the race to a complete cache: keep that one
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_samples(tmp: Path, generate: Generate, num_clients: int, samples: int, input_shape: tuple[int, ...]
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def _write_samples(
+    tmp: Path, generate: Generate, num_clients: int, samples: int, input_shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
     """Write x.npy and y.npy chunk by chunk; returns (offsets, n_train)."""
     total = num_clients * samples
     offsets = np.zeros(num_clients + 1, np.int64)
     n_train = np.zeros(num_clients, np.int64)
-    with _npy_writer(tmp / "x.npy", np.float32, (total, *input_shape)) as fx, \
-            _npy_writer(tmp / "y.npy", np.int64, (total,)) as fy:
+    with (
+        _npy_writer(tmp / "x.npy", np.float32, (total, *input_shape)) as fx,
+        _npy_writer(tmp / "y.npy", np.int64, (total,)) as fy,
+    ):
         for chunk in _chunks(num_clients, samples * (4 * math.prod(input_shape) + 8)):
             for cid, c in zip(chunk, generate(chunk), strict=True):
                 n = len(c.y_train) + len(c.y_test)
                 if c.cid != cid or n != samples or tuple(c.x_train.shape[1:]) != input_shape:
-                    raise CacheError(f"asked for client {cid}, got client {c.cid} with {n} samples of shape "
-                                     f"{tuple(c.x_train.shape[1:])}; the cache expects {samples} of {input_shape}")
+                    raise CacheError(
+                        f"asked for client {cid}, got client {c.cid} with {n} samples of shape "
+                        f"{tuple(c.x_train.shape[1:])}; the cache expects {samples} of {input_shape}"
+                    )
                 fx.write(_bytes(torch.cat([c.x_train, c.x_test]), torch.float32))
                 fy.write(_bytes(torch.cat([c.y_train, c.y_test]), torch.int64))
                 offsets[c.cid + 1], n_train[c.cid] = offsets[c.cid] + n, len(c.y_train)
@@ -270,7 +301,9 @@ def _npy_writer(path: Path, dtype: type, shape: tuple[int, ...]) -> Iterator:
     and syncs it to disk before the build may be renamed into place."""
     with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(
-            f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
+            f,
+            {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape},
+        )
         start = f.tell()
         yield f
         if f.tell() - start != math.prod(shape) * np.dtype(dtype).itemsize:

@@ -9,13 +9,14 @@ for Federated Learning"). The auditor scores each canary by the projection of th
 total change on its direction; random directions in many dimensions are nearly orthogonal, so an
 included canary stands out by what it added, by as much as the noise lets it.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 from fedmeta.sim.seeding import np_rng
 
-MAX_AUTO = 100        # auto: 5% of the population, at most this many
+MAX_AUTO = 100  # auto: 5% of the population, at most this many
 
 
 def canary_count(requested: int | None, num_clients: int, dp_enabled: bool) -> int:

@@ -6,6 +6,7 @@ post-drift settings (writing styles of a new strength, a new Dirichlet label mix
 images, so a drift is repeatable from the seed and individual i before and after the drift is the
 same person whose data moved. D_G, the server's general data, does not drift.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,9 @@ def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
     bilinear: bilinear resampling blurs 8x8 digits, which makes them *easier* to reconstruct, so a
     rotated stream would look less anomalous to the drift detectors, not more (sim/detectors.py)."""
     if x.dim() != 4:
-        raise ValueError(f"drift.rotation: needs image inputs (n, channels, h, w), got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"drift.rotation: needs image inputs (n, channels, h, w), got shape {tuple(x.shape)}"
+        )
     a = math.radians(degrees)
     theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=x.dtype)
     grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
@@ -33,8 +36,9 @@ def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
 
 def post_drift_config(cfg: DataConfig) -> DataConfig:
     d, w = cfg.drift, cfg.writers
-    writers = w.model_copy(update={k: v for k, v in (("style_strength", d.style_strength), ("alpha", d.alpha))
-                                   if v is not None})
+    writers = w.model_copy(
+        update={k: v for k, v in (("style_strength", d.style_strength), ("alpha", d.alpha)) if v is not None}
+    )
     return cfg.model_copy(update={"writers": writers})
 
 
@@ -51,8 +55,10 @@ class DriftedDataset(FederatedDataset):
         return rotate(x, self.degrees) if self.degrees and len(x) else x
 
     def clients(self, cids: Sequence[int]) -> list[ClientData]:
-        return [ClientData(c.cid, self._turn(c.x_train), c.y_train, self._turn(c.x_test), c.y_test)
-                for c in self.inner.clients(cids)]
+        return [
+            ClientData(c.cid, self._turn(c.x_train), c.y_train, self._turn(c.x_test), c.y_test)
+            for c in self.inner.clients(cids)
+        ]
 
     def global_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.base.global_data()
@@ -80,8 +86,10 @@ class JoinedDataset(FederatedDataset):
     def clients(self, cids: Sequence[int]) -> list[ClientData]:
         new = [c for c in cids if c in self.joiners]
         old = [c for c in cids if c not in self.joiners]
-        got = {**dict(zip(old, self.base.clients(old) if old else [])),
-               **dict(zip(new, self.drifted.clients(new) if new else []))}
+        got = {
+            **dict(zip(old, self.base.clients(old) if old else [])),
+            **dict(zip(new, self.drifted.clients(new) if new else [])),
+        }
         return [got[c] for c in cids]
 
     def global_data(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,8 +110,9 @@ def drift_data(cfg: DataConfig, seed: int, base: FederatedDataset, canaries: int
     return JoinedDataset(base, drifted, joiner_ids(base.num_clients, canaries, cfg.drift.joiners))
 
 
-def data_for_round(cfg: DataConfig, base: FederatedDataset, drifted: FederatedDataset | None, rnd: int
-                   ) -> FederatedDataset:
+def data_for_round(
+    cfg: DataConfig, base: FederatedDataset, drifted: FederatedDataset | None, rnd: int
+) -> FederatedDataset:
     """The data individuals hold in training round `rnd` (0-based). Joiners hold theirs from the
     start (they are simply not in the federation before the drift round)."""
     at = cfg.drift.at_round

@@ -7,6 +7,7 @@ writer's samples across every file and re-splits them with ``train_fraction``, s
 split rule. Writers are taken in sorted order: the last ``global_clients`` form D_G, the federation is
 the first min(num_clients, remaining) of the rest.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,13 +34,14 @@ class FemnistDataset(FederatedDataset):
             raise ConfigError(
                 f"data.global_clients: {cfg.global_clients} users are held out for D_G, but "
                 f"{cfg.femnist.path} has only {len(users)} users with samples; need at least "
-                f"{cfg.global_clients + 1} to leave one for the federation")
+                f"{cfg.global_clients + 1} to leave one for the federation"
+            )
         uids = sorted(users)
-        federation = uids[:len(uids) - cfg.global_clients][:cfg.num_clients]
+        federation = uids[: len(uids) - cfg.global_clients][: cfg.num_clients]
         self.seed = seed
         self.train_fraction = cfg.train_fraction
         self.user_ids = federation  # cid -> LEAF user id
-        self.global_user_ids = uids[len(uids) - cfg.global_clients:]
+        self.global_user_ids = uids[len(uids) - cfg.global_clients :]
         self._users = [users[u] for u in federation]
         self._global_users = [users[u] for u in self.global_user_ids]
         self.num_clients = len(federation)
@@ -67,8 +69,13 @@ class FemnistDataset(FederatedDataset):
         k = train_size(len(y), self.train_fraction)
         train, test = perm[:k], perm[k:]
         # fancy indexing copies, so every client owns its storage
-        return ClientData(cid=cid, x_train=self._images(x[train]), y_train=torch.from_numpy(y[train]),
-                          x_test=self._images(x[test]), y_test=torch.from_numpy(y[test]))
+        return ClientData(
+            cid=cid,
+            x_train=self._images(x[train]),
+            y_train=torch.from_numpy(y[train]),
+            x_test=self._images(x[test]),
+            y_test=torch.from_numpy(y[test]),
+        )
 
     def _images(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(x).view(-1, *self.input_shape)  # (n, 784) -> (n, 1, 28, 28)
@@ -97,8 +104,10 @@ def load_leaf(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     for f in leaf_files(path):
         for uid, xy in _read_file(f).items():
             parts.setdefault(uid, []).append(xy)
-    merged = {uid: (np.concatenate([x for x, _ in xs]), np.concatenate([y for _, y in xs]))
-              for uid, xs in parts.items()}
+    merged = {
+        uid: (np.concatenate([x for x, _ in xs]), np.concatenate([y for _, y in xs]))
+        for uid, xs in parts.items()
+    }
     return {uid: xy for uid, xy in merged.items() if len(xy[1])}
 
 
@@ -123,11 +132,15 @@ def _user_arrays(f: Path, uid: str, data: object) -> tuple[np.ndarray, np.ndarra
         x = np.asarray(data["x"], dtype=np.float32)
         y = np.asarray(data["y"], dtype=np.int64)
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: 'x' must be a list of {PIXELS}-value images, 'y' a list of labels") from None
+        raise ConfigError(
+            f"{where}: 'x' must be a list of {PIXELS}-value images, 'y' a list of labels"
+        ) from None
     if x.size == 0:
         x = x.reshape(0, PIXELS)  # a writer with no samples; dropped after merging
     if x.ndim != 2 or x.shape[1] != PIXELS:
-        raise ConfigError(f"{where}: images have shape {x.shape[1:]}, expected {PIXELS} values ({SIDE}x{SIDE})")
+        raise ConfigError(
+            f"{where}: images have shape {x.shape[1:]}, expected {PIXELS} values ({SIDE}x{SIDE})"
+        )
     if y.shape != (len(x),):
         raise ConfigError(f"{where}: {len(x)} images but {y.size} labels")
     if len(y) and y.min() < 0:

@@ -9,6 +9,7 @@ Speed: fresh Gaussian pixels would dominate generation (100 clients x 64 samples
 is the normalised sum of two rows of a seeded N(0, I) bank picked per sample. Each sample's eps is still
 exactly N(0, I); two samples' noises are correlated only when they happen to pick a common row.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,7 @@ class PrototypesDataset(FederatedDataset):
     @property
     def prototypes(self) -> torch.Tensor:
         """The class prototypes, (classes, *input_shape)."""
-        return self.table[:self.num_classes].view(self.num_classes, *self.input_shape)
+        return self.table[: self.num_classes].view(self.num_classes, *self.input_shape)
 
     def clients(self, cids: Sequence[int]) -> list[ClientData]:
         cids = check_cids(cids, self.num_clients)
@@ -82,7 +83,8 @@ class PrototypesDataset(FederatedDataset):
             draws[i] = np_rng(self.seed, stream, cid).random((SAMPLE_DRAWS, n))
         draws = np.take_along_axis(draws, split_order(draws[:, 1])[:, None, :], axis=2)  # (C, 4, n)
         labels = np.minimum((draws[:, 0] * self.num_classes).astype(np.int64), self.num_classes - 1)  # (C, n)
-        noise_rows = self.num_classes + np.minimum((draws[:, 2:] * self.bank_rows).astype(np.int64),
-                                                   self.bank_rows - 1)  # (C, 2, n)
+        noise_rows = self.num_classes + np.minimum(
+            (draws[:, 2:] * self.bank_rows).astype(np.int64), self.bank_rows - 1
+        )  # (C, 2, n)
         rows = np.stack([labels, noise_rows[:, 0], noise_rows[:, 1]], axis=-1)  # (C, n, 3)
         return torch.from_numpy(rows)

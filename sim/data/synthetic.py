@@ -12,6 +12,7 @@ MLSys 2020, Sec. 5.1. For each device k:
 alpha controls how much the devices' labelling models differ, beta how much their inputs differ.
 Every device holds samples_per_client samples; D_G comes from devices outside the federation.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -20,7 +21,14 @@ import numpy as np
 import torch
 
 from fedmeta.sim.config import DataConfig
-from fedmeta.sim.data.base import ClientData, FederatedDataset, check_cids, split_clients, split_order, train_size
+from fedmeta.sim.data.base import (
+    ClientData,
+    FederatedDataset,
+    check_cids,
+    split_clients,
+    split_order,
+    train_size,
+)
 from fedmeta.sim.seeding import np_rng
 
 FED_STREAM, GLOBAL_STREAM = "synthetic-device", "synthetic-global-device"
@@ -45,7 +53,7 @@ class SyntheticDataset(FederatedDataset):
         cids = check_cids(cids, self.num_clients)
         out: list[ClientData] = []
         for lo in range(0, len(cids), CHUNK):
-            chunk = cids[lo:lo + CHUNK]
+            chunk = cids[lo : lo + CHUNK]
             x, y = self._generate(FED_STREAM, chunk)
             out += split_clients(chunk, x, y, self.n_train)
         return out
@@ -53,9 +61,14 @@ class SyntheticDataset(FederatedDataset):
     def global_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._global is None:
             devices = list(range(self.global_clients))
-            parts = [self._generate(GLOBAL_STREAM, devices[lo:lo + CHUNK]) for lo in range(0, len(devices), CHUNK)]
-            self._global = (torch.cat([x.flatten(0, 1) for x, _ in parts]),
-                            torch.cat([y.flatten() for _, y in parts]))
+            parts = [
+                self._generate(GLOBAL_STREAM, devices[lo : lo + CHUNK])
+                for lo in range(0, len(devices), CHUNK)
+            ]
+            self._global = (
+                torch.cat([x.flatten(0, 1) for x, _ in parts]),
+                torch.cat([y.flatten() for _, y in parts]),
+            )
         return self._global
 
     def _generate(self, stream: str, cids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

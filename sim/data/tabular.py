@@ -14,6 +14,7 @@ the file (path, size, modification time) and every setting that shapes them, and
 (driver and workers) memory-maps them from there: a round reads only its cohort's rows, and the
 workers of one machine share one copy in the page cache.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,10 +34,10 @@ from fedmeta.sim.data.base import ClientData, FederatedDataset, check_cids, trai
 from fedmeta.sim.seeding import np_rng
 
 KEY = "data.table"
-MIN_SAMPLES = 2          # one to train on, one to test on
-CACHE_VERSION = 1        # bump when the cached layout changes
+MIN_SAMPLES = 2  # one to train on, one to test on
+CACHE_VERSION = 1  # bump when the cached layout changes
 
-if TYPE_CHECKING:        # pandas is imported only when a table is read: every worker imports this module
+if TYPE_CHECKING:  # pandas is imported only when a table is read: every worker imports this module
     import pandas as pd
 
 
@@ -44,14 +45,14 @@ class TableDataset(FederatedDataset):
     def __init__(self, cfg: DataConfig, seed: int):
         arrays = cached_table(cfg, seed)
         meta = arrays["meta"]
-        self.x, self.y = arrays["x"], arrays["y"]             # memory-mapped (rows, features), (rows,)
+        self.x, self.y = arrays["x"], arrays["y"]  # memory-mapped (rows, features), (rows,)
         self.offsets, self.n_train = arrays["offsets"], arrays["n_train"]
         self.num_clients = meta["num_clients"]
         self.global_clients = meta["global_clients"]
         self.num_classes = meta["num_classes"]
         self.input_shape = tuple(meta["input_shape"])
-        self.client_names = meta["client_names"]              # cid -> the table's id (D_G last)
-        self.classes = meta["classes"]                        # label -> the table's class value
+        self.client_names = meta["client_names"]  # cid -> the table's id (D_G last)
+        self.classes = meta["classes"]  # label -> the table's class value
         self._global: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def clients(self, cids: Sequence[int]) -> list[ClientData]:
@@ -59,7 +60,7 @@ class TableDataset(FederatedDataset):
 
     def _client(self, cid: int) -> ClientData:
         start, end, k = int(self.offsets[cid]), int(self.offsets[cid + 1]), int(self.n_train[cid])
-        x, y = self._rows(start, end)      # rows are stored train first, then test
+        x, y = self._rows(start, end)  # rows are stored train first, then test
         return ClientData(cid=cid, x_train=x[:k], y_train=y[:k], x_test=x[k:], y_test=y[k:])
 
     def _rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +74,7 @@ class TableDataset(FederatedDataset):
         return self._global
 
     def global_sizes(self) -> list[int]:
-        return np.diff(self.offsets[self.num_clients:]).tolist()
+        return np.diff(self.offsets[self.num_clients :]).tolist()
 
 
 # ---------------------------------------------------------------- reading and checking the table
@@ -89,8 +90,10 @@ def read_table(path: str | Path) -> pd.DataFrame:
             return pd.read_parquet(p)
         if suffixes.endswith((".csv", ".csv.gz", ".csv.zip", ".csv.bz2", ".csv.xz")):
             return pd.read_csv(p)
-    except Exception as e:      # pyarrow and pandas raise many types for a corrupt file
-        raise ConfigError(f"{KEY}.path: cannot read {p} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    except Exception as e:  # pyarrow and pandas raise many types for a corrupt file
+        raise ConfigError(
+            f"{KEY}.path: cannot read {p} ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     raise ConfigError(f"{KEY}.path: {p} is neither Parquet (.parquet, .pq) nor CSV (.csv, .csv.gz)")
 
 
@@ -109,7 +112,9 @@ def features(df: pd.DataFrame, tc: TableConfig) -> tuple[np.ndarray, list[str]]:
     taken = {tc.label_column, tc.client_column}
     names = tc.feature_columns or [c for c in df.columns if c not in taken and _numeric(df[c])]
     if not names:
-        raise ConfigError(f"{KEY}.feature_columns: the table has no numeric column besides the label and client")
+        raise ConfigError(
+            f"{KEY}.feature_columns: the table has no numeric column besides the label and client"
+        )
     for name in names:
         col = _column(df, name, "feature_columns")
         if not _numeric(col):
@@ -143,7 +148,9 @@ def labels(df: pd.DataFrame, tc: TableConfig) -> tuple[np.ndarray, list]:
         codes, uniques = pd.factorize(col, sort=True)
         y, classes = codes.astype(np.int64), uniques.tolist()
     if len(np.unique(y)) < 2:
-        raise ConfigError(f"{KEY}.label_column: column {tc.label_column!r} holds a single class; need at least 2")
+        raise ConfigError(
+            f"{KEY}.label_column: column {tc.label_column!r} holds a single class; need at least 2"
+        )
     return y, [c.item() if hasattr(c, "item") else c for c in classes]
 
 
@@ -152,12 +159,18 @@ def shares_to_counts(shares: np.ndarray, n: int) -> np.ndarray:
     """Integer counts summing to n in the given shares (largest remainder)."""
     raw = shares / shares.sum() * n
     counts = np.floor(raw).astype(np.int64)
-    counts[np.argsort(counts - raw, kind="stable")[:n - counts.sum()]] += 1
+    counts[np.argsort(counts - raw, kind="stable")[: n - counts.sum()]] += 1
     return counts
 
 
-def partition_rows(y: np.ndarray, n_clients: int, alpha: float | None, size_alpha: float | None,
-                   rng: np.random.Generator, min_size: int = MIN_SAMPLES) -> np.ndarray:
+def partition_rows(
+    y: np.ndarray,
+    n_clients: int,
+    alpha: float | None,
+    size_alpha: float | None,
+    rng: np.random.Generator,
+    min_size: int = MIN_SAMPLES,
+) -> np.ndarray:
     """The client (0..n_clients-1) of every row. Each client first gets `min_size` random rows, so
     no client is too small to split; the remaining rows follow the skews: client sizes in
     Dirichlet(size_alpha) shares (quantity skew; equal without it), and with `alpha` each class's
@@ -168,17 +181,19 @@ def partition_rows(y: np.ndarray, n_clients: int, alpha: float | None, size_alph
         raise ValueError(f"{n} rows cannot give {n_clients} clients {min_size} samples each")
     order = rng.permutation(n)
     owner = np.empty(n, dtype=np.int64)
-    reserved, rest = order[:min_size * n_clients], order[min_size * n_clients:]
+    reserved, rest = order[: min_size * n_clients], order[min_size * n_clients :]
     owner[reserved] = np.repeat(np.arange(n_clients), min_size)
-    size = rng.dirichlet(np.full(n_clients, size_alpha)) if size_alpha else np.full(n_clients, 1.0 / n_clients)
+    size = (
+        rng.dirichlet(np.full(n_clients, size_alpha)) if size_alpha else np.full(n_clients, 1.0 / n_clients)
+    )
     if alpha is None:
         owner[rest] = np.repeat(np.arange(n_clients), shares_to_counts(size, len(rest)))
         return owner
     for k in np.unique(y[rest]):
-        rows = rest[y[rest] == k]          # already in random order
+        rows = rest[y[rest] == k]  # already in random order
         label = rng.dirichlet(np.full(n_clients, alpha))
         share = label * size
-        if not share.sum() > 0:            # tiny alphas: every product of the two draws can underflow to 0
+        if not share.sum() > 0:  # tiny alphas: every product of the two draws can underflow to 0
             share = label
         owner[rows] = np.repeat(np.arange(n_clients), shares_to_counts(share, len(rows)))
     return owner
@@ -202,28 +217,33 @@ def build_arrays(cfg: DataConfig, seed: int) -> dict:
         counts = np.bincount(owner, minlength=len(ids))
         if counts.min() < MIN_SAMPLES:
             small = int(np.argmin(counts))
-            raise ConfigError(f"{KEY}.client_column: client {client_names[small]!r} has {counts[small]} sample(s); "
-                              f"every client needs at least {MIN_SAMPLES} (one to train, one to test)")
+            raise ConfigError(
+                f"{KEY}.client_column: client {client_names[small]!r} has {counts[small]} sample(s); "
+                f"every client needs at least {MIN_SAMPLES} (one to train, one to test)"
+            )
         n_all = len(ids)
     else:
         n_all = cfg.num_clients + cfg.global_clients
         try:
-            owner = partition_rows(y, n_all, tc.partition.alpha, tc.partition.size_alpha,
-                                   np_rng(seed, "table-partition"))
+            owner = partition_rows(
+                y, n_all, tc.partition.alpha, tc.partition.size_alpha, np_rng(seed, "table-partition")
+            )
         except ValueError as e:
             raise ConfigError(f"data.num_clients: {e} (num_clients + global_clients = {n_all})") from None
         client_names = list(range(n_all))
     if n_all <= cfg.global_clients:
-        raise ConfigError(f"data.global_clients: {cfg.global_clients} individuals are held out for D_G, but the "
-                          f"table has only {n_all}; need at least {cfg.global_clients + 1}")
+        raise ConfigError(
+            f"data.global_clients: {cfg.global_clients} individuals are held out for D_G, but the "
+            f"table has only {n_all}; need at least {cfg.global_clients + 1}"
+        )
     held_out = np.sort(np_rng(seed, "table-global-clients").choice(n_all, cfg.global_clients, replace=False))
-    federation = np.setdiff1d(np.arange(n_all), held_out)[:cfg.num_clients]
-    clients = np.concatenate([federation, held_out])      # new id -> old id
+    federation = np.setdiff1d(np.arange(n_all), held_out)[: cfg.num_clients]
+    clients = np.concatenate([federation, held_out])  # new id -> old id
     by_client = np.argsort(owner, kind="stable")
     starts = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=n_all))])
     rows, n_train = [], []
     for cid, old in enumerate(clients):
-        mine = by_client[starts[old]:starts[old + 1]]
+        mine = by_client[starts[old] : starts[old + 1]]
         if cid < len(federation):
             mine = mine[np_rng(seed, "table-split", cid).permutation(len(mine))]
             n_train.append(train_size(len(mine), cfg.train_fraction))
@@ -233,23 +253,40 @@ def build_arrays(cfg: DataConfig, seed: int) -> dict:
     x, y = x[order], y[order]
     mean, sd = np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32)
     if tc.standardize:
-        train = np.concatenate([np.arange(offsets[c], offsets[c] + n_train[c]) for c in range(len(federation))])
+        train = np.concatenate(
+            [np.arange(offsets[c], offsets[c] + n_train[c]) for c in range(len(federation))]
+        )
         mean, sd = x[train].mean(axis=0), x[train].std(axis=0)
-        sd[sd == 0] = 1.0                  # a constant feature stays constant (0) instead of dividing by 0
+        sd[sd == 0] = 1.0  # a constant feature stays constant (0) instead of dividing by 0
         x = (x - mean) / sd
-    meta = {"num_clients": len(federation), "global_clients": cfg.global_clients, "num_classes": len(classes),
-            "input_shape": input_shape, "client_names": [client_names[i] for i in clients],
-            "classes": classes, "feature_columns": names, "mean": mean.tolist(), "sd": sd.tolist()}
-    return {"x": x.astype(np.float32), "y": y, "offsets": offsets, "n_train": np.asarray(n_train, np.int64),
-            "meta": meta}
+    meta = {
+        "num_clients": len(federation),
+        "global_clients": cfg.global_clients,
+        "num_classes": len(classes),
+        "input_shape": input_shape,
+        "client_names": [client_names[i] for i in clients],
+        "classes": classes,
+        "feature_columns": names,
+        "mean": mean.tolist(),
+        "sd": sd.tolist(),
+    }
+    return {
+        "x": x.astype(np.float32),
+        "y": y,
+        "offsets": offsets,
+        "n_train": np.asarray(n_train, np.int64),
+        "meta": meta,
+    }
 
 
 def _input_shape(tc: TableConfig, n_features: int) -> list[int]:
     if tc.input_shape is None:
         return [n_features]
     if int(np.prod(tc.input_shape)) != n_features:
-        raise ConfigError(f"{KEY}.input_shape: {tc.input_shape} holds {int(np.prod(tc.input_shape))} values but "
-                          f"there are {n_features} feature columns")
+        raise ConfigError(
+            f"{KEY}.input_shape: {tc.input_shape} holds {int(np.prod(tc.input_shape))} values but "
+            f"there are {n_features} feature columns"
+        )
     return list(tc.input_shape)
 
 
@@ -266,10 +303,17 @@ def cache_root() -> Path:
 def cache_key(cfg: DataConfig, seed: int) -> str:
     p = Path(cfg.table.path).resolve()
     st = p.stat() if p.is_file() else None
-    ident = {"version": CACHE_VERSION, "path": str(p), "size": st and st.st_size, "mtime": st and st.st_mtime_ns,
-             "table": cfg.table.model_dump(mode="json", exclude={"path"}), "seed": seed,
-             "num_clients": cfg.num_clients, "global_clients": cfg.global_clients,
-             "train_fraction": cfg.train_fraction}
+    ident = {
+        "version": CACHE_VERSION,
+        "path": str(p),
+        "size": st and st.st_size,
+        "mtime": st and st.st_mtime_ns,
+        "table": cfg.table.model_dump(mode="json", exclude={"path"}),
+        "seed": seed,
+        "num_clients": cfg.num_clients,
+        "global_clients": cfg.global_clients,
+        "train_fraction": cfg.train_fraction,
+    }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -298,7 +342,7 @@ def _write(folder: Path, arrays: dict) -> None:
     try:
         for name in ARRAYS:
             np.save(tmp / f"{name}.npy", arrays[name])
-        (tmp / "meta.json").write_text(json.dumps(arrays["meta"]))     # last: its presence marks a full cache
+        (tmp / "meta.json").write_text(json.dumps(arrays["meta"]))  # last: its presence marks a full cache
         os.rename(tmp, folder)
     except OSError:
         if not (folder / "meta.json").is_file():

@@ -17,6 +17,7 @@ Rendering is batched over every image of every requested writer (in chunks of 25
 writers' warps and one ``grid_sample`` applies them, so a cohort of 1000 writers costs tens of
 milliseconds on one core. Nothing is stored per writer: any writer is regenerated on demand.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,7 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from fedmeta.sim.config import DataConfig
-from fedmeta.sim.data.base import ClientData, FederatedDataset, check_cids, split_clients, split_order, train_size
+from fedmeta.sim.data.base import (
+    ClientData,
+    FederatedDataset,
+    check_cids,
+    split_clients,
+    split_order,
+    train_size,
+)
 from fedmeta.sim.seeding import np_rng
 
 BASE_SIZE = 8  # side of the scikit-learn digits
@@ -63,7 +71,7 @@ def _digits() -> tuple[torch.Tensor, np.ndarray]:
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("the writers dataset needs scikit-learn's digits: pip install scikit-learn")
     path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
-    table = np.loadtxt(path, delimiter=",", dtype=np.float32)     # (1797, 65): 64 pixels, label
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32)  # (1797, 65): 64 pixels, label
     images = torch.from_numpy(table[:, :64].reshape(-1, 8, 8) / 16.0)
     return images, table[:, 64].astype(np.int64)
 
@@ -114,8 +122,11 @@ class WritersDataset(FederatedDataset):
 
         self.fed_pool = _ClassPool(bank_labels, members(fed), self.num_classes)
         self.global_pool = _ClassPool(bank_labels, members(held_out), self.num_classes)
-        self.noise_bank = torch.from_numpy(np_rng(seed, "writer-noise").standard_normal(
-            (NOISE_BANK, w.image_size * w.image_size), dtype=np.float32))  # (patterns, S*S)
+        self.noise_bank = torch.from_numpy(
+            np_rng(seed, "writer-noise").standard_normal(
+                (NOISE_BANK, w.image_size * w.image_size), dtype=np.float32
+            )
+        )  # (patterns, S*S)
         self._global: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @staticmethod
@@ -135,7 +146,7 @@ class WritersDataset(FederatedDataset):
         cids = check_cids(cids, self.num_clients)
         out: list[ClientData] = []
         for lo in range(0, len(cids), CHUNK):
-            chunk = cids[lo:lo + CHUNK]
+            chunk = cids[lo : lo + CHUNK]
             x, y = self._render(FED_STREAM, self.fed_pool, chunk)
             out += split_clients(chunk, x, y, self.n_train)
         return out
@@ -143,11 +154,15 @@ class WritersDataset(FederatedDataset):
     def global_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._global is None:
             writers = list(range(self.global_clients))
-            parts = [self._render(GLOBAL_STREAM, self.global_pool, writers[lo:lo + CHUNK])
-                     for lo in range(0, len(writers), CHUNK)]
+            parts = [
+                self._render(GLOBAL_STREAM, self.global_pool, writers[lo : lo + CHUNK])
+                for lo in range(0, len(writers), CHUNK)
+            ]
             # all samples of every D_G writer, no train/test split
-            self._global = (torch.cat([x.flatten(0, 1) for x, _ in parts]),
-                            torch.cat([y.flatten() for _, y in parts]))
+            self._global = (
+                torch.cat([x.flatten(0, 1) for x, _ in parts]),
+                torch.cat([y.flatten() for _, y in parts]),
+            )
         return self._global
 
     def styles(self, cids: Sequence[int]) -> np.ndarray:
@@ -182,15 +197,18 @@ class WritersDataset(FederatedDataset):
         s = self.strength
         sym = 2.0 * u - 1.0  # uniforms on [-1, 1)
         lo, hi = np.log(SCALE_RANGE)
-        return np.stack([
-            s * MAX_ROTATION * sym[:, 0],
-            s * MAX_SHEAR * sym[:, 1],
-            np.exp(s * (lo + (hi - lo) * u[:, 2])),
-            np.clip(s * MAX_THICKNESS * sym[:, 3], -1.0, 1.0),
-            s * MAX_OFFSET_PX * sym[:, 4],
-            s * MAX_OFFSET_PX * sym[:, 5],
-            s * MAX_NOISE * u[:, 6],
-        ], axis=1)
+        return np.stack(
+            [
+                s * MAX_ROTATION * sym[:, 0],
+                s * MAX_SHEAR * sym[:, 1],
+                np.exp(s * (lo + (hi - lo) * u[:, 2])),
+                np.clip(s * MAX_THICKNESS * sym[:, 3], -1.0, 1.0),
+                s * MAX_OFFSET_PX * sym[:, 4],
+                s * MAX_OFFSET_PX * sym[:, 5],
+                s * MAX_NOISE * u[:, 6],
+            ],
+            axis=1,
+        )
 
     def _labels(self, u: np.ndarray, mix: np.ndarray | None) -> np.ndarray:
         """Labels (C, n) from uniforms (C, n): uniform over classes, or inverse CDF of each writer's mix."""
@@ -216,8 +234,12 @@ class WritersDataset(FederatedDataset):
         thickness = (style[:, 3:4] + jitter).clamp_(-1.0, 1.0).view(-1)  # (C*n,)
         morph_ids = ids + self.bank_size * (1 + (thickness < 0).long())  # dilated or eroded row
         weight = thickness.abs_()
-        x = F.embedding_bag(torch.stack([ids, morph_ids], 1), self.table, mode="sum",
-                            per_sample_weights=torch.stack([1.0 - weight, weight], 1))  # (C*n, 64)
+        x = F.embedding_bag(
+            torch.stack([ids, morph_ids], 1),
+            self.table,
+            mode="sum",
+            per_sample_weights=torch.stack([1.0 - weight, weight], 1),
+        )  # (C*n, 64)
         x = x.view(*labels.shape, BASE_SIZE, BASE_SIZE)  # (C, n, 8, 8)
 
         x = self._warp(x, style)  # (C, n, 8, 8)
@@ -225,10 +247,13 @@ class WritersDataset(FederatedDataset):
         if size != BASE_SIZE:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # (C, n, S, S)
         # pixel noise: one bank pattern per sample, scaled by its writer's noise level
-        pattern = torch.from_numpy(np.minimum((draws[:, 4] * NOISE_BANK).astype(np.int64), NOISE_BANK - 1))  # (C, n)
+        pattern = torch.from_numpy(
+            np.minimum((draws[:, 4] * NOISE_BANK).astype(np.int64), NOISE_BANK - 1)
+        )  # (C, n)
         level = style[:, 6:7].expand(pattern.shape)  # (C, n)
-        x += F.embedding_bag(pattern.view(-1, 1), self.noise_bank, mode="sum",
-                             per_sample_weights=level.reshape(-1, 1)).view_as(x)
+        x += F.embedding_bag(
+            pattern.view(-1, 1), self.noise_bank, mode="sum", per_sample_weights=level.reshape(-1, 1)
+        ).view_as(x)
         return x.clamp_(0.0, 1.0).unsqueeze(2), torch.from_numpy(labels)
 
     @staticmethod
@@ -264,4 +289,3 @@ def _max3x3(z: torch.Tensor) -> torch.Tensor:
     z = torch.maximum(torch.maximum(p[..., :-2], p[..., 1:-1]), p[..., 2:])
     p = F.pad(z, (0, 0, 1, 1), value=-math.inf)
     return torch.maximum(torch.maximum(p[..., :-2, :], p[..., 1:-1, :]), p[..., 2:, :])
-

@@ -1,4 +1,5 @@
 """Where the actors run: connecting to Ray, and the resources a worker pool asks for."""
+
 from __future__ import annotations
 
 import os
@@ -32,10 +33,12 @@ def init_ray(address: str | None, timeout_s: float = 60.0) -> bool:
         kwargs["include_dashboard"] = False
     try:
         ray.init(**kwargs)
-    except ConnectionError as e:        # e.g. `auto` with no cluster running
-        raise ConfigError(f"ray.address: {str(e).splitlines()[0] if str(e) else e} (start a cluster with "
-                          "`ray start --head`, or leave --address and RAY_ADDRESS unset to start local Ray)") from None
-    retake_sigterm()            # ray.init put its own SIGTERM handler in place of a command's
+    except ConnectionError as e:  # e.g. `auto` with no cluster running
+        raise ConfigError(
+            f"ray.address: {str(e).splitlines()[0] if str(e) else e} (start a cluster with "
+            "`ray start --head`, or leave --address and RAY_ADDRESS unset to start local Ray)"
+        ) from None
+    retake_sigterm()  # ray.init put its own SIGTERM handler in place of a command's
     return True
 
 
@@ -43,7 +46,7 @@ def package_folder() -> str:
     """A folder named `fedmeta` holding the whole package, for Ray's `py_modules` (which names the
     module after the folder). An installed wheel is one already; an editable install is the
     checkout, whose folder has any name, so its package folders are copied once per process."""
-    here = Path(__file__).resolve().parents[2]     # the package: sim/engine/cluster.py -> the root
+    here = Path(__file__).resolve().parents[2]  # the package: sim/engine/cluster.py -> the root
     if here.name == "fedmeta":
         return str(here)
     global _STAGED
@@ -71,7 +74,7 @@ def cluster_target(address: str | None) -> str | None:
     if address == "auto":
         from ray._private.utils import read_ray_address
 
-        address = read_ray_address()        # the last cluster `ray start` wrote down (maybe stale)
+        address = read_ray_address()  # the last cluster `ray start` wrote down (maybe stale)
         if not address:
             return None
     return address.split("://", 1)[-1]
@@ -85,13 +88,17 @@ def wait_for_cluster(target: str, timeout_s: float) -> None:
     until = time.monotonic() + timeout_s
     while True:
         try:
-            socket.create_connection((host, int(port)), timeout=max(0.1, min(2.0, until - time.monotonic()))).close()
+            socket.create_connection(
+                (host, int(port)), timeout=max(0.1, min(2.0, until - time.monotonic()))
+            ).close()
             return
         except OSError:
             if time.monotonic() >= until:
-                raise ConfigError(f"ray.address: no Ray cluster answers at {target} within {timeout_s:g} s "
-                                  "(ray.connect_timeout_s); start one with `ray start --head`, or leave --address "
-                                  "and RAY_ADDRESS unset to start local Ray") from None
+                raise ConfigError(
+                    f"ray.address: no Ray cluster answers at {target} within {timeout_s:g} s "
+                    "(ray.connect_timeout_s); start one with `ray start --head`, or leave --address "
+                    "and RAY_ADDRESS unset to start local Ray"
+                ) from None
             time.sleep(0.5)
 
 
@@ -102,11 +109,15 @@ def worker_resources(cfg: ExperimentConfig) -> tuple[float, float]:
     n = cfg.ray.num_workers
     want_cpu = cfg.ray.num_cpus_per_worker
     if n * want_cpu > cpus + 1e-9:
-        raise ConfigError(f"ray.num_cpus_per_worker: {n} workers x {want_cpu:g} CPUs needs {n * want_cpu:g} CPUs but "
-                          f"the Ray cluster has {cpus:g}; use fractional CPUs (e.g. {cpus / n:g}) or fewer workers")
+        raise ConfigError(
+            f"ray.num_cpus_per_worker: {n} workers x {want_cpu:g} CPUs needs {n * want_cpu:g} CPUs but "
+            f"the Ray cluster has {cpus:g}; use fractional CPUs (e.g. {cpus / n:g}) or fewer workers"
+        )
     want_gpu = cfg.ray.num_gpus_per_worker
     if want_gpu is None:  # use the GPUs when present, shared evenly
         want_gpu = min(1.0, gpus / n) if gpus > 0 else 0.0
     if n * want_gpu > gpus + 1e-9:
-        raise ConfigError(f"ray.num_gpus_per_worker: {n} workers x {want_gpu} GPUs needs more than the {gpus:g} available")
+        raise ConfigError(
+            f"ray.num_gpus_per_worker: {n} workers x {want_gpu} GPUs needs more than the {gpus:g} available"
+        )
     return want_cpu, want_gpu

@@ -1,7 +1,8 @@
-"""The consent gate of a federation: the encrypted profile store (actors/profile_store.py) decides
+"""The consent gate of a federation: the encrypted profile store (actors/profile_store/) decides
 who may train, and who is evaluated, fine-tuned, exported and served by id. Every client signs up;
 a seeded share grants 'personalization'; the driver keeps each user's token as that user's device
 would (it acts for them in `revoke`)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,7 +34,9 @@ class ConsentGate:
         path.parent.mkdir(parents=True, exist_ok=True)
         # the master key lives in the per-user state directory, never beside the database (sim/artifacts/statedir.py):
         # with the run's secrets for the run's own store, by the database's path for a store runs share
-        self.store = ProfileStoreActor.remote(path, key_file=store_key_path(path, None if p.path else run_dir))
+        self.store = ProfileStoreActor.remote(
+            path, key_file=store_key_path(path, None if p.path else run_dir)
+        )
         grants = np_rng(cfg.seed, "profiles-consent").random(num_clients) < p.consent_rate
         ids = np.arange(num_clients)
         self._tokens = ray.get(self.store.register_many.remote(ids[grants].tolist(), [PURPOSE]))

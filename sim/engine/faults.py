@@ -8,6 +8,7 @@ workers' messages in a fixed order. So a disturbed run ends where an undisturbed
 bit, as long as the pool keeps its size. `ray.max_failures_per_round` bounds the losses one round
 survives; beyond it the round fails with `RoundFailed` and the run stops at its last checkpoint.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,8 +34,9 @@ def lost_actor(err: BaseException) -> bool:
     if isinstance(err, LOST):
         return True
     if isinstance(err, RayTaskError):
-        return isinstance(getattr(err, "cause", None), (*LOST, ProtocolStateLost)) \
-            or isinstance(err.as_instanceof_cause(), (*LOST, ProtocolStateLost))
+        return isinstance(getattr(err, "cause", None), (*LOST, ProtocolStateLost)) or isinstance(
+            err.as_instanceof_cause(), (*LOST, ProtocolStateLost)
+        )
     return False
 
 
@@ -48,7 +50,7 @@ def one_line(err: BaseException | str) -> str:
 class FaultLog:
     """Losses over the run (carried in checkpoints) and within the current round."""
 
-    limit: int                            # ray.max_failures_per_round
+    limit: int  # ray.max_failures_per_round
     counts: dict = field(default_factory=lambda: dict.fromkeys(FAULT_KEYS, 0))
     this_round: int = 0
     last_error: str = ""
@@ -62,8 +64,10 @@ class FaultLog:
         self.this_round += 1
         self.last_error = one_line(err)
         if self.this_round > self.limit:
-            raise RoundFailed(f"round {round_index}: {self.this_round} actor losses, more than "
-                              f"ray.max_failures_per_round ({self.limit}); last: {who}: {self.last_error}")
+            raise RoundFailed(
+                f"round {round_index}: {self.this_round} actor losses, more than "
+                f"ray.max_failures_per_round ({self.limit}); last: {who}: {self.last_error}"
+            )
 
     def retried(self, what: str) -> None:
         self.counts[f"retried_{what}"] += 1

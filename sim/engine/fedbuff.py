@@ -9,6 +9,7 @@ finished client is replaced by a new one, drawn uniformly from the clients not i
 starts from the new model. Who is drawn follows the run's secret streams (with
 `run.seeded_secrets`, the seed: a run is then reproducible bit for bit).
 """
+
 from __future__ import annotations
 
 import heapq
@@ -19,13 +20,12 @@ from typing import Callable
 import numpy as np
 
 
-
 @dataclass(order=True)
 class Arrival:
-    finish: float                          # simulated time the client's update reaches the server
-    seq: int                               # ties break by start order: deterministic
+    finish: float  # simulated time the client's update reaches the server
+    seq: int  # ties break by start order: deterministic
     cid: int = field(compare=False)
-    version: int = field(compare=False)    # the server step whose model it trained from
+    version: int = field(compare=False)  # the server step whose model it trained from
 
 
 def staleness_weight(tau: int, kind: str) -> float:
@@ -39,11 +39,11 @@ class BufferClock:
     def __init__(self, streams, population: int, eligible: Callable[[np.ndarray], np.ndarray] | None = None):
         # streams: the run's Secrets; who starts when is who takes part, so it is drawn in secret
         self.streams, self.population = streams, population
-        self.eligible = eligible or (lambda ids: ids)      # e.g. consent, canaries left out
+        self.eligible = eligible or (lambda ids: ids)  # e.g. consent, canaries left out
         self.now = 0.0
         self.queue: list[Arrival] = []
         self.in_flight: set[int] = set()
-        self.started = 0                    # clients started so far (each start has its own seq)
+        self.started = 0  # clients started so far (each start has its own seq)
         self.draws = 0
 
     def draw(self, n: int) -> list[int]:
@@ -53,8 +53,10 @@ class BufferClock:
         chosen: list[int] = []
         for _ in range(1000):
             ids = self.eligible(np.unique(rng.integers(0, self.population, size=2 * n + 8)))
-            fresh = [int(c) for c in rng.permutation(ids) if int(c) not in self.in_flight and int(c) not in chosen]
-            chosen += fresh[:n - len(chosen)]
+            fresh = [
+                int(c) for c in rng.permutation(ids) if int(c) not in self.in_flight and int(c) not in chosen
+            ]
+            chosen += fresh[: n - len(chosen)]
             if len(chosen) == n:
                 return chosen
         raise ValueError(f"federation.fedbuff.concurrency: cannot find {n} eligible clients out of flight")

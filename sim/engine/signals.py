@@ -4,12 +4,13 @@ at the last complete round, with exit status 143 instead of 130.
 `ray.init` installs its own SIGTERM handler in the driver (it exits at once with status 15), so
 `fedmeta.sim.engine.cluster.init_ray` puts this one back afterwards when a command asked for it.
 """
+
 from __future__ import annotations
 
 import signal
 import threading
 
-TERMINATED: list[int] = []      # SIGTERMs received (a library such as Tune may swallow the exception)
+TERMINATED: list[int] = []  # SIGTERMs received (a library such as Tune may swallow the exception)
 _taken: list[bool] = []
 
 

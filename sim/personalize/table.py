@@ -8,9 +8,10 @@ against its block's baseline on acc(D_I).
 Where things run: the server's work (the model trained on D_G for TL, the auto-encoder) and every
 method's shards are Ray tasks on the local pool; the devices' work (encoding their own data) is a
 task per shard of individuals, whose class-mean latents go into the encrypted profile store actor
-(actors/profile_store.py) under each user's own token; IG reads candidates back only through the
+(actors/profile_store/) under each user's own token; IG reads candidates back only through the
 store's consent gate.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,7 +27,6 @@ import ray
 import torch
 
 from fedmeta.actors.profile_store import ProfileStoreActor
-from fedmeta.sim.artifacts.statedir import store_key_path
 from fedmeta.sim.algorithms.grouping import (
     class_mean_latents,
     encode,
@@ -34,12 +34,13 @@ from fedmeta.sim.algorithms.grouping import (
     single_sample_group,
     train_autoencoder,
 )
-from fedmeta.sim.engine.cluster import init_ray
+from fedmeta.sim.artifacts.statedir import store_key_path
 from fedmeta.sim.config import ConfigError, ExperimentConfig, MethodSpec, from_dict, to_yaml
 from fedmeta.sim.data import build_dataset
+from fedmeta.sim.engine.cluster import init_ray
+from fedmeta.sim.engine.plan import FederationPlan
 from fedmeta.sim.models import build_model
 from fedmeta.sim.personalize.personalization import Job, personalize, split_global, train_on_global
-from fedmeta.sim.engine.plan import FederationPlan
 from fedmeta.sim.sampling import eval_individuals, split_even
 from fedmeta.sim.seeding import np_rng, torch_gen
 
@@ -68,7 +69,9 @@ def _autoencoder_task(raw_json: str):
     torch.set_num_threads(1)
     cfg, _, dg, _ = _world(raw_json)
     p = cfg.personalization
-    return train_autoencoder(dg.x_train, p.latent_dim, p.ae_epochs, p.ae_lr, 128, torch_gen(cfg.seed, "table-ae"))
+    return train_autoencoder(
+        dg.x_train, p.latent_dim, p.ae_epochs, p.ae_lr, 128, torch_gen(cfg.seed, "table-ae")
+    )
 
 
 @ray.remote(num_cpus=1)
@@ -94,11 +97,15 @@ def _encode_task(raw_json: str, ae, cids: list[int]) -> dict[int, tuple[torch.Te
 def _pool(cfg: ExperimentConfig, individuals: np.ndarray) -> list[int]:
     """The evaluated individuals plus `ig_pool` other federation members (IG candidates)."""
     others = np.setdiff1d(np.arange(cfg.data.num_clients), individuals)
-    extra = np_rng(cfg.seed, "table-pool").permutation(others)[:max(0, cfg.personalization.ig_pool - len(individuals))]
+    extra = np_rng(cfg.seed, "table-pool").permutation(others)[
+        : max(0, cfg.personalization.ig_pool - len(individuals))
+    ]
     return sorted(set(individuals.tolist()) | set(extra.tolist()))
 
 
-def _store_latents(store, cfg: ExperimentConfig, individuals: np.ndarray, latents: dict) -> dict[int, torch.Tensor]:
+def _store_latents(
+    store, cfg: ExperimentConfig, individuals: np.ndarray, latents: dict
+) -> dict[int, torch.Tensor]:
     """Each pool member registers, consents (the evaluated individuals always; others at
     `consent_rate`) and uploads its class-mean latents; IG candidates come back through the
     store's consent gate only."""
@@ -114,39 +121,57 @@ def _store_latents(store, cfg: ExperimentConfig, individuals: np.ndarray, latent
     return {c: torch.tensor(v) for c, v in ray.get(store.vectors_for.remote("grouping", LATENTS)).items()}
 
 
-def _jobs(spec: MethodSpec, cfg: ExperimentConfig, individuals: np.ndarray, latents: dict,
-          candidates: dict[int, torch.Tensor], z_global: torch.Tensor | None, n_global: int) -> list[Job]:
+def _jobs(
+    spec: MethodSpec,
+    cfg: ExperimentConfig,
+    individuals: np.ndarray,
+    latents: dict,
+    candidates: dict[int, torch.Tensor],
+    z_global: torch.Tensor | None,
+    n_global: int,
+) -> list[Job]:
     ids = individuals.tolist()
-    if spec.method == "baseline":   # another individual's data stands in for the evaluated one's
+    if spec.method == "baseline":  # another individual's data stands in for the evaluated one's
         return [Job(i, other=ids[(k + 1) % len(ids)]) for k, i in enumerate(ids)]
     if spec.method == "random":
-        return [Job(i, extra=np_rng(cfg.seed, "table-random", spec.label, i).permutation(n_global)[:int(spec.n)])
-                for i in ids]
+        return [
+            Job(i, extra=np_rng(cfg.seed, "table-random", spec.label, i).permutation(n_global)[: int(spec.n)])
+            for i in ids
+        ]
     if spec.method == "sg":
         return [Job(i, extra=single_sample_group(latents[i][0], z_global, int(spec.n))) for i in ids]
     if spec.method == "ig":
-        return [Job(i, group=individual_group(candidates[i], candidates, int(spec.n), exclude=i)) for i in ids]
+        return [
+            Job(i, group=individual_group(candidates[i], candidates, int(spec.n), exclude=i)) for i in ids
+        ]
     return [Job(i) for i in ids]
 
 
 def _check_sizes(cfg: ExperimentConfig, n_global: int, candidates: int) -> None:
     for k, spec in enumerate(cfg.personalization.methods):
         if spec.method in ("random", "sg") and spec.n > n_global:
-            raise ConfigError(f"personalization.methods.{k}.n: {spec.label} adds {int(spec.n)} samples but D_G "
-                             f"train has {n_global}; lower n or raise data.global_clients")
+            raise ConfigError(
+                f"personalization.methods.{k}.n: {spec.label} adds {int(spec.n)} samples but D_G "
+                f"train has {n_global}; lower n or raise data.global_clients"
+            )
         if spec.method == "ig" and spec.n > candidates - 1:
-            raise ConfigError(f"personalization.methods.{k}.n: {spec.label} needs {int(spec.n)} consenting "
-                             f"candidates, the store has {candidates - 1}; raise ig_pool or consent_rate")
+            raise ConfigError(
+                f"personalization.methods.{k}.n: {spec.label} needs {int(spec.n)} consenting "
+                f"candidates, the store has {candidates - 1}; raise ig_pool or consent_rate"
+            )
 
 
-def run_table(cfg: ExperimentConfig, run_dir: Path | None = None,
-              progress: Callable[[int, int], None] | None = None) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
+def run_table(
+    cfg: ExperimentConfig, run_dir: Path | None = None, progress: Callable[[int, int], None] | None = None
+) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
     """Train and evaluate every (method, individual); returns (run_dir, table, per-individual rows)."""
     p = cfg.personalization
-    plan = FederationPlan.from_config(cfg)      # the federation's data and initial model; config errors first
+    plan = FederationPlan.from_config(cfg)  # the federation's data and initial model; config errors first
     data = plan.data
     if p.individuals > data.num_clients:
-        raise ConfigError(f"personalization.individuals: {p.individuals} exceeds data.num_clients ({data.num_clients})")
+        raise ConfigError(
+            f"personalization.individuals: {p.individuals} exceeds data.num_clients ({data.num_clients})"
+        )
     run_dir = run_dir or Path(cfg.run.out_dir) / f"table-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -162,10 +187,14 @@ def run_table(cfg: ExperimentConfig, run_dir: Path | None = None,
         ae_ref = _autoencoder_task.remote(raw_json)
         dg_ref = _global_model_task.remote(raw_json, start)
         shards = split_even(np.array(_pool(cfg, individuals)), cfg.ray.num_workers)
-        latents = {k: v for part in ray.get([_encode_task.remote(raw_json, ae_ref, s) for s in shards])
-                   for k, v in part.items()}
-        store = ProfileStoreActor.remote(run_dir / "profiles.sqlite",
-                                         key_file=store_key_path(run_dir / "profiles.sqlite", run_dir))
+        latents = {
+            k: v
+            for part in ray.get([_encode_task.remote(raw_json, ae_ref, s) for s in shards])
+            for k, v in part.items()
+        }
+        store = ProfileStoreActor.remote(
+            run_dir / "profiles.sqlite", key_file=store_key_path(run_dir / "profiles.sqlite", run_dir)
+        )
         candidates = _store_latents(store, cfg, individuals, latents)
         _check_sizes(cfg, len(dg.y_train), len(candidates))
         z_global = encode(ray.get(ae_ref), dg.x_train) if any(s.method == "sg" for s in p.methods) else None
@@ -178,7 +207,9 @@ def run_table(cfg: ExperimentConfig, run_dir: Path | None = None,
             by_id = {j.individual: j for j in jobs}
             for shard in split_even(np.arange(len(jobs)), cfg.ray.num_workers):
                 shard_jobs = [jobs[i] for i in shard]
-                refs.append((spec, by_id, _personalize_task.remote(raw_json, spec.model_dump(), shard_jobs, begin)))
+                refs.append(
+                    (spec, by_id, _personalize_task.remote(raw_json, spec.model_dump(), shard_jobs, begin))
+                )
         rows = []
         for done, (spec, by_id, ref) in enumerate(refs, 1):
             res = ray.get(ref)
@@ -186,11 +217,18 @@ def run_table(cfg: ExperimentConfig, run_dir: Path | None = None,
                 progress(done, len(refs))
             for i, ind in enumerate(res["individual"]):
                 job = by_id[ind]
-                rows.append({"group": spec.group, "method": spec.label, "individual": ind,
-                             "acc_DI": float(res["acc_DI"][i]), "acc_DG": float(res["acc_DG"][i]),
-                             "transfers": res["transfers"][i],
-                             "added_samples": 0 if job.extra is None else len(job.extra),
-                             "group_members": " ".join(map(str, job.group))})
+                rows.append(
+                    {
+                        "group": spec.group,
+                        "method": spec.label,
+                        "individual": ind,
+                        "acc_DI": float(res["acc_DI"][i]),
+                        "acc_DG": float(res["acc_DG"][i]),
+                        "transfers": res["transfers"][i],
+                        "added_samples": 0 if job.extra is None else len(job.extra),
+                        "group_members": " ".join(map(str, job.group)),
+                    }
+                )
     finally:
         if store is not None:
             ray.get(store.close.remote())
@@ -216,8 +254,14 @@ def summarize(rows: pd.DataFrame, order: list[str]) -> pd.DataFrame:
         line = {"group": group, "method": method}
         for m in ("acc_DI", "acc_DG"):
             v = g[m].to_numpy()
-            line.update({m: v.mean(), f"sd_{m}": v.std(ddof=1) if len(v) > 1 else 0.0,
-                         f"min_{m}": v.min(), f"max_{m}": v.max()})
+            line.update(
+                {
+                    m: v.mean(),
+                    f"sd_{m}": v.std(ddof=1) if len(v) > 1 else 0.0,
+                    f"min_{m}": v.min(),
+                    f"max_{m}": v.max(),
+                }
+            )
         line["transfers"] = float(g["transfers"].mean())
         out.append(line)
     table = pd.DataFrame(out)
@@ -233,15 +277,43 @@ def summarize(rows: pd.DataFrame, order: list[str]) -> pd.DataFrame:
         same = line.method == base.method or np.allclose(a.to_numpy(), b.to_numpy())
         p_values.append(math.nan if same else float(ttest_rel(a.to_numpy(), b.to_numpy()).pvalue))
     table["p_DI_vs_baseline"] = p_values
-    cols = ["group", "method", "acc_DI", "rank_acc_DI", "sd_acc_DI", "min_acc_DI", "max_acc_DI",
-            "acc_DG", "rank_acc_DG", "sd_acc_DG", "min_acc_DG", "max_acc_DG", "p_DI_vs_baseline", "transfers"]
+    cols = [
+        "group",
+        "method",
+        "acc_DI",
+        "rank_acc_DI",
+        "sd_acc_DI",
+        "min_acc_DI",
+        "max_acc_DI",
+        "acc_DG",
+        "rank_acc_DG",
+        "sd_acc_DG",
+        "min_acc_DG",
+        "max_acc_DG",
+        "p_DI_vs_baseline",
+        "transfers",
+    ]
     return table[cols]
 
 
 def to_markdown(table: pd.DataFrame) -> str:
     """Table I's layout: personalization (acc on D_I, rank, fairness sd/min/max), then task (D_G)."""
-    head = ["Method", "", "Acc. on D_I", "Rank", "sd", "min", "max", "Acc. on D_G", "Rank", "sd", "min", "max",
-            "p (D_I vs baseline)", "transfers"]
+    head = [
+        "Method",
+        "",
+        "Acc. on D_I",
+        "Rank",
+        "sd",
+        "min",
+        "max",
+        "Acc. on D_G",
+        "Rank",
+        "sd",
+        "min",
+        "max",
+        "p (D_I vs baseline)",
+        "transfers",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     shown = {"shaping": "Shaping", "grouping": "Data Group."}
     last = None
@@ -249,8 +321,21 @@ def to_markdown(table: pd.DataFrame) -> str:
         block = shown[r.group] if r.group != last else ""
         last = r.group
         p = "" if math.isnan(r.p_DI_vs_baseline) else f"{r.p_DI_vs_baseline:.3g}"
-        cells = [block, r.method, f"{r.acc_DI:.3f}", str(r.rank_acc_DI), f"{r.sd_acc_DI:.3f}", f"{r.min_acc_DI:.3f}",
-                 f"{r.max_acc_DI:.3f}", f"{r.acc_DG:.3f}", str(r.rank_acc_DG), f"{r.sd_acc_DG:.3f}",
-                 f"{r.min_acc_DG:.3f}", f"{r.max_acc_DG:.3f}", p, f"{r.transfers:.0f}"]
+        cells = [
+            block,
+            r.method,
+            f"{r.acc_DI:.3f}",
+            str(r.rank_acc_DI),
+            f"{r.sd_acc_DI:.3f}",
+            f"{r.min_acc_DI:.3f}",
+            f"{r.max_acc_DI:.3f}",
+            f"{r.acc_DG:.3f}",
+            str(r.rank_acc_DG),
+            f"{r.sd_acc_DG:.3f}",
+            f"{r.min_acc_DG:.3f}",
+            f"{r.max_acc_DG:.3f}",
+            p,
+            f"{r.transfers:.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

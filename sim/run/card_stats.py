@@ -20,6 +20,7 @@ cards carry neither), and only if the budget (`privacy.target_epsilon`) has room
   the released model measured on the server's own D_G (no federation user's data): post-processing,
   shipped as measured.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,7 @@ from fedmeta.sim.seeding import gaussian_noise
 # A released variance can come out <= 0; serving needs it > 0, and its router floors fitted
 # profiles at the same value (serve/routing.py VAR_FLOOR).
 PROFILE_VAR_FLOOR = 1e-3
-PANEL_KEYS = ("acc_global_DI", "acc_personalized_DI")   # what the aggregator releases; acc_global_DG is D_G's
+PANEL_KEYS = ("acc_global_DI", "acc_personalized_DI")  # what the aggregator releases; acc_global_DG is D_G's
 
 
 # ---------------------------------------------------------------- the input profile (pure)
@@ -46,7 +47,7 @@ def client_moments(data: FederatedDataset, ids: list[int]) -> np.ndarray:
     rows = []
     for c in data.clients(ids):
         x = c.x_train.reshape(len(c.x_train), -1).to(torch.float64).numpy()
-        rows.append(np.concatenate([x.mean(0), (x ** 2).mean(0)]) if len(x) else np.zeros(2 * x.shape[1]))
+        rows.append(np.concatenate([x.mean(0), (x**2).mean(0)]) if len(x) else np.zeros(2 * x.shape[1]))
     return np.stack(rows)
 
 
@@ -60,7 +61,7 @@ def profile_from_means(means: np.ndarray, clients: int) -> dict:
     """The profile dict serving reads from the clients' mean of [x, x^2]: `n` is the client count."""
     d = len(means) // 2
     mean = means[:d]
-    var = np.maximum(means[d:] - mean ** 2, PROFILE_VAR_FLOOR)
+    var = np.maximum(means[d:] - mean**2, PROFILE_VAR_FLOOR)
     return {"mean": mean.tolist(), "var": var.tolist(), "n": int(clients)}
 
 
@@ -86,20 +87,33 @@ def profile_release_noise(dp: UserLevelDP) -> float:
 # ---------------------------------------------------------------- releases, accounted
 def withheld(stop: str) -> dict:
     """A statistic the budget has no room for: nothing ships, and the card says how to make room."""
-    return {"released": False, "reason": f"{stop}; privacy.target_epsilon leaves no room for the card's statistics"}
+    return {
+        "released": False,
+        "reason": f"{stop}; privacy.target_epsilon leaves no room for the card's statistics",
+    }
 
 
 def release_profile(plan: FederationPlan, accounting: RunAccounting, source) -> dict:
     """The input profile's release (or why it is withheld) and how it was made; accounted."""
     dp, ids = plan.dp, profile_ids(plan.num_clients, plan.cfg.seed)
-    z, clip = profile_release_noise(dp), profile_clip(plan.cfg.privacy.profile_clip, math.prod(plan.input_shape))
+    z, clip = (
+        profile_release_noise(dp),
+        profile_clip(plan.cfg.privacy.profile_clip, math.prod(plan.input_shape)),
+    )
     stop = accounting.release_stop(z)
     if stop:
         return withheld(stop)
     value = noisy_profile(client_moments(plan.data, ids), clip, dp.noise_multiplier, source)
     accounting.record_release(z)
-    return {"released": True, "value": value, "mechanism": "gaussian", "clients": len(ids), "clip": clip,
-            "noise_std": dp.noise_multiplier * clip, "noise_multiplier": z}
+    return {
+        "released": True,
+        "value": value,
+        "mechanism": "gaussian",
+        "clients": len(ids),
+        "clip": clip,
+        "noise_std": dp.noise_multiplier * clip,
+        "noise_multiplier": z,
+    }
 
 
 def release_quality(dp: UserLevelDP, accounting: RunAccounting, panel_metric: Callable[[], dict]) -> dict:
@@ -112,26 +126,43 @@ def release_quality(dp: UserLevelDP, accounting: RunAccounting, panel_metric: Ca
     metric = panel_metric()
     accounting.record_release(z)
     value = {k: min(max(float(metric[k]), 0.0), 1.0) for k in PANEL_KEYS}
-    return {"released": True, "value": value, "mechanism": "gaussian (aggregator, Federation.private_metric)",
-            "panel": int(metric["count"]), "noise_multiplier": z}
+    return {
+        "released": True,
+        "value": value,
+        "mechanism": "gaussian (aggregator, Federation.private_metric)",
+        "panel": int(metric["count"]),
+        "noise_multiplier": z,
+    }
 
 
-def release_card_statistics(plan: FederationPlan, accounting: RunAccounting, source, panel_metric: Callable[[], dict],
-                            rounds_done: int) -> dict:
+def release_card_statistics(
+    plan: FederationPlan,
+    accounting: RunAccounting,
+    source,
+    panel_metric: Callable[[], dict],
+    rounds_done: int,
+) -> dict:
     """Under DP: the card's input profile, then its panel quality, each released once if the
     budget has room (the profile first: serving routes by it)."""
-    return {"round": rounds_done, "input_profile": release_profile(plan, accounting, source),
-            "quality": release_quality(plan.dp, accounting, panel_metric)}
+    return {
+        "round": rounds_done,
+        "input_profile": release_profile(plan, accounting, source),
+        "quality": release_quality(plan.dp, accounting, panel_metric),
+    }
 
 
 # ---------------------------------------------------------------- what the card ships
 PENDING = {"released": False, "reason": "released once, with the final evaluation"}
-NOT_PRIVATE = ("exact statistics of users' data (DP is off): outside any privacy guarantee; under DP they "
-               "ship as Gaussian releases composed into epsilon")
+NOT_PRIVATE = (
+    "exact statistics of users' data (DP is off): outside any privacy guarantee; under DP they "
+    "ship as Gaussian releases composed into epsilon"
+)
 
 
-DG_NOTE = ("exact: the released model measured on the server's own D_G, post-processing that costs federation "
-           "users nothing")
+DG_NOTE = (
+    "exact: the released model measured on the server's own D_G, post-processing that costs federation "
+    "users nothing"
+)
 
 
 def exact_statistics(note: str) -> dict:
@@ -146,11 +177,22 @@ def card_statistics(plan: FederationPlan, latest_eval: dict, released: dict | No
     dg = {"acc_global_DG": latest_eval["acc_global_DG"]["mean"]} if "acc_global_DG" in latest_eval else {}
     if not plan.dp.enabled:
         quality = {k: latest_eval[k]["mean"] for k in (*PANEL_KEYS, "acc_global_DG") if k in latest_eval}
-        return {"input_profile": plan.input_profile, "quality": quality,
-                "statistics_privacy": {"private": False, "in_epsilon": False, "note": NOT_PRIVATE}}
+        return {
+            "input_profile": plan.input_profile,
+            "quality": quality,
+            "statistics_privacy": {"private": False, "in_epsilon": False, "note": NOT_PRIVATE},
+        }
     released = released or {"input_profile": PENDING, "quality": PENDING}
     profile, quality = released["input_profile"], released["quality"]
     facts = {k: {x: v for x, v in r.items() if x != "value"} for k, r in released.items() if k != "round"}
-    return {"input_profile": profile.get("value"), "quality": {**quality.get("value", {}), **dg},
-            "statistics_privacy": {"private": True, "in_epsilon": True, "released_at_round": released.get("round"),
-                                   **facts, "acc_global_DG": DG_NOTE}}
+    return {
+        "input_profile": profile.get("value"),
+        "quality": {**quality.get("value", {}), **dg},
+        "statistics_privacy": {
+            "private": True,
+            "in_epsilon": True,
+            "released_at_round": released.get("round"),
+            **facts,
+            "acc_global_DG": DG_NOTE,
+        },
+    }

@@ -9,6 +9,7 @@
 Ctrl-C or a failing round saves a checkpoint of the last completed round and re-raises, so
 `--resume` continues from there.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,40 +23,55 @@ import ray
 
 from fedmeta.actors.privacy import RunAccounting
 from fedmeta.sim import checkpoint as ckpt
-from fedmeta.sim.engine.cluster import init_ray
-from fedmeta.sim.config import ExperimentConfig, to_yaml
-from fedmeta.sim.engine.federation import Federation
-from fedmeta.sim.run.hooks import (Accounting, CanaryAudit, CardStatistics, Checkpointing, Evaluation, Hook, Progress, ProgressFn,
-                       RoundLog)
-from fedmeta.sim.engine.plan import FederationPlan
-from fedmeta.sim.run.report import run_summary
 from fedmeta.sim.artifacts.durable import write_atomic
 from fedmeta.sim.artifacts.rundir import new_run_dir, run_secrets
+from fedmeta.sim.config import ExperimentConfig, to_yaml
+from fedmeta.sim.engine.cluster import init_ray
+from fedmeta.sim.engine.federation import Federation
+from fedmeta.sim.engine.plan import FederationPlan
+from fedmeta.sim.run.hooks import (
+    Accounting,
+    CanaryAudit,
+    CardStatistics,
+    Checkpointing,
+    Evaluation,
+    Hook,
+    Progress,
+    ProgressFn,
+    RoundLog,
+)
+from fedmeta.sim.run.report import run_summary
 from fedmeta.sim.run.run_state import RunState
-
 
 # A hook a layer above the run adds (the auto-tuning hook of sim/tuning/autotune.py): built from the
 # federation, the run directory and the function that checkpoints a state.
 HookFactory = Callable[[Federation, Path, Callable[[RunState], None]], Hook]
 
 
-def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = False,
-                   progress: ProgressFn | None = None, extra_hooks: Sequence[HookFactory] = ()) -> tuple[Path, dict]:
+def run_experiment(
+    cfg: ExperimentConfig,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    progress: ProgressFn | None = None,
+    extra_hooks: Sequence[HookFactory] = (),
+) -> tuple[Path, dict]:
     """Run (or resume) an experiment; returns (run_dir, summary). `extra_hooks` run after the
     built-in ones; `tune.auto` needs the auto-tuning one (fedmeta.sim.tuning.autotune.run_experiment
     adds it, as `fedmeta.run` and the CLI do)."""
     if resume and run_dir is None:
         raise ValueError("resume needs a run directory")
     if cfg.tune.auto and not extra_hooks:
-        raise ValueError("tune.auto: the auto-tuning hook is missing; run it with "
-                         "fedmeta.sim.tuning.autotune.run_experiment (or fedmeta.run)")
+        raise ValueError(
+            "tune.auto: the auto-tuning hook is missing; run it with "
+            "fedmeta.sim.tuning.autotune.run_experiment (or fedmeta.run)"
+        )
     # errors in the config or the data surface before any side effect
     plan = FederationPlan.from_config(cfg)
     saved = ckpt.load(run_dir) if resume else None
     if not resume:
         run_dir = run_dir or new_run_dir(cfg)
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        run_dir.chmod(0o700)       # owner-only: the model, per-user exports and logs of real users
+        run_dir.chmod(0o700)  # owner-only: the model, per-user exports and logs of real users
         write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     secrets = run_secrets(cfg, run_dir, resume)
     started = init_ray(cfg.ray.address, cfg.ray.connect_timeout_s)
@@ -70,17 +86,23 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, resume: b
             ray.shutdown()
 
 
-def _run(cfg: ExperimentConfig, fed: Federation, run_dir: Path, saved: ckpt.Checkpoint | None,
-         progress: ProgressFn | None, extra_hooks: Sequence[HookFactory]) -> dict:
+def _run(
+    cfg: ExperimentConfig,
+    fed: Federation,
+    run_dir: Path,
+    saved: ckpt.Checkpoint | None,
+    progress: ProgressFn | None,
+    extra_hooks: Sequence[HookFactory],
+) -> dict:
     state = initial_state(fed.plan, saved)
-    fed.load_server_state(state.server_state)     # a resumed adaptive server continues its moments
-    fed.faults.counts.update(state.faults)        # and the tally of lost actors continues
+    fed.load_server_state(state.server_state)  # a resumed adaptive server continues its moments
+    fed.faults.counts.update(state.faults)  # and the tally of lost actors continues
     saver = Checkpointing(fed, run_dir)
     hooks: list[Hook] = [Accounting(), RoundLog()]
     if cfg.privacy.leakage_control.target_auc is not None:
         from fedmeta.sim.run.leakage import LeakageControl
 
-        hooks.append(LeakageControl(fed, state))      # before evaluation: it personalizes with the new lambda
+        hooks.append(LeakageControl(fed, state))  # before evaluation: it personalizes with the new lambda
     hooks += [Evaluation(fed, run_dir), CardStatistics(fed), saver, CanaryAudit(fed, state)]
     hooks += [make(fed, run_dir, saver.save) for make in extra_hooks]
     if progress:
@@ -103,7 +125,7 @@ def run_rounds(fed: Federation, state: RunState, hooks: list[Hook], rounds: int)
         if state.stopped:
             return
         res = fed.train_round(state.rounds_done, state.global_params)
-        with _interrupt_after():       # the round and its bookkeeping (accounting, log) land together
+        with _interrupt_after():  # the round and its bookkeeping (accounting, log) land together
             state.advance(res.global_params, res.clients, res.seconds, res.dropped)
             state.faults = res.faults or state.faults
             for h in hooks:
@@ -132,7 +154,7 @@ def _interrupt_after():
 
     def defer(signum, frame):
         pending.append(signum)
-        if len(pending) > 1:            # asked twice: stop now, as the signal would have
+        if len(pending) > 1:  # asked twice: stop now, as the signal would have
             restore()
             signal.raise_signal(signum)
 
@@ -142,7 +164,7 @@ def _interrupt_after():
         yield
     finally:
         restore()
-    if pending:                         # delivered late, to the handlers that were there before
+    if pending:  # delivered late, to the handlers that were there before
         signal.raise_signal(pending[0])
 
 
@@ -159,7 +181,9 @@ def finish(fed: Federation, state: RunState, hooks: list[Hook], run_dir: Path) -
     summary = run_summary(fed.plan, state, run_dir, fed.peak_rss_mib())
     for h in hooks:
         summary.update(getattr(h, "summary", dict)())
-    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))   # a crash never leaves half a summary
+    write_atomic(
+        run_dir / "summary.json", json.dumps(summary, indent=2)
+    )  # a crash never leaves half a summary
     from fedmeta.sim.run.plots import plot_run  # matplotlib only when a run finishes
 
     plot_run(state.log, run_dir)

@@ -6,6 +6,7 @@ is the order of the list `experiment.hooks` builds: accounting, the round's log 
 privacy weight (sim/run/leakage.py, when on), evaluation and export, the model card's released
 statistics (under DP), checkpointing, auto-tuning, progress.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,12 +15,12 @@ from typing import Callable
 import numpy as np
 
 from fedmeta.sim import checkpoint as ckpt
-from fedmeta.sim.run.card_stats import release_card_statistics
+from fedmeta.sim.artifacts.rundir import PERSONALIZED
 from fedmeta.sim.data.canaries import canary_direction
 from fedmeta.sim.engine.federation import Federation, RoundResult
 from fedmeta.sim.metrics import describe
+from fedmeta.sim.run.card_stats import release_card_statistics
 from fedmeta.sim.run.report import model_card
-from fedmeta.sim.artifacts.rundir import PERSONALIZED
 from fedmeta.sim.run.run_state import RunState
 
 ProgressFn = Callable[[int, int, dict], None]
@@ -56,16 +57,30 @@ class RoundLog(Hook):
     def after_round(self, state: RunState, res: RoundResult) -> None:
         cps = res.clients / res.seconds if res.seconds > 0 else float("nan")
         eps, local_eps = state.accounting.epsilon(), state.accounting.local_epsilon()
-        state.log.add_many(state.rounds_done, {
-            "aborted": 1.0 if "aborted" in res.metrics else 0.0,
-            "train_loss": res.metrics.get("train_loss", float("nan")),
-            "update_norm": res.metrics.get("update_norm", 0.0), "clients": res.clients,
-            "dropped": res.dropped, "round_s": res.seconds, "clients_per_s": cps,
-            **{k: res.metrics[k] for k in ("lost_clients", "late_clients", "offline", "rejected_updates") if res.metrics.get(k)},
-            **{k: res.metrics[k] for k in (*BYTES_KEYS, *SECAGG_KEYS, "sim_round_s", "staleness_mean", "staleness_max")
-               if k in res.metrics},
-            **({"epsilon": eps} if eps is not None else {}),
-            **({"local_epsilon": local_eps} if local_eps is not None else {})})
+        state.log.add_many(
+            state.rounds_done,
+            {
+                "aborted": 1.0 if "aborted" in res.metrics else 0.0,
+                "train_loss": res.metrics.get("train_loss", float("nan")),
+                "update_norm": res.metrics.get("update_norm", 0.0),
+                "clients": res.clients,
+                "dropped": res.dropped,
+                "round_s": res.seconds,
+                "clients_per_s": cps,
+                **{
+                    k: res.metrics[k]
+                    for k in ("lost_clients", "late_clients", "offline", "rejected_updates")
+                    if res.metrics.get(k)
+                },
+                **{
+                    k: res.metrics[k]
+                    for k in (*BYTES_KEYS, *SECAGG_KEYS, "sim_round_s", "staleness_mean", "staleness_max")
+                    if k in res.metrics
+                },
+                **({"epsilon": eps} if eps is not None else {}),
+                **({"local_epsilon": local_eps} if local_eps is not None else {}),
+            },
+        )
         failures = state.faults.get("worker_failures", 0) + state.faults.get("aggregator_failures", 0)
         state.shown = {"clients_per_s": cps, **({"actor_failures": failures} if failures else {})}
 
@@ -84,10 +99,11 @@ class Evaluation(Hook):
         ev = self.fed.evaluate(done, state.global_params, export=done == rounds, weight=state.privacy_weight)
         if "personalized" in ev:
             export_personalized(self.run_dir, ev["client_ids"], ev["personalized"])
-        stats = state.log.add_eval(done, describe(ev["acc_DG"]), ev["client_ids"],
-                                   ev["acc_global_DI"], ev["acc_personalized_DI"])
+        stats = state.log.add_eval(
+            done, describe(ev["acc_DG"]), ev["client_ids"], ev["acc_global_DI"], ev["acc_personalized_DI"]
+        )
         state.log.add_many(done, {k: ev[k] for k in ("mia_auc_global", "mia_auc_personalized") if k in ev})
-        if "mia_auc_DI" in ev and np.isfinite(ev["mia_auc_DI"]).any():   # each individual's own AUC, averaged
+        if "mia_auc_DI" in ev and np.isfinite(ev["mia_auc_DI"]).any():  # each individual's own AUC, averaged
             state.log.add(done, "mia_auc_individual", float(np.nanmean(ev["mia_auc_DI"])))
         state.shown.update({k: v["mean"] for k, v in stats.items()})
 
@@ -106,8 +122,9 @@ class CardStatistics(Hook):
         if not fed.plan.dp.enabled or done != fed.cfg.federation.rounds or state.card_stats is not None:
             return
         panel = lambda: fed.private_metric(done, state.global_params, "accuracy", state.privacy_weight)  # noqa: E731
-        state.card_stats = release_card_statistics(fed.plan, state.accounting, fed.secrets.noise("card-input-profile"),
-                                                   panel, done)
+        state.card_stats = release_card_statistics(
+            fed.plan, state.accounting, fed.secrets.noise("card-input-profile"), panel, done
+        )
 
 
 class Checkpointing(Hook):
@@ -125,7 +142,7 @@ class Checkpointing(Hook):
     def save(self, state: RunState) -> None:
         try:
             state.server_state = self.fed.server_state()
-        except Exception:   # saving after a failure: the aggregator may be gone; keep its last known state
+        except Exception:  # saving after a failure: the aggregator may be gone; keep its last known state
             pass
         card = model_card(self.fed.plan, state.rounds_done, state.accounting, state.log, state.card_stats)
         ckpt.save(self.run_dir, state.to_checkpoint(card))
@@ -152,24 +169,37 @@ class CanaryAudit(Hook):
 
     def summary(self) -> dict:
         plan = self.fed.plan
-        out = {"audit_canaries": len(plan.canary_ids), "audit_epsilon_lower": None, "audit_tpr_at_1pct_fpr": None}
+        out = {
+            "audit_canaries": len(plan.canary_ids),
+            "audit_epsilon_lower": None,
+            "audit_tpr_at_1pct_fpr": None,
+        }
         if len(plan.canary_ids) < 2:
             return out
         from fedmeta.actors.audit import best_audit, tpr_at_fpr
 
         scores, inside = canary_scores(plan, self.state.global_params), plan.canary_included
-        res = best_audit(scores, inside, delta=plan.dp.delta if plan.dp.enabled else 0.0,
-                         confidence=plan.cfg.privacy.audit_confidence)
+        res = best_audit(
+            scores,
+            inside,
+            delta=plan.dp.delta if plan.dp.enabled else 0.0,
+            confidence=plan.cfg.privacy.audit_confidence,
+        )
         tpr = tpr_at_fpr(scores[inside], scores[~inside], 0.01) if inside.any() and (~inside).any() else None
-        return {**out, "audit_epsilon_lower": res["epsilon_lower"], "audit_tpr_at_1pct_fpr": tpr,
-                "audit_confidence": plan.cfg.privacy.audit_confidence}
+        return {
+            **out,
+            "audit_epsilon_lower": res["epsilon_lower"],
+            "audit_tpr_at_1pct_fpr": tpr,
+            "audit_confidence": plan.cfg.privacy.audit_confidence,
+        }
 
 
 def canary_scores(plan, global_params) -> np.ndarray:
     """Each canary's direction projected on the model's total change: what it added, plus noise."""
     change = np.asarray(global_params, dtype=np.float64) - plan.init_params
-    return np.array([float(change @ canary_direction(plan.cfg.seed, int(c), plan.n_params))
-                     for c in plan.canary_ids])
+    return np.array(
+        [float(change @ canary_direction(plan.cfg.seed, int(c), plan.n_params)) for c in plan.canary_ids]
+    )
 
 
 def export_personalized(run_dir: Path, ids: list[int], flats) -> Path:

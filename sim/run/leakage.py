@@ -18,6 +18,7 @@ aggregation, masked per individual. Each release is composed with the run's roun
 accountant, so the run's epsilon includes the controller. lambda is logged (`privacy_weight`) at
 each update, and a resumed run continues from the last logged value.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,7 +32,7 @@ from fedmeta.sim.run.run_state import RunState
 def dual_ascent(weight: float, leakage: float, target: float, step: float, max_weight: float) -> float:
     """One projected dual-ascent step of the privacy weight on the constraint leakage <= target."""
     if not math.isfinite(leakage):
-        return weight                    # nobody in the panel had test data: nothing learned
+        return weight  # nobody in the panel had test data: nothing learned
     return min(max(weight + step * (leakage - target), 0.0), max_weight)
 
 
@@ -44,28 +45,39 @@ class LeakageControl(Hook):
         self.fed = fed
         self.cfg = fed.cfg.privacy.leakage_control
         self.every = self.cfg.every or fed.cfg.eval.every
-        if state.privacy_weight is None:     # a resumed run continues from its log
+        if state.privacy_weight is None:  # a resumed run continues from its log
             logged = state.log.last("privacy_weight")
-            state.privacy_weight = build_algorithm(fed.cfg.algorithm).privacy_weight if logged is None else logged
+            state.privacy_weight = (
+                build_algorithm(fed.cfg.algorithm).privacy_weight if logged is None else logged
+            )
         self.state, self.skipped = state, None
 
     def after_round(self, state: RunState, res: RoundResult) -> None:
         done, rounds = state.rounds_done, self.fed.cfg.federation.rounds
         if done % self.every and done != rounds:
             return
-        z = self.cfg.noise_multiplier or self.fed.plan.dp.metric_noise   # an individual adds at most 1
+        z = self.cfg.noise_multiplier or self.fed.plan.dp.metric_noise  # an individual adds at most 1
         self.skipped = state.accounting.release_stop(z)
-        if self.skipped:                    # the budget has no room for it: lambda stays
+        if self.skipped:  # the budget has no room for it: lambda stays
             return
         released = self.fed.private_metric(done, state.global_params, "leakage", state.privacy_weight, z)
         state.accounting.record_release(z)
         leakage = released["mia_auc_DI"] if released["count"] else math.nan
-        state.privacy_weight = dual_ascent(state.privacy_weight, leakage, self.cfg.target_auc,
-                                           self.cfg.step, self.cfg.max_weight)
-        state.log.add_many(done, {"leakage_released": released["mia_auc_DI"], "privacy_weight": state.privacy_weight})
+        state.privacy_weight = dual_ascent(
+            state.privacy_weight, leakage, self.cfg.target_auc, self.cfg.step, self.cfg.max_weight
+        )
+        state.log.add_many(
+            done, {"leakage_released": released["mia_auc_DI"], "privacy_weight": state.privacy_weight}
+        )
         state.shown["privacy_weight"] = state.privacy_weight
 
     def summary(self) -> dict:
         releases = sum(r["metric"] == "leakage_released" for r in self.state.log.rows)
-        return {"leakage_control": {"target_auc": self.cfg.target_auc, "privacy_weight": self.state.privacy_weight,
-                                    "releases": releases, "stopped": self.skipped}}
+        return {
+            "leakage_control": {
+                "target_auc": self.cfg.target_auc,
+                "privacy_weight": self.state.privacy_weight,
+                "releases": releases,
+                "stopped": self.skipped,
+            }
+        }

@@ -1,4 +1,5 @@
 """PNG plots of a run: accuracy over rounds, and the spread of per-individual accuracy."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from fedmeta.sim.metrics import MetricsLog  # noqa: E402
 
-CURVES = {"acc_global_DG": "global model on D_G", "acc_global_DI": "global model on D_I",
-          "acc_personalized_DI": "personalized on D_I"}
+CURVES = {
+    "acc_global_DG": "global model on D_G",
+    "acc_global_DI": "global model on D_I",
+    "acc_personalized_DI": "personalized on D_I",
+}
 
 
 def plot_run(log: MetricsLog, run_dir: Path) -> list[Path]:
@@ -36,8 +40,11 @@ def plot_run(log: MetricsLog, run_dir: Path) -> list[Path]:
         bins = [i / 20 for i in range(21)]
         ax.hist(last["acc_global_DI"].dropna(), bins=bins, alpha=0.6, label="global model")
         ax.hist(last["acc_personalized_DI"].dropna(), bins=bins, alpha=0.6, label="personalized")
-        ax.set(xlabel="accuracy on the individual's test data", ylabel="individuals",
-               title=f"Per-individual accuracy, round {int(last['round'].iloc[0])}")
+        ax.set(
+            xlabel="accuracy on the individual's test data",
+            ylabel="individuals",
+            title=f"Per-individual accuracy, round {int(last['round'].iloc[0])}",
+        )
         ax.legend()
         out.append(_save(fig, run_dir / "individuals.png"))
     return out

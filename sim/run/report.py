@@ -1,21 +1,29 @@
 """What a run reports: the summary (summary.json) and the model card in every checkpoint. Both
 read the same facts: the plan, the run's state, and the privacy accounting's `facts()`."""
+
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
 from fedmeta.actors.privacy import RunAccounting
+from fedmeta.actors.secagg.policy import secagg_guarantee
 from fedmeta.sim.algorithms import build_algorithm
-from fedmeta.sim.run.card_stats import card_statistics
 from fedmeta.sim.checkpoint import MODEL_CARD_FORMAT
 from fedmeta.sim.config import ExperimentConfig
 from fedmeta.sim.engine.faults import FAULT_KEYS
+from fedmeta.sim.engine.plan import FederationPlan
 from fedmeta.sim.metrics import MetricsLog, describe, finite_or_none
-from fedmeta.sim.engine.plan import FederationPlan, secagg_guarantee
+from fedmeta.sim.run.card_stats import card_statistics
+
 
 def secagg_facts(plan: FederationPlan) -> dict:
-    off = {"secure_aggregation": False, "secagg_neighbors": None, "secagg_threshold": None, "secagg_bits": None}
+    off = {
+        "secure_aggregation": False,
+        "secagg_neighbors": None,
+        "secagg_threshold": None,
+        "secagg_bits": None,
+    }
     return plan.secagg.facts() if plan.secagg else off
 
 
@@ -25,20 +33,32 @@ def secagg_targets_facts(plan: FederationPlan) -> dict | None:
     if plan.secagg is None:
         return None
     got = secagg_guarantee(plan.cfg, plan.secagg)
-    return {"neighbors_setting": plan.cfg.secagg.neighbors, "cohort": got.n, "complete_graph": got.complete, **got.summary()}
+    return {
+        "neighbors_setting": plan.cfg.secagg.neighbors,
+        "cohort": got.n,
+        "complete_graph": got.complete,
+        **got.summary(),
+    }
 
 
 def secrets_facts(cfg: ExperimentConfig) -> dict:
     """Where the keys, masks and noise came from, and what that means for the guarantee."""
     if cfg.run.seeded_secrets:
-        return {"secrets": "seeded",
-                "secrets_note": "run.seeded_secrets: cohorts, keys, masks and noise follow from the seed, so this run's "
-                                "privacy holds only against parties that do not know the seed"}
+        return {
+            "secrets": "seeded",
+            "secrets_note": "run.seeded_secrets: cohorts, keys, masks and noise follow from the seed, so this run's "
+            "privacy holds only against parties that do not know the seed",
+        }
     return {"secrets": "csprng", "secrets_note": None}
 
 
-def model_card(plan: FederationPlan, rounds_done: int, accounting: RunAccounting, log: MetricsLog,
-               released: dict | None = None) -> dict:
+def model_card(
+    plan: FederationPlan,
+    rounds_done: int,
+    accounting: RunAccounting,
+    log: MetricsLog,
+    released: dict | None = None,
+) -> dict:
     """What a serving or tuning process needs to use a checkpoint without the experiment config:
     how to rebuild the model, the data it expects, how to adapt it to a user, and the privacy spent
     to produce it. Refreshed at every checkpoint. `released`: under DP, the input profile and panel
@@ -54,23 +74,45 @@ def model_card(plan: FederationPlan, rounds_done: int, accounting: RunAccounting
         "supports_federated_meta_learning": True,
         "algorithm": a.name,
         "model": {"config": cfg.model.model_dump(mode="json"), "n_params": plan.n_params},
-        "data_schema": {"kind": cfg.data.kind, "input_shape": list(plan.input_shape), "num_classes": plan.num_classes,
-                        "dtype": "float32", "layout": "NCHW" if len(plan.input_shape) == 3 else "features",
-                        "value_range": [0.0, 1.0] if cfg.data.kind == "writers" else None},
+        "data_schema": {
+            "kind": cfg.data.kind,
+            "input_shape": list(plan.input_shape),
+            "num_classes": plan.num_classes,
+            "dtype": "float32",
+            "layout": "NCHW" if len(plan.input_shape) == 3 else "features",
+            "value_range": [0.0, 1.0] if cfg.data.kind == "writers" else None,
+        },
         "input_profile": stats["input_profile"],
         "quality": stats["quality"],
         "statistics_privacy": stats["statistics_privacy"],
-        "adaptation": {"method": "sgd_finetune", "lr": e.finetune_lr, "steps": e.finetune_steps,
-                       "batch_size": e.batch_size, "local_lr": a.lr, "inner_lr": a.inner_lr, "server_lr": a.server_lr,
-                       "local_epochs": a.local_epochs, "local_steps": a.local_steps, "local_batch_size": a.batch_size,
-                       "privacy_lambda": a.privacy_lambda,
-                       # the personalization's proximal privacy weight: learned (sim/run/leakage.py) or the algorithm's own
-                       "privacy_weight": learned if learned is not None else build_algorithm(a).privacy_weight},
-        "privacy": {**{k: v for k, v in facts.items() if k != "local_dp"},
-                    **{k: v for k, v in sa.items() if k != "secagg_bits"}, "local_dp": facts["local_dp"],
-                    **secrets_facts(cfg)},
-        "training": {"rounds_completed": rounds_done, "rounds_planned": cfg.federation.rounds, "seed": cfg.seed,
-                     "clients_per_round": cfg.federation.clients_per_round, "num_clients": plan.num_clients},
+        "adaptation": {
+            "method": "sgd_finetune",
+            "lr": e.finetune_lr,
+            "steps": e.finetune_steps,
+            "batch_size": e.batch_size,
+            "local_lr": a.lr,
+            "inner_lr": a.inner_lr,
+            "server_lr": a.server_lr,
+            "local_epochs": a.local_epochs,
+            "local_steps": a.local_steps,
+            "local_batch_size": a.batch_size,
+            "privacy_lambda": a.privacy_lambda,
+            # the personalization's proximal privacy weight: learned (sim/run/leakage.py) or the algorithm's own
+            "privacy_weight": learned if learned is not None else build_algorithm(a).privacy_weight,
+        },
+        "privacy": {
+            **{k: v for k, v in facts.items() if k != "local_dp"},
+            **{k: v for k, v in sa.items() if k != "secagg_bits"},
+            "local_dp": facts["local_dp"],
+            **secrets_facts(cfg),
+        },
+        "training": {
+            "rounds_completed": rounds_done,
+            "rounds_planned": cfg.federation.rounds,
+            "seed": cfg.seed,
+            "clients_per_round": cfg.federation.clients_per_round,
+            "num_clients": plan.num_clients,
+        },
     }
 
 
@@ -89,13 +131,16 @@ def run_summary(plan: FederationPlan, state, run_dir: Path, peak_rss: float) -> 
         "algorithm": cfg.algorithm.name,
         "personalization": build_algorithm(cfg.algorithm).describe_personalization(),
         # the personalization's privacy weight at the end (learned, sim/run/leakage.py, or the algorithm's own)
-        "privacy_weight": (state.privacy_weight if state.privacy_weight is not None
-                           else build_algorithm(cfg.algorithm).privacy_weight),
+        "privacy_weight": (
+            state.privacy_weight
+            if state.privacy_weight is not None
+            else build_algorithm(cfg.algorithm).privacy_weight
+        ),
         "model": cfg.model.kind,
         "data": cfg.data.kind,
         "seed": cfg.seed,
         "compute": plan.compute,
-        "path": plan.compute,     # the compute mode's former name, kept for readers of older summaries
+        "path": plan.compute,  # the compute mode's former name, kept for readers of older summaries
         "num_workers": cfg.ray.num_workers,
         "acc_global_DG": clean(ev.get("acc_global_DG", describe([]))),
         "acc_global_DI": clean(glob or describe([])),
@@ -126,15 +171,26 @@ def rejected_updates(log) -> int:
 def communication_summary(log) -> dict:
     """Bytes over the run (every client's messages, as built) and per reporting client and round."""
     df = log.frame()
-    per_round = df[df.stat == "value"].pivot_table(index="round", columns="metric", values="value", aggfunc="last")
+    per_round = df[df.stat == "value"].pivot_table(
+        index="round", columns="metric", values="value", aggfunc="last"
+    )
     if "bytes_up" not in per_round:
-        return {k: None for k in ("bytes_up_per_client", "bytes_down_per_client", "bytes_up_total", "bytes_down_total")}
+        return {
+            k: None
+            for k in ("bytes_up_per_client", "bytes_down_per_client", "bytes_up_total", "bytes_down_total")
+        }
     rounds = per_round.dropna(subset=["bytes_up"])
     clients = rounds["clients"].sum()
-    return {"bytes_up_per_client": float((rounds.bytes_up_per_client * rounds.clients).sum() / clients) if clients else None,
-            "bytes_down_per_client": float((rounds.bytes_down_per_client * rounds.clients).sum() / clients)
-            if clients else None,
-            "bytes_up_total": int(rounds.bytes_up.sum()), "bytes_down_total": int(rounds.bytes_down.sum())}
+    return {
+        "bytes_up_per_client": float((rounds.bytes_up_per_client * rounds.clients).sum() / clients)
+        if clients
+        else None,
+        "bytes_down_per_client": float((rounds.bytes_down_per_client * rounds.clients).sum() / clients)
+        if clients
+        else None,
+        "bytes_up_total": int(rounds.bytes_up.sum()),
+        "bytes_down_total": int(rounds.bytes_down.sum()),
+    }
 
 
 def time_summary(log, ev) -> dict:
@@ -142,8 +198,11 @@ def time_summary(log, ev) -> dict:
     the evaluation mean of `eval.target_metric` first reached `eval.target`."""
     df = log.frame()
     rounds = df[(df.metric == "sim_round_s") & (df.stat == "value")].set_index("round").value
-    out = {"sim_time_s": float(rounds.sum()) if len(rounds) else None, "rounds_to_target": None,
-           "time_to_target_s": None}
+    out = {
+        "sim_time_s": float(rounds.sum()) if len(rounds) else None,
+        "rounds_to_target": None,
+        "time_to_target_s": None,
+    }
     if ev.target is None:
         return out
     means = df[(df.metric == ev.target_metric) & (df.stat == "mean")].sort_values("round")
@@ -165,9 +224,14 @@ def joiners_summary(plan: FederationPlan, log: MetricsLog) -> dict:
 
     ind = pd.DataFrame(log.individuals)
     ind["joiner"] = ind.client_id.isin(plan.joiner_ids)
-    means = ind.groupby(["round", "joiner"])[["acc_global_DI", "acc_personalized_DI"]].mean().unstack("joiner")
-    out = {"at_round": plan.cfg.data.drift.at_round, "in_panel": int(ind[ind["round"] == ind["round"].max()].joiner.sum()),
-           "rounds": [int(r) for r in means.index]}
+    means = (
+        ind.groupby(["round", "joiner"])[["acc_global_DI", "acc_personalized_DI"]].mean().unstack("joiner")
+    )
+    out = {
+        "at_round": plan.cfg.data.drift.at_round,
+        "in_panel": int(ind[ind["round"] == ind["round"].max()].joiner.sum()),
+        "rounds": [int(r) for r in means.index],
+    }
     for metric in ("acc_global_DI", "acc_personalized_DI"):
         for who, flag in (("joiners", True), ("others", False)):
             col = means[metric][flag] if flag in means[metric] else pd.Series(math.nan, index=means.index)
@@ -178,18 +242,36 @@ def joiners_summary(plan: FederationPlan, log: MetricsLog) -> dict:
 def privacy_summary(plan: FederationPlan, state) -> dict:
     """The formal guarantee next to the measured leakage (loss-threshold MIA AUC, 0.5 = none)."""
     df = state.log.frame()
-    last = lambda m: finite_or_none(float(df[df.metric == m].value.iloc[-1])) if (df.metric == m).any() else None  # noqa: E731
+    last = lambda m: (
+        finite_or_none(float(df[df.metric == m].value.iloc[-1])) if (df.metric == m).any() else None
+    )  # noqa: E731
     facts, sa = state.accounting.facts(), secagg_facts(plan)
     local = facts["local_dp"]
-    return {"privacy_mode": facts["mode"],
-            **{k: facts[k] for k in ("epsilon", "delta", "noise_multiplier", "clip_norm", "sample_rate", "sampling",
-                                     "adjacency", "accountant", "epsilon_by_party", "noise_sampler")},
-            **{k: sa[k] for k in ("secagg_neighbors", "secagg_threshold", "secagg_bits")},
-            "secagg_targets": secagg_targets_facts(plan),
-            "secagg_aborted_rounds": int(df[df.metric == "aborted"].value.sum()) if plan.secagg else None,
-            "mia_auc": last("mia_auc_global"), "mia_auc_personalized": last("mia_auc_personalized"),
-            "mia_auc_individual": last("mia_auc_individual"),
-            "stopped_early": state.stopped,
-            **secrets_facts(plan.cfg),
-            "local_epsilon": local["epsilon"] if local else None,
-            "local_dp": {k: local[k] for k in ("clip", "noise_multiplier")} if local else None}
+    return {
+        "privacy_mode": facts["mode"],
+        **{
+            k: facts[k]
+            for k in (
+                "epsilon",
+                "delta",
+                "noise_multiplier",
+                "clip_norm",
+                "sample_rate",
+                "sampling",
+                "adjacency",
+                "accountant",
+                "epsilon_by_party",
+                "noise_sampler",
+            )
+        },
+        **{k: sa[k] for k in ("secagg_neighbors", "secagg_threshold", "secagg_bits")},
+        "secagg_targets": secagg_targets_facts(plan),
+        "secagg_aborted_rounds": int(df[df.metric == "aborted"].value.sum()) if plan.secagg else None,
+        "mia_auc": last("mia_auc_global"),
+        "mia_auc_personalized": last("mia_auc_personalized"),
+        "mia_auc_individual": last("mia_auc_individual"),
+        "stopped_early": state.stopped,
+        **secrets_facts(plan.cfg),
+        "local_epsilon": local["epsilon"] if local else None,
+        "local_dp": {k: local[k] for k in ("clip", "noise_multiplier")} if local else None,
+    }

@@ -7,6 +7,7 @@ feeds them to a drift monitor (sim/detectors.py: an auto-encoder detector calibr
 checkpoints, frees its actors, Ray Tune searches from that checkpoint (sim/tuning/tune.py), and the run
 continues under the best configuration.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,15 +22,15 @@ from fedmeta.sim.detectors import AutoencoderDetector, DriftMonitor
 from fedmeta.sim.engine.federation import Federation, RoundResult
 from fedmeta.sim.run import experiment
 from fedmeta.sim.run.hooks import Hook
-from fedmeta.sim.sampling import eval_individuals
 from fedmeta.sim.run.run_state import RunState
+from fedmeta.sim.sampling import eval_individuals
 
 
 class AutoTune(Hook):
     def __init__(self, fed: Federation, run_dir: Path, save: Callable[[RunState], None]):
         from fedmeta.sim.tuning.tune import check_fits
 
-        check_fits(fed.cfg)      # before any round: a search this cluster can never place is an error now
+        check_fits(fed.cfg)  # before any round: a search this cluster can never place is an error now
         self.fed, self.run_dir, self.save = fed, run_dir, save
         cfg, data = fed.cfg, fed.plan.data
         self.cfg, self.data = cfg, data
@@ -38,7 +39,7 @@ class AutoTune(Hook):
         self.reference: list[np.ndarray] = []
         self.monitor: DriftMonitor | None = None
         self.alarm_round: int | None = None
-        self.state: RunState | None = None      # the run's, once an alarm calls for a search
+        self.state: RunState | None = None  # the run's, once an alarm calls for a search
         self.result: dict | None = None
 
     def inputs(self, rounds_done: int) -> np.ndarray:
@@ -51,7 +52,11 @@ class AutoTune(Hook):
 
     def after_round(self, state: RunState, res: RoundResult) -> None:
         """Watch this round's inputs; the first alarm calls for a search before the next round."""
-        if self.result is not None or self.alarm_round is not None or state.rounds_done >= self.cfg.federation.rounds:
+        if (
+            self.result is not None
+            or self.alarm_round is not None
+            or state.rounds_done >= self.cfg.federation.rounds
+        ):
             return
         if self._alarm(state.rounds_done):
             self.alarm_round, self.state = state.rounds_done, state
@@ -66,19 +71,27 @@ class AutoTune(Hook):
     def _alarm(self, rounds_done: int) -> bool:
         rows = self.inputs(rounds_done)
         t = self.cfg.tune
-        if self.monitor is None:    # still calibrating on the first rounds' inputs
+        if self.monitor is None:  # still calibrating on the first rounds' inputs
             self.reference.append(rows)
             if len(self.reference) >= t.reference_rounds:
                 detector = AutoencoderDetector(seed=self.cfg.seed)
-                detector.fit_calibrated(np.concatenate(self.reference), t.false_alarm_rate, min(64, len(rows)),
-                                        np.random.default_rng(self.cfg.seed))
+                detector.fit_calibrated(
+                    np.concatenate(self.reference),
+                    t.false_alarm_rate,
+                    min(64, len(rows)),
+                    np.random.default_rng(self.cfg.seed),
+                )
                 self.monitor = DriftMonitor(detector)
             return False
         return bool(self.monitor.update(rows)["alarm"])
 
     def _tune(self, state: RunState):
         """Checkpoint, free the actors (the trials get the CPUs), search from the checkpoint; the config to continue with."""
-        from fedmeta.sim.tuning.tune import TuningBudgetSpent, apply_params, run_tune  # Ray Tune only when a drift calls for it
+        from fedmeta.sim.tuning.tune import (
+            TuningBudgetSpent,
+            apply_params,
+            run_tune,
+        )  # Ray Tune only when a drift calls for it
 
         done = state.rounds_done
         self.save(state)
@@ -86,13 +99,23 @@ class AutoTune(Hook):
         base = self.cfg.model_dump(mode="json")
         base["tune"]["auto"] = False
         try:
-            self.result = run_tune(from_dict(base), start=str(self.run_dir), start_round=done,
-                                   out_dir=self.run_dir / "tune", name=f"after-round-{done}")
-        except TuningBudgetSpent as e:     # the run goes on untuned; nothing was released
-            self.result = {"best_config": None, "experiment": None, "epsilon_tuning": 0.0, "privacy_state": None,
-                           "skipped": str(e)}
+            self.result = run_tune(
+                from_dict(base),
+                start=str(self.run_dir),
+                start_round=done,
+                out_dir=self.run_dir / "tune",
+                name=f"after-round-{done}",
+            )
+        except TuningBudgetSpent as e:  # the run goes on untuned; nothing was released
+            self.result = {
+                "best_config": None,
+                "experiment": None,
+                "epsilon_tuning": 0.0,
+                "privacy_state": None,
+                "skipped": str(e),
+            }
             return self.cfg
-        if self.result["privacy_state"] is not None:    # the trials spent budget on the same users
+        if self.result["privacy_state"] is not None:  # the trials spent budget on the same users
             state.accounting.load_state_dict({"accountant": self.result["privacy_state"]})
         return from_dict(apply_params(self.cfg.model_dump(mode="json"), self.result["best_config"]))
 
@@ -100,15 +123,24 @@ class AutoTune(Hook):
         skipped = self.result.get("skipped") if self.result is not None else None
         if self.result is None and self.state is not None and self.state.stopped:
             skipped = f"the run stopped before the search: {self.state.stopped}"
-        return {"drift_alarm_round": self.alarm_round,
-                "tuned_config": None if self.result is None else self.result["best_config"],
-                "epsilon_tuning": None if self.result is None else self.result["epsilon_tuning"],
-                "tune_skipped": skipped,
-                "tune_experiment": None if self.result is None else self.result["experiment"]}
+        return {
+            "drift_alarm_round": self.alarm_round,
+            "tuned_config": None if self.result is None else self.result["best_config"],
+            "epsilon_tuning": None if self.result is None else self.result["epsilon_tuning"],
+            "tune_skipped": skipped,
+            "tune_experiment": None if self.result is None else self.result["experiment"],
+        }
 
 
-def run_experiment(cfg, run_dir: Path | None = None, resume: bool = False, progress=None) -> tuple[Path, dict]:
+def run_experiment(
+    cfg, run_dir: Path | None = None, resume: bool = False, progress=None
+) -> tuple[Path, dict]:
     """An experiment (sim/run/experiment.py), with the auto-tuning hook when `tune.auto` is on: the
     entry point of `fedmeta run` and `fedmeta.run`, which sit above tuning."""
-    return experiment.run_experiment(cfg, run_dir=run_dir, resume=resume, progress=progress,
-                                     extra_hooks=(AutoTune,) if cfg.tune.auto else ())
+    return experiment.run_experiment(
+        cfg,
+        run_dir=run_dir,
+        resume=resume,
+        progress=progress,
+        extra_hooks=(AutoTune,) if cfg.tune.auto else (),
+    )

@@ -9,6 +9,7 @@ checkpoint, and deploys the best model as a shadow candidate; from then on the R
 test on labelled feedback decides, and each step pushes the routing state (promoting or rejecting
 when the test has decided).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,13 +24,13 @@ from fedmeta.sim.detectors import AutoencoderDetector, DriftMonitor
 @dataclass
 class ClosedLoop:
     deployment: Deployment
-    cfg: ExperimentConfig                  # the federation (with its tune: section) the trials continue
-    start: str                             # run directory whose checkpoint the trials continue from
+    cfg: ExperimentConfig  # the federation (with its tune: section) the trials continue
+    start: str  # run directory whose checkpoint the trials continue from
     start_round: int = 0
     reference_rows: int = 512
     batch: int = 64
     false_alarm_rate: float = 0.01
-    fraction: float = 1.0                  # share of traffic the candidate shadows
+    fraction: float = 1.0  # share of traffic the candidate shadows
     trial_options: dict = field(default_factory=lambda: {"max_pairs": 400})
     seed: int = 0
     events: list[dict] = field(default_factory=list)
@@ -50,7 +51,7 @@ class ClosedLoop:
         pending = np.concatenate([self._pending, rows]) if len(self._pending) else rows
         n = len(pending) // self.batch * self.batch
         self._pending = pending[n:]
-        return [pending[i:i + self.batch] for i in range(0, n, self.batch)]
+        return [pending[i : i + self.batch] for i in range(0, n, self.batch)]
 
     def watch(self, rows: np.ndarray) -> bool:
         """Feed new inputs; True when the monitor raised an alarm on them."""
@@ -74,7 +75,7 @@ class ClosedLoop:
             self._tune_and_shadow()
         routing = self.deployment.push()
         for e in routing["events"]:
-            if e["event"] == "awaiting_promotion":    # the loop is the operator's own automation: it promotes
+            if e["event"] == "awaiting_promotion":  # the loop is the operator's own automation: it promotes
                 routing = self.deployment.promote(e["member"])
                 e = routing["events"][-1]
             if e["event"] in ("promoted", "rejected"):
@@ -87,6 +88,14 @@ class ClosedLoop:
         self.tuned += 1
         name = f"tuned-{self.tuned}"
         summary = run_tune(self.cfg, start=self.start, start_round=self.start_round, name=name)
-        self.deployment.add_candidate(name, summary["candidate"], "shadow", self.fraction, **self.trial_options)
-        self.events.append({"event": "candidate", "member": name, "best_config": summary["best_config"],
-                            "best_metric": summary["best_metric"]})
+        self.deployment.add_candidate(
+            name, summary["candidate"], "shadow", self.fraction, **self.trial_options
+        )
+        self.events.append(
+            {
+                "event": "candidate",
+                "member": name,
+                "best_config": summary["best_config"],
+                "best_metric": summary["best_metric"],
+            }
+        )

@@ -15,6 +15,7 @@ Running a study whose directory already holds its Tune experiment restores it
 (`Tuner.restore(..., resume_errored=True)`): finished cells are kept, the others run; a run that
 stopped midway continues from its own checkpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,7 +35,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray import tune
 
-from fedmeta.sim.engine.cluster import init_ray
 from fedmeta.sim.config import (
     ConfigError,
     ExperimentConfig,
@@ -46,11 +46,12 @@ from fedmeta.sim.config import (
     read_yaml,
     with_absolute_paths,
 )
+from fedmeta.sim.engine.cluster import init_ray
 from fedmeta.sim.tuning.autotune import run_experiment
 from fedmeta.sim.tuning.study_plots import ID_COLUMNS, METRICS, plot_study
 from fedmeta.sim.tuning.tune import check_fits
 
-TRIALS = "trials"           # the Tune experiment's folder inside the study directory
+TRIALS = "trials"  # the Tune experiment's folder inside the study directory
 SPEC_FILE = "study.yaml"
 KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 SCALARS = (bool, int, float, str, type(None))
@@ -61,10 +62,14 @@ class StudySpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    base: str = Field(min_length=1, description="a preset name (quickstart) or an experiment YAML; a relative "
-                                                "path is read from the study file's folder")
-    overrides: dict[str, Any] = Field(default_factory=dict, alias="set",
-                                      description="dotted key -> value, applied to every cell")
+    base: str = Field(
+        min_length=1,
+        description="a preset name (quickstart) or an experiment YAML; a relative "
+        "path is read from the study file's folder",
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, alias="set", description="dotted key -> value, applied to every cell"
+    )
     grid: dict[str, Any] = Field(description="dotted key -> list of values; the cells are every combination")
     repeats: int = Field(1, ge=1, description="seeds per cell: base seed + 0 .. repeats-1")
     name: str | None = Field(None, pattern=r"^[\w.-]+$", description="the study directory's name")
@@ -113,8 +118,8 @@ class Study:
 
     path: Path
     spec: StudySpec
-    base: str                       # the resolved base: a preset name or an absolute path
-    cells: list[dict]               # grid values and seed per trial, in the grid's order
+    base: str  # the resolved base: a preset name or an absolute path
+    cells: list[dict]  # grid values and seed per trial, in the grid's order
     configs: list[ExperimentConfig]
 
     @property
@@ -127,8 +132,14 @@ class Study:
 
     def record(self) -> dict:
         """What study.yaml holds: the study with its base resolved (what a rerun is compared with)."""
-        return {"name": self.spec.name or self.path.stem, "source": str(self.path.resolve()), "base": self.base,
-                "set": self.spec.overrides, "grid": self.spec.grid, "repeats": self.spec.repeats}
+        return {
+            "name": self.spec.name or self.path.stem,
+            "source": str(self.path.resolve()),
+            "base": self.base,
+            "set": self.spec.overrides,
+            "grid": self.spec.grid,
+            "repeats": self.spec.repeats,
+        }
 
     def raw_configs(self) -> dict[str, dict]:
         """cell id -> the cell's full experiment config, what each trial runs."""
@@ -154,7 +165,9 @@ def load_study(path: str | Path) -> Study:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"{path}: set.seed: expected an integer (got {seed!r})")
     values = [[(k, v) for v in vs] for k, vs in spec.grid.items()]
-    cells = [{**dict(combo), "seed": seed + i} for combo in itertools.product(*values) for i in range(spec.repeats)]
+    cells = [
+        {**dict(combo), "seed": seed + i} for combo in itertools.product(*values) for i in range(spec.repeats)
+    ]
     configs = [_cell_config(path, spec, base, cell) for cell in cells]
     return Study(path, spec, str(base), cells, configs)
 
@@ -255,7 +268,9 @@ def cell_id(cell: dict) -> str:
     """A cell's folder name: its key=value pairs (sorted, so Tune's copy of the config gives the same
     name), cut short, plus a hash of the whole cell so two cells never share a folder."""
     items = sorted(cell.items())
-    readable = re.sub(r"[^\w.=,-]", "_", ",".join(f"{k.rsplit('.', 1)[-1]}={json.dumps(v)}" for k, v in items))
+    readable = re.sub(
+        r"[^\w.=,-]", "_", ",".join(f"{k.rsplit('.', 1)[-1]}={json.dumps(v)}" for k, v in items)
+    )
     digest = hashlib.sha1(json.dumps(items).encode()).hexdigest()[:8]
     return f"{readable[:80]}-{digest}"
 
@@ -275,10 +290,12 @@ def run_study(path: str | Path, resume: str | Path | None = None, progress: bool
         directory.mkdir(parents=True, exist_ok=True)
         (directory / SPEC_FILE).write_text(yaml.safe_dump(study.record(), sort_keys=False))
         if restore:
-            tuner = tune.Tuner.restore(str((directory / TRIALS).resolve()), trainable=trainable, resume_errored=True)
+            tuner = tune.Tuner.restore(
+                str((directory / TRIALS).resolve()), trainable=trainable, resume_errored=True
+            )
         else:
             tuner = build_tuner(study, directory, trainable, progress)
-        with contextlib.redirect_stdout(sys.stderr):      # Tune's console notes; stdout is the caller's
+        with contextlib.redirect_stdout(sys.stderr):  # Tune's console notes; stdout is the caller's
             results = tuner.fit()
     finally:
         if started:
@@ -302,8 +319,10 @@ def _restorable(study: Study, directory: Path, explicit: bool) -> bool:
         old = yaml.safe_load(saved.read_text()) or {}
         new = study.record()
         if any(old.get(k) != new[k] for k in ("base", "set", "grid", "repeats")):
-            raise ConfigError(f"{flag}{directory}: holds another study (its {SPEC_FILE} differs in base, set, grid "
-                              f"or repeats); give this study another name: or out_dir:")
+            raise ConfigError(
+                f"{flag}{directory}: holds another study (its {SPEC_FILE} differs in base, set, grid "
+                f"or repeats); give this study another name: or out_dir:"
+            )
     return can
 
 
@@ -333,7 +352,7 @@ def _finished_run(cfg: ExperimentConfig, run_dir: Path) -> dict:
     try:
         return json.loads((run_dir / "summary.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        pass                        # not finished, or its summary was damaged: the checkpoint decides
+        pass  # not finished, or its summary was damaged: the checkpoint decides
     resume = (run_dir / "checkpoint.pt").is_file()
     return run_experiment(cfg, run_dir=run_dir, resume=resume, progress=None)[1]
 
@@ -351,7 +370,9 @@ def cell_metrics(summary: dict) -> dict[str, float]:
 
 def make_trainable(study: Study, directory: Path, placements: dict):
     """The trial function with its fixed arguments and per-cell resources (also what restore needs)."""
-    trainable = tune.with_parameters(study_trial, cells=study.raw_configs(), study_dir=str(directory.resolve()))
+    trainable = tune.with_parameters(
+        study_trial, cells=study.raw_configs(), study_dir=str(directory.resolve())
+    )
     return tune.with_resources(trainable, lambda config: placements[cell_id(config)])
 
 
@@ -359,10 +380,16 @@ def build_tuner(study: Study, directory: Path, trainable, progress: bool) -> tun
     space = {k: tune.grid_search(list(v)) for k, v in study.spec.grid.items()}
     space["seed"] = tune.grid_search(sorted({c["seed"] for c in study.cells}))
     return tune.Tuner(
-        trainable, param_space=space,
+        trainable,
+        param_space=space,
         tune_config=tune.TuneConfig(num_samples=1, reuse_actors=False, trial_dirname_creator=_trial_dirname),
-        run_config=tune.RunConfig(name=TRIALS, storage_path=str(directory.resolve()), verbose=0,
-                                  callbacks=[CellLog(len(study.cells))] if progress else None))
+        run_config=tune.RunConfig(
+            name=TRIALS,
+            storage_path=str(directory.resolve()),
+            verbose=0,
+            callbacks=[CellLog(len(study.cells))] if progress else None,
+        ),
+    )
 
 
 def _trial_dirname(trial) -> str:
@@ -387,9 +414,13 @@ def _incomplete(study: Study, directory: Path, results, done: int) -> StudyIncom
     errors = [e for e in results.errors if e is not None]
     first = str(errors[0]).strip().splitlines()[-1] if errors else ""
     why = f"{len(errors)} failed, first: {first}" if errors else "interrupted"
-    return StudyIncomplete(f"{done} of {len(study.cells)} cells finished ({why}); finished cells are in "
-                           f"{directory / 'study.parquet'}; finish with `fedmeta study {study.path} --resume "
-                           f"{directory}`", directory, interrupted=not errors)
+    return StudyIncomplete(
+        f"{done} of {len(study.cells)} cells finished ({why}); finished cells are in "
+        f"{directory / 'study.parquet'}; finish with `fedmeta study {study.path} --resume "
+        f"{directory}`",
+        directory,
+        interrupted=not errors,
+    )
 
 
 # ---------------------------------------------------------------- the table
@@ -401,8 +432,11 @@ def study_table(study: Study, results) -> pd.DataFrame:
         if r.error is not None or not r.metrics or "run_dir" not in r.metrics:
             continue
         cell = {k: r.config[k] for k in (*study.keys, "seed")}
-        rows[order[cell_id(cell)]] = {**cell, "run_dir": r.metrics["run_dir"],
-                                      **{m: _float(r.metrics.get(m)) for m in METRICS}}
+        rows[order[cell_id(cell)]] = {
+            **cell,
+            "run_dir": r.metrics["run_dir"],
+            **{m: _float(r.metrics.get(m)) for m in METRICS},
+        }
     columns = [*study.keys, *ID_COLUMNS, *METRICS]
     table = pd.DataFrame([rows[i] for i in sorted(rows)], columns=columns)
     for key in study.keys:
@@ -417,7 +451,9 @@ def _float(v) -> float:
 def _one_type(col: pd.Series) -> pd.Series:
     """Parquet needs one type per column: values of mixed kinds (e.g. 20 and 'auto') become text."""
     kinds = {type(v) for v in col if v is not None}
-    return col if len(kinds) <= 1 or kinds <= {int, float} else col.map(lambda v: None if v is None else str(v))
+    return (
+        col if len(kinds) <= 1 or kinds <= {int, float} else col.map(lambda v: None if v is None else str(v))
+    )
 
 
 def write_table(table: pd.DataFrame, directory: Path) -> None:

@@ -10,6 +10,7 @@ Which plots come out depends on the keys that vary:
 Each line is one combination of the other varied keys; with several seeds per cell the points are
 the mean over seeds and the error bars one sd.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,27 +25,62 @@ from matplotlib.figure import Figure
 from fedmeta.sim.config import ConfigError
 
 ID_COLUMNS = ("seed", "run_dir")
-METRICS = ("clients_per_s", "s_per_round", "peak_rss_mib", "bytes_up_per_client", "bytes_down_per_client",
-           "sim_time_s", "time_to_target_s", "acc_personalized_DI", "acc_global_DI", "acc_global_DG", "epsilon",
-           "mia_auc", "mia_auc_personalized", "mia_auc_individual", "privacy_weight")
-LABELS = {"clients_per_s": "clients / s", "s_per_round": "s / round", "peak_rss_mib": "peak RSS (MiB)",
-          "bytes_up_per_client": "bytes up / client", "bytes_down_per_client": "bytes down / client",
-          "sim_time_s": "simulated time (s)", "time_to_target_s": "simulated time to target (s)",
-          "acc_personalized_DI": "acc(D_I), personalized", "acc_global_DI": "acc(D_I), global model",
-          "acc_global_DG": "acc(D_G), global model", "epsilon": "DP epsilon", "mia_auc": "membership-inference AUC",
-          "mia_auc_personalized": "membership-inference AUC, personalized",
-          "mia_auc_individual": "membership-inference AUC per individual, personalized",
-          "privacy_weight": "privacy weight lambda"}
-MAIN = ("clients_per_s", "s_per_round", "acc_personalized_DI", "acc_global_DI", "bytes_up_per_client", "sim_time_s",
-        "time_to_target_s", "epsilon", "mia_auc")
+METRICS = (
+    "clients_per_s",
+    "s_per_round",
+    "peak_rss_mib",
+    "bytes_up_per_client",
+    "bytes_down_per_client",
+    "sim_time_s",
+    "time_to_target_s",
+    "acc_personalized_DI",
+    "acc_global_DI",
+    "acc_global_DG",
+    "epsilon",
+    "mia_auc",
+    "mia_auc_personalized",
+    "mia_auc_individual",
+    "privacy_weight",
+)
+LABELS = {
+    "clients_per_s": "clients / s",
+    "s_per_round": "s / round",
+    "peak_rss_mib": "peak RSS (MiB)",
+    "bytes_up_per_client": "bytes up / client",
+    "bytes_down_per_client": "bytes down / client",
+    "sim_time_s": "simulated time (s)",
+    "time_to_target_s": "simulated time to target (s)",
+    "acc_personalized_DI": "acc(D_I), personalized",
+    "acc_global_DI": "acc(D_I), global model",
+    "acc_global_DG": "acc(D_G), global model",
+    "epsilon": "DP epsilon",
+    "mia_auc": "membership-inference AUC",
+    "mia_auc_personalized": "membership-inference AUC, personalized",
+    "mia_auc_individual": "membership-inference AUC per individual, personalized",
+    "privacy_weight": "privacy weight lambda",
+}
+MAIN = (
+    "clients_per_s",
+    "s_per_round",
+    "acc_personalized_DI",
+    "acc_global_DI",
+    "bytes_up_per_client",
+    "sim_time_s",
+    "time_to_target_s",
+    "epsilon",
+    "mia_auc",
+)
 SPECIAL = ("ray.num_workers", "federation.clients_per_round", "secagg.neighbors")
-AXES = {"ray.num_workers": "worker actors (ray.num_workers)", "federation.clients_per_round": "clients per round",
-        "secagg.neighbors": "secagg.neighbors k (null: complete graph)"}
+AXES = {
+    "ray.num_workers": "worker actors (ray.num_workers)",
+    "federation.clients_per_round": "clients per round",
+    "secagg.neighbors": "secagg.neighbors k (null: complete graph)",
+}
 
 
 def grid_keys(df: pd.DataFrame) -> list[str]:
     """The grid's dotted keys: the table's columns before `seed`."""
-    return list(df.columns[:list(df.columns).index("seed")])
+    return list(df.columns[: list(df.columns).index("seed")])
 
 
 def varied_keys(df: pd.DataFrame) -> list[str]:
@@ -67,13 +103,34 @@ def plot_study(df: pd.DataFrame, out: Path) -> list[Path]:
     if "ray.num_workers" in varied and has_data(df, "clients_per_s"):
         paths.append(strong_scaling(df, out / "strong_scaling.png"))
     if "federation.clients_per_round" in varied:
-        paths.append(panels(df, "federation.clients_per_round", ("acc_personalized_DI", "acc_global_DI"),
-                            out / "accuracy_vs_clients_per_round.png", "Accuracy against cohort size"))
-        paths.append(panels(df, "federation.clients_per_round", ("bytes_up_per_client", "bytes_down_per_client"),
-                            out / "bytes_vs_clients_per_round.png", "Communication per client against cohort size"))
+        paths.append(
+            panels(
+                df,
+                "federation.clients_per_round",
+                ("acc_personalized_DI", "acc_global_DI"),
+                out / "accuracy_vs_clients_per_round.png",
+                "Accuracy against cohort size",
+            )
+        )
+        paths.append(
+            panels(
+                df,
+                "federation.clients_per_round",
+                ("bytes_up_per_client", "bytes_down_per_client"),
+                out / "bytes_vs_clients_per_round.png",
+                "Communication per client against cohort size",
+            )
+        )
     if "secagg.neighbors" in varied:
-        paths.append(panels(df, "secagg.neighbors", ("s_per_round", "bytes_up_per_client"),
-                            out / "secagg_overhead.png", "Secure aggregation's cost against neighbours k"))
+        paths.append(
+            panels(
+                df,
+                "secagg.neighbors",
+                ("s_per_round", "bytes_up_per_client"),
+                out / "secagg_overhead.png",
+                "Secure aggregation's cost against neighbours k",
+            )
+        )
     for key in varied:
         if key not in SPECIAL:
             paths.append(panels(df, key, MAIN, out / f"metrics_vs_{key}.png", f"Metrics against {key}"))
@@ -100,21 +157,28 @@ def lines(df: pd.DataFrame, x: str) -> list[tuple[str, pd.DataFrame]]:
     if not others:
         return [("", df)]
     groups = df.groupby(others, dropna=False, sort=False)
-    return [(", ".join(f"{k}={_show(v)}" for k, v in zip(others, key if isinstance(key, tuple) else (key,))), rows)
-            for key, rows in groups]
+    return [
+        (
+            ", ".join(f"{k}={_show(v)}" for k, v in zip(others, key if isinstance(key, tuple) else (key,))),
+            rows,
+        )
+        for key, rows in groups
+    ]
 
 
 def plot_metric(ax, df: pd.DataFrame, x: str, metric: str, style: str = "-o", prefix: str = "") -> None:
     """One line per combination of the other varied keys; error bars when a cell has several seeds."""
     numeric = _numeric(df[x])
-    ticks = list(dict.fromkeys(_show(v) for v in df[x].tolist()))     # categorical axis: the grid's order
+    ticks = list(dict.fromkeys(_show(v) for v in df[x].tolist()))  # categorical axis: the grid's order
     for label, rows in lines(df, x):
         s = summarize(rows, x, metric)
         if numeric:
             s = s.sort_values(x)
         xs = s[x].astype(float) if numeric else [ticks.index(_show(v)) for v in s[x].tolist()]
         yerr = s["sd"] if (s["n"] > 1).any() else None
-        ax.errorbar(xs, s["mean"], yerr=yerr, fmt=style, capsize=3, label=(prefix + label).strip(", ") or None)
+        ax.errorbar(
+            xs, s["mean"], yerr=yerr, fmt=style, capsize=3, label=(prefix + label).strip(", ") or None
+        )
     _ticks(ax, df[x], numeric, ticks)
     ax.set(xlabel=AXES.get(x, x), ylabel=LABELS.get(metric, metric))
     ax.grid(alpha=0.3)
@@ -142,7 +206,7 @@ def panels(df: pd.DataFrame, x: str, metrics, path: Path, title: str) -> Path | 
         plot_metric(ax, df, x, metric)
         if ax.get_legend_handles_labels()[1]:
             ax.legend(fontsize=7)
-    for ax in axes.flat[len(metrics):]:
+    for ax in axes.flat[len(metrics) :]:
         ax.set_visible(False)
     fig.suptitle(title + _bars_note(df), fontsize=10)
     return _save(fig, path)
@@ -158,8 +222,14 @@ def strong_scaling(df: pd.DataFrame, path: Path) -> Path:
         yerr = s["sd"] if (s["n"] > 1).any() else None
         line = ax.errorbar(s[x], s["mean"], yerr=yerr, fmt="-o", capsize=3, label=label or "measured")
         w0, t0 = float(s[x].iloc[0]), float(s["mean"].iloc[0])
-        ax.plot(s[x], t0 * s[x].astype(float) / w0, "--", color=line[0].get_color(), alpha=0.6,
-                label=f"ideal (linear){', ' + label if label else ''}")
+        ax.plot(
+            s[x],
+            t0 * s[x].astype(float) / w0,
+            "--",
+            color=line[0].get_color(),
+            alpha=0.6,
+            label=f"ideal (linear){', ' + label if label else ''}",
+        )
     _ticks(ax, df[x], True, [])
     ax.set(xlabel=AXES[x], ylabel=LABELS["clients_per_s"])
     ax.set_title("Strong scaling: throughput against workers" + _bars_note(df), fontsize=10)
@@ -175,7 +245,9 @@ def _bars_note(df: pd.DataFrame) -> str:
 
 def _numeric(col: pd.Series) -> bool:
     """A number line for int/float values; booleans, text and null are categories."""
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and not pd.isna(v) for v in col.tolist())
+    return all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and not pd.isna(v) for v in col.tolist()
+    )
 
 
 def _show(v) -> str:

@@ -18,7 +18,9 @@ def test_weighted_mean_and_server_lr():
     # worker 0: two clients, weights 1 and 3, updates (1,1,1) and (2,0,0) -> sum (7,1,1), weight 4
     new, met = agg.aggregate(0, g, msg(0, 0, [7, 1, 1], 4.0, [0, 1]), msg(0, 1, [1, 3, 3], 4.0, [5]))
     np.testing.assert_allclose(new, g + 0.5 * np.array([8, 4, 4]) / 8.0, rtol=1e-6)
-    assert met["clients"] == 3 and not met["skipped"] and "train_loss" not in met   # losses stay with the driver
+    assert (
+        met["clients"] == 3 and not met["skipped"] and "train_loss" not in met
+    )  # losses stay with the driver
 
 
 def test_no_survivors_keeps_model():
@@ -28,11 +30,14 @@ def test_no_survivors_keeps_model():
     assert met["skipped"] and np.array_equal(new, g)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (lambda: msg(1, 0, [0, 0], 1.0, [0]), "is for round 1"),
-    (lambda: msg(0, 0, [0, 0, 0], 1.0, [0]), "sent 3 parameters, expected 2"),
-    (lambda: msg(0, 0, [np.nan, 0], 1.0, [0]), "non-finite"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda: msg(1, 0, [0, 0], 1.0, [0]), "is for round 1"),
+        (lambda: msg(0, 0, [0, 0, 0], 1.0, [0]), "sent 3 parameters, expected 2"),
+        (lambda: msg(0, 0, [np.nan, 0], 1.0, [0]), "non-finite"),
+    ],
+)
 def test_bad_messages_abort_without_change(bad, match):
     agg = Aggregator(AlgorithmConfig(), 2)
     with pytest.raises(AggregationError, match=match):
@@ -45,7 +50,9 @@ def test_plain_and_masked_messages_are_refused_where_they_do_not_belong():
     with pytest.raises(AggregationError, match="masked sum outside"):
         Aggregator(AlgorithmConfig(), 2).aggregate(0, np.zeros(2, np.float32), masked)
     with pytest.raises(AggregationError, match="unmasked update under secure aggregation"):
-        Aggregator(AlgorithmConfig(), 2, secure=True).aggregate(0, np.zeros(2, np.float32), msg(0, 0, [0, 0], 1.0, [1]))
+        Aggregator(AlgorithmConfig(), 2, secure=True).aggregate(
+            0, np.zeros(2, np.float32), msg(0, 0, [0, 0], 1.0, [1])
+        )
 
 
 def test_duplicate_clients_rejected():
@@ -63,10 +70,12 @@ def test_central_dp_noise_and_fixed_denominator():
     # mean = (sum + N(0, (zC)^2)) / expected cohort: noise std 1.0 / 10 around 1 / 10
     assert abs(new.mean() - 0.1) < 0.01 and abs(new.std() - 0.1) < 0.01 and met["noise_std"] == 1.0
     other, _ = Aggregator(AlgorithmConfig(), 4000, dp, seed=1).aggregate(0, g, m)
-    assert not np.array_equal(new, other)      # secret noise: the seed does not determine it
-    seeded = [Aggregator(AlgorithmConfig(), 4000, dp, seed=1, secrets=Secrets.seeded(1)).aggregate(0, g, m)[0]
-              for _ in range(2)]
-    np.testing.assert_array_equal(*seeded)    # run.seeded_secrets: the stream is (seed, round)
+    assert not np.array_equal(new, other)  # secret noise: the seed does not determine it
+    seeded = [
+        Aggregator(AlgorithmConfig(), 4000, dp, seed=1, secrets=Secrets.seeded(1)).aggregate(0, g, m)[0]
+        for _ in range(2)
+    ]
+    np.testing.assert_array_equal(*seeded)  # run.seeded_secrets: the stream is (seed, round)
 
 
 def test_central_dp_releases_noise_even_for_an_empty_cohort():
@@ -75,7 +84,7 @@ def test_central_dp_releases_noise_even_for_an_empty_cohort():
     g = np.zeros(50, np.float32)
     new, met = Aggregator(AlgorithmConfig(), 50, dp, seed=2).aggregate(0, g)
     assert not met["skipped"] and met["noise_std"] == 1.0 and np.abs(new).max() > 0
-    kept, met = Aggregator(AlgorithmConfig(), 50).aggregate(0, g)     # without DP nothing is released
+    kept, met = Aggregator(AlgorithmConfig(), 50).aggregate(0, g)  # without DP nothing is released
     assert met["skipped"] and np.array_equal(kept, g)
 
 
@@ -87,8 +96,12 @@ def test_a_panel_metric_is_a_noisy_sum_over_the_planned_panel_under_dp():
     plain = Aggregator(AlgorithmConfig(), 2).aggregate_metric(7, *parts, panel=10)
     assert plain == {"count": 9, "mia_auc_DI": pytest.approx(5.5 / 9)}
     dp = UserLevelDP("central", clip_norm=1.0, noise_multiplier=1.0, expected_clients=10)
-    released = [Aggregator(AlgorithmConfig(), 2, dp=dp, secrets=Secrets.fresh(s)).aggregate_metric(
-        7, *parts, noise=3.0, panel=10) for s in range(400)]
+    released = [
+        Aggregator(AlgorithmConfig(), 2, dp=dp, secrets=Secrets.fresh(s)).aggregate_metric(
+            7, *parts, noise=3.0, panel=10
+        )
+        for s in range(400)
+    ]
     assert {r["count"] for r in released} == {10}
-    values = np.array([r["mia_auc_DI"] for r in released]) * 10 - 5.5      # the noise on the sum
+    values = np.array([r["mia_auc_DI"] for r in released]) * 10 - 5.5  # the noise on the sum
     assert abs(values.mean()) < 3 * 3.0 / np.sqrt(400) and values.std() == pytest.approx(3.0, rel=0.15)

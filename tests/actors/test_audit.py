@@ -1,4 +1,5 @@
 """One-run privacy audit (Steinke, Nasr & Jagielski 2023): validity, power, exact values, input checks."""
+
 from __future__ import annotations
 
 import math
@@ -38,6 +39,7 @@ def leak_free_run(m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 # validity and power on simulated mechanisms
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("eps0", [0.5, 2.0])
 def test_randomized_response_bound_rarely_exceeds_true_epsilon(eps0: float) -> None:
     single, best, best_delta = [], [], []
@@ -75,6 +77,7 @@ def test_no_leakage_gives_zero_in_most_seeds() -> None:
 # monotonicity (hypothesis); 2 m delta <= 1 is where the p-value is provably monotone
 # ---------------------------------------------------------------------------------------------
 
+
 @st.composite
 def audit_setting(draw: st.DrawFn) -> tuple[int, int, float]:
     r = draw(st.integers(1, 300))
@@ -85,8 +88,9 @@ def audit_setting(draw: st.DrawFn) -> tuple[int, int, float]:
 
 @settings(max_examples=60, deadline=None)
 @given(audit_setting(), st.data(), st.floats(0.5, 0.999))
-def test_more_correct_guesses_never_lower_the_bound(setting: tuple[int, int, float], data: st.DataObject,
-                                                    confidence: float) -> None:
+def test_more_correct_guesses_never_lower_the_bound(
+    setting: tuple[int, int, float], data: st.DataObject, confidence: float
+) -> None:
     r, m, delta = setting
     v1 = data.draw(st.integers(0, r))
     v2 = data.draw(st.integers(v1, r))
@@ -97,8 +101,9 @@ def test_more_correct_guesses_never_lower_the_bound(setting: tuple[int, int, flo
 
 @settings(max_examples=60, deadline=None)
 @given(audit_setting(), st.data(), st.floats(0.5, 0.999), st.floats(0.5, 0.999))
-def test_higher_confidence_never_raises_the_bound(setting: tuple[int, int, float], data: st.DataObject,
-                                                  c1: float, c2: float) -> None:
+def test_higher_confidence_never_raises_the_bound(
+    setting: tuple[int, int, float], data: st.DataObject, c1: float, c2: float
+) -> None:
     r, m, delta = setting
     v = data.draw(st.integers(0, r))
     low, high = sorted((c1, c2))
@@ -118,6 +123,7 @@ def test_delta_only_weakens_the_bound(setting: tuple[int, int, float], data: st.
 # ---------------------------------------------------------------------------------------------
 # values against independent derivations
 # ---------------------------------------------------------------------------------------------
+
 
 def binomial_tail(r: int, q: float, v: int) -> float:
     """P[Bin(r, q) >= v] from the definition, without scipy.stats."""
@@ -158,8 +164,10 @@ def test_pure_dp_matches_root_of_binomial_tail(v: int, r: int) -> None:
     assert epsilon_lower_bound(v, r) == pytest.approx(expected, abs=1e-6)
 
 
-@pytest.mark.parametrize(("m", "r", "v", "delta"), [(200, 100, 80, 1e-3), (100, 60, 55, 1e-4), (150, 150, 120, 1e-3),
-                                                    (60, 30, 30, 1e-3)])
+@pytest.mark.parametrize(
+    ("m", "r", "v", "delta"),
+    [(200, 100, 80, 1e-3), (100, 60, 55, 1e-4), (150, 150, 120, 1e-3), (60, 30, 30, 1e-3)],
+)
 def test_approximate_dp_is_the_threshold_of_the_theorem(m: int, r: int, v: int, delta: float) -> None:
     beta = 0.05
     eps = epsilon_lower_bound(v, r, delta=delta, canaries=m)
@@ -177,6 +185,7 @@ def test_delta_large_enough_rejects_nothing() -> None:
 # ---------------------------------------------------------------------------------------------
 # guesses, audits and the grid
 # ---------------------------------------------------------------------------------------------
+
 
 def test_guesses_marks_extremes_and_breaks_ties_stably() -> None:
     g = guesses([0.3, 5.0, -1.0, 2.0, 0.0], k_plus=2, k_minus=1)
@@ -214,8 +223,10 @@ def test_best_audit_is_bonferroni_max_over_grid() -> None:
     res = best_audit(scores, included, confidence=0.9, ks=[8, (64, 0), 128])
     assert res["grid_size"] == 3
     assert res["per_test_confidence"] == pytest.approx(1 - 0.1 / 3)
-    singles = [audit_one_run(scores, included, kp, km, confidence=1 - 0.1 / 3)["epsilon_lower"]
-               for kp, km in [(8, 8), (64, 0), (128, 128)]]
+    singles = [
+        audit_one_run(scores, included, kp, km, confidence=1 - 0.1 / 3)["epsilon_lower"]
+        for kp, km in [(8, 8), (64, 0), (128, 128)]
+    ]
     assert res["epsilon_lower"] == max(singles)
     assert res["confidence"] == 0.9
 
@@ -233,6 +244,7 @@ def test_best_audit_default_grid_and_single_point() -> None:
 # ---------------------------------------------------------------------------------------------
 # TPR at fixed FPR
 # ---------------------------------------------------------------------------------------------
+
 
 def test_tpr_at_fpr_on_constructed_scores() -> None:
     nonmembers = np.arange(100.0)  # 0 .. 99
@@ -258,20 +270,24 @@ def test_tpr_at_fpr_empirical_fpr_never_exceeds_target() -> None:
 # bad inputs
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("kwargs", "name"), [
-    ({"correct": 5, "guesses_made": 4}, "correct"),
-    ({"correct": -1, "guesses_made": 4}, "correct"),
-    ({"correct": 1, "guesses_made": -4}, "guesses_made"),
-    ({"correct": 1.5, "guesses_made": 4}, "correct"),
-    ({"correct": True, "guesses_made": 4}, "correct"),
-    ({"correct": 1, "guesses_made": 4, "confidence": 0.0}, "confidence"),
-    ({"correct": 1, "guesses_made": 4, "confidence": 1.0}, "confidence"),
-    ({"correct": 1, "guesses_made": 4, "confidence": float("nan")}, "confidence"),
-    ({"correct": 1, "guesses_made": 4, "delta": -0.1}, "delta"),
-    ({"correct": 1, "guesses_made": 4, "delta": 1.0, "canaries": 10}, "delta"),
-    ({"correct": 1, "guesses_made": 4, "delta": 1e-5}, "canaries"),
-    ({"correct": 1, "guesses_made": 4, "canaries": 3}, "canaries"),
-])
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"correct": 5, "guesses_made": 4}, "correct"),
+        ({"correct": -1, "guesses_made": 4}, "correct"),
+        ({"correct": 1, "guesses_made": -4}, "guesses_made"),
+        ({"correct": 1.5, "guesses_made": 4}, "correct"),
+        ({"correct": True, "guesses_made": 4}, "correct"),
+        ({"correct": 1, "guesses_made": 4, "confidence": 0.0}, "confidence"),
+        ({"correct": 1, "guesses_made": 4, "confidence": 1.0}, "confidence"),
+        ({"correct": 1, "guesses_made": 4, "confidence": float("nan")}, "confidence"),
+        ({"correct": 1, "guesses_made": 4, "delta": -0.1}, "delta"),
+        ({"correct": 1, "guesses_made": 4, "delta": 1.0, "canaries": 10}, "delta"),
+        ({"correct": 1, "guesses_made": 4, "delta": 1e-5}, "canaries"),
+        ({"correct": 1, "guesses_made": 4, "canaries": 3}, "canaries"),
+    ],
+)
 def test_epsilon_lower_bound_rejects_bad_inputs(kwargs: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):
         epsilon_lower_bound(**kwargs)

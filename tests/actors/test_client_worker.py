@@ -23,8 +23,14 @@ def test_message_is_the_weighted_sum_of_client_updates(worker):
     weight = 0.0
     for c in ids:  # one client at a time, the way a reader would compute it
         d = worker.data.client(c)
-        u, _ = worker.algorithm.client_update(worker.model, g, [d.x_train], [d.y_train],
-                                              [np_rng(worker.cfg.seed, "local-batches", 5, c)], "loop")
+        u, _ = worker.algorithm.client_update(
+            worker.model,
+            g,
+            [d.x_train],
+            [d.y_train],
+            [np_rng(worker.cfg.seed, "local-batches", 5, c)],
+            "loop",
+        )
         w = worker.algorithm.client_weight(len(d.y_train))
         expected += w * u[0]
         weight += w
@@ -64,20 +70,21 @@ def test_a_dp_config_needs_the_runs_dp_object():
 
 def test_a_quota_keeps_the_first_clients_and_a_deadline_stops_between_clients(monkeypatch):
     import fedmeta.actors.client_worker as cw
+
     raw = tiny_raw()
-    raw["ray"] = {**raw["ray"], "compute": "loop"}          # under a deadline: one client per step
+    raw["ray"] = {**raw["ray"], "compute": "loop"}  # under a deadline: one client per step
     w = ClientWorker(from_dict(raw))
     g = np.zeros(w.n_params, np.float32) + 0.01
     ids = [3, 11, 25, 30, 31]
     full, _ = w.train(1, g, ids[:2])
-    m, diag = w.train(1, g, ids, quota=2)                   # over-selection: the first 2 to finish report
+    m, diag = w.train(1, g, ids, quota=2)  # over-selection: the first 2 to finish report
     assert m.client_ids == (3, 11) and diag.clients == 2 and diag.late == 3
     np.testing.assert_allclose(m.weighted_sum, full.weighted_sum, atol=1e-6)
     clock = iter(range(100))
-    monkeypatch.setattr(cw, "_now", lambda: next(clock))    # each step takes one second
-    m, diag = w.train(1, g, ids, deadline=2.5)              # steps start at 0, 1, 2; not at 3
+    monkeypatch.setattr(cw, "_now", lambda: next(clock))  # each step takes one second
+    m, diag = w.train(1, g, ids, deadline=2.5)  # steps start at 0, 1, 2; not at 3
     assert m.client_ids == (3, 11, 25) and diag.late == 2
-    m, diag = w.train(1, g, ids, deadline=-1.0)             # already late: nobody reports
+    m, diag = w.train(1, g, ids, deadline=-1.0)  # already late: nobody reports
     assert m.client_ids == () and diag.late == 5 and not m.weighted_sum.any()
 
 
@@ -118,6 +125,6 @@ def test_simulated_devices_pick_who_reports_and_say_how_long_the_round_took():
     m, diag = w.train(1, g, ids, quota=5)
     assert m.client_ids == tuple(sorted(fastest)) and diag.late == 7
     assert diag.sim_s == pytest.approx(max(seconds[c] for c in fastest))
-    limit = sorted(seconds.values())[8] - 1e-9                              # 8 devices finish in time
+    limit = sorted(seconds.values())[8] - 1e-9  # 8 devices finish in time
     m, diag = w.train(1, g, ids, deadline=limit)
     assert len(m.client_ids) == 8 and diag.sim_s == limit and max(seconds[c] for c in m.client_ids) <= limit

@@ -1,4 +1,5 @@
 """DP stage: clipping, central and distributed noise, Opacus accounting, MIA audit, privacy penalty."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -82,7 +83,7 @@ def test_central_noise_std_matches_z_c():
     assert m["noise_std"] == pytest.approx(z * c)
     # sample std of 2e5 normals is within ~0.3% (1 sd); allow 1.5%
     assert float(noised.std()) == pytest.approx(z * c, rel=0.015)
-    assert abs(float(noised.mean())) < 5 * z * c / n ** 0.5
+    assert abs(float(noised.mean())) < 5 * z * c / n**0.5
 
 
 def test_central_noise_deterministic_from_generator():
@@ -101,7 +102,7 @@ def test_distributed_shares_sum_to_target_variance():
     total = np.sum(shares, axis=0)
     target = (z * c / step) ** 2  # 484 steps^2
     assert total.var() == pytest.approx(target, rel=0.04)
-    assert abs(total.mean()) < 5 * target ** 0.5 / n ** 0.5
+    assert abs(total.mean()) < 5 * target**0.5 / n**0.5
 
 
 def test_distributed_share_deterministic_from_generator():
@@ -119,7 +120,9 @@ def test_effective_noise_multiplier_uses_survivors():
 
 
 # ---------------------------------------------------------------- accounting
-@pytest.mark.parametrize("name, opacus_cls, steps", [("rdp", RDPAccountant, 2250), ("prv", PRVAccountant, 200)])
+@pytest.mark.parametrize(
+    "name, opacus_cls, steps", [("rdp", RDPAccountant, 2250), ("prv", PRVAccountant, 200)]
+)
 def test_epsilon_reproduces_opacus(name, opacus_cls, steps):
     z, q, delta = 1.5, 0.04, 1e-5
     ref = opacus_cls()
@@ -214,9 +217,9 @@ def test_local_ledger_reports_the_worst_client():
     ledger = LocalDPLedger(1.1)
     assert ledger.epsilon(1e-5) == 0.0
     for _ in range(3):
-        ledger.record(7, 10, 0.25)       # client 7: 3 participations of 10 steps at q = 0.25
+        ledger.record(7, 10, 0.25)  # client 7: 3 participations of 10 steps at q = 0.25
     ledger.record(8, 10, 0.25)
-    ledger.record(9, 40, 0.05)           # a bigger client: lower rate, more steps
+    ledger.record(9, 40, 0.05)  # a bigger client: lower rate, more steps
     worst = max(epsilon_for(1.1, 0.25, 30, 1e-5), epsilon_for(1.1, 0.05, 40, 1e-5))
     assert ledger.epsilon(1e-5) == pytest.approx(worst, rel=1e-12)
     again = LocalDPLedger(1.1)
@@ -233,8 +236,11 @@ def test_client_half_clips_and_equalizes_only_when_bounded():
     u = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
     same, w = UserLevelDP().client_half(u, [5.0, 7.0])
     assert torch.equal(same, u) and w.tolist() == [5.0, 7.0]
-    for dp in (UserLevelDP("central", clip_norm=1.0, bound_updates=True), UserLevelDP(clip_norm=1.0, bound_updates=True)):
-        clipped, w = dp.client_half(u, [5.0, 7.0])   # DP, or secure aggregation's fixed-point range
+    for dp in (
+        UserLevelDP("central", clip_norm=1.0, bound_updates=True),
+        UserLevelDP(clip_norm=1.0, bound_updates=True),
+    ):
+        clipped, w = dp.client_half(u, [5.0, 7.0])  # DP, or secure aggregation's fixed-point range
         torch.testing.assert_close(clipped, torch.tensor([[0.6, 0.8], [0.3, 0.4]]))
         assert w.tolist() == [1.0, 1.0]
 
@@ -244,13 +250,13 @@ def test_server_half_noise_and_denominator_by_mode():
 
     total = torch.zeros(20000)
     mean, met = UserLevelDP().server_half(total + 6.0, 3.0, torch_gen(0, "x"))
-    assert torch.equal(mean, torch.full((20000,), 2.0)) and met == {}       # off: divided by the weight
+    assert torch.equal(mean, torch.full((20000,), 2.0)) and met == {}  # off: divided by the weight
     central = UserLevelDP("central", clip_norm=2.0, noise_multiplier=0.5, expected_clients=10)
     mean, met = central.server_half(total, 3.0, torch_gen(0, "x"))
-    assert met["noise_std"] == 1.0 and float(mean.std()) == pytest.approx(0.1, rel=0.05)   # z C / cohort
+    assert met["noise_std"] == 1.0 and float(mean.std()) == pytest.approx(0.1, rel=0.05)  # z C / cohort
     distributed = UserLevelDP("distributed", clip_norm=2.0, noise_multiplier=0.5, expected_clients=10)
     mean, met = distributed.server_half(total + 5.0, 3.0, torch_gen(0, "x"))
-    assert met == {} and torch.equal(mean, torch.full((20000,), 0.5))    # the shares are already in the sum
+    assert met == {} and torch.equal(mean, torch.full((20000,), 0.5))  # the shares are already in the sum
 
 
 def test_noise_shares_and_round_noise_only_in_the_distributed_mode():
@@ -266,9 +272,11 @@ def test_noise_shares_and_round_noise_only_in_the_distributed_mode():
 def test_run_accounting_steps_released_rounds_and_stops_before_the_budget():
     from fedmeta.actors.privacy import RunAccounting, Sampling, UserLevelDP
 
-    dp = UserLevelDP("central", noise_multiplier=1.0, sampling=Sampling("poisson", 40, 10), target_epsilon=5.0)
+    dp = UserLevelDP(
+        "central", noise_multiplier=1.0, sampling=Sampling("poisson", 40, 10), target_epsilon=5.0
+    )
     acc = RunAccounting(dp)
-    acc.record_round({"skipped": True})              # an aborted round released nothing
+    acc.record_round({"skipped": True})  # an aborted round released nothing
     assert acc.epsilon() == 0.0 and acc.budget_stop() is None
     rounds = 0
     while acc.budget_stop() is None:
@@ -285,15 +293,31 @@ def test_accounting_facts_are_what_summary_and_card_report():
     from fedmeta.actors.privacy import RunAccounting, SampleLevelDP, Sampling, UserLevelDP
 
     off = RunAccounting(UserLevelDP(sampling=Sampling("fixed", 100, 10))).facts()
-    assert off == {"mode": "off", "differential_privacy": False, "epsilon": None, "delta": None,
-                   "noise_multiplier": None, "clip_norm": None, "accountant": None, "sample_rate": 0.1,
-                   "sampling": "fixed", "adjacency": None, "local_dp": None, "epsilon_by_party": None,
-                   "noise_sampler": None}
-    acc = RunAccounting(UserLevelDP(sampling=Sampling("fixed", 100, 10)),
-                        SampleLevelDP(clip=1.0, noise_multiplier=0.8, batch_size=8))
+    assert off == {
+        "mode": "off",
+        "differential_privacy": False,
+        "epsilon": None,
+        "delta": None,
+        "noise_multiplier": None,
+        "clip_norm": None,
+        "accountant": None,
+        "sample_rate": 0.1,
+        "sampling": "fixed",
+        "adjacency": None,
+        "local_dp": None,
+        "epsilon_by_party": None,
+        "noise_sampler": None,
+    }
+    acc = RunAccounting(
+        UserLevelDP(sampling=Sampling("fixed", 100, 10)),
+        SampleLevelDP(clip=1.0, noise_multiplier=0.8, batch_size=8),
+    )
     acc.record_round({"local_dp_releases": [(3, 4, 16), (5, 4, 16)]})
-    assert acc.facts()["local_dp"] == {"clip": 1.0, "noise_multiplier": 0.8,
-                                       "epsilon": pytest.approx(epsilon_for(0.8, 0.5, 4, 1e-5))}
+    assert acc.facts()["local_dp"] == {
+        "clip": 1.0,
+        "noise_multiplier": 0.8,
+        "epsilon": pytest.approx(epsilon_for(0.8, 0.5, 4, 1e-5)),
+    }
 
 
 # ---------------------------------------------------------------- sampling and its accounting
@@ -308,9 +332,14 @@ def test_the_dp_quickstart_under_each_sampling():
     assert epsilon_for(1.0, 0.05, 300, 1e-5) == pytest.approx(6.46, abs=0.01)
     fixed = epsilon_for(1.0, 0.05, 300, 1e-5, sampling=Sampling("fixed", 2000, 100))
     reference = RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
-    reference.compose(dpa.SelfComposedDpEvent(
-        dpa.SampledWithoutReplacementDpEvent(2000, 100, dpa.GaussianDpEvent(0.5)), 300))   # sensitivity 2C
-    assert fixed == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9) and fixed == pytest.approx(82.5, abs=0.1)
+    reference.compose(
+        dpa.SelfComposedDpEvent(
+            dpa.SampledWithoutReplacementDpEvent(2000, 100, dpa.GaussianDpEvent(0.5)), 300
+        )
+    )  # sensitivity 2C
+    assert fixed == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9) and fixed == pytest.approx(
+        82.5, abs=0.1
+    )
 
 
 def test_fixed_cohort_accountant_composes_varying_rounds_and_checkpoints():
@@ -319,7 +348,7 @@ def test_fixed_cohort_accountant_composes_varying_rounds_and_checkpoints():
     s = Sampling("fixed", 500, 50)
     acc = make_accountant("rdp", s)
     assert isinstance(acc, FixedCohortAccountant) and acc.epsilon(1e-5) == 0.0
-    for z in (1.0, 1.0, 0.8, 1.0):      # e.g. distributed noise with dropouts: z varies per round
+    for z in (1.0, 1.0, 0.8, 1.0):  # e.g. distributed noise with dropouts: z varies per round
         acc.step(z, s.rate)
     assert acc.steps == 4 and [h[2] for h in acc.history] == [2, 1, 1]
     one_by_one = [epsilon_for(z, s.rate, 1, 1e-5, sampling=s) for z in (1.0, 0.8)]
@@ -339,7 +368,7 @@ def test_noise_for_fixed_cohorts_meets_the_target_from_below():
     s = Sampling("fixed", 2000, 100)
     z = noise_for(8.0, s.rate, 300, 1e-5, sampling=s)
     eps = epsilon_for(z, s.rate, 300, 1e-5, sampling=s)
-    assert 8.0 - 0.01 <= eps <= 8.0 and z > noise_for(8.0, s.rate, 300, 1e-5)   # fixed needs more noise
+    assert 8.0 - 0.01 <= eps <= 8.0 and z > noise_for(8.0, s.rate, 300, 1e-5)  # fixed needs more noise
 
 
 def test_sampling_is_validated():
@@ -364,7 +393,7 @@ def test_releases_compose_with_rounds_and_checkpoint():
     before = acc.epsilon(1e-5)
     acc.release(2.0)
     assert acc.steps == 5 and acc.epsilon(1e-5) > before
-    assert acc.epsilon(1e-5) > epsilon_for(2.0, 1.0, 1, 1e-5)          # more than the release alone
+    assert acc.epsilon(1e-5) > epsilon_for(2.0, 1.0, 1, 1e-5)  # more than the release alone
     again = PrivacyAccountant.from_state_dict(acc.state_dict())
     assert again.steps == 5 and again.epsilon(1e-5) == pytest.approx(acc.epsilon(1e-5))
     fixed = FixedCohortAccountant(Sampling("fixed", 100, 10))
@@ -401,7 +430,7 @@ def test_privacy_budget_refuses_what_would_overshoot(kind, accountant):
     ref.load_state_dict(base.state_dict())
     for _ in granted:
         ref.step(4.0, 0.1)
-        ref.release(4.0 / 2 ** 0.5)
+        ref.release(4.0 / 2**0.5)
     assert out["epsilon_total"] == pytest.approx(ref.epsilon(1e-5))
     # settling a round that released no model (e.g. a skipped round) leaves only its metric release
     budget.settle(granted[0], 0.0, dp.metric_release_noise)
@@ -427,7 +456,9 @@ def test_privacy_budget_counts_a_round_without_a_report_as_the_round_alone():
     ref.step(2.0, 0.1)
     ref.release(3.0)
     out = budget.epsilon()
-    assert out["epsilon_total"] == pytest.approx(ref.epsilon(1e-5)) and out["accountant_state"]["releases"] == 1
+    assert (
+        out["epsilon_total"] == pytest.approx(ref.epsilon(1e-5)) and out["accountant_state"]["releases"] == 1
+    )
 
 
 def test_metric_noise_is_its_own_multiplier():
@@ -439,13 +470,21 @@ def test_metric_noise_is_its_own_multiplier():
     from tests.conftest import tiny_raw
 
     dp = UserLevelDP("central", 1.0, 2.0, 10, Sampling("poisson", 100, 10))
-    assert dp.metric_noise == 2.0 and dp.metric_release_noise == pytest.approx(2.0 / 2 ** 0.5)
-    raw = tiny_raw(privacy={"mode": "central", "noise_multiplier": 2.0, "metric_noise_multiplier": 8.0,
-                            "audit_canaries": 0})
+    assert dp.metric_noise == 2.0 and dp.metric_release_noise == pytest.approx(2.0 / 2**0.5)
+    raw = tiny_raw(
+        privacy={
+            "mode": "central",
+            "noise_multiplier": 2.0,
+            "metric_noise_multiplier": 8.0,
+            "audit_canaries": 0,
+        }
+    )
     dp = FederationPlan.from_config(from_dict(raw)).dp
     assert dp.noise_multiplier == 2.0 and dp.metric_noise == 8.0
-    draws = torch.stack([dp.noisy_sum(torch.zeros((), dtype=torch.float64), torch_gen(0, i)) for i in range(4000)])
-    assert float(draws.std()) == pytest.approx(8.0, rel=0.05)        # 4000 draws: the std's sd is ~1.1%
+    draws = torch.stack(
+        [dp.noisy_sum(torch.zeros((), dtype=torch.float64), torch_gen(0, i)) for i in range(4000)]
+    )
+    assert float(draws.std()) == pytest.approx(8.0, rel=0.05)  # 4000 draws: the std's sd is ~1.1%
     with pytest.raises(ConfigError, match="privacy.metric_noise_multiplier"):
         from_dict(tiny_raw(privacy={"metric_noise_multiplier": -1.0}))
 
@@ -462,7 +501,7 @@ def test_privacy_budget_ledger_carries_a_search_into_its_next_sitting(tmp_path):
     rid = first.reserve(4.0, 2.0)
     assert json.loads((tmp_path / "privacy_ledger-0.json").read_text())["entries"] == [[4.0, 2.0]]
     first.reserve(4.0, 2.0)
-    first.settle(rid, 0.0, 2.0)          # a round that released no model
+    first.settle(rid, 0.0, 2.0)  # a round that released no model
     saved = json.loads((tmp_path / "privacy_ledger-0.json").read_text())["entries"]
     assert saved == [[0.0, 2.0], [4.0, 2.0]]
     second = PrivacyBudget(dp, None, 8.0, tmp_path / "privacy_ledger-1.json", prior=saved)
@@ -475,7 +514,7 @@ def test_privacy_budget_ledger_carries_a_search_into_its_next_sitting(tmp_path):
     alone = 0
     while fresh.reserve(4.0, 2.0) is not None:
         alone += 1
-    assert granted < alone and second.epsilon()["epsilon_tuning"] <= 8.0   # the prior sitting used part of it
+    assert granted < alone and second.epsilon()["epsilon_tuning"] <= 8.0  # the prior sitting used part of it
     assert len(json.loads((tmp_path / "privacy_ledger-1.json").read_text())["entries"]) == granted
 
 
@@ -487,7 +526,7 @@ def test_individual_mia_auc_is_each_individuals_own_attack():
     others = [1.0 + rng.exponential(1.0, 5), rng.exponential(1.0, 7), rng.exponential(1.0, 3), np.zeros(0)]
     got = individual_mia_auc(members, others)
     for i, (m, o) in enumerate(zip(members, others)):
-        if len(m) and len(o):   # the reference: P(member loss < non-member loss), ties count half
+        if len(m) and len(o):  # the reference: P(member loss < non-member loss), ties count half
             ref = np.mean([(a < b) + 0.5 * (a == b) for a in m for b in o])
             assert got[i] == pytest.approx(ref)
         else:
@@ -504,9 +543,9 @@ def test_a_metric_release_the_budget_has_no_room_for_is_refused_and_not_accounte
     acc = RunAccounting(dp)
     acc.record_round({})
     assert "metric release would exceed epsilon" in acc.release_stop(1.0)
-    assert acc.epsilon() == pytest.approx(one_round)          # asking spent nothing
+    assert acc.epsilon() == pytest.approx(one_round)  # asking spent nothing
     roomy = RunAccounting(UserLevelDP("central", 1.0, 1.0, 10, sampling, target_epsilon=100.0))
     assert roomy.release_stop(1.0) is None
     roomy.record_release(1.0)
     assert roomy.accountant.releases == 1
-    assert RunAccounting(UserLevelDP()).release_stop(1.0) is None    # no DP: nothing to spend
+    assert RunAccounting(UserLevelDP()).release_stop(1.0) is None  # no DP: nothing to spend

@@ -1,4 +1,5 @@
 """actors/process.py: what an actor does to its own process once its state is built."""
+
 import gc
 import sys
 
@@ -10,7 +11,7 @@ from fedmeta.actors import process
 @pytest.fixture
 def unfrozen():
     yield
-    gc.unfreeze()      # give the test process its collector back
+    gc.unfreeze()  # give the test process its collector back
 
 
 def test_settle_freezes_what_is_alive_and_later_garbage_is_still_collected(unfrozen):
@@ -35,6 +36,7 @@ def test_settle_freezes_what_is_alive_and_later_garbage_is_still_collected(unfro
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_malloc_thresholds_are_raised_on_glibc():
     import platform
+
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc")
     assert process.keep_freed_memory() is True

@@ -1,5 +1,6 @@
 """The admission check: a client's NaN, infinite or oversized update is rejected and counted, and the
 sum (so the model) is exactly what the honest clients alone give."""
+
 import numpy as np
 import pytest
 import torch
@@ -28,14 +29,18 @@ def test_screen_rejects_exactly_the_bad_rows(rows, dim, data):
             updates[i, data.draw(st.integers(0, dim - 1))] = POISON[kind]
     keep, counts = screen(updates, MAX_NORM)
     assert keep.tolist() == [k is None for k in kinds]
-    assert counts == {"non_finite": sum(k in ("nan", "inf", "-inf") for k in kinds),
-                      "oversized": kinds.count("huge") + kinds.count("big")}
+    assert counts == {
+        "non_finite": sum(k in ("nan", "inf", "-inf") for k in kinds),
+        "oversized": kinds.count("huge") + kinds.count("big"),
+    }
     cleaned = without_rejected(updates, keep)
     assert torch.isfinite(cleaned).all() and (cleaned[~keep] == 0).all()
     assert torch.equal(cleaned[keep], updates[keep])
     # without a bound only non-finite updates are rejected (and "huge" ones where the norm overflows float)
     unbounded = screen(updates, None)[0].tolist()
-    assert [u for u, k in zip(unbounded, kinds) if k != "huge"] == [k in (None, "big") for k in kinds if k != "huge"]
+    assert [u for u, k in zip(unbounded, kinds) if k != "huge"] == [
+        k in (None, "big") for k in kinds if k != "huge"
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +71,11 @@ def _poisoned(worker, monkeypatch, poison: dict[int, str]):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.dictionaries(st.integers(0, 39), st.sampled_from(sorted(POISON)), max_size=6),
-       st.lists(st.integers(0, 39), min_size=1, max_size=12, unique=True), st.integers(0, 50))
+@given(
+    st.dictionaries(st.integers(0, 39), st.sampled_from(sorted(POISON)), max_size=6),
+    st.lists(st.integers(0, 39), min_size=1, max_size=12, unique=True),
+    st.integers(0, 50),
+)
 def test_a_poisoned_cohort_aggregates_as_its_honest_clients(worker, poison, cohort, round_index):
     g = np.full(worker.n_params, 0.01, np.float32)
     poison = {c: k for c, k in poison.items() if c in cohort}
@@ -85,7 +93,7 @@ def test_a_poisoned_cohort_aggregates_as_its_honest_clients(worker, poison, coho
         expected, _ = Aggregator(worker.cfg.algorithm, worker.n_params, seed=0).aggregate(round_index, g, ref)
         np.testing.assert_allclose(new, expected, atol=1e-6)
         assert np.isfinite(new).all()
-    else:                  # nobody honest: that is the run's own training diverging, a loud error
+    else:  # nobody honest: that is the run's own training diverging, a loud error
         assert msg.weight == 0 and msg.rejected == len(cohort)
         with pytest.raises(AggregationError, match="every client's update"):
             agg.aggregate(round_index, g, msg)

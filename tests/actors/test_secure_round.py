@@ -1,5 +1,6 @@
 """Secure aggregation through the real worker and aggregator classes (no Ray): the four phases
 as the runner drives them, checked against the plain clipped mean."""
+
 import numpy as np
 import pytest
 import torch
@@ -43,28 +44,34 @@ def reference(cfg, w, g, rnd, alive):
     ups = []
     for c in sorted(alive):
         d = w.data.client(c)
-        u, _ = w.algorithm.client_update(w.model, torch.tensor(g), [d.x_train], [d.y_train],
-                                         [np_rng(cfg.seed, "local-batches", rnd, c)], w.compute)
+        u, _ = w.algorithm.client_update(
+            w.model,
+            torch.tensor(g),
+            [d.x_train],
+            [d.y_train],
+            [np_rng(cfg.seed, "local-batches", rnd, c)],
+            w.compute,
+        )
         ups.append(clip_updates(u, 0.5)[0][0])
     return g + torch.stack(ups).mean(0).numpy()
 
 
-@pytest.mark.parametrize("neighbors, dropped", [(None, {12, 17}), (4, {12})])   # survivable for t = k // 2 + 1
+@pytest.mark.parametrize("neighbors, dropped", [(None, {12, 17}), (4, {12})])  # survivable for t = k // 2 + 1
 def test_secure_round_equals_the_plain_clipped_mean(neighbors, dropped):
     cfg, p, workers, agg = setup(neighbors)
     g = np.random.default_rng(0).normal(0, 0.05, workers[0].n_params).astype(np.float32)
     cohort = list(range(10, 20))
-    alive = set(cohort) - dropped                          # they drop after sharing their keys
+    alive = set(cohort) - dropped  # they drop after sharing their keys
     new, metrics, msgs = secure_round(workers, agg, p, g, 3, cohort, alive)
     assert metrics["secagg_survivors"] == len(alive) and metrics["secagg_dropped"] == len(dropped)
     expected = reference(cfg, workers[0], g, 3, alive)
-    np.testing.assert_allclose(new, expected, atol=2 * p.step)   # quantization: < one step per coordinate
-    for m in msgs:   # what left the workers: masked sums only, no plain updates
+    np.testing.assert_allclose(new, expected, atol=2 * p.step)  # quantization: < one step per coordinate
+    for m in msgs:  # what left the workers: masked sums only, no plain updates
         assert isinstance(m, MaskedUpdate) and m.masked_sum.dtype == np.uint64
 
 
 def test_too_many_dropouts_abort_the_round_only():
-    cfg, p, workers, agg = setup(4)   # k=4, t=3
+    cfg, p, workers, agg = setup(4)  # k=4, t=3
     g = np.zeros(workers[0].n_params, np.float32)
     cohort = list(range(10))
     with pytest.raises(SecAggRoundAborted, match="threshold"):
@@ -88,13 +95,18 @@ def test_survivors_below_the_floor_are_refused_and_the_model_is_untouched():
     keys = agg.secure_keys(0, *[w.secure_advertise(0, sh, p) for w, sh in pairs])
     inbox = agg.secure_route(0, *[w.secure_share(0, keys) for w, sh in pairs])
     msgs = [w.train(0, g, [c for c in sh if c in set(range(6))], inbox)[0] for w, sh in pairs]
-    with pytest.raises(SecAggRoundAborted, match=r"6 of the 10 clients survived, below the survivor floor .* = 7 .*"
-                                                 r"unmasking refused \(secagg.dropout_rate: at most 0.33"):
+    with pytest.raises(
+        SecAggRoundAborted,
+        match=r"6 of the 10 clients survived, below the survivor floor .* = 7 .*"
+        r"unmasking refused \(secagg.dropout_rate: at most 0.33",
+    ):
         agg.secure_collect(0, *msgs)
-    with pytest.raises(SecAggRoundAborted, match="no secure-aggregation session"):     # nothing left to unmask
+    with pytest.raises(SecAggRoundAborted, match="no secure-aggregation session"):  # nothing left to unmask
         agg.secure_unmask(0, [])
     assert agg.rounds_done == 0 and np.array_equal(g, before)
-    new, metrics, _ = secure_round(workers, agg, p, g, 1, cohort, alive=set(range(7)))    # at the floor: released
+    new, metrics, _ = secure_round(
+        workers, agg, p, g, 1, cohort, alive=set(range(7))
+    )  # at the floor: released
     assert metrics["secagg_survivors"] == 7 and agg.rounds_done == 1
 
 
@@ -123,12 +135,20 @@ def test_a_deadline_inside_a_secure_round_drops_the_late_clients_exactly(monkeyp
     masks between them and its late clients must not cancel, so the unmasked sum is exactly the
     reporting clients' clipped mean."""
     import fedmeta.actors.client_worker as cw
-    cfg = from_dict(tiny_raw(secagg={"enabled": True, "neighbors": None}, privacy={"clip_norm": 0.5},
-                             ray={"compute": "loop"}))
+
+    cfg = from_dict(
+        tiny_raw(
+            secagg={"enabled": True, "neighbors": None}, privacy={"clip_norm": 0.5}, ray={"compute": "loop"}
+        )
+    )
     plan = FederationPlan.from_config(cfg)
     workers = [ClientWorker(cfg, 0, plan.dp), ClientWorker(cfg, 1, plan.dp)]
     agg = Aggregator(cfg.algorithm, plan.n_params, plan.dp, cfg.seed, secure=True)
-    p, rnd, g = plan.secagg, 4, np.random.default_rng(1).normal(0, 0.05, workers[0].n_params).astype(np.float32)
+    p, rnd, g = (
+        plan.secagg,
+        4,
+        np.random.default_rng(1).normal(0, 0.05, workers[0].n_params).astype(np.float32),
+    )
     cohort = list(range(10, 20))
     ring = agg.secure_open(rnd, cohort, p, len(g))
     pairs = list(zip(workers, split_even(np.array(ring), 2)))
@@ -137,7 +157,7 @@ def test_a_deadline_inside_a_secure_round_drops_the_late_clients_exactly(monkeyp
     clock = iter(range(100))
     monkeypatch.setattr(cw, "_now", lambda: next(clock))
     (w0, sh0), (w1, sh1) = pairs
-    cut, _ = w0.train(rnd, g, sh0, inbox, deadline=1.5)      # two of its five clients finish
+    cut, _ = w0.train(rnd, g, sh0, inbox, deadline=1.5)  # two of its five clients finish
     whole, _ = w1.train(rnd, g, sh1, inbox)
     assert cut.client_ids == tuple(sh0[:2])
     request = agg.secure_collect(rnd, cut, whole)
@@ -174,7 +194,7 @@ def test_bytes_are_the_sizes_of_the_messages_each_client_sent_and_received():
     inbox = agg.secure_route(rnd, shares)
     down.update({c: size(x) for c, x in inbox.items()})
     msgs = [w.train(rnd, g, [c for c in sh if c in alive], inbox)[0] for w, sh in pairs]
-    for c in alive:   # what each client would send alone: its masked vector (uint64, the model's length)
+    for c in alive:  # what each client would send alone: its masked vector (uint64, the model's length)
         up[c] += size(MaskedInput(c, np.zeros(len(g), np.uint64)))
     request = agg.secure_collect(rnd, *msgs)
     reveals = [u for w, _ in pairs for u in w.secure_unmask(rnd, request)]

@@ -5,6 +5,7 @@ Before, a model card with `kind: custom` made `fedmeta serve` import and call it
 card-controlled arguments (`subprocess:call` with input shape ["sh", "-c", "id > PWNED"] ran the
 command), and `run --resume` / `specialize` read a config.yaml that could name a target and add
 its own `run.code_paths`."""
+
 from __future__ import annotations
 
 import sys
@@ -22,14 +23,14 @@ from tests.conftest import tiny_raw
 pytestmark = pytest.mark.adversary
 
 # a module that leaves a mark the moment it is imported, and whose factory builds a valid model
-PAYLOAD = textwrap.dedent('''
+PAYLOAD = textwrap.dedent("""
     from pathlib import Path
     Path("PWNED").write_text("imported")
     import torch
 
     def factory(input_shape, num_classes):
         return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, num_classes))
-''')
+""")
 PROFILE = {"mean": [0.0] * 4, "var": [1.0] * 4, "count": 10}
 
 
@@ -55,13 +56,21 @@ def fedmeta(monkeypatch, capsys, *argv) -> tuple[int, str]:
 
 def custom_member(where: Path, target: str = "pwn_mod:factory", shape=(4,)) -> Path:
     n = 4 * 2 + 2
-    return ckpt.save_member(where, {"kind": "custom", "target": target, "kwargs": {}}, np.zeros(n, np.float32),
-                            list(shape), 2, PROFILE).parent
+    return ckpt.save_member(
+        where,
+        {"kind": "custom", "target": target, "kwargs": {}},
+        np.zeros(n, np.float32),
+        list(shape),
+        2,
+        PROFILE,
+    ).parent
 
 
 def test_serve_refuses_a_card_that_names_code(attacker_dir, monkeypatch, capsys):
     member = custom_member(attacker_dir / "member")
-    code, err = fedmeta(monkeypatch, capsys, "serve", str(member), "--write-config", str(attacker_dir / "s.yaml"))
+    code, err = fedmeta(
+        monkeypatch, capsys, "serve", str(member), "--write-config", str(attacker_dir / "s.yaml")
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "model.target names code ('pwn_mod:factory')" in err and "--trust-code" in err
     assert not (attacker_dir / "PWNED").exists() and "pwn_mod" not in sys.modules
@@ -74,8 +83,9 @@ def test_the_subprocess_payload_is_refused_before_anything_runs(attacker_dir, mo
     the card's types even with --trust-code (the shape is not a list of ints)."""
     member = custom_member(attacker_dir / "member", "subprocess:call", ["sh", "-c", "id > PWNED"])
     for extra in ([], ["--trust-code"]):
-        code, err = fedmeta(monkeypatch, capsys, "serve", str(member), "--write-config", str(attacker_dir / "s.yaml"),
-                            *extra)
+        code, err = fedmeta(
+            monkeypatch, capsys, "serve", str(member), "--write-config", str(attacker_dir / "s.yaml"), *extra
+        )
         assert code == 2 and len(err.strip().splitlines()) == 1 and not (attacker_dir / "PWNED").exists()
     assert "data_schema.input_shape: expected a list of positive ints" in err
 
@@ -85,7 +95,7 @@ def test_with_trust_code_the_users_own_model_loads(attacker_dir):
     member = custom_member(attacker_dir / "member")
     model, card = ckpt.load_model(member, trust_code=True)
     assert sum(p.numel() for p in model.parameters()) == card["model"]["n_params"]
-    assert (attacker_dir / "PWNED").exists()       # it ran: that is what trusting means
+    assert (attacker_dir / "PWNED").exists()  # it ran: that is what trusting means
 
 
 def _run_dir(where: Path, **sections) -> Path:
@@ -97,13 +107,17 @@ def _run_dir(where: Path, **sections) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("sections, key", [
-    ({"model": {"kind": "custom", "target": "pwn_mod:factory", "hidden": [32]}}, "model.target"),
-    ({"algorithm": {"name": "pwn_mod:Evil", "batch_size": 8, "lr": 0.1}}, "algorithm.name"),
-])
+@pytest.mark.parametrize(
+    "sections, key",
+    [
+        ({"model": {"kind": "custom", "target": "pwn_mod:factory", "hidden": [32]}}, "model.target"),
+        ({"algorithm": {"name": "pwn_mod:Evil", "batch_size": 8, "lr": 0.1}}, "algorithm.name"),
+    ],
+)
 @pytest.mark.parametrize("command", [["run", "--resume"], ["specialize"]])
-def test_resume_and_specialize_refuse_a_config_that_names_code(attacker_dir, monkeypatch, capsys, sections, key,
-                                                               command):
+def test_resume_and_specialize_refuse_a_config_that_names_code(
+    attacker_dir, monkeypatch, capsys, sections, key, command
+):
     run_dir = _run_dir(attacker_dir, **sections)
     code, err = fedmeta(monkeypatch, capsys, *command, str(run_dir))
     assert code == 2 and len(err.strip().splitlines()) == 1, err

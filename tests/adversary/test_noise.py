@@ -1,5 +1,6 @@
 """The DP noise an adversary could exploit (issue 26, item 5): every draw of a run with real
 secrets comes from the CSPRNG through the attack-safe Gaussian, whose law is checked here."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 from scipy import stats
 
-from fedmeta.sim.seeding import SecureGaussian, Secrets, gaussian_noise
+from fedmeta.sim.seeding import Secrets, SecureGaussian, gaussian_noise
 
 pytestmark = pytest.mark.adversary
 
@@ -24,8 +25,8 @@ def test_the_secure_gaussian_is_standard_normal():
 def test_its_draws_continue_one_stream_and_keys_are_independent():
     a = SecureGaussian(b"k" * 32)
     first, second = a.standard(1000), a.standard(1000)
-    assert np.array_equal(first, SecureGaussian(b"k" * 32).standard(1000))      # the key says it all
-    assert not np.array_equal(first, second)                                   # the stream goes on
+    assert np.array_equal(first, SecureGaussian(b"k" * 32).standard(1000))  # the key says it all
+    assert not np.array_equal(first, second)  # the stream goes on
     other = SecureGaussian(b"j" * 32).standard(1000)
     assert abs(np.corrcoef(first, other)[0, 1]) < 0.12
 
@@ -38,12 +39,15 @@ def test_every_noise_source_of_a_run_is_the_secure_one(seeded):
     from fedmeta.actors.privacy import central_noise
 
     s = Secrets.seeded(1) if seeded else Secrets.fresh(1)
-    for source in (s.derive("aggregator").noise("dp-noise", 3), s.derive("client", 0, 5).noise("local-dp-noise", 0, 5)):
+    for source in (
+        s.derive("aggregator").noise("dp-noise", 3),
+        s.derive("client", 0, 5).noise("local-dp-noise", 0, 5),
+    ):
         assert isinstance(source, torch.Generator) == seeded and isinstance(source, SecureGaussian) != seeded
     noisy, m = central_noise(torch.zeros(50_000), 1.0, 2.0, s.derive("aggregator").noise("dp-noise", 0))
     assert m["noise_std"] == 2.0 and abs(float(noisy.std()) - 2.0) < 0.03
     again, _ = central_noise(torch.zeros(50_000), 1.0, 2.0, s.derive("aggregator").noise("dp-noise", 0))
-    assert torch.equal(noisy, again)                      # one stream per (party, round): resumable
+    assert torch.equal(noisy, again)  # one stream per (party, round): resumable
 
 
 def test_noise_is_not_one_float32_draw():

@@ -7,6 +7,7 @@
   aggregator's key.
 The `seeded_secrets` runs are the tests' power check: there the same attack must succeed.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,15 +70,19 @@ def test_two_runs_with_one_seed_draw_different_cohorts_unless_seeded(ray_session
     from fedmeta.sim.run.experiment import run_experiment
 
     def sizes(seeded: bool, name: str) -> list[float]:
-        raw = tiny_raw(tmp_path / name, privacy={"mode": "central", "noise_multiplier": 1.0},
-                       federation={"rounds": 8}, eval={"every": 8})
+        raw = tiny_raw(
+            tmp_path / name,
+            privacy={"mode": "central", "noise_multiplier": 1.0},
+            federation={"rounds": 8},
+            eval={"every": 8},
+        )
         raw["run"]["seeded_secrets"] = seeded
         run_dir, _ = run_experiment(from_dict(raw))
         df = _metrics(run_dir)
         return df[df.metric == "clients"].sort_values("round").value.tolist()
 
     assert sizes(True, "a") == sizes(True, "b")
-    assert sizes(False, "c") != sizes(False, "d")     # 8 Poisson(10) sizes: equal with chance < 1e-4
+    assert sizes(False, "c") != sizes(False, "d")  # 8 Poisson(10) sizes: equal with chance < 1e-4
 
 
 @pytest.mark.slow
@@ -94,8 +99,12 @@ def test_a_curious_aggregator_composes_each_users_rounds_without_amplification(r
     from fedmeta.sim.run.experiment import run_experiment
     from fedmeta.sim.sampling import sample_poisson
 
-    raw = tiny_raw(tmp_path, secagg={"enabled": True, "neighbors": 4},
-                   privacy={"mode": "distributed", "noise_multiplier": 1.2}, federation={"dropout": 0.0})
+    raw = tiny_raw(
+        tmp_path,
+        secagg={"enabled": True, "neighbors": 4},
+        privacy={"mode": "distributed", "noise_multiplier": 1.2},
+        federation={"dropout": 0.0},
+    )
     raw["run"]["seeded_secrets"] = True
     run_dir, s = run_experiment(from_dict(raw))
     parties = s["epsilon_by_party"]
@@ -117,7 +126,9 @@ def test_a_curious_aggregator_composes_each_users_rounds_without_amplification(r
     for z, q, n in ckpt.load(run_dir).accountant["history"]:
         if q == 1.0:
             rdp += compute_rdp(q=1.0, noise_multiplier=z, steps=n, orders=orders)
-    eps = np.array([get_privacy_spent(orders=orders, rdp=row, delta=1e-5)[0] if row.any() else 0.0 for row in rdp])
+    eps = np.array(
+        [get_privacy_spent(orders=orders, rdp=row, delta=1e-5)[0] if row.any() else 0.0 for row in rdp]
+    )
     agg = parties["aggregator"]
     assert agg["rounds_max"] == rounds.max() and agg["rounds_median"] == np.median(rounds)
     assert agg["epsilon"] == pytest.approx(eps.max(), rel=1e-3)
@@ -150,7 +161,7 @@ def test_the_aggregators_epsilon_is_the_exact_gaussian_composition_per_user():
     again = RunAccounting(dp)
     again.load_state_dict(acc.state_dict())
     assert again.facts()["epsilon_by_party"] == acc.facts()["epsilon_by_party"]
-    acc.record_release(2.0)        # a panel metric, noised by the panel's shares: composed for all
+    acc.record_release(2.0)  # a panel metric, noised by the panel's shares: composed for all
     agg = acc.facts()["epsilon_by_party"]["aggregator"]
     assert agg["epsilon"] == pytest.approx(epsilon_for(1 / math.sqrt(3 + 0.25), 1.0, 1, 1e-5))
     assert agg["epsilon_median"] == pytest.approx(epsilon_for(2.0, 1.0, 1, 1e-5))
@@ -159,6 +170,7 @@ def test_the_aggregators_epsilon_is_the_exact_gaussian_composition_per_user():
 def _secrets_held(actor) -> list[bytes]:
     """Everything key-like a curious worker finds in its own actor: every `Secrets` key and every
     32-byte string in its attributes, one level into containers."""
+
     def look(self):
         from fedmeta.sim.seeding import Secrets
 
@@ -175,9 +187,11 @@ def _secrets_held(actor) -> list[bytes]:
             elif depth < 3 and isinstance(v, (list, tuple, set, frozenset)):
                 for x in v:
                     visit(x, depth + 1)
+
         for v in vars(self).values():
             visit(v)
         return found
+
     import ray
 
     return ray.get(actor.__ray_call__.remote(look))
@@ -189,8 +203,13 @@ def test_a_curious_worker_holds_neither_the_run_secret_nor_the_aggregators_key(r
     the aggregator's key (its central and metric noise), and no client key of another round."""
     from fedmeta.sim.seeding import client_keys
 
-    fed = _federation(tmp_path, False, secagg={"enabled": True, "neighbors": 4},
-                      privacy={"mode": "distributed", "noise_multiplier": 1.0}, federation={"rounds": 2})
+    fed = _federation(
+        tmp_path,
+        False,
+        secagg={"enabled": True, "neighbors": 4},
+        privacy={"mode": "distributed", "noise_multiplier": 1.0},
+        federation={"rounds": 2},
+    )
     try:
         g = fed.plan.init_params
         for r in range(2):
@@ -200,7 +219,7 @@ def test_a_curious_worker_holds_neither_the_run_secret_nor_the_aggregators_key(r
         for w in fed.workers:
             held = set(_secrets_held(w))
             assert not held & forbidden
-            assert not held & round0          # the session of round 0 is forgotten with its keys
+            assert not held & round0  # the session of round 0 is forgotten with its keys
     finally:
         fed.shutdown()
 
@@ -218,16 +237,24 @@ def test_under_distributed_dp_the_panel_not_the_aggregator_noises_a_metric():
     step, panel, noise = 1e-3, 20, 1.5
     rng = np.random.default_rng(0)
     shares = np.stack([dp.metric_share(5000, step, noise, panel, rng) for _ in range(panel)])
-    total = shares.sum(0) * step                       # what the unmasked sum carries, in value units
+    total = shares.sum(0) * step  # what the unmasked sum carries, in value units
     assert abs(total.std() - noise) < 0.05 and abs(total.mean()) < 0.05
-    assert UserLevelDP("central", 1.0, 2.0, 10, Sampling("poisson", 100, 10)).metric_share(
-        5, step, noise, panel, rng) is None
+    assert (
+        UserLevelDP("central", 1.0, 2.0, 10, Sampling("poisson", 100, 10)).metric_share(
+            5, step, noise, panel, rng
+        )
+        is None
+    )
     agg = Aggregator(AlgorithmConfig(), 2, dp=dp, secrets=Secrets.fresh(0))
     from fedmeta.actors.messages import SummedUpdates
 
-    summed = SummedUpdates(np.array([7.0, 9.0, 20.0]), 20.0)      # the unmasked (already noisy) sum
+    summed = SummedUpdates(np.array([7.0, 9.0, 20.0]), 20.0)  # the unmasked (already noisy) sum
     out = agg.metric_from_sum(1_000_000, summed, "accuracy", noise, panel)
     assert out["acc_global_DI"] == 7.0 / 20 and out["acc_personalized_DI"] == 9.0 / 20
-    central = Aggregator(AlgorithmConfig(), 2, dp=UserLevelDP("central", 1.0, 2.0, 10, Sampling("poisson", 100, 10)),
-                         secrets=Secrets.fresh(0)).metric_from_sum(1_000_000, summed, "accuracy", noise, panel)
-    assert central["acc_global_DI"] != 7.0 / 20                  # there the aggregator adds the noise
+    central = Aggregator(
+        AlgorithmConfig(),
+        2,
+        dp=UserLevelDP("central", 1.0, 2.0, 10, Sampling("poisson", 100, 10)),
+        secrets=Secrets.fresh(0),
+    ).metric_from_sum(1_000_000, summed, "accuracy", noise, panel)
+    assert central["acc_global_DI"] != 7.0 / 20  # there the aggregator adds the noise

@@ -4,6 +4,7 @@ The tuning budget composes every trial's rounds as independent subsampled releas
 only if the trials do not share their cohorts: before, every trial redrew the run's cohorts from
 (seed, round), so 8 trials were one sample used 8 times (accounted 11.25 rounds where 46.1 were
 due for configs/tune_pareto.yaml)."""
+
 from __future__ import annotations
 
 import math
@@ -29,10 +30,10 @@ def test_trials_draw_independent_cohorts(seeded):
     for r in range(20):
         a, b = (set(draw_cohort(s, r, SAMPLING).tolist()) for s in trials)
         overlap, size = overlap + len(a & b), size + len(a)
-        assert a == set(draw_cohort(trials[0], r, SAMPLING).tolist())          # its own cohorts are stable
-    assert size > 600 and overlap / size < 0.2           # Binomial(~800, 0.1): 0.2 is ~9 sd above the mean
+        assert a == set(draw_cohort(trials[0], r, SAMPLING).tolist())  # its own cohorts are stable
+    assert size > 600 and overlap / size < 0.2  # Binomial(~800, 0.1): 0.2 is ~9 sd above the mean
     run = set(draw_cohort(Secrets.seeded(0), 0, SAMPLING).tolist())
-    assert run != set(draw_cohort(trials[0], 0, SAMPLING).tolist())           # nor the run's own (seeded) ones
+    assert run != set(draw_cohort(trials[0], 0, SAMPLING).tolist())  # nor the run's own (seeded) ones
 
 
 def test_a_trial_rounds_reports_compose_as_one_gaussian_release():
@@ -48,7 +49,8 @@ def test_a_trial_rounds_reports_compose_as_one_gaussian_release():
     assert z == pytest.approx(1.5 / math.sqrt(3))
     assert trial_release_noise(dp, {"acc_personalized_DI"}) == dp.metric_release_noise
     orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
-    parts = compute_rdp(q=1.0, noise_multiplier=dp.metric_release_noise, steps=1, orders=orders) + \
-        compute_rdp(q=1.0, noise_multiplier=1.5, steps=1, orders=orders)
+    parts = compute_rdp(
+        q=1.0, noise_multiplier=dp.metric_release_noise, steps=1, orders=orders
+    ) + compute_rdp(q=1.0, noise_multiplier=1.5, steps=1, orders=orders)
     hand = get_privacy_spent(orders=orders, rdp=np.asarray(parts), delta=1e-5)[0]
     assert epsilon_for(z, 1.0, 1, 1e-5) == pytest.approx(hand, rel=1e-6)

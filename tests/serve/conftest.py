@@ -1,4 +1,5 @@
 """Ray Serve on a free loopback port (never 8000), once per test module."""
+
 import socket
 
 import pytest

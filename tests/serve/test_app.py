@@ -1,4 +1,5 @@
 """The Serve application end to end over real HTTP on loopback (a free port, never 8000)."""
+
 import importlib
 import threading
 import time
@@ -25,8 +26,15 @@ def member(path, seed=0, mean=0.3, constant=None):
         params = {k: torch.zeros_like(v) for k, v in unflatten(flat, param_shapes(model)).items()}
         params["3.bias"][constant] = 10.0
         flat = torch.cat([v.flatten() for v in params.values()])
-    save_member(path, MLP, flat.numpy(), [1, 8, 8], 10, {"mean": [mean] * 64, "var": [0.02] * 64, "n": 100},
-                {"acc_global_DI": 0.5})
+    save_member(
+        path,
+        MLP,
+        flat.numpy(),
+        [1, 8, 8],
+        10,
+        {"mean": [mean] * 64, "var": [0.02] * 64, "n": 100},
+        {"acc_global_DI": 0.5},
+    )
     return str(path)
 
 
@@ -41,11 +49,12 @@ def clean_apps(serve_url):
 
 
 def deploy(tmp_path, members, reweight_s=0.0, **settings):
-    from fedmeta.serve.app import Deployment
+    from fedmeta.serve.client import Deployment
 
-    settings.setdefault("auto_promote", True)      # these tests check the test's decisions, not the operator's
-    dep = Deployment({n: member(tmp_path / n, **kw) for n, kw in members.items()}, settings=settings,
-                     reweight_s=reweight_s)
+    settings.setdefault("auto_promote", True)  # these tests check the test's decisions, not the operator's
+    dep = Deployment(
+        {n: member(tmp_path / n, **kw) for n, kw in members.items()}, settings=settings, reweight_s=reweight_s
+    )
     dep.deploy()
     return dep
 
@@ -105,10 +114,15 @@ def test_concurrent_requests_batched_together_get_their_own_answers(serve_url, t
 def test_malformed_requests_get_4xx(serve_url, tmp_path):
     deploy(tmp_path, {"a": {}})
     url = serve_url
-    bad = [({"inputs": [[0.1] * 63]}, "64 numbers"), ({"inputs": []}, None), ({"input": [[0.1] * 64]}, None),
-           ({"inputs": [[0.1] * 64], "extra": 1}, None), ({"inputs": [["x"] * 64]}, None),
-           ({"inputs": [[0.1] * 64], "user_id": ""}, None),
-           ({"inputs": [[0.1] * 64, [0.1] * 63]}, "got rows of [63, 64] numbers")]   # ragged rows
+    bad = [
+        ({"inputs": [[0.1] * 63]}, "64 numbers"),
+        ({"inputs": []}, None),
+        ({"input": [[0.1] * 64]}, None),
+        ({"inputs": [[0.1] * 64], "extra": 1}, None),
+        ({"inputs": [["x"] * 64]}, None),
+        ({"inputs": [[0.1] * 64], "user_id": ""}, None),
+        ({"inputs": [[0.1] * 64, [0.1] * 63]}, "got rows of [63, 64] numbers"),
+    ]  # ragged rows
     for body, text in bad:
         r = requests.post(url + "/predict", json=body, timeout=30)
         assert 400 <= r.status_code < 500, (body, r.status_code)
@@ -122,30 +136,42 @@ def test_malformed_requests_get_4xx(serve_url, tmp_path):
     assert r.status_code == 422 and "labels" in r.text
     assert requests.get(url + "/health", timeout=30).json()["status"] == "ok"
     metrics = requests.get(url + "/metrics", timeout=30).text
-    counts = dict(line.split() for line in metrics.splitlines() if line.startswith("fedmeta_") and "{" not in line)
+    counts = dict(
+        line.split() for line in metrics.splitlines() if line.startswith("fedmeta_") and "{" not in line
+    )
     assert float(counts["fedmeta_requests_total"]) >= 1 and float(counts["fedmeta_errors_total"]) >= 1
 
 
 def test_weights_follow_feedback_and_drift(serve_url, tmp_path):
     """Feedback sets the historical weights (the formula holds on the pushed state); a window of
     inputs like member b's training data moves weight to b."""
-    dep = deploy(tmp_path, {"a": {"mean": 0.1, "constant": 0}, "b": {"mean": 0.7, "constant": 1}}, top_k=2,
-                 min_feedback=1000)
+    dep = deploy(
+        tmp_path,
+        {"a": {"mean": 0.1, "constant": 0}, "b": {"mean": 0.7, "constant": 1}},
+        top_k=2,
+        min_feedback=1000,
+    )
     x = np.full((4, 64), 0.1, np.float32)
-    for _ in range(5):   # a is always right, b always wrong
+    for _ in range(5):  # a is always right, b always wrong
         out = predict(serve_url, x)
-        requests.post(serve_url + "/feedback", json={"request_id": out["request_id"], "labels": [0] * 4}, timeout=30)
+        requests.post(
+            serve_url + "/feedback", json={"request_id": out["request_id"], "labels": [0] * 4}, timeout=30
+        )
     routing = dep.push()
     snap = requests.get(serve_url + "/routing", timeout=30).json()
     parts = snap["parts"]
-    formula = update_routing_weights({m: p["historical"] for m, p in parts.items()},
-                                     {m: p["alignment"] for m, p in parts.items()},
-                                     {m: p["compensation"] for m, p in parts.items()})
+    formula = update_routing_weights(
+        {m: p["historical"] for m, p in parts.items()},
+        {m: p["alignment"] for m, p in parts.items()},
+        {m: p["compensation"] for m, p in parts.items()},
+    )
     assert routing["weights"] == pytest.approx(formula) and snap["weights"]["a"] > snap["weights"]["b"]
-    assert snap["pushed_version"] == routing["version"]          # the ingress replica got the push
+    assert snap["pushed_version"] == routing["version"]  # the ingress replica got the push
     before = snap["weights"]["b"]
-    for _ in range(10):          # drift: inputs now look like b's training data
-        predict(serve_url, np.full((8, 64), 0.7, np.float32) + 0.05 * np.random.default_rng(1).random((8, 64)))
+    for _ in range(10):  # drift: inputs now look like b's training data
+        predict(
+            serve_url, np.full((8, 64), 0.7, np.float32) + 0.05 * np.random.default_rng(1).random((8, 64))
+        )
     after = dep.push()["weights"]["b"]
     assert after > before
 
@@ -158,8 +184,9 @@ def test_shadow_answers_are_never_returned_and_a_better_candidate_is_promoted(se
         assert out["answered_by"] == "ensemble" and 7 not in out["predictions"]
         assert {m["name"] for m in out["members"]} <= {"a", "b"}
         # the truth is 7: the candidate is right, production wrong
-        fb = requests.post(serve_url + "/feedback", json={"request_id": out["request_id"], "labels": [7, 7, 7]},
-                           timeout=30)
+        fb = requests.post(
+            serve_url + "/feedback", json={"request_id": out["request_id"], "labels": [7, 7, 7]}, timeout=30
+        )
         assert fb.status_code == 200
     dep.push()
     members = requests.get(serve_url + "/members", timeout=30).json()
@@ -175,8 +202,10 @@ def test_a_worse_candidate_is_rejected_and_released(serve_url, tmp_path):
     dep.add_candidate("w", member(tmp_path / "w", constant=5), "shadow", 1.0)
     for _ in range(40):
         out = predict(serve_url, np.full((3, 64), 0.3, np.float32))
-        requests.post(serve_url + "/feedback", json={"request_id": out["request_id"], "labels": [0, 0, 0]}, timeout=30)
-    assert dep.push()["released"] == ["w"]           # rejected, and its application deleted
+        requests.post(
+            serve_url + "/feedback", json={"request_id": out["request_id"], "labels": [0, 0, 0]}, timeout=30
+        )
+    assert dep.push()["released"] == ["w"]  # rejected, and its application deleted
     assert requests.get(serve_url + "/members", timeout=30).json()["history"][-1]["event"] == "rejected"
     assert "fedmeta-member-w" not in serve.status().applications and not dep.candidates
 
@@ -184,13 +213,21 @@ def test_a_worse_candidate_is_rejected_and_released(serve_url, tmp_path):
 def test_pruned_member_stops_receiving_traffic(serve_url, tmp_path):
     from ray import serve
 
-    dep = deploy(tmp_path, {"good": {"constant": 1}, "bad": {"constant": 2}}, top_k=2, prune_threshold=0.3,
-                 prune_window=2, min_feedback=1000)
+    dep = deploy(
+        tmp_path,
+        {"good": {"constant": 1}, "bad": {"constant": 2}},
+        top_k=2,
+        prune_threshold=0.3,
+        prune_window=2,
+        min_feedback=1000,
+    )
     released = []
     for _ in range(3):
         for _ in range(10):
             out = predict(serve_url, np.full((2, 64), 0.3, np.float32))
-            requests.post(serve_url + "/feedback", json={"request_id": out["request_id"], "labels": [1, 1]}, timeout=30)
+            requests.post(
+                serve_url + "/feedback", json={"request_id": out["request_id"], "labels": [1, 1]}, timeout=30
+            )
         released += dep.push()["released"]
     assert "bad" in requests.get(serve_url + "/members", timeout=30).json()["pruned"] and released == ["bad"]
     for _ in range(10):
@@ -209,8 +246,11 @@ def test_no_request_fails_while_weights_are_pushed_and_a_candidate_is_promoted(s
                 if r.status_code != 200:
                     failures.append(r.status_code)
                 else:
-                    requests.post(serve_url + "/feedback", json={"request_id": r.json()["request_id"], "labels": [7]},
-                                  timeout=30)
+                    requests.post(
+                        serve_url + "/feedback",
+                        json={"request_id": r.json()["request_id"], "labels": [7]},
+                        timeout=30,
+                    )
             except requests.RequestException as e:
                 failures.append(repr(e))
 
@@ -232,32 +272,34 @@ def test_no_request_fails_while_weights_are_pushed_and_a_candidate_is_promoted(s
 
 
 def test_per_user_models_with_fallback(serve_url, tmp_path):
-    from fedmeta.serve.app import Deployment
+    from fedmeta.serve.client import Deployment
 
     run = tmp_path / "run"
     member(run, seed=1)
     (run / "personalized").mkdir()
     model, card = load_model(run)
     personal = np.zeros(card["model"]["n_params"], np.float32)
-    personal[-10 + 4] = 10.0          # the user's model always answers 4
+    personal[-10 + 4] = 10.0  # the user's model always answers 4
     np.save(run / "personalized" / "42.npy", personal)
     dep = Deployment({"g": str(run)}, personalized=str(run), reweight_s=0.0)
     dep.deploy()
     x = np.random.default_rng(2).random((3, 64))
     out = predict(serve_url, x, user="42")
     assert out["answered_by"] == "personal" and out["predictions"] == [4, 4, 4]
-    other = predict(serve_url, x, user="7")          # unknown user: the ensemble answers
+    other = predict(serve_url, x, user="7")  # unknown user: the ensemble answers
     assert other["answered_by"] == "ensemble"
     with torch.no_grad():
-        expected = torch.softmax(model(torch.as_tensor(x, dtype=torch.float32).view(3, 1, 8, 8)), -1).argmax(-1)
+        expected = torch.softmax(model(torch.as_tensor(x, dtype=torch.float32).view(3, 1, 8, 8)), -1).argmax(
+            -1
+        )
     assert other["predictions"] == expected.tolist()
 
 
 def test_the_api_needs_a_token_with_the_scope(serve_url, tmp_path):
     """Issue 27: every endpoint but /health needs a bearer token with its scope; a user_id without
     the `personal` scope gets the ensemble, and /routing shows no salt."""
-    from fedmeta.serve.app import Deployment
     from fedmeta.serve.auth import parse_tokens
+    from fedmeta.serve.client import Deployment
 
     run = tmp_path / "run"
     member(run, seed=1)
@@ -266,12 +308,19 @@ def test_the_api_needs_a_token_with_the_scope(serve_url, tmp_path):
     personal = np.zeros(card["model"]["n_params"], np.float32)
     personal[-10 + 4] = 10.0
     np.save(run / "personalized" / "42.npy", personal)
-    tokens = {"p" * 32: ["predict"], "u" * 32: ["predict", "personal"], "f" * 32: ["feedback"], "o" * 32: ["operator"]}
+    tokens = {
+        "p" * 32: ["predict"],
+        "u" * 32: ["predict", "personal"],
+        "f" * 32: ["feedback"],
+        "o" * 32: ["operator"],
+    }
     dep = Deployment({"g": str(run)}, personalized=str(run), reweight_s=0.0, auth=parse_tokens(tokens))
     dep.deploy()
     dep.add_candidate("c", member(tmp_path / "c", constant=3), "ab", 0.5)
-    bearer = {scope: {"Authorization": f"Bearer {t}"} for t, (scope, *_) in
-              zip(tokens, [["predict"], ["personal"], ["feedback"], ["operator"]])}
+    bearer = {
+        scope: {"Authorization": f"Bearer {t}"}
+        for t, (scope, *_) in zip(tokens, [["predict"], ["personal"], ["feedback"], ["operator"]])
+    }
     body = {"inputs": [[0.3] * 64], "user_id": "42"}
     assert requests.post(serve_url + "/predict", json=body, timeout=30).status_code == 401
     wrong = {"Authorization": "Bearer " + "x" * 32}
@@ -281,8 +330,14 @@ def test_the_api_needs_a_token_with_the_scope(serve_url, tmp_path):
     own = requests.post(serve_url + "/predict", json=body, headers=bearer["personal"], timeout=30).json()
     assert own["answered_by"] == "personal" and own["predictions"] == [4]
     fb = {"request_id": plain.json()["request_id"], "labels": [1]}
-    assert requests.post(serve_url + "/feedback", json=fb, headers=bearer["predict"], timeout=30).status_code == 403
-    assert requests.post(serve_url + "/feedback", json=fb, headers=bearer["feedback"], timeout=30).status_code == 200
+    assert (
+        requests.post(serve_url + "/feedback", json=fb, headers=bearer["predict"], timeout=30).status_code
+        == 403
+    )
+    assert (
+        requests.post(serve_url + "/feedback", json=fb, headers=bearer["feedback"], timeout=30).status_code
+        == 200
+    )
     for path in ("/routing", "/members", "/metrics", "/openapi.json"):
         assert requests.get(serve_url + path, timeout=30).status_code == 401
         assert requests.get(serve_url + path, headers=bearer["predict"], timeout=30).status_code == 403
@@ -290,7 +345,10 @@ def test_the_api_needs_a_token_with_the_scope(serve_url, tmp_path):
     routing = requests.get(serve_url + "/routing", headers=bearer["operator"], timeout=30).json()
     assert routing["candidate"]["name"] == "c" and "salt" not in routing["candidate"]
     promote = {"name": "c"}
-    assert requests.post(serve_url + "/promote", json=promote, headers=bearer["predict"], timeout=30).status_code == 403
+    assert (
+        requests.post(serve_url + "/promote", json=promote, headers=bearer["predict"], timeout=30).status_code
+        == 403
+    )
     undecided = requests.post(serve_url + "/promote", json=promote, headers=bearer["operator"], timeout=30)
     assert undecided.status_code == 409 and "has not decided" in undecided.json()["detail"]
     assert requests.get(serve_url + "/docs", timeout=30).status_code == 404
@@ -304,35 +362,39 @@ def test_ab_arm_by_user_and_drift_compensation(serve_url, tmp_path):
     dep = deploy(tmp_path, {"a": {"constant": 0}, "b": {"constant": 0, "seed": 5}}, min_feedback=5)
     dep.add_candidate("c", member(tmp_path / "c", constant=3), "ab", 0.5)
     users = [f"user{i}" for i in range(40)]
-    arms: dict[str, str] = {}          # the arms follow a secret salt: stable per user, about half each
+    arms: dict[str, str] = {}  # the arms follow a secret salt: stable per user, about half each
     for rnd in range(6):
         for u in users:
             out = predict(serve_url, np.full((2, 64), 0.3, np.float32), user=u)
             arm = arms.setdefault(u, out["answered_by"])
             assert out["answered_by"] == arm in ("candidate", "ensemble")
             assert (3 in out["predictions"]) == (arm == "candidate")
-            requests.post(serve_url + "/feedback", json={"request_id": out["request_id"], "labels": [3, 3]},
-                          timeout=30)
+            requests.post(
+                serve_url + "/feedback", json={"request_id": out["request_id"], "labels": [3, 3]}, timeout=30
+            )
     routing = dep.push()
     members = requests.get(serve_url + "/members", timeout=30).json()
     assert members["history"][-1]["event"] == "promoted" and "c" in routing["active"]
     parts = requests.get(serve_url + "/routing", timeout=30).json()["parts"]
     # a and b were always wrong (reference quality 0.5): compensation at its floor
-    assert parts["a"]["compensation"] == pytest.approx(0.05) and parts["b"]["compensation"] == pytest.approx(0.05)
+    assert parts["a"]["compensation"] == pytest.approx(0.05) and parts["b"]["compensation"] == pytest.approx(
+        0.05
+    )
 
 
 def test_serve_config_builders(serve_url, tmp_path):
     """What `fedmeta serve --write-config` writes runs through the builders Serve config files name."""
     from ray import serve
 
-    from fedmeta.serve.app import Deployment, ensemble_builder, member_builder
+    from fedmeta.serve.app import ensemble_builder, member_builder
+    from fedmeta.serve.client import Deployment
 
     dep = Deployment({"a": member(tmp_path / "a", seed=1)}, reweight_s=0.0)
     config = dep.config(port=1234)
     assert config["http_options"]["port"] == 1234 and len(config["applications"]) == 2
     for app in config["applications"]:
         builder = member_builder if app["import_path"].endswith("member_builder") else ensemble_builder
-        module, _, name = app["import_path"].partition(":")      # what `serve run CONFIG` imports
+        module, _, name = app["import_path"].partition(":")  # what `serve run CONFIG` imports
         assert getattr(importlib.import_module(module), name) is builder
         serve.run(builder(app["args"]), name=app["name"], route_prefix=app["route_prefix"])
     out = predict(serve_url, np.random.default_rng(3).random((2, 64)))

@@ -1,6 +1,7 @@
 """Authenticated serving (issue 27, item 2): the pure parts (token files, the bearer check, the
 rate limit) and the CLI's refusals. The HTTP status codes are checked against a live deployment in
 test_app.py::test_the_api_needs_a_token_with_the_scope."""
+
 from __future__ import annotations
 
 import json
@@ -8,16 +9,29 @@ import sys
 
 import pytest
 
-from fedmeta.serve.auth import SCOPES, AuthError, RateLimit, authenticate, digest, load_tokens, new_token_file, parse_tokens
+from fedmeta.serve.auth import (
+    SCOPES,
+    AuthError,
+    RateLimit,
+    authenticate,
+    digest,
+    load_tokens,
+    new_token_file,
+    parse_tokens,
+)
 
 TOKEN = "t" * 32
 
 
 def test_a_token_file_maps_tokens_to_scopes_and_refuses_what_is_not_one(tmp_path):
     assert parse_tokens({TOKEN: ["predict", "predict"]}) == {digest(TOKEN): ["predict"]}
-    for raw, match in [([], "expected a JSON object"), ({"short": ["predict"]}, "at least 16"),
-                       ({TOKEN: []}, "non-empty list"), ({TOKEN: ["admin"]}, "unknown scope 'admin'"),
-                       ({TOKEN: "predict"}, "non-empty list")]:
+    for raw, match in [
+        ([], "expected a JSON object"),
+        ({"short": ["predict"]}, "at least 16"),
+        ({TOKEN: []}, "non-empty list"),
+        ({TOKEN: ["admin"]}, "unknown scope 'admin'"),
+        ({TOKEN: "predict"}, "non-empty list"),
+    ]:
         with pytest.raises(AuthError, match=match):
             parse_tokens(raw)
     (tmp_path / "bad.json").write_text("{nope")
@@ -43,15 +57,15 @@ def test_the_bearer_check():
     assert not authenticate(f"Bearer {TOKEN}", grants).may("feedback")
     for header in (None, "", TOKEN, f"Basic {TOKEN}", f"Bearer {TOKEN}x", "Bearer "):
         assert authenticate(header, grants) is None
-    assert authenticate(f"Bearer {TOKEN}", grants).id == digest(TOKEN)[:12]     # a name safe to log
+    assert authenticate(f"Bearer {TOKEN}", grants).id == digest(TOKEN)[:12]  # a name safe to log
 
 
 def test_the_rate_limit_is_per_token():
     now = [0.0]
     limit = RateLimit(rate=2.0, burst=3.0, clock=lambda: now[0])
     assert [limit.allow("a") for _ in range(4)] == [True, True, True, False]
-    assert limit.allow("b")                         # another token has its own bucket
-    now[0] += 1.0                                   # two more a second
+    assert limit.allow("b")  # another token has its own bucket
+    now[0] += 1.0  # two more a second
     assert [limit.allow("a") for _ in range(3)] == [True, True, False]
 
 
@@ -59,8 +73,14 @@ def test_serve_refuses_a_public_host_without_auth_and_a_bad_token_file(tmp_path,
     from fedmeta.sim.checkpoint import save_member
     from fedmeta.sim.cli.main import main
 
-    member = save_member(tmp_path / "m", {"kind": "mlp", "hidden": [4]}, [0.0] * (4 * 4 + 4 + 4 * 2 + 2), [4], 2,
-                         {"mean": [0.0] * 4, "var": [1.0] * 4, "n": 10}).parent
+    member = save_member(
+        tmp_path / "m",
+        {"kind": "mlp", "hidden": [4]},
+        [0.0] * (4 * 4 + 4 + 4 * 2 + 2),
+        [4],
+        2,
+        {"mean": [0.0] * 4, "var": [1.0] * 4, "n": 10},
+    ).parent
 
     def fedmeta(*argv):
         monkeypatch.setattr(sys, "argv", ["fedmeta", *argv])
@@ -71,8 +91,14 @@ def test_serve_refuses_a_public_host_without_auth_and_a_bad_token_file(tmp_path,
     code, out = fedmeta("serve", str(member), "--host", "0.0.0.0", "--write-config", str(tmp_path / "s.yaml"))
     assert code == 2 and "--host 0.0.0.0: a host other hosts can reach needs --auth FILE" in out.err
     (tmp_path / "tokens.json").write_text(json.dumps({"short": ["predict"]}))
-    code, out = fedmeta("serve", str(member), "--auth", str(tmp_path / "tokens.json"),
-                        "--write-config", str(tmp_path / "s.yaml"))
+    code, out = fedmeta(
+        "serve",
+        str(member),
+        "--auth",
+        str(tmp_path / "tokens.json"),
+        "--write-config",
+        str(tmp_path / "s.yaml"),
+    )
     assert code == 2 and len(out.err.strip().splitlines()) == 1 and "at least 16" in out.err
     # a loopback host without --auth: generated tokens in the state directory; the config carries their digests
     code, out = fedmeta("serve", str(member), "--write-config", str(tmp_path / "s.yaml"))
@@ -81,5 +107,9 @@ def test_serve_refuses_a_public_host_without_auth_and_a_bad_token_file(tmp_path,
 
     written = yaml.safe_load((tmp_path / "s.yaml").read_text())
     auth = written["applications"][-1]["args"]["auth"]
-    assert len(auth) == 4 and all(len(d) == 64 for d in auth) and written["http_options"]["request_timeout_s"] == 30
+    assert (
+        len(auth) == 4
+        and all(len(d) == 64 for d in auth)
+        and written["http_options"]["request_timeout_s"] == 30
+    )
     assert "bearer tokens (one per scope)" in out.out and str(tmp_path) not in out.out.split("tokens")[1]

@@ -1,10 +1,12 @@
 """`Coalesce` (the ingress's batching of member calls) and the member's batch arithmetic, without Ray."""
+
 import asyncio
 
 import numpy as np
 import pytest
 
-from fedmeta.serve.app import MAX_BATCH, Coalesce, _split
+from fedmeta.serve.batching import Coalesce, split_answers
+from fedmeta.serve.schemas import MAX_BATCH
 
 
 def run(coro):
@@ -37,13 +39,14 @@ def test_a_lone_request_goes_at_once_and_waiters_go_together():
         coalesce = Coalesce(calls, limit=1, max_items=16)
         first = asyncio.ensure_future(coalesce(1))
         await settle()
-        assert calls.batches == [[1]]                 # not held back by a timer
+        assert calls.batches == [[1]]  # not held back by a timer
         rest = [asyncio.ensure_future(coalesce(i)) for i in range(2, 6)]
         await settle()
-        assert calls.batches == [[1]]                 # waiting for the call in flight
+        assert calls.batches == [[1]]  # waiting for the call in flight
         calls.release.set()
         assert await asyncio.gather(first, *rest) == [2, 4, 6, 8, 10]
         assert calls.batches == [[1], [2, 3, 4, 5]] and coalesce.calls == 2
+
     run(main())
 
 
@@ -53,10 +56,11 @@ def test_batches_hold_at_most_max_items_and_limit_calls_fly_at_once():
         coalesce = Coalesce(calls, limit=2, max_items=3)
         futures = [asyncio.ensure_future(coalesce(i)) for i in range(8)]
         await settle()
-        assert calls.batches == [[0], [1]]           # two in flight at once, then the others wait
+        assert calls.batches == [[0], [1]]  # two in flight at once, then the others wait
         calls.release.set()
         assert await asyncio.gather(*futures) == [2 * i for i in range(8)]
         assert all(len(b) <= 3 for b in calls.batches) and sorted(sum(calls.batches, [])) == list(range(8))
+
     run(main())
 
 
@@ -71,7 +75,8 @@ def test_a_failed_call_fails_its_own_items_only():
         assert await first == 2
         results = await asyncio.gather(*batch, return_exceptions=True)
         assert all(isinstance(r, ValueError) and "bad item 3" in str(r) for r in results)
-        assert await coalesce(4) == 8                # and the next call goes on
+        assert await coalesce(4) == 8  # and the next call goes on
+
     run(main())
 
 
@@ -88,11 +93,12 @@ def test_a_request_that_left_does_not_hold_up_the_others():
         assert await first == 2 and await stays == 6
         with pytest.raises(asyncio.CancelledError):
             await gone
+
     run(main())
 
 
 def test_split_gives_each_request_its_rows():
     xs = [np.zeros((n, 4)) for n in (1, 3, 2)]
-    parts = _split(np.arange(6 * 2).reshape(6, 2), xs)
+    parts = split_answers(np.arange(6 * 2).reshape(6, 2), xs)
     assert [p.shape for p in parts] == [(1, 2), (3, 2), (2, 2)] and parts[2][0].tolist() == [8, 9]
     assert MAX_BATCH >= 1

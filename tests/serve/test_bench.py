@@ -1,5 +1,6 @@
 """`fedmeta bench --serve`: the no-op app, one model and the routed ensemble answer the same load, and
 the report holds each one's throughput and latency (p99 included)."""
+
 import json
 
 import pytest
@@ -28,8 +29,15 @@ def test_serve_bench_prints_p99_of_all_three_and_json(monkeypatch):
 
     def level(rps):
         return {"rps": rps, "p50_ms": 10.0, "p99_ms": 1000 / rps, "errors": 0, "requests": int(rps)}
-    res = {"members": 3, "seconds": 1.0, "at_concurrency": 8, "errors": 0, "throughput_ratio": 0.8,
-           "single_to_noop": 0.5}
+
+    res = {
+        "members": 3,
+        "seconds": 1.0,
+        "at_concurrency": 8,
+        "errors": 0,
+        "throughput_ratio": 0.8,
+        "single_to_noop": 0.5,
+    }
     for label, rps in (("noop", 200.0), ("single", 100.0), ("ensemble", 80.0)):
         res[label] = {8: level(rps) | ({} if label == "noop" else {"requests_per_fan_out": 2.5})}
         res[f"{label}_rps"], res[f"{label}_p99_ms"] = rps, 1000 / rps
@@ -37,8 +45,13 @@ def test_serve_bench_prints_p99_of_all_three_and_json(monkeypatch):
     out = CliRunner().invoke(app, ["bench", "--serve", "--json", "--seconds", "1"])
     assert out.exit_code == 0, out.output
     lines = out.output.strip().splitlines()
-    assert "noop 200.0 req/s (p99 5.0 ms), single 100.0 req/s (p99 10.0 ms), ensemble 80.0 req/s (p99 12.5 ms)" in out.output
-    assert "ensemble / single throughput: 0.80; single / no-op (Serve's ceiling): 0.50; errors 0" in out.output
+    assert (
+        "noop 200.0 req/s (p99 5.0 ms), single 100.0 req/s (p99 10.0 ms), ensemble 80.0 req/s (p99 12.5 ms)"
+        in out.output
+    )
+    assert (
+        "ensemble / single throughput: 0.80; single / no-op (Serve's ceiling): 0.50; errors 0" in out.output
+    )
     assert sum(line.startswith(("noop ", "single ", "ensemble ")) and "p99" in line for line in lines) == 3
     assert "errors 0  2.5 requests a member call" in out.output
     assert json.loads(lines[-1])["noop"]["8"]["p99_ms"] == 5.0

@@ -1,4 +1,5 @@
 """Routing controller of the design note "Dynamic Model Specialization via Federated Hyperparameter Drift"."""
+
 from __future__ import annotations
 
 import itertools
@@ -170,8 +171,11 @@ def test_feedback_tracker_posterior_mean_by_hand():
         FeedbackTracker(half_life=0)
 
 
-@given(old=st.lists(st.booleans(), max_size=50), recent=st.lists(st.booleans(), min_size=1, max_size=50),
-       half_life=st.floats(1.0, 100.0))
+@given(
+    old=st.lists(st.booleans(), max_size=50),
+    recent=st.lists(st.booleans(), min_size=1, max_size=50),
+    half_life=st.floats(1.0, 100.0),
+)
 @settings(max_examples=100, deadline=None)
 def test_feedback_decay_fades_old_evidence(old, recent, half_life):
     both, only_old, only_recent = (FeedbackTracker(half_life) for _ in range(3))
@@ -201,8 +205,10 @@ def test_decay_favours_recent_evidence():
 
 
 def _controller(rng: np.random.Generator, **kw) -> RoutingController:
-    profiles = {"clean": InputProfile.fit(rng.normal(0.0, 1.0, size=(2000, 5))),
-                "shifted": InputProfile.fit(rng.normal(2.0, 1.0, size=(2000, 5)))}
+    profiles = {
+        "clean": InputProfile.fit(rng.normal(0.0, 1.0, size=(2000, 5))),
+        "shifted": InputProfile.fit(rng.normal(2.0, 1.0, size=(2000, 5))),
+    }
     ctl = RoutingController(profiles, {"clean": 0.8, "shifted": 0.8}, **kw)
     for member in ("clean", "shifted"):  # equal feedback: only alignment can separate them
         ctl.feedback(member, 24, 30)
@@ -300,7 +306,7 @@ def test_combine_is_the_weighted_average_of_the_top_members():
     assert np.allclose(out, 0.5 * probs["a"] + 0.3 * probs["b"] + 0.2 * probs["c"])
     assert np.allclose(out.sum(axis=1), 1.0)
     assert [m for m, _ in used] == ["a", "b", "c"]
-    assert [w for _, w in used] == pytest.approx([0.5, 0.3, 0.2])   # pytest 9 compares numbers only
+    assert [w for _, w in used] == pytest.approx([0.5, 0.3, 0.2])  # pytest 9 compares numbers only
     out, used = combine(probs, weights, top_k=2)  # renormalized over a and b
     assert np.allclose(out, (0.5 * probs["a"] + 0.3 * probs["b"]) / 0.8)
     assert [m for m, _ in used] == ["a", "b"] and used[0][1] == pytest.approx(0.625)

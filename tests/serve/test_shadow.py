@@ -1,4 +1,5 @@
 """Traffic splits, sequential tests (shadow SPRT, A/B mixture SPRT), candidate trials and pruning."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,9 @@ from fedmeta.serve.shadow import (
 # --------------------------------------------------------------------------------- simulation helpers
 
 
-def run_paired(acc_candidate: float, acc_production: float, seed: int, max_pairs: int = 3000) -> tuple[str, int]:
+def run_paired(
+    acc_candidate: float, acc_production: float, seed: int, max_pairs: int = 3000
+) -> tuple[str, int]:
     """Shadow mode: both models answer every request, correctness independent per request."""
     rng = np.random.default_rng(seed)
     cand = (rng.random(max_pairs) < acc_candidate).tolist()
@@ -35,7 +38,9 @@ def run_paired(acc_candidate: float, acc_production: float, seed: int, max_pairs
     raise AssertionError("max_pairs must end every run")
 
 
-def run_ab(acc_candidate: float, acc_production: float, seed: int, max_samples: int = 4000) -> tuple[str, int]:
+def run_ab(
+    acc_candidate: float, acc_production: float, seed: int, max_samples: int = 4000
+) -> tuple[str, int]:
     """A/B mode: each request goes to one arm (50/50), outcomes independent."""
     rng = np.random.default_rng(seed)
     to_cand = rng.random(max_samples) < 0.5
@@ -56,7 +61,9 @@ def test_stable_fraction_is_deterministic_and_in_unit_interval():
     assert values == [stable_fraction(k, "s") for k in ["a", "b", 0, 1, 10**30]]
     assert all(0.0 <= v < 1.0 for v in values)
     assert stable_fraction("user-1", "ab") == stable_fraction("user-1", "ab")
-    assert stable_fraction(7, "x") == stable_fraction("7", "x")  # same text, same bucket (documented f-string)
+    assert stable_fraction(7, "x") == stable_fraction(
+        "7", "x"
+    )  # same text, same bucket (documented f-string)
 
 
 def test_ab_arm_is_stable_and_matches_fraction():
@@ -161,11 +168,19 @@ def test_paired_sprt_accepts_bool_like_feedback():
     assert t.wins == 1
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"alpha": 0}, "alpha"), ({"alpha": 1.2}, "alpha"), ({"beta": -0.1}, "beta"),
-    ({"alpha": 0.6, "beta": 0.5}, "alpha"), ({"delta": 0}, "delta"), ({"delta": 0.5}, "delta"),
-    ({"max_pairs": 0}, "max_pairs"), ({"max_pairs": 2.5}, "max_pairs"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"alpha": 0}, "alpha"),
+        ({"alpha": 1.2}, "alpha"),
+        ({"beta": -0.1}, "beta"),
+        ({"alpha": 0.6, "beta": 0.5}, "alpha"),
+        ({"delta": 0}, "delta"),
+        ({"delta": 0.5}, "delta"),
+        ({"max_pairs": 0}, "max_pairs"),
+        ({"max_pairs": 2.5}, "max_pairs"),
+    ],
+)
 def test_paired_sprt_bad_parameters(kwargs, field):
     with pytest.raises(ValueError, match=field):
         PairedSPRT(**kwargs)
@@ -202,8 +217,10 @@ def test_two_sample_false_promotion_rate_under_equality():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["candidate", "production"]), st.booleans()), max_size=400),
-       st.integers(min_value=1, max_value=30))
+@given(
+    st.lists(st.tuples(st.sampled_from(["candidate", "production"]), st.booleans()), max_size=400),
+    st.integers(min_value=1, max_value=30),
+)
 def test_two_sample_p_value_non_increasing(outcomes, min_samples):
     t = TwoSampleTest(alpha=1e-12, min_samples=min_samples)  # tiny alpha: keep testing, watch the p-value
     previous = t.p_value
@@ -235,10 +252,16 @@ def test_two_sample_decision_is_sticky_and_max_samples_rejects():
     assert sum(t.n.values()) == 20 and t.late_updates == 50
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"alpha": 0}, "alpha"), ({"tau": 0}, "tau"), ({"tau": float("inf")}, "tau"),
-    ({"min_samples": 0}, "min_samples"), ({"max_samples": 10}, "max_samples"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"alpha": 0}, "alpha"),
+        ({"tau": 0}, "tau"),
+        ({"tau": float("inf")}, "tau"),
+        ({"min_samples": 0}, "min_samples"),
+        ({"max_samples": 10}, "max_samples"),
+    ],
+)
 def test_two_sample_bad_parameters(kwargs, field):
     with pytest.raises(ValueError, match=field):
         TwoSampleTest(**kwargs)
@@ -342,10 +365,15 @@ def test_disappearing_members_are_forgotten():
     assert "c" in tracker.streaks and set(tracker.streaks) == {"a", "c"}
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"threshold": -0.1, "window": 2}, "threshold"), ({"threshold": float("nan"), "window": 2}, "threshold"),
-    ({"threshold": 0.1, "window": 0}, "window"), ({"threshold": 0.1, "window": 1.5}, "window"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"threshold": -0.1, "window": 2}, "threshold"),
+        ({"threshold": float("nan"), "window": 2}, "threshold"),
+        ({"threshold": 0.1, "window": 0}, "window"),
+        ({"threshold": 0.1, "window": 1.5}, "window"),
+    ],
+)
 def test_pruning_bad_parameters(kwargs, field):
     with pytest.raises(ValueError, match=field):
         PruningTracker(**kwargs)

@@ -2,6 +2,7 @@
 (a residual MLP with LayerNorm), a Parquet file of 300 clients keyed by a `user` column and
 `exp.yaml`; run from another folder with `fedmeta run`, and through `fedmeta.run` with each
 algorithm a user expects."""
+
 import json
 import textwrap
 from pathlib import Path
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 import fedmeta
 from fedmeta.sim.cli.main import app
 
-MYMODELS = '''
+MYMODELS = """
 import math
 from torch import nn
 
@@ -31,9 +32,9 @@ class Block(nn.Module):
 def residual_mlp(input_shape, num_classes, width=32, depth=2):
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width),
                          *[Block(width) for _ in range(depth)], nn.LayerNorm(width), nn.Linear(width, num_classes))
-'''
+"""
 
-EXP = '''
+EXP = """
 data:
   kind: table
   global_clients: 30
@@ -48,7 +49,7 @@ eval: {every: 12, num_individuals: 40, finetune_steps: 15, finetune_lr: 0.05}
 privacy: {audit_canaries: 0}
 ray: {num_workers: 2, num_cpus_per_worker: 0.5}
 run: {name: byo, progress: false, checkpoint_every: 12}
-'''
+"""
 
 
 def clients_table(users: int = 300, seed: int = 0) -> pd.DataFrame:
@@ -72,14 +73,17 @@ def project(tmp_path_factory):
     folder = tmp_path_factory.mktemp("project")
     (folder / "mymodels_byo.py").write_text(textwrap.dedent(MYMODELS))
     clients_table().to_parquet(folder / "clients.parquet")
-    (folder / "exp.yaml").write_text(EXP.replace("progress: false", f"progress: false, out_dir: {folder / 'runs'}"))
+    (folder / "exp.yaml").write_text(
+        EXP.replace("progress: false", f"progress: false, out_dir: {folder / 'runs'}")
+    )
     return folder
 
 
 @pytest.mark.slow
-def test_fedmeta_run_from_another_folder_personalization_beats_the_global_model(ray_session, project, tmp_path,
-                                                                               monkeypatch):
-    monkeypatch.chdir(tmp_path)          # the model module and the table are found next to exp.yaml
+def test_fedmeta_run_from_another_folder_personalization_beats_the_global_model(
+    ray_session, project, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # the model module and the table are found next to exp.yaml
     res = CliRunner().invoke(app, ["run", str(project / "exp.yaml")])
     assert res.exit_code == 0, res.output
     summary = json.loads(next((project / "runs").glob("byo-*/summary.json")).read_text())
@@ -90,9 +94,14 @@ def test_fedmeta_run_from_another_folder_personalization_beats_the_global_model(
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["fedprox", "fedadam", "fedyogi", "ditto"])
 def test_the_same_config_runs_every_algorithm_through_the_api(ray_session, project, tmp_path, algorithm):
-    overrides = [f"algorithm.name={algorithm}", "federation.rounds=4", "eval.every=4", f"run.out_dir={tmp_path}"]
+    overrides = [
+        f"algorithm.name={algorithm}",
+        "federation.rounds=4",
+        "eval.every=4",
+        f"run.out_dir={tmp_path}",
+    ]
     if algorithm in ("fedadam", "fedyogi"):
-        overrides.append("algorithm.server_lr=0.01")     # adaptive server steps are per coordinate
+        overrides.append("algorithm.server_lr=0.01")  # adaptive server steps are per coordinate
     result = fedmeta.run(project / "exp.yaml", overrides=overrides)
     s = result.summary
     assert s["algorithm"] == algorithm and s["rounds"] == 4 and result.run_dir.parent == tmp_path

@@ -1,5 +1,6 @@
 """Update compression: int8 stochastic quantization and top-k with error feedback (properties),
 the worker's messages and their byte counts, and a run."""
+
 import pickle
 
 import numpy as np
@@ -11,9 +12,13 @@ from hypothesis import strategies as st
 from fedmeta.sim.compression import compress, int8_roundtrip, topk_roundtrip, topk_size
 from fedmeta.sim.seeding import torch_gen
 
-rows = st.integers(1, 4).flatmap(lambda c: st.integers(2, 40).flatmap(
-    lambda n: st.lists(st.floats(-10, 10, allow_nan=False, width=32), min_size=c * n, max_size=c * n).map(
-        lambda v: torch.tensor(v, dtype=torch.float32).reshape(c, n))))
+rows = st.integers(1, 4).flatmap(
+    lambda c: st.integers(2, 40).flatmap(
+        lambda n: st.lists(st.floats(-10, 10, allow_nan=False, width=32), min_size=c * n, max_size=c * n).map(
+            lambda v: torch.tensor(v, dtype=torch.float32).reshape(c, n)
+        )
+    )
+)
 
 
 @settings(max_examples=100, deadline=None)
@@ -69,10 +74,10 @@ def test_the_worker_sends_what_the_server_decodes_and_counts_the_encoded_bytes(k
     m, _ = w.train(1, g, [3, 11, 25])
     full, _ = plain.train(1, g, [3, 11, 25])
     update_bytes = len(pickle.dumps(full.weighted_sum, protocol=5))
-    if kind == "int8":      # one byte per coordinate and a scale, against four
+    if kind == "int8":  # one byte per coordinate and a scale, against four
         assert w.n_params < m.upload_bytes < w.n_params + 400 < update_bytes
         np.testing.assert_allclose(m.weighted_sum, full.weighted_sum, atol=3 * 0.05)
-    else:                   # 5% of the coordinates, 4 + 4 bytes each
+    else:  # 5% of the coordinates, 4 + 4 bytes each
         k = topk_size(w.n_params, 0.05)
         assert 8 * k < m.upload_bytes < 8 * k + 400
         assert len(w._residuals) == 3 and all(r.abs().sum() > 0 for r in w._residuals.values())

@@ -3,6 +3,7 @@ one-line ConfigError naming the key path (the CLI turns that into exit 2), never
 
 The strategies walk the config schema itself (ExperimentConfig's fields), so every key path of every
 section is reached, including sections added later."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -17,15 +18,23 @@ from pydantic import BaseModel
 from fedmeta.sim import config as C
 
 ROOT = Path(__file__).resolve().parents[2]
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 def _walk(model: type[BaseModel], prefix: tuple = ()):
     """(path, FieldInfo, is_section) for every key of the schema, depth first."""
     for name, info in model.model_fields.items():
         path = (*prefix, name)
-        sub = info.annotation if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel) else None
+        sub = (
+            info.annotation
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+            else None
+        )
         yield path, info, sub is not None
         if sub is not None:
             yield from _walk(sub, path)
@@ -69,7 +78,8 @@ def _dotted(path) -> str:
 # each strategy draws (YAML text, the key path the error must name, or None when the value may be valid)
 def unknown_keys():
     return st.tuples(st.sampled_from(SECTIONS), st.from_regex(r"zz_[a-z0-9_]{1,12}", fullmatch=True)).map(
-        lambda s: (yaml.safe_dump(_doc((*s[0], s[1]), 1)), _dotted((*s[0], s[1]))))
+        lambda s: (yaml.safe_dump(_doc((*s[0], s[1]), 1)), _dotted((*s[0], s[1])))
+    )
 
 
 WRONG = [{"zz_fuzz": 1}, [{"zz_fuzz": 1}]]
@@ -88,6 +98,7 @@ def wrong_types():
         elif value is None:
             value = {"zz_fuzz": 1}
         return yaml.safe_dump(_doc(path, value)), _dotted(path)
+
     return st.builds(pick, st.sampled_from(LEAVES), st.sampled_from([None, *WRONG]))
 
 
@@ -102,24 +113,28 @@ def out_of_range():
             edge = m.le if isinstance(m, at.Le) else m.lt
             value = edge + (1 if integer or isinstance(m, at.Le) else 0) + margin
         return yaml.safe_dump(_doc(path, int(value) if integer else float(value))), _dotted(path)
+
     return st.builds(pick, st.sampled_from(BOUNDED), st.integers(0, 10**6))
 
 
 def non_mappings():
     return st.tuples(st.sampled_from(SECTIONS[1:]), st.sampled_from([[1, 2], "text", 3, 1.5, True])).map(
-        lambda s: (yaml.safe_dump(_doc(s[0], s[1])), _dotted(s[0])))
+        lambda s: (yaml.safe_dump(_doc(s[0], s[1])), _dotted(s[0]))
+    )
 
 
 def huge_numbers():
     def pick(leaf, exponent, sign):
         path, _ = leaf
         return yaml.safe_dump(_doc(path, sign * 10**exponent)), _dotted(path)
+
     return st.builds(pick, st.sampled_from(NUMERIC), st.integers(19, 400), st.sampled_from([1, -1]))
 
 
 def not_finite():
     return st.tuples(st.sampled_from(NUMERIC), st.sampled_from([".nan", ".inf", "-.inf", "1.0e+999"])).map(
-        lambda s: (yaml.safe_dump(_doc(s[0][0], "@V@")).replace("'@V@'", s[1]), _dotted(s[0][0])))
+        lambda s: (yaml.safe_dump(_doc(s[0][0], "@V@")).replace("'@V@'", s[1]), _dotted(s[0][0]))
+    )
 
 
 def syntax_errors():
@@ -130,12 +145,22 @@ def syntax_errors():
         lines = list(base)
         lines.insert(line % (len(lines) + 1), bad)
         return "\n".join(lines) + "\n", "not valid YAML"
+
     return st.builds(pick, st.integers(0, 10**6), st.sampled_from(junk))
 
 
 def top_level():
-    docs = ["- 1\n- 2\n", "just text\n", "42\n", "1: 2\n", "? [a, b]\n: 1\n", "!!python/object/apply:os.system [echo]\n",
-            "federation: !!python/name:os.system\n", "a: &a [1, 2]\nb: *c\n", "[" * 5000 + "]" * 5000 + "\n"]
+    docs = [
+        "- 1\n- 2\n",
+        "just text\n",
+        "42\n",
+        "1: 2\n",
+        "? [a, b]\n: 1\n",
+        "!!python/object/apply:os.system [echo]\n",
+        "federation: !!python/name:os.system\n",
+        "a: &a [1, 2]\nb: *c\n",
+        "[" * 5000 + "]" * 5000 + "\n",
+    ]
     return st.sampled_from(docs).map(lambda d: (d, None))
 
 
@@ -162,13 +187,15 @@ def _check(tmp_path, case):
         assert names is None or names == "valid", f"accepted a config that must fail at {names}: {text!r}"
 
 
-@pytest.mark.parametrize("kind", [unknown_keys, wrong_types, out_of_range, non_mappings, huge_numbers, not_finite,
-                                  syntax_errors])
+@pytest.mark.parametrize(
+    "kind", [unknown_keys, wrong_types, out_of_range, non_mappings, huge_numbers, not_finite, syntax_errors]
+)
 def test_malformed_configs_name_their_key(kind, tmp_path):
     @FUZZ
     @given(kind())
     def prop(case):
         _check(tmp_path, case)
+
     prop()
 
 
@@ -178,6 +205,7 @@ def test_any_document_loads_or_fails_in_one_line(kind, tmp_path):
     @given(kind())
     def prop(case):
         _check(tmp_path, case)
+
     prop()
 
 
@@ -190,7 +218,10 @@ NINE = {
     "syntax": ("federation:\n  rounds: [2\n", "not valid YAML (line"),
     "top_level": ("- federation\n- rounds\n", "expected a mapping"),
     "section": ("federation: 3\n", "federation"),
-    "unknown_deep": ("federation:\n  system:\n    speed_sigmaa: 1\n", "federation.system.speed_sigmaa: unknown key"),
+    "unknown_deep": (
+        "federation:\n  system:\n    speed_sigmaa: 1\n",
+        "federation.system.speed_sigmaa: unknown key",
+    ),
     "wrong_type": ("privacy:\n  clip_norm: high\n", "privacy.clip_norm"),
     "out_of_range": ("secagg:\n  quant_bits: 31\n", "secagg.quant_bits"),
     "huge": ("data:\n  num_clients: " + "9" * 400 + "\n", "data.num_clients"),
@@ -204,9 +235,14 @@ def test_cli_exits_2_with_one_line_for_nine_kinds(kind, tmp_path):
     text, expected = NINE[kind]
     p = tmp_path / "bad.yaml"
     p.write_text(text)
-    r = subprocess.run([sys.executable, "-m", "fedmeta", "run", str(p), "--no-progress"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "fedmeta", "run", str(p), "--no-progress"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2, r.stderr[-2000:]
     assert len(lines) == 1 and "Traceback" not in r.stderr and expected in lines[0], r.stderr
-    assert not (tmp_path / "runs").exists()          # nothing was started, nothing written
+    assert not (tmp_path / "runs").exists()  # nothing was started, nothing written

@@ -38,7 +38,9 @@ def test_poisson_cohort_is_seeded_distinct_and_in_range(seed, rnd, n, q):
 
     c = sample_poisson(Secrets.seeded(seed), rnd, n, q)
     assert len(set(c.tolist())) == len(c) and (len(c) == 0 or (c.min() >= 0 and c.max() < n))
-    assert np.array_equal(c, sample_poisson(Secrets.seeded(seed), rnd, n, q)) and np.array_equal(c, np.sort(c))
+    assert np.array_equal(c, sample_poisson(Secrets.seeded(seed), rnd, n, q)) and np.array_equal(
+        c, np.sort(c)
+    )
 
 
 def test_poisson_sampling_includes_each_client_independently_at_rate_q():
@@ -55,7 +57,7 @@ def test_poisson_sampling_includes_each_client_independently_at_rate_q():
     sizes = member.sum(1)
     assert abs(sizes.mean() - n * q) < 4 * np.sqrt(n * q * (1 - q) / rounds)
     assert 0.8 < sizes.var() / (n * q * (1 - q)) < 1.2
-    counts = member.sum(0)                       # per client: Binomial(rounds, q)
+    counts = member.sum(0)  # per client: Binomial(rounds, q)
     assert stats.kstest(counts, stats.binom(rounds, q).cdf).pvalue > 1e-3
     # independence: the co-membership of two clients matches q^2
     both = (member[:, 0] & member[:, 1]).mean()

@@ -1,4 +1,5 @@
 """Harary neighbour graphs (SecAgg+) and the complete graph (SecAgg)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """X25519 + HKDF seed agreement and AES-GCM share encryption."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Masking on clients and unmasking on the server, with and without dropouts."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -53,7 +54,9 @@ def test_pairwise_masks_cancel_over_all_clients(num_clients, k):
 )
 def test_unmask_sum_with_dropouts_equals_survivors_plain_sum(num_clients, data, bits, seed):
     # Degrees for which a k-regular graph exists (odd k needs an even client count).
-    valid = [k for k in range(1, num_clients + 1) if k % 2 == 0 or num_clients % 2 == 0 or k >= num_clients - 1]
+    valid = [
+        k for k in range(1, num_clients + 1) if k % 2 == 0 or num_clients % 2 == 0 or k >= num_clients - 1
+    ]
     k = data.draw(st.sampled_from(valid))
     survivors = data.draw(st.sets(st.integers(0, num_clients - 1), min_size=1), label="survivors")
     dropped = set(range(num_clients)) - survivors
@@ -67,7 +70,9 @@ def test_unmask_sum_with_dropouts_equals_survivors_plain_sum(num_clients, data, 
     # What the server reconstructs: b_i of survivors, and for each dropped d (from s_d^SK and the
     # survivors' public keys) the seeds s_di of d's surviving neighbours.
     recovered = {d: {i: pair_seeds[d][i] for i in g[d] & survivors} for d in dropped}
-    out = unmask_sum(masked_sum, survivors, dropped, {i: self_seeds[i] for i in survivors}, recovered, g, n, bits)
+    out = unmask_sum(
+        masked_sum, survivors, dropped, {i: self_seeds[i] for i in survivors}, recovered, g, n, bits
+    )
     np.testing.assert_array_equal(out, sum_mod(q[sorted(survivors)], bits))
 
 
@@ -79,6 +84,7 @@ def test_single_masked_vector_looks_uniform(chi2_pvalue):
     # A very non-uniform input: a smooth, small-magnitude quantized update.
     x = np.sin(np.linspace(0, 20, n)) * 0.01
     q = quantize(x, 1.0, 1e-4, bits, rng)
+
     def top(v):  # top 8 bits -> 256 buckets
         return (v >> np.uint64(bits - 8)).astype(np.int64)
 
@@ -97,11 +103,14 @@ def test_end_to_end_float_sum_with_quantization():
     x = rng.normal(0, 0.5, size=(num_clients, n))
     dropped = {2, 9}
     survivors = set(range(num_clients)) - dropped
-    ys = [mask_vector(quantize(x[i], clip, step, bits, rng), self_seeds[i], i, g[i], pair_seeds[i], bits)
-          for i in sorted(survivors)]
+    ys = [
+        mask_vector(quantize(x[i], clip, step, bits, rng), self_seeds[i], i, g[i], pair_seeds[i], bits)
+        for i in sorted(survivors)
+    ]
     recovered = {d: {i: pair_seeds[d][i] for i in g[d] & survivors} for d in dropped}
-    plain = unmask_sum(sum_mod(ys, bits), survivors, dropped, {i: self_seeds[i] for i in survivors},
-                       recovered, g, n, bits)
+    plain = unmask_sum(
+        sum_mod(ys, bits), survivors, dropped, {i: self_seeds[i] for i in survivors}, recovered, g, n, bits
+    )
     expected = np.clip(x[sorted(survivors)], -clip, clip).sum(axis=0)
     assert np.max(np.abs(dequantize(plain, step, bits) - expected)) <= len(survivors) * step
 
@@ -113,7 +122,9 @@ def test_complete_graph_matches_original_secagg():
     q = rng.integers(0, 2**20, size=(5, 9), dtype=np.uint64)
     ys = [mask_vector(q[i], self_seeds[i], i, g[i], pair_seeds[i], 20) for i in (0, 1, 3)]
     recovered = {d: {i: pair_seeds[d][i] for i in (0, 1, 3)} for d in (2, 4)}
-    out = unmask_sum(sum_mod(ys, 20), {0, 1, 3}, {2, 4}, {i: self_seeds[i] for i in (0, 1, 3)}, recovered, g, 9, 20)
+    out = unmask_sum(
+        sum_mod(ys, 20), {0, 1, 3}, {2, 4}, {i: self_seeds[i] for i in (0, 1, 3)}, recovered, g, 9, 20
+    )
     np.testing.assert_array_equal(out, sum_mod(q[[0, 1, 3]], 20))
 
 

@@ -1,4 +1,5 @@
 """ChaCha20 mask expansion: determinism, range, uniformity, batching, speed."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """The secure-aggregation round protocol: exactness under dropouts, aborts, what the server holds."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,7 +51,9 @@ def _drive(vectors, k, t, bits, seed, drop=None, *, allow_low_threshold=False):
         msgs = [clients[c].masked_input(vectors[c], inbox[c]) for c in inbox if c not in drop["masked"]]
         masked = {m.client: m.y for m in msgs}
         request = server.collect_masked(msgs)
-        result = server.unmask([clients[c].unmask(request) for c in request.survivors if c not in drop["unmask"]])
+        result = server.unmask(
+            [clients[c].unmask(request) for c in request.survivors if c not in drop["unmask"]]
+        )
     except SecAggAbort as exc:
         return exc, server, clients, masked
     return result, server, clients, masked
@@ -95,7 +98,9 @@ def test_no_dropouts_sum_is_exact(num_clients, k, t, bits):
 def test_non_contiguous_client_ids():
     bits = 20
     rng = np.random.default_rng(3)
-    vectors = {cid: rng.integers(0, 2**bits, size=64, dtype=np.uint64) for cid in (3, 17, 40, 41, 99, 1000, 7, 12)}
+    vectors = {
+        cid: rng.integers(0, 2**bits, size=64, dtype=np.uint64) for cid in (3, 17, 40, 41, 99, 1000, 7, 12)
+    }
     total, server = run_round(vectors, 6, 4, bits, np.random.default_rng(1), {"masked": {17}, "unmask": {99}})
     assert server.dropped == {17}
     np.testing.assert_array_equal(total, _plain_sum(vectors, set(vectors) - {17}, bits))
@@ -166,7 +171,9 @@ def test_feasible_dropouts_exact(seed, masked, unmask):
     bits = 30
     unmask -= masked
     vectors = _vectors(20, 60, bits, seed % 97)
-    total, server = run_round(vectors, 8, 5, bits, np.random.default_rng(seed), {"masked": masked, "unmask": unmask})
+    total, server = run_round(
+        vectors, 8, 5, bits, np.random.default_rng(seed), {"masked": masked, "unmask": unmask}
+    )
     np.testing.assert_array_equal(total, _plain_sum(vectors, set(range(20)) - masked, bits))
     assert server.dropped == masked
 
@@ -221,7 +228,9 @@ def test_abort_when_dropped_clients_key_cannot_be_reconstructed():
     d = 0
     nb = sorted(server.graph[d])
     # d drops after sharing; two of its four neighbours send no shares -> 2 < t=3 key shares.
-    with pytest.raises(SecAggAbort, match=rf"mask private key .* client {d}: 2 shares arrived, threshold t=3"):
+    with pytest.raises(
+        SecAggAbort, match=rf"mask private key .* client {d}: 2 shares arrived, threshold t=3"
+    ):
         run_round(vectors, 4, 3, bits, np.random.default_rng(4), {"masked": {d}, "unmask": set(nb[:2])})
 
 
@@ -252,7 +261,9 @@ def test_construction_refuses_bad_thresholds():
 
 def test_low_threshold_opt_in_runs():
     vectors = _vectors(10, 40, 16, seed=5)
-    total, _ = run_round(vectors, 6, 2, 16, np.random.default_rng(0), {"masked": {1, 2, 3}}, allow_low_threshold=True)
+    total, _ = run_round(
+        vectors, 6, 2, 16, np.random.default_rng(0), {"masked": {1, 2, 3}}, allow_low_threshold=True
+    )
     np.testing.assert_array_equal(total, _plain_sum(vectors, set(range(10)) - {1, 2, 3}, 16))
 
 
@@ -368,7 +379,9 @@ def test_server_rejects_both_shares_for_one_client():
     assert 0 in honest.key_shares and 0 not in honest.self_shares
     assert set(honest.self_shares).isdisjoint(honest.key_shares)
     survivor = next(iter(honest.self_shares))
-    forged = UnmaskShares(holder, dict(honest.self_shares), {**honest.key_shares, survivor: honest.self_shares[survivor]})
+    forged = UnmaskShares(
+        holder, dict(honest.self_shares), {**honest.key_shares, survivor: honest.self_shares[survivor]}
+    )
     with pytest.raises(ProtocolViolation, match="both"):
         server.unmask([forged])
     assert not server.revealed_self and not server.revealed_key  # nothing of it was stored
@@ -522,4 +535,4 @@ def test_co_hosted_clients_sharing_pair_keys_send_the_same_bytes():
         return [clients[c].share_keys(keys[c], pair_keys).shares for c in keys]
 
     cache: dict = {}
-    assert shares(cache) == shares(None) and not cache      # every co-hosted pair used its key once
+    assert shares(cache) == shares(None) and not cache  # every co-hosted pair used its key once

@@ -1,4 +1,5 @@
 """Quantization into Z_{2^b}: accuracy, unbiasedness, overflow-free sums, modular helpers."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -74,7 +75,9 @@ def test_modular_sum_decodes_exactly_without_overflow(num_clients, levels, scale
     ints = dequantize(q, 1.0, bits).astype(np.int64)  # each client's signed integers
     summed = dequantize(sum_mod(q, bits), 1.0, bits).astype(np.int64)
     np.testing.assert_array_equal(summed, ints.sum(axis=0))
-    np.testing.assert_allclose(dequantize(sum_mod(q, bits), step, bits), dequantize(q, step, bits).sum(axis=0))
+    np.testing.assert_allclose(
+        dequantize(sum_mod(q, bits), step, bits), dequantize(q, step, bits).sum(axis=0)
+    )
 
 
 @pytest.mark.parametrize("num_clients,levels", [(1, 1), (3, 7), (100, 1000), (1000, 2**20)])
@@ -141,7 +144,8 @@ def test_add_sub_mod_match_python_ints(data, bits):
 def test_coins_can_be_given_as_uniforms_and_must_match_the_input():
     x = np.linspace(-1, 1, 11)
     rng = np.random.default_rng(3)
-    np.testing.assert_array_equal(quantize(x, 1.0, 0.1, 12, np.random.default_rng(3)),
-                                  quantize(x, 1.0, 0.1, 12, rng.random(11)))
+    np.testing.assert_array_equal(
+        quantize(x, 1.0, 0.1, 12, np.random.default_rng(3)), quantize(x, 1.0, 0.1, 12, rng.random(11))
+    )
     with pytest.raises(ValueError, match="coins"):
         quantize(x, 1.0, 0.1, 12, np.zeros(10))

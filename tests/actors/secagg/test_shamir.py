@@ -1,4 +1,5 @@
 """Shamir t-of-n sharing over GF(2^521 - 1)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -45,7 +46,12 @@ def test_any_t_shares_reconstruct(secret, n, data, seed):
 
 
 @settings(max_examples=40, deadline=None)
-@given(secret=st.binary(min_size=32, max_size=32), n=st.integers(2, 9), data=st.data(), seed=st.integers(0, 2**32 - 1))
+@given(
+    secret=st.binary(min_size=32, max_size=32),
+    n=st.integers(2, 9),
+    data=st.data(),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_fewer_than_t_shares_do_not_reveal_the_secret(secret, n, data, seed):
     t = data.draw(st.integers(2, n))
     shares = data.draw(st.permutations(split(secret, n, t, np.random.default_rng(seed))))
@@ -55,7 +61,7 @@ def test_fewer_than_t_shares_do_not_reveal_the_secret(secret, n, data, seed):
     # degree-(t-2) polynomial through them has another constant term (or the bytes do not decode).
     try:
         guess = reconstruct(shares[: t - 1], t - 1)
-    except ValueError as e:     # the interpolated constant is not a 32-byte secret
+    except ValueError as e:  # the interpolated constant is not a 32-byte secret
         assert "at least" not in str(e) and "threshold" not in str(e)
     else:
         assert guess != secret

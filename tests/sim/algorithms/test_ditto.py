@@ -1,5 +1,6 @@
 """Ditto's personalization rule against a hand-written loop of its personal objective
 F_k(v) + lambda/2 ||v - w||^2; its global rule is FedAvg's."""
+
 import copy
 
 import numpy as np
@@ -38,11 +39,17 @@ def test_ditto_personal_models_match_the_reference_loop(path):
     model, w, xs, ys = cohort("mlp", sizes, (1, 4, 4), 5, seed=2)
     ev = EvalConfig(finetune_steps=7, finetune_lr=0.2, batch_size=4)
     ditto = build_algorithm(AlgorithmConfig(name="ditto", ditto_lambda=0.7))
-    upd, _ = ditto.personalizer(ev).client_update(model, w, xs, ys, [np.random.default_rng(i) for i in range(3)], path)
+    upd, _ = ditto.personalizer(ev).client_update(
+        model, w, xs, ys, [np.random.default_rng(i) for i in range(3)], path
+    )
     for i in range(3):
         sched = batch_schedule(sizes[i], 4, np.random.default_rng(i), steps=7)
-        torch.testing.assert_close(w + upd[i], reference_ditto_personal(model, w, xs[i], ys[i], sched, 0.2, 0.7),
-                                   atol=2e-6, rtol=1e-4)
+        torch.testing.assert_close(
+            w + upd[i],
+            reference_ditto_personal(model, w, xs[i], ys[i], sched, 0.2, 0.7),
+            atol=2e-6,
+            rtol=1e-4,
+        )
 
 
 def test_lambda_slides_between_fine_tuning_and_the_global_model():
@@ -54,19 +61,27 @@ def test_lambda_slides_between_fine_tuning_and_the_global_model():
         alg = build_algorithm(AlgorithmConfig(name="ditto", ditto_lambda=lam))
         return alg.personalizer(ev).client_update(model, w, xs, ys, gens(), "vmap")[0]
 
-    fine_tuned = build_algorithm(AlgorithmConfig(name="fedavg")).personalizer(ev).client_update(
-        model, w, xs, ys, gens(), "vmap")[0]
-    torch.testing.assert_close(personal(0.0), fine_tuned)          # lambda = 0: plain fine-tuning
-    assert personal(2.0).norm(dim=1).lt(fine_tuned.norm(dim=1)).all()   # the pull keeps v nearer w
+    fine_tuned = (
+        build_algorithm(AlgorithmConfig(name="fedavg"))
+        .personalizer(ev)
+        .client_update(model, w, xs, ys, gens(), "vmap")[0]
+    )
+    torch.testing.assert_close(personal(0.0), fine_tuned)  # lambda = 0: plain fine-tuning
+    assert personal(2.0).norm(dim=1).lt(fine_tuned.norm(dim=1)).all()  # the pull keeps v nearer w
 
 
 def test_the_global_rule_is_fedavg():
     model, w, xs, ys = cohort("mlp", [12, 8], (6,), 3, seed=4)
-    run = lambda name: build_algorithm(AlgorithmConfig(name=name, batch_size=4, lr=0.1, local_epochs=2)).client_update(  # noqa: E731
-        model, w, xs, ys, [np.random.default_rng(i) for i in range(2)], "loop")[0]
+    run = lambda name: build_algorithm(
+        AlgorithmConfig(name=name, batch_size=4, lr=0.1, local_epochs=2)
+    ).client_update(  # noqa: E731
+        model, w, xs, ys, [np.random.default_rng(i) for i in range(2)], "loop"
+    )[0]
     torch.testing.assert_close(run("ditto"), run("fedavg"))
-    assert build_algorithm(AlgorithmConfig(name="ditto", ditto_lambda=0.5)).describe_personalization() == \
-        "ditto (lambda=0.5)"
+    assert (
+        build_algorithm(AlgorithmConfig(name="ditto", ditto_lambda=0.5)).describe_personalization()
+        == "ditto (lambda=0.5)"
+    )
 
 
 def test_any_algorithm_personalizes_with_a_given_privacy_weight():

@@ -1,5 +1,6 @@
 """FedAdagrad / FedAdam / FedYogi (Reddi et al. 2021, Algorithm 2) against the update rules written
 out by hand, over several rounds; the server state round-trips."""
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +10,7 @@ from fedmeta.sim.config import AlgorithmConfig
 
 
 def reference(name, deltas, x0, lr, b1, b2, tau):
-    x, m, v = x0.copy(), np.zeros_like(x0), np.full_like(x0, tau ** 2)
+    x, m, v = x0.copy(), np.zeros_like(x0), np.full_like(x0, tau**2)
     for d in deltas:
         m = b1 * m + (1 - b1) * d
         if name == "fedadagrad":
@@ -32,7 +33,7 @@ def test_server_optimizers_follow_reddi_et_al(name):
     x = torch.tensor(x0)
     for d in deltas[:3]:
         x, met = alg.server_update(x, torch.tensor(d))
-    resumed = build_algorithm(cfg)           # a resumed run continues from the checkpointed moments
+    resumed = build_algorithm(cfg)  # a resumed run continues from the checkpointed moments
     resumed.load_state_dict(alg.state_dict())
     for d in deltas[3:]:
         x, met = resumed.server_update(x, torch.tensor(d))

@@ -1,4 +1,5 @@
 """FedProx against a hand-written proximal SGD loop; mu = 0 is FedAvg; both cohort paths agree."""
+
 import copy
 
 import numpy as np
@@ -34,19 +35,28 @@ def reference_fedprox(model, g0, x, y, sched, lr, mu):
 def test_fedprox_matches_the_proximal_reference_loop(path):
     sizes = [13, 7, 20]
     model, g0, xs, ys = cohort("mlp", sizes, (1, 4, 4), 5)
-    alg = build_algorithm(AlgorithmConfig(name="fedprox", batch_size=4, lr=0.1, local_epochs=3, proximal_mu=0.5))
+    alg = build_algorithm(
+        AlgorithmConfig(name="fedprox", batch_size=4, lr=0.1, local_epochs=3, proximal_mu=0.5)
+    )
     upd, _ = alg.client_update(model, g0, xs, ys, [np.random.default_rng(i) for i in range(3)], path)
     for i in range(3):
         sched = batch_schedule(sizes[i], 4, np.random.default_rng(i), epochs=3)
-        torch.testing.assert_close(upd[i], reference_fedprox(model, g0, xs[i], ys[i], sched, 0.1, 0.5),
-                                   atol=2e-6, rtol=1e-4)
+        torch.testing.assert_close(
+            upd[i], reference_fedprox(model, g0, xs[i], ys[i], sched, 0.1, 0.5), atol=2e-6, rtol=1e-4
+        )
 
 
 def test_mu_zero_is_fedavg_and_mu_pulls_towards_the_global_model():
     model, g0, xs, ys = cohort("mlp", [16, 9], (6,), 4, seed=1)
     gens = lambda: [np.random.default_rng(3 + i) for i in range(2)]  # noqa: E731
-    run = lambda name, mu: build_algorithm(AlgorithmConfig(name=name, batch_size=4, lr=0.2, local_epochs=4,  # noqa: E731
-                                                           proximal_mu=mu)).client_update(model, g0, xs, ys, gens(),
-                                                                                          "vmap")[0]
+    run = lambda name, mu: build_algorithm(
+        AlgorithmConfig(
+            name=name,
+            batch_size=4,
+            lr=0.2,
+            local_epochs=4,  # noqa: E731
+            proximal_mu=mu,
+        )
+    ).client_update(model, g0, xs, ys, gens(), "vmap")[0]
     torch.testing.assert_close(run("fedprox", 0.0), run("fedavg", 0.0))
     assert run("fedprox", 1.0).norm(dim=1).lt(run("fedavg", 0.0).norm(dim=1)).all()

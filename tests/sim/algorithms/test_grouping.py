@@ -1,4 +1,5 @@
 """Data grouping: the auto-encoder space, single-sample and individual grouping."""
+
 import numpy as np
 import pytest
 import torch
@@ -20,7 +21,7 @@ def test_class_mean_latents_against_a_loop():
     z, y = torch.randn(20, 4, generator=g), torch.tensor([0, 1, 1, 3] * 5)
     got = class_mean_latents(z, y, 5).view(5, 4)
     for c in range(5):
-        expected = z[y == c].mean(0) if (y == c).any() else z.mean(0)   # class 2 and 4 absent
+        expected = z[y == c].mean(0) if (y == c).any() else z.mean(0)  # class 2 and 4 absent
         torch.testing.assert_close(got[c], expected)
 
 
@@ -52,7 +53,11 @@ def test_individual_grouping_finds_the_truly_similar_individuals():
     images, labels = _digits()
     x, y = images.unsqueeze(1), torch.from_numpy(labels)
     rng = np.random.default_rng(0)
-    styles = [lambda t: torch.roll(t, 2, dims=-1)] * 4 + [lambda t: 1 - t] * 4 + [lambda t: torch.roll(t, 2, dims=-1)]
+    styles = (
+        [lambda t: torch.roll(t, 2, dims=-1)] * 4
+        + [lambda t: 1 - t] * 4
+        + [lambda t: torch.roll(t, 2, dims=-1)]
+    )
     people = []
     for style in styles:
         idx = torch.from_numpy(rng.choice(len(y), 80, replace=False))
@@ -71,4 +76,4 @@ def test_autoencoder_is_reproducible_and_learns():
     b = train_autoencoder(x, 16, 3, 3e-3, 64, torch.Generator().manual_seed(1))
     torch.testing.assert_close(encode(a, x), encode(b, x))
     with torch.no_grad():
-        assert (a(x) - x).pow(2).mean() < x.var()     # better than predicting the mean image
+        assert (a(x) - x).pow(2).mean() < x.var()  # better than predicting the mean image

@@ -134,12 +134,12 @@ def test_dp_sgd_grad_equals_a_loop_over_samples():
 
     model, params, x, y = _dp_setup()
     dp = LocalDP(clip=0.3, noise_multiplier=1.2)
-    mask = torch.tensor([1.0, 1, 1, 1, 0, 0])   # the last two are padding
+    mask = torch.tensor([1.0, 1, 1, 1, 0, 0])  # the last two are padding
     g, _ = dp_sgd_grad(grad_sample_module(model), dp, torch.Generator().manual_seed(7))(params, x, y, mask)
     total = {k: torch.zeros_like(v) for k, v in params.items()}
     for i in range(4):
         p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
-        loss = F.cross_entropy(torch.func.functional_call(model, p, (x[i:i + 1],)), y[i:i + 1])
+        loss = F.cross_entropy(torch.func.functional_call(model, p, (x[i : i + 1],)), y[i : i + 1])
         grads = torch.autograd.grad(loss, list(p.values()))
         norm = torch.sqrt(sum(t.pow(2).sum() for t in grads))
         for k, t in zip(p, grads):
@@ -157,5 +157,7 @@ def test_dp_sgd_noiseless_grad_is_bounded_by_the_clip(clip):
     from fedmeta.sim.algorithms.local import LocalDP, dp_sgd_grad, grad_sample_module
 
     model, params, x, y = _dp_setup()
-    g, _ = dp_sgd_grad(grad_sample_module(model), LocalDP(clip, 0.0), torch.Generator())(params, x, y, torch.ones(6))
+    g, _ = dp_sgd_grad(grad_sample_module(model), LocalDP(clip, 0.0), torch.Generator())(
+        params, x, y, torch.ones(6)
+    )
     assert float(flatten(g).norm()) <= clip * (1 + 1e-5)

@@ -1,4 +1,5 @@
 """The privacy-regularized local objective's penalty term."""
+
 import pytest
 import torch
 

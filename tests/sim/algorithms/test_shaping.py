@@ -1,4 +1,5 @@
 """Shaping schedules (Algorithm 1 of Schneider & Vlachos) and the partial-SGD client rule."""
+
 import math
 
 import numpy as np
@@ -25,15 +26,21 @@ def rng(seed=0):
     return np.random.default_rng(seed)
 
 
-@pytest.mark.parametrize("n_period, expected", [(2, "GIGIGI"), (3, "GGIGGI"), (0.5, "IGIGIG"), (1 / 3, "IIGIIG"),
-                                                (1, "IIIIII")])
+@pytest.mark.parametrize(
+    "n_period, expected", [(2, "GIGIGI"), (3, "GGIGGI"), (0.5, "IGIGIG"), (1 / 3, "IIGIIG"), (1, "IIIIII")]
+)
 def test_weighed_sources_follow_algorithm_1_line_5(n_period, expected):
     assert weighed_sources(n_period, 6) == expected
 
 
 @settings(max_examples=40, deadline=None)
-@given(n_g=st.integers(1, 60), n_i=st.integers(1, 20), bs=st.integers(1, 8), epochs=st.integers(1, 3),
-       period=st.sampled_from([0.25, 0.5, 1.0, 2.0, 12.0]))
+@given(
+    n_g=st.integers(1, 60),
+    n_i=st.integers(1, 20),
+    bs=st.integers(1, 8),
+    epochs=st.integers(1, 3),
+    period=st.sampled_from([0.25, 0.5, 1.0, 2.0, 12.0]),
+)
 def test_sample_weighing_plan(n_g, n_i, bs, epochs, period):
     plan = sample_weighing(period, n_g, n_i, bs, epochs, rng())
     iterations = epochs * math.ceil(n_g / bs)
@@ -44,20 +51,31 @@ def test_sample_weighing_plan(n_g, n_i, bs, epochs, period):
 
 
 @settings(max_examples=30, deadline=None)
-@given(n=st.integers(0, 30), n_g=st.integers(1, 50), n_i=st.integers(1, 20), bs=st.integers(1, 8),
-       epochs=st.integers(1, 3))
+@given(
+    n=st.integers(0, 30),
+    n_g=st.integers(1, 50),
+    n_i=st.integers(1, 20),
+    bs=st.integers(1, 8),
+    epochs=st.integers(1, 3),
+)
 def test_early_shaping_is_n_device_batches_then_epochs_over_dg(n, n_g, n_i, bs, epochs):
     plan = early_shaping(n, n_g, n_i, bs, epochs, rng())
     assert plan.sources == "I" * n + "G" * (epochs * math.ceil(n_g / bs))
     assert all(b.min() >= n_g for b in plan.batches[:n])
     seen = np.concatenate(plan.batches[n:])
-    np.testing.assert_array_equal(np.sort(seen), np.repeat(np.arange(n_g), epochs))   # each D_G sample once per epoch
+    np.testing.assert_array_equal(
+        np.sort(seen), np.repeat(np.arange(n_g), epochs)
+    )  # each D_G sample once per epoch
     assert plan.transfers == (2 if n else 0)
 
 
 def test_transfer_and_baseline_plans():
     tl = transfer(7, 100, 10, 4, rng())
-    assert tl.sources == "I" * 7 and tl.transfers == 1 and all(100 <= b.min() and b.max() < 110 for b in tl.batches)
+    assert (
+        tl.sources == "I" * 7
+        and tl.transfers == 1
+        and all(100 <= b.min() and b.max() < 110 for b in tl.batches)
+    )
     base = baseline(30, 10, 8, 2, rng())
     np.testing.assert_array_equal(np.sort(np.concatenate(base.batches)), np.repeat(np.arange(40), 2))
     assert base.transfers == 0

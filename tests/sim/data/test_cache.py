@@ -1,5 +1,6 @@
 """The shared cache of generated federations (sim/data/cache.py): bit-identical to generating on
 demand, built once across racing processes, never read when partial or damaged, bounded in size."""
+
 import hashlib
 import json
 import os
@@ -24,16 +25,23 @@ ROOT = Path(__file__).resolve().parents[3]
 FIELDS = ("x_train", "y_train", "x_test", "y_test")
 # every generated kind, and the split both ways: a test part (odd sizes, so rounding matters) and none
 CONFIGS = {
-    "writers": dict(kind="writers", num_clients=60, samples_per_client=23, writers={"alpha": 0.5, "flips": True}),
+    "writers": dict(
+        kind="writers", num_clients=60, samples_per_client=23, writers={"alpha": 0.5, "flips": True}
+    ),
     "writers-all-train": dict(kind="writers", num_clients=60, samples_per_client=16, train_fraction=1.0),
     "synthetic": dict(kind="synthetic", num_clients=60, samples_per_client=21, train_fraction=0.55),
-    "prototypes": dict(kind="prototypes", num_clients=60, samples_per_client=19, train_fraction=0.8,
-                       prototypes={"input_shape": [1, 12, 12], "num_classes": 7}),
+    "prototypes": dict(
+        kind="prototypes",
+        num_clients=60,
+        samples_per_client=19,
+        train_fraction=0.8,
+        prototypes={"input_shape": [1, 12, 12], "num_classes": 7},
+    ),
 }
 
 
 def data_cfg(**over) -> DataConfig:
-    return DataConfig(**{"global_clients": 3, "cache": True, **over})     # on: what these tests are about
+    return DataConfig(**{"global_clients": 3, "cache": True, **over})  # on: what these tests are about
 
 
 def same(a, b) -> bool:
@@ -102,7 +110,9 @@ def test_a_drifted_federation_over_a_cached_one_matches_the_generated_drift(cach
     cached = DriftedDataset(cfg, 5, build_dataset(cfg, 5))
     generated = DriftedDataset(plain, 5, build_dataset(plain, 5))
     assert cached.inner.cached and cached.base.cached
-    assert all(same(a, b) for a, b in zip(cached.clients([4, 0, 59]), generated.clients([4, 0, 59]), strict=True))
+    assert all(
+        same(a, b) for a, b in zip(cached.clients([4, 0, 59]), generated.clients([4, 0, 59]), strict=True)
+    )
     # the drift section is not part of the key: the base federation and the post-drift one, two folders
     assert len(builds(cache_dir)) == 2
 
@@ -120,10 +130,10 @@ def test_cached_tensors_are_writable_copies_on_write_and_never_reach_the_files(c
     cfg = data_cfg(**CONFIGS["writers"])
     ds = build_dataset(cfg, 2)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")            # torch warns about views of read-only arrays
+        warnings.simplefilter("error")  # torch warns about views of read-only arrays
         c = ds.client(3)
     original = c.x_train.clone()
-    c.x_train.add_(1.0)                           # a private page of this process's map
+    c.x_train.add_(1.0)  # a private page of this process's map
     assert torch.equal(build_dataset(cfg, 2).client(3).x_train, original)
     assert all(not p.stat().st_mode & 0o222 for p in builds(cache_dir)[0].iterdir())
 
@@ -131,7 +141,7 @@ def test_cached_tensors_are_writable_copies_on_write_and_never_reach_the_files(c
 def test_a_client_owns_only_its_own_rows(cache_dir):
     cfg = data_cfg(**CONFIGS["writers"])
     c = build_dataset(cfg, 2).clients(range(10))[4]
-    assert c.x_train.untyped_storage().nbytes() == 23 * 64 * 4     # not the whole map
+    assert c.x_train.untyped_storage().nbytes() == 23 * 64 * 4  # not the whole map
     # pickled to another process, it ships what a generated client ships
     generated = build_dataset(cfg.model_copy(update={"cache": False}), 2).client(4)
     assert len(pickle.dumps(c)) == len(pickle.dumps(generated))
@@ -151,12 +161,17 @@ def test_a_pickled_dataset_reopens_its_maps_instead_of_copying_them(cache_dir):
 def test_the_key_follows_what_shapes_the_data_and_nothing_else():
     cfg = data_cfg(**CONFIGS["writers"])
     key = C.cache_key(C.identity(cfg, 0, WritersDataset))
-    same_data = [cfg.model_copy(update={"drift": cfg.drift.model_copy(update={"rotation": 45.0})}),
-                 cfg.model_copy(update={"cache_max_mb": 7}),
-                 cfg.model_copy(update={"synthetic": cfg.synthetic.model_copy(update={"dim": 3})})]
+    same_data = [
+        cfg.model_copy(update={"drift": cfg.drift.model_copy(update={"rotation": 45.0})}),
+        cfg.model_copy(update={"cache_max_mb": 7}),
+        cfg.model_copy(update={"synthetic": cfg.synthetic.model_copy(update={"dim": 3})}),
+    ]
     assert all(C.cache_key(C.identity(c, 0, WritersDataset)) == key for c in same_data)
-    other_data = [cfg.model_copy(update={"train_fraction": 0.5}), cfg.model_copy(update={"num_clients": 61}),
-                  cfg.model_copy(update={"writers": cfg.writers.model_copy(update={"style_strength": 0.5})})]
+    other_data = [
+        cfg.model_copy(update={"train_fraction": 0.5}),
+        cfg.model_copy(update={"num_clients": 61}),
+        cfg.model_copy(update={"writers": cfg.writers.model_copy(update={"style_strength": 0.5})}),
+    ]
     assert all(C.cache_key(C.identity(c, 0, WritersDataset)) != key for c in other_data)
     assert C.cache_key(C.identity(cfg, 1, WritersDataset)) != key
 
@@ -178,8 +193,8 @@ def _break(folder: Path, damage: str) -> None:
     elif damage == "truncated x":
         data = (folder / "x.npy").read_bytes()
         (folder / "x.npy").chmod(0o644)
-        (folder / "x.npy").write_bytes(data[:len(data) // 2])
-    elif damage == "no meta":                 # a half-copied folder: meta.json marks a finished build
+        (folder / "x.npy").write_bytes(data[: len(data) // 2])
+    elif damage == "no meta":  # a half-copied folder: meta.json marks a finished build
         (folder / "meta.json").unlink()
     elif damage == "garbled meta":
         (folder / "meta.json").chmod(0o644)
@@ -191,7 +206,9 @@ def _break(folder: Path, damage: str) -> None:
         np.save(folder / "offsets.npy", offsets)
 
 
-@pytest.mark.parametrize("damage", ["missing x", "truncated x", "no meta", "garbled meta", "offsets past the end"])
+@pytest.mark.parametrize(
+    "damage", ["missing x", "truncated x", "no meta", "garbled meta", "offsets past the end"]
+)
 def test_a_damaged_cache_is_not_read_but_rebuilt(cache_dir, damage):
     cfg = data_cfg(**CONFIGS["synthetic"])
     want = build_dataset(cfg.model_copy(update={"cache": False}), 4).clients(range(60))
@@ -217,7 +234,7 @@ def test_a_cache_that_cannot_be_read_now_is_not_taken_for_a_damaged_one(cache_di
     monkeypatch.setattr(C, "_warned", set())
     with pytest.warns(RuntimeWarning, match="Too many open files"):
         ds = build_dataset(cfg, 4)
-    assert not ds.cached and (folder / "x.npy").stat().st_ino == inode        # left alone, not rebuilt
+    assert not ds.cached and (folder / "x.npy").stat().st_ino == inode  # left alone, not rebuilt
     assert same(ds.client(3), build_dataset(cfg.model_copy(update={"cache": False}), 4).client(3))
 
 
@@ -225,9 +242,17 @@ def test_clients_the_layout_cannot_hold_leave_the_data_uncached(cache_dir, monke
     cfg = data_cfg(**CONFIGS["writers"])
     plain = build_dataset(cfg.model_copy(update={"cache": False}), 4)
 
-    def uneven(cids):          # a source whose clients hold different numbers of samples
-        return [ClientData(c.cid, c.x_train[:-(c.cid % 2) or None], c.y_train[:-(c.cid % 2) or None], c.x_test,
-                           c.y_test) for c in plain.clients(cids)]
+    def uneven(cids):  # a source whose clients hold different numbers of samples
+        return [
+            ClientData(
+                c.cid,
+                c.x_train[: -(c.cid % 2) or None],
+                c.y_train[: -(c.cid % 2) or None],
+                c.x_test,
+                c.y_test,
+            )
+            for c in plain.clients(cids)
+        ]
 
     monkeypatch.setattr(C, "_warned", set())
     with pytest.warns(RuntimeWarning, match="CacheError"):
@@ -251,7 +276,7 @@ def test_a_builder_that_loses_the_race_keeps_the_winners_cache(cache_dir):
     ds = build_dataset(cfg, 4)
     folder, ident = ds._arrays.folder, C.identity(cfg, 4, ds._source())
     before = (folder / "x.npy").stat().st_ino
-    C.build(folder, ds.clients, ds.num_clients, 21, ds.input_shape, ident)     # renames onto a finished cache
+    C.build(folder, ds.clients, ds.num_clients, 21, ds.input_shape, ident)  # renames onto a finished cache
     assert (folder / "x.npy").stat().st_ino == before and builds(cache_dir) == [folder]
     assert not [p for p in folders(cache_dir) if p.name.startswith(".building-")]
 
@@ -270,8 +295,10 @@ print(ds.cached, h.hexdigest())
 
 def test_racing_processes_build_once_and_all_read_the_same_data(cache_dir):
     env = {**os.environ, "FEDMETA_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(ROOT)}
-    racers = [subprocess.Popen([sys.executable, "-c", RACER], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-              for _ in range(3)]
+    racers = [
+        subprocess.Popen([sys.executable, "-c", RACER], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
     outs = [p.communicate(timeout=300)[0].split() for p in racers]
     assert all(p.returncode == 0 for p in racers)
     assert {tuple(o) for o in outs} == {("True", outs[0][1])}
@@ -287,7 +314,7 @@ def test_caching_off_gives_the_plain_source_and_writes_nothing(cache_dir):
 
 def test_a_federation_over_the_size_bound_is_generated_on_demand(cache_dir):
     cfg = data_cfg(**CONFIGS["writers"])
-    size_mb = C.estimated_bytes(build_dataset(cfg.model_copy(update={"cache": False}), 0), 23) / 2 ** 20
+    size_mb = C.estimated_bytes(build_dataset(cfg.model_copy(update={"cache": False}), 0), 23) / 2**20
     assert 0.1 < size_mb < 1
     small = build_dataset(cfg.model_copy(update={"cache_max_mb": 0}), 0)
     assert isinstance(small, CachedWritersDataset) and not small.cached and not builds(cache_dir)
@@ -302,7 +329,7 @@ def test_w3_is_too_big_to_cache_and_still_works(cache_dir):
 
 
 def test_w2_fits_the_default_bound():
-    assert not DataConfig().cache                          # off unless asked for: no files behind a user's back
+    assert not DataConfig().cache  # off unless asked for: no files behind a user's back
     cfg = load(ROOT / "configs" / "bench_w2.yaml").data
     assert cfg.cache and load(ROOT / "configs" / "bench_w1.yaml").data.cache
     ds = build_dataset(cfg.model_copy(update={"cache": False}), 0)
@@ -327,4 +354,8 @@ def test_the_cache_files_say_what_they_hold(cache_dir):
     meta = json.loads((ds._arrays.folder / "meta.json").read_text())
     assert meta["num_clients"] == 60 and meta["input_shape"] == [1, 8, 8]
     assert meta["ident"]["version"] == C.CACHE_VERSION and "drift" not in meta["ident"]["data"]
-    assert set(meta["ident"]["code"]) == {"fedmeta.sim.data.writers", "fedmeta.sim.data.base", "fedmeta.sim.seeding"}
+    assert set(meta["ident"]["code"]) == {
+        "fedmeta.sim.data.writers",
+        "fedmeta.sim.data.base",
+        "fedmeta.sim.seeding",
+    }

@@ -1,4 +1,5 @@
 """Contract every generated dataset honours: determinism, independence, shapes, splits, id checks."""
+
 import ast
 import math
 from pathlib import Path
@@ -31,7 +32,8 @@ def make(kind: str, seed: int = 0, **data) -> FederatedDataset:
 
 def same(a: ClientData, b: ClientData) -> bool:
     return a.cid == b.cid and all(
-        torch.equal(getattr(a, f), getattr(b, f)) for f in ("x_train", "y_train", "x_test", "y_test"))
+        torch.equal(getattr(a, f), getattr(b, f)) for f in ("x_train", "y_train", "x_test", "y_test")
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,4 +1,5 @@
 """FEMNIST loader on small LEAF-format files written by the tests."""
+
 import json
 import re
 
@@ -58,7 +59,7 @@ def test_users_are_sorted_and_the_last_form_d_g(leaf_dir):
     # global_sizes: one contiguous block per D_G user, in global_data() order
     sizes = ds.global_sizes()
     assert sum(sizes) == 28 and len(sizes) == 2
-    assert len(set(owners[:sizes[0]])) == 1 and len(set(owners[sizes[0]:])) == 1
+    assert len(set(owners[: sizes[0]])) == 1 and len(set(owners[sizes[0] :])) == 1
 
 
 def test_a_users_samples_are_merged_across_files_then_split(leaf_dir):
@@ -122,7 +123,9 @@ def test_json_that_is_not_leaf(tmp_path):
 def test_invalid_json(tmp_path):
     f = tmp_path / "a.json"
     f.write_text('{"user_data": ')
-    assert re.fullmatch(rf"data\.femnist\.path: {re.escape(str(f))} is not valid JSON \(line 1, column \d+\)", error(f))
+    assert re.fullmatch(
+        rf"data\.femnist\.path: {re.escape(str(f))} is not valid JSON \(line 1, column \d+\)", error(f)
+    )
 
 
 def test_wrong_image_size(tmp_path):

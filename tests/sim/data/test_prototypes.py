@@ -1,4 +1,5 @@
 """Prototypes: class prototype plus Gaussian noise, FEMNIST-shaped benchmark data."""
+
 import time
 
 import numpy as np
@@ -10,8 +11,13 @@ from fedmeta.sim.data import build_dataset
 
 
 def prototypes(seed: int = 0, *, samples: int = 64, **params):
-    cfg = DataConfig(kind="prototypes", num_clients=200, samples_per_client=samples, global_clients=3,
-                     prototypes=PrototypesConfig(**params))
+    cfg = DataConfig(
+        kind="prototypes",
+        num_clients=200,
+        samples_per_client=samples,
+        global_clients=3,
+        prototypes=PrototypesConfig(**params),
+    )
     return build_dataset(cfg, seed)
 
 

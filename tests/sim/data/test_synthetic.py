@@ -1,4 +1,5 @@
 """Synthetic(alpha, beta) of the FedProx paper."""
+
 import numpy as np
 import torch
 
@@ -7,8 +8,13 @@ from fedmeta.sim.data import build_dataset
 
 
 def synthetic(seed: int = 0, *, samples: int = 64, num_clients: int = 30, **params):
-    cfg = DataConfig(kind="synthetic", num_clients=num_clients, samples_per_client=samples, global_clients=5,
-                     synthetic=SyntheticConfig(**params))
+    cfg = DataConfig(
+        kind="synthetic",
+        num_clients=num_clients,
+        samples_per_client=samples,
+        global_clients=5,
+        synthetic=SyntheticConfig(**params),
+    )
     return build_dataset(cfg, seed)
 
 

@@ -1,4 +1,5 @@
 """Table loader (Parquet/CSV, one row per sample) on small tables written by the tests."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,9 +11,17 @@ from fedmeta.sim.config import ConfigError, TableConfig, from_dict
 from fedmeta.sim.data import build_dataset
 from fedmeta.sim.data import tabular as T
 from fedmeta.sim.data.base import train_size
-from fedmeta.sim.data.tabular import TableDataset, cache_key, cached_table, features, labels, partition_rows, shares_to_counts
+from fedmeta.sim.data.tabular import (
+    TableDataset,
+    cache_key,
+    cached_table,
+    features,
+    labels,
+    partition_rows,
+    shares_to_counts,
+)
 
-FEATURES = ["rid", "f1", "f2", "f3", "f4"]      # rid: the row's index in the table (a feature like any other)
+FEATURES = ["rid", "f1", "f2", "f3", "f4"]  # rid: the row's index in the table (a feature like any other)
 
 
 @pytest.fixture(autouse=True)
@@ -26,10 +35,17 @@ def user_table(n_users: int = 30, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     users = np.repeat([f"u{i:02d}" for i in range(n_users)], rng.integers(4, 13, n_users))
     n = len(users)
-    return pd.DataFrame({
-        "user": rng.permutation(users), "rid": np.arange(n, dtype=np.float64),
-        "f1": rng.normal(10, 3, n), "f2": rng.normal(-5, 0.5, n), "f3": rng.uniform(0, 100, n),
-        "f4": rng.integers(0, 7, n).astype(np.float64), "label": rng.integers(0, 4, n)})
+    return pd.DataFrame(
+        {
+            "user": rng.permutation(users),
+            "rid": np.arange(n, dtype=np.float64),
+            "f1": rng.normal(10, 3, n),
+            "f2": rng.normal(-5, 0.5, n),
+            "f3": rng.uniform(0, 100, n),
+            "f4": rng.integers(0, 7, n).astype(np.float64),
+            "label": rng.integers(0, 4, n),
+        }
+    )
 
 
 def central_table(n: int = 400, classes: int = 4, seed: int = 0) -> pd.DataFrame:
@@ -50,7 +66,10 @@ def data_cfg(path, data: dict | None = None, **table):
     if table["client_column"] is None:
         del table["client_column"]
     raw = {"kind": "table", "num_clients": 100, "global_clients": 3, **(data or {}), "table": table}
-    small = {"federation": {"clients_per_round": 1}, "eval": {"num_individuals": 1}}   # small federations validate
+    small = {
+        "federation": {"clients_per_round": 1},
+        "eval": {"num_individuals": 1},
+    }  # small federations validate
     return from_dict({"data": raw, **small}).data
 
 
@@ -102,7 +121,7 @@ def test_federation_is_the_users_not_held_out_and_d_g_the_rest(tmp_path):
     ds = build(path, standardize=False)
     assert (ds.num_clients, ds.global_clients, ds.num_classes, ds.input_shape) == (27, 3, 4, (5,))
     assert sorted(ds.client_names) == [f"u{i:02d}" for i in range(30)]
-    assert ds.client_names[:27] == sorted(ds.client_names[:27])          # the federation in id order
+    assert ds.client_names[:27] == sorted(ds.client_names[:27])  # the federation in id order
     gx, gy = ds.global_data()
     sizes = ds.global_sizes()
     assert len(sizes) == 3 and sum(sizes) == len(gy) == len(gx) and min(sizes) >= 4
@@ -112,7 +131,7 @@ def test_num_clients_caps_the_federation(tmp_path):
     path = write(user_table(), tmp_path / "t.parquet")
     full, capped = build(path), build(path, data={"num_clients": 10})
     assert capped.num_clients == 10 and capped.client_names[:10] == full.client_names[:10]
-    assert capped.client_names[10:] == full.client_names[27:]            # the same D_G
+    assert capped.client_names[10:] == full.client_names[27:]  # the same D_G
     with pytest.raises(ValueError, match="out of range"):
         capped.client(10)
 
@@ -128,15 +147,15 @@ def test_every_row_once_with_its_user_label_and_features(tmp_path):
         r = rids(x)
         assert (df.user[r] == ds.client_names[c.cid]).all() and n == (df.user == ds.client_names[c.cid]).sum()
         assert np.array_equal(y.numpy(), df.label[r].to_numpy())
-        assert np.allclose(x.numpy(), df[FEATURES].to_numpy()[r])           # standardize: false keeps raw values
+        assert np.allclose(x.numpy(), df[FEATURES].to_numpy()[r])  # standardize: false keeps raw values
         seen += r
     gx, gy = ds.global_data()
     g = rids(gx)
-    assert set(df.user[g]) == set(ds.client_names[ds.num_clients:])
+    assert set(df.user[g]) == set(ds.client_names[ds.num_clients :])
     assert np.array_equal(gy.numpy(), df.label[g].to_numpy())
     # D_G's individuals in global_sizes() blocks, in client_names order
     blocks = np.split(np.array(g), np.cumsum(ds.global_sizes())[:-1])
-    assert [set(df.user[b]) for b in blocks] == [{u} for u in ds.client_names[ds.num_clients:]]
+    assert [set(df.user[b]) for b in blocks] == [{u} for u in ds.client_names[ds.num_clients :]]
     assert sorted(seen + g) == list(range(len(df)))
 
 
@@ -154,12 +173,12 @@ def test_clients_own_their_storage_and_dtypes(tmp_path):
         assert c.x_train.dtype == c.x_test.dtype == torch.float32
         assert c.y_train.dtype == c.y_test.dtype == torch.int64
     kept = fresh.x_train.clone(), fresh.y_test.clone()
-    a.x_train.add_(100.0)              # in place: ClientData is frozen, its tensors are not
+    a.x_train.add_(100.0)  # in place: ClientData is frozen, its tensors are not
     a.y_test.fill_(-1)
     for c in (b, fresh, ds.client(3)):
         assert torch.equal(c.x_train, kept[0]) and torch.equal(c.y_test, kept[1])
     n = len(fresh.y_train) + len(fresh.y_test)
-    assert fresh.x_train.untyped_storage().nbytes() <= n * 5 * 4      # its own rows, not the whole table
+    assert fresh.x_train.untyped_storage().nbytes() <= n * 5 * 4  # its own rows, not the whole table
     gx, gy = ds.global_data()
     assert gx.dtype == torch.float32 and gy.dtype == torch.int64
 
@@ -170,11 +189,11 @@ def test_same_seed_same_data_other_seed_other_split_and_d_g(tmp_path):
     a, b, other = build(path, seed=1), build(path, seed=1), build(path, seed=2)
     assert same(a, b) and a.client_names == b.client_names
     assert not same(a, other)
-    assert a.client_names[27:] != other.client_names[27:]                # another held-out set
+    assert a.client_names[27:] != other.client_names[27:]  # another held-out set
     common = sorted(set(a.client_names[:27]) & set(other.client_names[:27]))
     split_a = {u: a.client(a.client_names.index(u)).y_train for u in common}
     split_o = {u: other.client(other.client_names.index(u)).y_train for u in common}
-    assert any(not torch.equal(split_a[u], split_o[u]) for u in common)   # another train/test split
+    assert any(not torch.equal(split_a[u], split_o[u]) for u in common)  # another train/test split
 
 
 def test_the_cache_is_memory_mapped_and_reused(tmp_path, cache_dir, monkeypatch):
@@ -207,7 +226,7 @@ def test_changing_the_file_invalidates_the_cache(tmp_path):
 def test_an_unwritable_cache_keeps_the_arrays_in_memory(tmp_path, monkeypatch):
     path = write(user_table(), tmp_path / "t.parquet")
     (tmp_path / "file").write_text("")
-    monkeypatch.setenv("FEDMETA_CACHE_DIR", str(tmp_path / "file"))   # a file: no folder can be made under it
+    monkeypatch.setenv("FEDMETA_CACHE_DIR", str(tmp_path / "file"))  # a file: no folder can be made under it
     ds = build(path)
     assert not isinstance(ds.x, np.memmap) and ds.num_clients == 27
 
@@ -226,7 +245,9 @@ def test_standardised_with_the_federations_train_rows(tmp_path):
     assert torch.allclose(train.mean(0), torch.zeros(5, dtype=torch.float64), atol=1e-5)
     assert torch.allclose(train.std(0, unbiased=False), torch.ones(5, dtype=torch.float64), atol=1e-4)
     test = torch.cat([c.x_test for c in ds.clients(range(ds.num_clients))] + [ds.global_data()[0]])
-    assert not torch.allclose(torch.cat([train, test.double()]).mean(0), torch.zeros(5, dtype=torch.float64), atol=1e-3)
+    assert not torch.allclose(
+        torch.cat([train, test.double()]).mean(0), torch.zeros(5, dtype=torch.float64), atol=1e-3
+    )
 
 
 @pytest.mark.parametrize("where", ["test", "global"])
@@ -243,9 +264,17 @@ def test_test_and_d_g_rows_do_not_shape_the_train_inputs(tmp_path, where):
     b = build(write(edited, tmp_path / "edited.parquet"))
     for ca, cb in zip(a.clients(range(a.num_clients)), b.clients(range(b.num_clients)), strict=True):
         assert torch.equal(ca.x_train, cb.x_train) and torch.equal(ca.y_train, cb.y_train)
-    after = torch.cat([c.x_test for c in b.clients(range(b.num_clients))]) if where == "test" else b.global_data()[0]
-    before = torch.cat([c.x_test for c in a.clients(range(a.num_clients))]) if where == "test" else a.global_data()[0]
-    assert not torch.equal(after, before)                                # the edit did reach the dataset
+    after = (
+        torch.cat([c.x_test for c in b.clients(range(b.num_clients))])
+        if where == "test"
+        else b.global_data()[0]
+    )
+    before = (
+        torch.cat([c.x_test for c in a.clients(range(a.num_clients))])
+        if where == "test"
+        else a.global_data()[0]
+    )
+    assert not torch.equal(after, before)  # the edit did reach the dataset
 
 
 def test_a_constant_feature_stays_finite(tmp_path):
@@ -305,11 +334,20 @@ def test_features_default_to_the_other_numeric_columns():
     assert names == ["v"] and x.shape == (2, 1)
 
 
-@pytest.mark.parametrize("column, says", [("note", "'note' is not numeric"), ("nope", "no column 'nope'"),
-                                          ("gap", "'gap' has 1 missing values"), ("inf", "'inf' has infinite"),
-                                          ("label", "'label' is the label or client column")])
+@pytest.mark.parametrize(
+    "column, says",
+    [
+        ("note", "'note' is not numeric"),
+        ("nope", "no column 'nope'"),
+        ("gap", "'gap' has 1 missing values"),
+        ("inf", "'inf' has infinite"),
+        ("label", "'label' is the label or client column"),
+    ],
+)
 def test_bad_feature_columns(column, says):
-    df = pd.DataFrame({"note": ["x", "y"], "gap": [1.0, None], "inf": [1.0, np.inf], "w": [1, 2], "label": [0, 1]})
+    df = pd.DataFrame(
+        {"note": ["x", "y"], "gap": [1.0, None], "inf": [1.0, np.inf], "w": [1, 2], "label": [0, 1]}
+    )
     with pytest.raises(ConfigError) as e:
         features(df, label_cfg(feature_columns=["w", column]))
     assert str(e.value).startswith("data.table.feature_columns:") and says in str(e.value)
@@ -319,11 +357,16 @@ def test_bad_feature_columns_through_the_dataset(tmp_path):
     df = user_table().assign(note="text")
     df.loc[3, "f2"] = np.nan
     path = write(df, tmp_path / "t.parquet")
-    for cols, says in ((["f1", "note"], "not numeric"), (["f1", "missing"], "no column 'missing'"),
-                       (["f1", "f2"], "missing values")):
+    for cols, says in (
+        (["f1", "note"], "not numeric"),
+        (["f1", "missing"], "no column 'missing'"),
+        (["f1", "f2"], "missing values"),
+    ):
         msg = error(path, feature_columns=cols)
         assert msg.startswith("data.table.feature_columns:") and says in msg
-    msg = error(write(pd.DataFrame({"user": ["a", "a"], "label": [0, 1], "s": ["x", "y"]}), tmp_path / "s.csv"))
+    msg = error(
+        write(pd.DataFrame({"user": ["a", "a"], "label": [0, 1], "s": ["x", "y"]}), tmp_path / "s.csv")
+    )
     assert msg.startswith("data.table.feature_columns: the table has no numeric column")
 
 
@@ -334,7 +377,9 @@ def test_missing_label_and_client_columns(tmp_path):
     assert error(path, client_column="person").startswith("data.table.client_column: no column 'person'")
     df = user_table()
     df.loc[0, "user"] = None
-    assert error(write(df, tmp_path / "gap.parquet")).startswith("data.table.client_column: column 'user' has 1")
+    assert error(write(df, tmp_path / "gap.parquet")).startswith(
+        "data.table.client_column: column 'user' has 1"
+    )
 
 
 def test_a_client_with_one_sample_is_an_error(tmp_path):
@@ -381,13 +426,17 @@ def test_input_shape_reshapes_each_row(tmp_path):
     df = user_table().assign(f5=1.0)
     ds = build(write(df, tmp_path / "t.parquet"), input_shape=[1, 2, 3])
     c = ds.client(0)
-    assert ds.input_shape == (1, 2, 3) and c.x_train.shape[1:] == (1, 2, 3) and c.x_test.shape[1:] == (1, 2, 3)
+    assert (
+        ds.input_shape == (1, 2, 3) and c.x_train.shape[1:] == (1, 2, 3) and c.x_test.shape[1:] == (1, 2, 3)
+    )
     assert ds.global_data()[0].shape[1:] == (1, 2, 3)
     flat = build(tmp_path / "t.parquet")
     assert torch.equal(c.x_train.flatten(1), flat.client(0).x_train)
 
 
-@pytest.mark.parametrize("shape, says", [([2, 2], "holds 4 values but there are 5"), ([5, 2], "holds 10 values")])
+@pytest.mark.parametrize(
+    "shape, says", [([2, 2], "holds 4 values but there are 5"), ([5, 2], "holds 10 values")]
+)
 def test_input_shape_must_hold_the_features(tmp_path, shape, says):
     msg = error(write(user_table(), tmp_path / "t.parquet"), input_shape=shape)
     assert msg.startswith(f"data.table.input_shape: {shape}") and says in msg
@@ -396,16 +445,21 @@ def test_input_shape_must_hold_the_features(tmp_path, shape, says):
 @pytest.mark.parametrize("shape, index", [([-1, -5], 0), ([5, 0], 1)])
 def test_input_shape_sizes_are_positive(shape, index):
     msg = config_error({"kind": "table", "table": {"path": "t.csv", "input_shape": shape}})
-    assert msg.startswith(f"config: data.table.input_shape.{index}: Input should be greater than or equal to 1")
+    assert msg.startswith(
+        f"config: data.table.input_shape.{index}: Input should be greater than or equal to 1"
+    )
 
 
 def test_config_errors():
     msg = config_error({"kind": "table"})
     assert "data.table.path" in msg
-    msg = config_error({"kind": "table", "table": {"path": "t.csv", "client_column": "u", "partition": {"alpha": 1.0}}})
+    msg = config_error(
+        {"kind": "table", "table": {"path": "t.csv", "client_column": "u", "partition": {"alpha": 1.0}}}
+    )
     assert "data.table.partition" in msg
-    assert "data.table.partition.alpha" in config_error({"kind": "table", "table": {"path": "t.csv",
-                                                                                    "partition": {"alpha": 0}}})
+    assert "data.table.partition.alpha" in config_error(
+        {"kind": "table", "table": {"path": "t.csv", "partition": {"alpha": 0}}}
+    )
 
 
 # ---------------------------------------------------------------- partitioning a centralised table
@@ -453,9 +507,15 @@ def test_tiny_alphas_still_give_a_partition():
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(1, 8), st.integers(1, 3), st.integers(0, 60), st.integers(1, 5),
-       st.sampled_from([None, 0.001, 0.05, 1.0, 100.0]), st.sampled_from([None, 0.001, 0.1, 1.0, 100.0]),
-       st.integers(0, 2**32 - 1))
+@given(
+    st.integers(1, 8),
+    st.integers(1, 3),
+    st.integers(0, 60),
+    st.integers(1, 5),
+    st.sampled_from([None, 0.001, 0.05, 1.0, 100.0]),
+    st.sampled_from([None, 0.001, 0.1, 1.0, 100.0]),
+    st.integers(0, 2**32 - 1),
+)
 def test_partition_property(n_clients, min_size, extra, classes, alpha, size_alpha, seed):
     n = n_clients * min_size + extra
     y = np.random.default_rng(seed).integers(0, classes, n)
@@ -467,8 +527,10 @@ def test_partition_property(n_clients, min_size, extra, classes, alpha, size_alp
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.floats(0, 1, allow_subnormal=False), min_size=1, max_size=20).filter(lambda s: sum(s) > 0),
-       st.integers(0, 1000))
+@given(
+    st.lists(st.floats(0, 1, allow_subnormal=False), min_size=1, max_size=20).filter(lambda s: sum(s) > 0),
+    st.integers(0, 1000),
+)
 def test_shares_to_counts_property(shares, n):
     shares = np.array(shares)
     counts = shares_to_counts(shares, n)
@@ -487,7 +549,9 @@ def test_a_centralised_table_is_partitioned(tmp_path):
     df = central_table()
     path = write(df, tmp_path / "c.parquet")
     data = {"num_clients": 8, "global_clients": 2}
-    ds = build(path, data=data, client_column=None, standardize=False, partition={"alpha": 0.5, "size_alpha": 1.0})
+    ds = build(
+        path, data=data, client_column=None, standardize=False, partition={"alpha": 0.5, "size_alpha": 1.0}
+    )
     assert ds.num_clients == 8 and ds.client_names == [*sorted(ds.client_names[:8]), *ds.client_names[8:]]
     assert sorted(ds.client_names) == list(range(10)) and len(ds.global_sizes()) == 2
     assert min(ds.global_sizes()) >= 2
@@ -499,7 +563,9 @@ def test_a_centralised_table_is_partitioned(tmp_path):
     gx, gy = ds.global_data()
     x = torch.cat([*rows, gx]).numpy()
     order = np.lexsort(x.T[::-1])
-    assert np.allclose(x[order], df[["a", "b"]].to_numpy(np.float32)[np.lexsort(df[["a", "b"]].to_numpy().T[::-1])])
+    assert np.allclose(
+        x[order], df[["a", "b"]].to_numpy(np.float32)[np.lexsort(df[["a", "b"]].to_numpy().T[::-1])]
+    )
     assert len(x) == 400 and sum(ds.global_sizes()) == len(gy)
 
 

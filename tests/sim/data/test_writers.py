@@ -1,4 +1,5 @@
 """Writers: scikit-learn digits with per-writer hidden factors and label mixes (Schneider & Vlachos)."""
+
 import time
 
 import numpy as np
@@ -11,10 +12,23 @@ from fedmeta.sim.data import build_dataset
 from fedmeta.sim.data.writers import WritersDataset
 
 
-def writers(seed: int = 0, *, num_clients: int = 40, samples: int = 64, global_clients: int = 4,
-            train_fraction: float = 0.7, **style) -> WritersDataset:
-    cfg = DataConfig(kind="writers", num_clients=num_clients, samples_per_client=samples,
-                     global_clients=global_clients, train_fraction=train_fraction, writers=WritersConfig(**style))
+def writers(
+    seed: int = 0,
+    *,
+    num_clients: int = 40,
+    samples: int = 64,
+    global_clients: int = 4,
+    train_fraction: float = 0.7,
+    **style,
+) -> WritersDataset:
+    cfg = DataConfig(
+        kind="writers",
+        num_clients=num_clients,
+        samples_per_client=samples,
+        global_clients=global_clients,
+        train_fraction=train_fraction,
+        writers=WritersConfig(**style),
+    )
     return build_dataset(cfg, seed)
 
 
@@ -89,7 +103,7 @@ def test_style_differs_between_writers_more_than_within():
     for d in range(10):
         per_writer = [x[y == d] for x, y in data]
         within += [mean_distance(p, p) for p in per_writer]
-        between += [mean_distance(p, q) for i, p in enumerate(per_writer) for q in per_writer[i + 1:]]
+        between += [mean_distance(p, q) for i, p in enumerate(per_writer) for q in per_writer[i + 1 :]]
     assert np.mean(between) > 1.2 * np.mean(within)
 
 

@@ -1,0 +1,22 @@
+"""The code is formatted (`ruff format`, 110 columns) and lint-clean (`ruff check`: pyflakes,
+pycodestyle, import order), so a change shows as its own diff, not as reformatting."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("ruff")
+
+
+@pytest.mark.parametrize("args", [["check", "."], ["format", "--check", "."]], ids=["check", "format"])
+def test_ruff(args):
+    ruff = shutil.which("ruff") or sys.executable
+    cmd = [ruff, *args] if ruff != sys.executable else [ruff, "-m", "ruff", *args]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, (
+        f"ruff {' '.join(args)} (run `ruff format . && ruff check --fix .`):\n{out.stdout[-3000:]}"
+    )
