@@ -204,6 +204,17 @@ def epsilon_lower_bound(
     2 m delta P[Bin = v]); the result is then the exact threshold to within 1e-12, monotone in
     `correct` and in `confidence`.
     """
+    m, r, v, d, beta = _bound_inputs(correct, guesses_made, delta, canaries, confidence)
+    upper = _pure_dp_bound(r, v, beta)
+    if d == 0.0 or upper == 0.0:
+        return upper
+    return _bisect_bound(m, r, v, d, beta, upper)
+
+
+def _bound_inputs(
+    correct: int, guesses_made: int, delta: float, canaries: int | None, confidence: float
+) -> tuple[int, int, int, float, float]:
+    """`epsilon_lower_bound`'s arguments checked: (m canaries, r guesses, v correct, delta, beta)."""
     r = _as_count(guesses_made, "guesses_made")
     v = _as_count(correct, "correct")
     if v > r:
@@ -218,10 +229,11 @@ def epsilon_lower_bound(
         m = _as_count(canaries, "canaries")
         if m < r:
             raise ValueError(f"canaries must be >= guesses_made, got canaries={m} < guesses_made={r}")
+    return m, r, v, d, beta
 
-    upper = _pure_dp_bound(r, v, beta)
-    if d == 0.0 or upper == 0.0:
-        return upper
+
+def _bisect_bound(m: int, r: int, v: int, d: float, beta: float, upper: float) -> float:
+    """The delta > 0 bound: bisection on [0, upper] (the delta = 0 bound), returning its lower end."""
     if _p_value(m, r, v, 0.0, d) >= beta:
         return 0.0
     lo, hi = 0.0, upper  # invariant: p(lo) < beta; at hi the delta = 0 part alone already reaches beta

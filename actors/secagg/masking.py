@@ -128,6 +128,20 @@ def unmask_sum(
         raise ValueError(f"masked_sum has shape {masked_sum.shape}, expected ({n},)")
     survivors = {int(i) for i in surviving_ids}
     dropped = {int(d) for d in dropped_ids}
+    _check_unmask_roles(survivors, dropped, self_seeds_of_survivors, pair_seeds_of_dropped, graph)
+    plus, minus = _unmask_seeds(survivors, dropped, self_seeds_of_survivors, pair_seeds_of_dropped, graph)
+    return (masked_sum + signed_mask_sum(plus, minus, n, bits)) & mask
+
+
+def _check_unmask_roles(
+    survivors: set[int],
+    dropped: set[int],
+    self_seeds_of_survivors: Mapping[int, bytes],
+    pair_seeds_of_dropped: Mapping[int, Mapping[int, bytes]],
+    graph: Graph,
+) -> None:
+    """Survivors and dropped clients are disjoint, the seeds given are exactly theirs, and every
+    survivor's neighbours are one or the other."""
     if survivors & dropped:
         raise ValueError(f"clients both surviving and dropped: {sorted(survivors & dropped)}")
     if set(self_seeds_of_survivors) != survivors:
@@ -148,6 +162,15 @@ def unmask_sum(
                 f"survivor {i} has neighbours {sorted(unknown)} that are neither surviving nor dropped"
             )
 
+
+def _unmask_seeds(
+    survivors: set[int],
+    dropped: set[int],
+    self_seeds_of_survivors: Mapping[int, bytes],
+    pair_seeds_of_dropped: Mapping[int, Mapping[int, bytes]],
+    graph: Graph,
+) -> tuple[list[bytes], list[bytes]]:
+    """The seeds whose masks the unmasked sum adds back (plus) and removes (minus)."""
     # Subtract every survivor's self mask.
     minus = [self_seeds_of_survivors[i] for i in sorted(survivors)]
     plus: list[bytes] = []
@@ -159,4 +182,4 @@ def unmask_sum(
             if i not in seeds:
                 raise ValueError(f"missing reconstructed pairwise seed between dropped {d} and survivor {i}")
             (minus if i < d else plus).append(seeds[i])
-    return (masked_sum + signed_mask_sum(plus, minus, n, bits)) & mask
+    return plus, minus

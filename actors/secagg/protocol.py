@@ -120,20 +120,7 @@ def run_round(
     clients or shares remain (`BelowSurvivorFloor`, with `dropout`: fewer survivors than the
     floor). Client and server randomness are spawned from `rng`.
     """
-    drop = {p: set() for p in PHASES} | {p: {int(c) for c in s} for p, s in (drop or {}).items()}
-    unknown_phases = set(drop) - set(PHASES)
-    if unknown_phases:
-        raise ValueError(f"unknown dropout phases {sorted(unknown_phases)}; use {PHASES}")
-    ids = sorted(int(c) for c in vectors)
-    if not ids:
-        raise ValueError("no client vectors")
-    lengths = {np.asarray(v).shape for v in vectors.values()}
-    if len(lengths) != 1 or len(next(iter(lengths))) != 1:
-        raise ValueError(f"client vectors must be 1-D of one common length, got shapes {sorted(lengths)}")
-    n = next(iter(lengths))[0]
-    for p, s in drop.items():
-        if not s <= set(ids):
-            raise ValueError(f"drop[{p!r}] names unknown clients {sorted(s - set(ids))}")
+    drop, ids, n = _round_inputs(vectors, drop)
 
     child = rng.spawn(len(ids) + 1)
     server = SecAggServer(
@@ -152,3 +139,24 @@ def run_round(
         [clients[c].unmask(request) for c in sorted(request.survivors) if c not in drop["unmask"]]
     )
     return total, server
+
+
+def _round_inputs(
+    vectors: Mapping[int, np.ndarray], drop: Mapping[str, Iterable[int]] | None
+) -> tuple[dict[str, set[int]], list[int], int]:
+    """`run_round`'s arguments checked: the dropouts of every phase, the client ids, the vector length."""
+    drop = {p: set() for p in PHASES} | {p: {int(c) for c in s} for p, s in (drop or {}).items()}
+    unknown_phases = set(drop) - set(PHASES)
+    if unknown_phases:
+        raise ValueError(f"unknown dropout phases {sorted(unknown_phases)}; use {PHASES}")
+    ids = sorted(int(c) for c in vectors)
+    if not ids:
+        raise ValueError("no client vectors")
+    lengths = {np.asarray(v).shape for v in vectors.values()}
+    if len(lengths) != 1 or len(next(iter(lengths))) != 1:
+        raise ValueError(f"client vectors must be 1-D of one common length, got shapes {sorted(lengths)}")
+    n = next(iter(lengths))[0]
+    for p, s in drop.items():
+        if not s <= set(ids):
+            raise ValueError(f"drop[{p!r}] names unknown clients {sorted(s - set(ids))}")
+    return drop, ids, n

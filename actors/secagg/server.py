@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedmeta.actors.secagg import shamir
 from fedmeta.actors.secagg.graph import complete_graph, harary_from_ring, harary_graph
@@ -38,6 +39,45 @@ from fedmeta.actors.secagg.params import survivor_floor
 # --------------------------------------------------------------------------------------------
 
 
+def _client_ids(clients: int | Iterable[int]) -> list[int]:
+    """The round's client ids: 0..n-1 for a count n, else the given ids (distinct, at least 2)."""
+    if isinstance(clients, (int, np.integer)) and not isinstance(clients, bool):
+        ids = list(range(int(clients)))
+    else:
+        ids = [_check_id(c, "client id") for c in clients]
+    if len(set(ids)) != len(ids):
+        raise ValueError("client ids must be distinct")
+    if len(ids) < 2:
+        raise ValueError(f"secure aggregation needs at least 2 clients, got {len(ids)}")
+    return ids
+
+
+def _mask_degree(neighbours: int | None, n: int) -> int:
+    """How many neighbours each of the n clients masks with: k, at most n - 1 (None: all of them)."""
+    if neighbours is None:
+        degree = n - 1
+    else:
+        if isinstance(neighbours, bool) or not isinstance(neighbours, (int, np.integer)) or neighbours < 1:
+            raise ValueError(f"neighbours k must be a positive integer or None, got {neighbours!r}")
+        degree = min(int(neighbours), n - 1)
+        if degree < n - 1 and degree % 2 == 1:
+            raise ValueError(
+                f"neighbours k={neighbours} is odd: a k-regular Harary graph needs an even number "
+                f"of clients for odd k, which dropouts before the graph is built can break; use an even k"
+            )
+    return degree
+
+
+def _check_vector_length(vector_length: int) -> int:
+    if (
+        isinstance(vector_length, bool)
+        or not isinstance(vector_length, (int, np.integer))
+        or vector_length < 1
+    ):
+        raise ValueError(f"vector_length must be a positive integer, got {vector_length!r}")
+    return int(vector_length)
+
+
 class SecAggServer:
     """The aggregator's side: receive_keys -> route_shares -> collect_masked -> unmask.
 
@@ -61,44 +101,17 @@ class SecAggServer:
         dropout: float | None = None,
     ):
         self.round_id = _check_id(round_id, "round_id")
-        if isinstance(clients, (int, np.integer)) and not isinstance(clients, bool):
-            ids = list(range(int(clients)))
-        else:
-            ids = [_check_id(c, "client id") for c in clients]
-        if len(set(ids)) != len(ids):
-            raise ValueError("client ids must be distinct")
-        if len(ids) < 2:
-            raise ValueError(f"secure aggregation needs at least 2 clients, got {len(ids)}")
+        ids = _client_ids(clients)
         self.clients = frozenset(ids)
         n = len(ids)
         self.dropout = dropout
         self.survivor_floor = 0 if dropout is None else survivor_floor(n, dropout)
-        if neighbours is None:
-            degree = n - 1
-        else:
-            if (
-                isinstance(neighbours, bool)
-                or not isinstance(neighbours, (int, np.integer))
-                or neighbours < 1
-            ):
-                raise ValueError(f"neighbours k must be a positive integer or None, got {neighbours!r}")
-            degree = min(int(neighbours), n - 1)
-            if degree < n - 1 and degree % 2 == 1:
-                raise ValueError(
-                    f"neighbours k={neighbours} is odd: a k-regular Harary graph needs an even number "
-                    f"of clients for odd k, which dropouts before the graph is built can break; use an even k"
-                )
+        degree = _mask_degree(neighbours, n)
         self.neighbours = None if neighbours is None else int(neighbours)
         self.degree = degree
         self.threshold = _check_threshold(threshold, degree, allow_low_threshold)
         self.bits = _check_bits_arg(bits)
-        if (
-            isinstance(vector_length, bool)
-            or not isinstance(vector_length, (int, np.integer))
-            or vector_length < 1
-        ):
-            raise ValueError(f"vector_length must be a positive integer, got {vector_length!r}")
-        self.vector_length = int(vector_length)
+        self.vector_length = _check_vector_length(vector_length)
         if not isinstance(rng, np.random.Generator):
             raise TypeError("rng must be a numpy.random.Generator")
         self._rng = rng
@@ -342,59 +355,11 @@ class SecAggServer:
         """Reconstruct b_i of survivors and s_d^SK of dropped clients, remove all masks, and
         return sum_{i in U3} q_i mod 2^bits (uint64, shape (vector_length,))."""
         self._expect("unmask", "unmask")
-        seen: set[int] = set()
-        for m in messages:
-            self._validate_unmask(m, seen)  # the whole message, before storing any of it
-            seen.add(int(m.client))
-            for i, data in m.self_shares.items():
-                self.revealed_self.setdefault(int(i), {})[int(m.client)] = bytes(data)
-            for d, data in m.key_shares.items():
-                self.revealed_key.setdefault(int(d), {})[int(m.client)] = bytes(data)
-        # Guard: never both kinds of secret for one client.
-        assert not set(self.revealed_self) & set(self.revealed_key)
-        self.responders = frozenset(seen)
+        self._store_revealed(messages)
         self._require(len(self.responders), "survivors sent unmasking shares")
-        t = self.threshold
-
-        def reconstruct(kind: str, owner: int, shares: dict[int, bytes]) -> bytes:
-            if len(shares) < t:
-                raise SecAggAbort(
-                    f"round {self.round_id} aborted: cannot reconstruct the {kind} {owner}: "
-                    f"{len(shares)} shares arrived, threshold t={t}"
-                )
-            points = [shamir.share_from_bytes(shares[h]) for h in sorted(shares)]
-            try:
-                return shamir.reconstruct(points, t)
-            except ValueError as exc:
-                raise SecAggAbort(
-                    f"round {self.round_id} aborted: shares of the {kind} of client {owner} are inconsistent: {exc}"
-                ) from exc
-
-        pair_seeds: dict[int, dict[int, bytes]] = {}
-        for d in sorted(self.dropped):
-            partners = self.graph[d] & self.survivors
-            if not partners:
-                continue  # no survivor masked with d: nothing dangling to remove
-            sk_bytes = reconstruct(
-                "mask private key s_d^SK of dropped client", d, self.revealed_key.get(d, {})
-            )
-            try:
-                sk, pk = keypair_from_bytes(sk_bytes)
-            except ValueError as exc:
-                raise SecAggAbort(
-                    f"reconstructed mask key of dropped client {d} is malformed: {exc}"
-                ) from exc
-            if pk != self.public_keys[d][1]:
-                raise SecAggAbort(
-                    f"round {self.round_id} aborted: reconstructed mask key of dropped client {d} "
-                    f"does not match its advertised public key"
-                )
-            pair_seeds[d] = {
-                i: shared_seed(sk, self.public_keys[i][1], pair_info(MASK_PURPOSE, self.round_id, d, i))
-                for i in sorted(partners)
-            }
+        pair_seeds = self._dropped_pair_seeds()
         self_seeds = {
-            i: reconstruct("self-mask seed b_i of surviving client", i, self.revealed_self.get(i, {}))
+            i: self._reconstruct("self-mask seed b_i of surviving client", i, self.revealed_self.get(i, {}))
             for i in sorted(self.survivors)
         }
         result = unmask_sum(
@@ -411,3 +376,63 @@ class SecAggServer:
         self._result = result
         self._phase = "done"
         return result.copy()
+
+    def _store_revealed(self, messages: Iterable[UnmaskShares]) -> None:
+        """Keep the shares the survivors revealed, each message checked whole first; U5 = who sent."""
+        seen: set[int] = set()
+        for m in messages:
+            self._validate_unmask(m, seen)  # the whole message, before storing any of it
+            seen.add(int(m.client))
+            for i, data in m.self_shares.items():
+                self.revealed_self.setdefault(int(i), {})[int(m.client)] = bytes(data)
+            for d, data in m.key_shares.items():
+                self.revealed_key.setdefault(int(d), {})[int(m.client)] = bytes(data)
+        # Guard: never both kinds of secret for one client.
+        assert not set(self.revealed_self) & set(self.revealed_key)
+        self.responders = frozenset(seen)
+
+    def _reconstruct(self, kind: str, owner: int, shares: dict[int, bytes]) -> bytes:
+        t = self.threshold
+        if len(shares) < t:
+            raise SecAggAbort(
+                f"round {self.round_id} aborted: cannot reconstruct the {kind} {owner}: "
+                f"{len(shares)} shares arrived, threshold t={t}"
+            )
+        points = [shamir.share_from_bytes(shares[h]) for h in sorted(shares)]
+        try:
+            return shamir.reconstruct(points, t)
+        except ValueError as exc:
+            raise SecAggAbort(
+                f"round {self.round_id} aborted: shares of the {kind} of client {owner} are inconsistent: {exc}"
+            ) from exc
+
+    def _dropped_pair_seeds(self) -> dict[int, dict[int, bytes]]:
+        """{d: {i: s_di}}: the pair seeds of each dropped client d with its surviving neighbours i,
+        from d's reconstructed mask key."""
+        pair_seeds: dict[int, dict[int, bytes]] = {}
+        for d in sorted(self.dropped):
+            partners = self.graph[d] & self.survivors
+            if not partners:
+                continue  # no survivor masked with d: nothing dangling to remove
+            sk = self._dropped_mask_key(d)
+            pair_seeds[d] = {
+                i: shared_seed(sk, self.public_keys[i][1], pair_info(MASK_PURPOSE, self.round_id, d, i))
+                for i in sorted(partners)
+            }
+        return pair_seeds
+
+    def _dropped_mask_key(self, d: int) -> X25519PrivateKey:
+        """Dropped client d's mask private key s_d^SK, reconstructed and checked against its public key."""
+        sk_bytes = self._reconstruct(
+            "mask private key s_d^SK of dropped client", d, self.revealed_key.get(d, {})
+        )
+        try:
+            sk, pk = keypair_from_bytes(sk_bytes)
+        except ValueError as exc:
+            raise SecAggAbort(f"reconstructed mask key of dropped client {d} is malformed: {exc}") from exc
+        if pk != self.public_keys[d][1]:
+            raise SecAggAbort(
+                f"round {self.round_id} aborted: reconstructed mask key of dropped client {d} "
+                f"does not match its advertised public key"
+            )
+        return sk

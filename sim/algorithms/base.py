@@ -23,6 +23,38 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x, y, mask)
 
 
 class Algorithm(ABC):
+    """The base class of every algorithm, built-in or yours: a client rule plus a server rule.
+
+    Client rule (what one client does with the global model and its data):
+
+    - `step(ops, params, batches) -> (params, loss)` (required): ONE local step of ONE client.
+      `params` is a dict of tensors (the model's parameters), `batches` holds `batches_per_step`
+      tuples `(x, y, mask)` (the mask zeroes padded rows of a batch), and `ops` is what a step may
+      do: `ops.grad(params, x, y, mask) -> (grads, loss)` and `ops.descend(params, grads, lr)`,
+      the final SGD update. Written with these alone and without Python control flow on tensor
+      values, a step is pure, so `client_update` runs it over a whole cohort under `torch.func.vmap`
+      (or as a per-client loop, with the same maths).
+    - `batches_per_step` (default 1): how many batch streams a step consumes (first-order MAML
+      takes a support and a query batch); `schedules(n_train, gen)` draws them: `local_epochs`
+      passes, or `local_steps` batches, of `batch_size`.
+    - `client_weight(n_train)`: the client's weight in the mean (its train size when `weighted`).
+    - `client_update(...) -> (updates, metrics)`: the cohort's updates (local minus global; only
+      these leave a client). Override it only to set per-cohort state (as FedProx's anchor).
+
+    Server rule (what the server does with the aggregate):
+
+    - `server_update(global_flat, mean_update) -> (new_global, metrics)`: default
+      `global + server_lr * mean_update` (FedAvg; Reptile's outer step); FedOpt keeps moments,
+      checkpointed through `state_dict` / `load_state_dict`.
+    - `personalizer(ev, weight)`: what an evaluated individual runs to personalize (fine-tuning,
+      or Ditto's proximal objective with a privacy weight).
+
+    In Flower terms the client rule is a ClientApp's `fit` and the server rule a Strategy's
+    `aggregate_fit` after the weighted mean; in pfl-research's, `simulate_one_user` and
+    `process_aggregated_statistics`. Name your subclass in the config as
+    `algorithm.name: "package.module:ClassName"`. McMahan et al. 2017 (FedAvg) is the default rule.
+    """
+
     name = "base"
     weighted_default = True
     batches_per_step = 1  # how many batch streams one local step consumes

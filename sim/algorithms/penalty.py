@@ -9,8 +9,6 @@ member/non-member loss gap. `algorithm.privacy_lambda` weighs it in both cohort 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -28,10 +26,3 @@ def privacy_penalty(logits: torch.Tensor) -> torch.Tensor:
     ``logits`` is (..., classes).
     """
     return negative_entropy(logits).mean()
-
-
-def regularized_loss(task_loss: torch.Tensor, logits: torch.Tensor, lam: float) -> torch.Tensor:
-    """task_loss + lam * privacy_penalty(logits): the privacy-regularized local objective."""
-    if isinstance(lam, (int, float)) and not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lam: must be a finite number >= 0, got {lam}")
-    return task_loss + lam * privacy_penalty(logits)

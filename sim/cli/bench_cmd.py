@@ -109,7 +109,8 @@ def _bench_async(set_: list[str], seeds: int, as_json: bool) -> None:
 
 def _bench_tune(set_: list[str], seeds: int, as_json: bool) -> None:
     """--tune: recovery after a drift, tuned vs untuned, and Bayesian vs random search, per seed."""
-    from fedmeta.sim.cli.bench import run_tune_bench, workload_config
+    from fedmeta.sim.cli.bench import workload_config
+    from fedmeta.sim.cli.bench_tune import run_tune_bench
 
     base = workload_config("tune", set_)
     res = run_tune_bench(base, seeds=range(base.seed, base.seed + seeds))  # --set seed=S: seeds S, S+1, ...
@@ -154,7 +155,7 @@ def _bench_tune(set_: list[str], seeds: int, as_json: bool) -> None:
 
 def _bench_serve(seconds: float, as_json: bool) -> None:
     """--serve: throughput and latency of the ensemble, a single model and a no-op app."""
-    from fedmeta.sim.cli.bench import SERVE_TARGETS, run_serve_bench
+    from fedmeta.sim.cli.bench_serve import SERVE_TARGETS, run_serve_bench
 
     res = run_serve_bench(seconds=seconds)
     for label in SERVE_TARGETS:

@@ -213,7 +213,7 @@ def drift_eval(
     several seeds, the false-alarm rate's mean with its 95% interval against the target."""
     import torch
 
-    from fedmeta.sim.detectors import DRIFT_KINDS, evaluate_seeds
+    from fedmeta.sim.detector_eval import DRIFT_KINDS, evaluate_seeds
 
     if kind not in DRIFT_KINDS:
         raise ConfigError(

@@ -203,13 +203,52 @@ def partition_rows(
 def build_arrays(cfg: DataConfig, seed: int) -> dict:
     """The table grouped by client (federation first, in id order, then D_G), each federation
     client's rows in split order (train first), standardised; plus what describes them."""
-    import pandas as pd
-
     tc = cfg.table
     df = read_table(tc.path)
     x, names = features(df, tc)
     y, classes = labels(df, tc)
     input_shape = _input_shape(tc, x.shape[1])
+    owner, client_names, n_all = _owners(df, cfg, y, seed)
+    if n_all <= cfg.global_clients:
+        raise ConfigError(
+            f"data.global_clients: {cfg.global_clients} individuals are held out for D_G, but the "
+            f"table has only {n_all}; need at least {cfg.global_clients + 1}"
+        )
+    held_out = np.sort(np_rng(seed, "table-global-clients").choice(n_all, cfg.global_clients, replace=False))
+    federation = np.setdiff1d(np.arange(n_all), held_out)[: cfg.num_clients]
+    clients = np.concatenate([federation, held_out])  # new id -> old id
+    rows, n_train = _client_rows(cfg, seed, owner, n_all, clients, len(federation))
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    order = np.concatenate(rows)
+    x, y = x[order], y[order]
+    x, mean, sd = _standardized(x, offsets, n_train, len(federation), tc.standardize)
+    meta = {
+        "num_clients": len(federation),
+        "global_clients": cfg.global_clients,
+        "num_classes": len(classes),
+        "input_shape": input_shape,
+        "client_names": [client_names[i] for i in clients],
+        "classes": classes,
+        "feature_columns": names,
+        "mean": mean.tolist(),
+        "sd": sd.tolist(),
+    }
+    return {
+        "x": x.astype(np.float32),
+        "y": y,
+        "offsets": offsets,
+        "n_train": np.asarray(n_train, np.int64),
+        "meta": meta,
+    }
+
+
+def _owners(df: pd.DataFrame, cfg: DataConfig, y: np.ndarray, seed: int) -> tuple[np.ndarray, list, int]:
+    """Each row's individual (0..n_all-1), the individuals' names and n_all: the distinct values of
+    `client_column` in sorted order, or without it the rows cut into num_clients + global_clients
+    clients by `partition_rows`."""
+    import pandas as pd
+
+    tc = cfg.table
     if tc.client_column is not None:
         col = _column(df, tc.client_column, "client_column")
         owner, ids = pd.factorize(col, sort=True)
@@ -231,52 +270,38 @@ def build_arrays(cfg: DataConfig, seed: int) -> dict:
         except ValueError as e:
             raise ConfigError(f"data.num_clients: {e} (num_clients + global_clients = {n_all})") from None
         client_names = list(range(n_all))
-    if n_all <= cfg.global_clients:
-        raise ConfigError(
-            f"data.global_clients: {cfg.global_clients} individuals are held out for D_G, but the "
-            f"table has only {n_all}; need at least {cfg.global_clients + 1}"
-        )
-    held_out = np.sort(np_rng(seed, "table-global-clients").choice(n_all, cfg.global_clients, replace=False))
-    federation = np.setdiff1d(np.arange(n_all), held_out)[: cfg.num_clients]
-    clients = np.concatenate([federation, held_out])  # new id -> old id
+    return owner, client_names, n_all
+
+
+def _client_rows(
+    cfg: DataConfig, seed: int, owner: np.ndarray, n_all: int, clients: np.ndarray, n_federation: int
+) -> tuple[list[np.ndarray], list[int]]:
+    """The table's rows of each client in new id order (a federation client's in a seeded split
+    order, train first) and each federation client's number of train rows."""
     by_client = np.argsort(owner, kind="stable")
     starts = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=n_all))])
     rows, n_train = [], []
     for cid, old in enumerate(clients):
         mine = by_client[starts[old] : starts[old + 1]]
-        if cid < len(federation):
+        if cid < n_federation:
             mine = mine[np_rng(seed, "table-split", cid).permutation(len(mine))]
             n_train.append(train_size(len(mine), cfg.train_fraction))
         rows.append(mine)
-    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
-    order = np.concatenate(rows)
-    x, y = x[order], y[order]
+    return rows, n_train
+
+
+def _standardized(
+    x: np.ndarray, offsets: np.ndarray, n_train: list[int], n_federation: int, standardize: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x standardised with the mean and sd of the federation's train rows (unchanged without
+    `standardize`), and that mean and sd (0 and 1 without it)."""
     mean, sd = np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32)
-    if tc.standardize:
-        train = np.concatenate(
-            [np.arange(offsets[c], offsets[c] + n_train[c]) for c in range(len(federation))]
-        )
+    if standardize:
+        train = np.concatenate([np.arange(offsets[c], offsets[c] + n_train[c]) for c in range(n_federation)])
         mean, sd = x[train].mean(axis=0), x[train].std(axis=0)
         sd[sd == 0] = 1.0  # a constant feature stays constant (0) instead of dividing by 0
         x = (x - mean) / sd
-    meta = {
-        "num_clients": len(federation),
-        "global_clients": cfg.global_clients,
-        "num_classes": len(classes),
-        "input_shape": input_shape,
-        "client_names": [client_names[i] for i in clients],
-        "classes": classes,
-        "feature_columns": names,
-        "mean": mean.tolist(),
-        "sd": sd.tolist(),
-    }
-    return {
-        "x": x.astype(np.float32),
-        "y": y,
-        "offsets": offsets,
-        "n_train": np.asarray(n_train, np.int64),
-        "meta": meta,
-    }
+    return x, mean, sd
 
 
 def _input_shape(tc: TableConfig, n_features: int) -> list[int]:

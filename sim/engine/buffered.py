@@ -36,39 +36,9 @@ class BufferedRounds:
         before = self._clock.now
         self.faults.begin_round()
         arrived = self._clock.pop(fed.clients_per_round)
-        versions = sorted({a.version for a in arrived})
-        submit = lambda w, shard: w.train.options(num_returns=2).remote(  # noqa: E731
-            shard[1], shard[2], shard[0], keys=self._noise_keys(shard[1], shard[0])
-        )
-        groups = []
-        for v in versions:  # one batch per model version, split over the workers
-            ref = ray.put(self._versions[v])
-            groups.append(
-                [
-                    (part, v, ref)
-                    for part in split_even(
-                        np.array([a.cid for a in arrived if a.version == v]), len(self.workers)
-                    )
-                ]
-            )
-        started = [[submit(w, shard) for w, shard in zip(self.workers, g)] for g in groups]
-        trained = [t for g, s in zip(groups, started) for t in self._on_workers(step, g, submit, started=s)]
-        tags = [shard[1] for g in groups for shard in g]
+        trained, tags = self._train_arrived(step, arrived)
         weights = [staleness_weight(step - v, fed.fedbuff.staleness) for v in tags]
-        g_ref, messages = ray.put(global_params), [m for m, _ in trained]
-        while True:
-            try:
-                new, metrics = ray.get(
-                    self.aggregator.aggregate_buffered.remote(step, g_ref, tags, weights, *messages)
-                )
-                if self._stateful:
-                    self._server_state = self.server_state()
-                break
-            except Exception as e:
-                if not lost_actor(e):
-                    raise
-                self._heal(step, e)  # the updates are still held: only the server step repeats
-                self.faults.retried("rounds")
+        new, metrics = self._aggregate_buffered(step, global_params, tags, weights, trained)
         diags = ray.get([d for _, d in trained])
         self._note_restarts(step, diags)
         metrics.update(round_diagnostics(diags))
@@ -90,6 +60,49 @@ class BufferedRounds:
             [a.cid for a in arrived],
             dict(self.faults.counts),
         )
+
+    def _train_arrived(self, step: int, arrived: list) -> tuple[list, list[int]]:
+        """The arrived clients' training, each from the model version it started with: the
+        (message, diagnostics) refs of every shard, and each shard's version."""
+        versions = sorted({a.version for a in arrived})
+        submit = lambda w, shard: w.train.options(num_returns=2).remote(  # noqa: E731
+            shard[1], shard[2], shard[0], keys=self._noise_keys(shard[1], shard[0])
+        )
+        groups = []
+        for v in versions:  # one batch per model version, split over the workers
+            ref = ray.put(self._versions[v])
+            groups.append(
+                [
+                    (part, v, ref)
+                    for part in split_even(
+                        np.array([a.cid for a in arrived if a.version == v]), len(self.workers)
+                    )
+                ]
+            )
+        started = [[submit(w, shard) for w, shard in zip(self.workers, g)] for g in groups]
+        trained = [t for g, s in zip(groups, started) for t in self._on_workers(step, g, submit, started=s)]
+        tags = [shard[1] for g in groups for shard in g]
+        return trained, tags
+
+    def _aggregate_buffered(
+        self, step: int, global_params: np.ndarray, tags: list[int], weights: list[float], trained: list
+    ) -> tuple[np.ndarray, dict]:
+        """The server step on the trained messages, repeated on a fresh aggregator if it is lost."""
+        g_ref, messages = ray.put(global_params), [m for m, _ in trained]
+        while True:
+            try:
+                new, metrics = ray.get(
+                    self.aggregator.aggregate_buffered.remote(step, g_ref, tags, weights, *messages)
+                )
+                if self._stateful:
+                    self._server_state = self.server_state()
+                break
+            except Exception as e:
+                if not lost_actor(e):
+                    raise
+                self._heal(step, e)  # the updates are still held: only the server step repeats
+                self.faults.retried("rounds")
+        return new, metrics
 
     def _start_clients(self, n: int, version: int) -> None:
         cids = self._clock.draw(n)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import ray
 
-from fedmeta.actors.client_worker import LOSS_KEYS
 from fedmeta.actors.messages import METRIC_KEYS
 from fedmeta.actors.privacy import mia_auc
+from fedmeta.actors.worker_eval import LOSS_KEYS
 from fedmeta.sim.engine.faults import lost_actor
 from fedmeta.sim.sampling import split_even
 

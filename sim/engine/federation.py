@@ -122,6 +122,35 @@ class Federation(WorkerPool, BufferedRounds, SecureRounds, PanelEvaluation):
         if self.cfg.federation.mode == "fedbuff":
             return self._fedbuff_step(round_index, global_params)
         t0 = time.perf_counter()
+        sampled, admitted, asked, cohort = self._round_cohort(round_index)
+        alive, dropped = apply_dropout(self.membership, round_index, cohort, self.cfg.federation.dropout)
+        g_ref = ray.put(global_params)
+        self.faults.begin_round()
+        new, metrics = self._aggregate_round(round_index, g_ref, cohort, alive, global_params)
+        metrics["not_consenting"] = len(sampled) - len(admitted)
+        # who reported: not a lost or cancelled worker's clients (named), nor those past a deadline or quota (counted)
+        out = np.isin(alive, metrics.pop("lost_clients", []))
+        if out.any():
+            metrics["lost_clients"] = int(out.sum())
+        reported = (
+            len(alive) - int(out.sum()) - metrics.get("late_clients", 0)
+            if not metrics.get("aborted")
+            else len(alive)
+        )
+        metrics["offline"] = len(asked) - len(cohort)
+        return RoundResult(
+            new,
+            reported,
+            len(asked) - reported,
+            time.perf_counter() - t0,
+            metrics,
+            alive[~out].tolist(),
+            dict(self.faults.counts),
+        )
+
+    def _round_cohort(self, round_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The round's draw (sampled), the consenting ones (admitted), those of them in the
+        federation (asked), and those of them online (the cohort)."""
         sampled = draw_cohort(self.membership, round_index, self.plan.sampling)
         admitted = self.consent.admit(sampled) if self.consent else sampled
         # 'out' canaries never train; joiners only from the drift round on
@@ -134,9 +163,13 @@ class Federation(WorkerPool, BufferedRounds, SecureRounds, PanelEvaluation):
             if system.enabled
             else asked
         )
-        alive, dropped = apply_dropout(self.membership, round_index, cohort, self.cfg.federation.dropout)
-        g_ref = ray.put(global_params)
-        self.faults.begin_round()
+        return sampled, admitted, asked, cohort
+
+    def _aggregate_round(
+        self, round_index: int, g_ref, cohort: np.ndarray, alive: np.ndarray, global_params: np.ndarray
+    ) -> tuple[np.ndarray, dict]:
+        """The round's training and aggregation (plain or secure), repeated whole on a fresh
+        aggregator when it is lost, or restarted under a stateful server rule."""
         while True:
             try:
                 if self.plan.secagg is None:
@@ -161,26 +194,7 @@ class Federation(WorkerPool, BufferedRounds, SecureRounds, PanelEvaluation):
                 # dropout): the pool is healed and the whole round repeats on a fresh aggregator
                 self._heal(round_index, e)
                 self.faults.retried("rounds")
-        metrics["not_consenting"] = len(sampled) - len(admitted)
-        # who reported: not a lost or cancelled worker's clients (named), nor those past a deadline or quota (counted)
-        out = np.isin(alive, metrics.pop("lost_clients", []))
-        if out.any():
-            metrics["lost_clients"] = int(out.sum())
-        reported = (
-            len(alive) - int(out.sum()) - metrics.get("late_clients", 0)
-            if not metrics.get("aborted")
-            else len(alive)
-        )
-        metrics["offline"] = len(asked) - len(cohort)
-        return RoundResult(
-            new,
-            reported,
-            len(asked) - reported,
-            time.perf_counter() - t0,
-            metrics,
-            alive[~out].tolist(),
-            dict(self.faults.counts),
-        )
+        return new, metrics
 
     def _noise_keys(self, scope: int, cids) -> dict | None:
         """The keys of a round's clients for their local DP-SGD noise (None without local DP)."""

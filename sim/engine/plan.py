@@ -53,35 +53,13 @@ class FederationPlan:
         add_code_path(code_paths(cfg))  # the researcher's own model/algorithm modules
         cfg = with_absolute_paths(cfg)  # the actors may start in another folder
         data = data or build_dataset(cfg.data, cfg.seed)
-        fed = cfg.federation
-        if fed.clients_per_round > data.num_clients:
-            raise ConfigError(
-                f"federation.clients_per_round: {fed.clients_per_round} exceeds the "
-                f"{data.num_clients} clients in the data"
-            )
-        if cfg.data.drift.rotation and len(data.input_shape) != 3:
-            raise ConfigError(
-                f"data.drift.rotation: rotates images (channels, h, w); this data's inputs have shape "
-                f"{tuple(data.input_shape)}"
-            )
+        _check_data(cfg, data)
         model = build_model(cfg.model, data.input_shape, data.num_classes)
         try:
             canaries = canary_count(cfg.privacy.audit_canaries, data.num_clients, cfg.privacy.mode != "off")
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        # DP: how cohorts are drawn (what the accountant composes) and the noise multiplier,
-        # resolved once per run
-        try:
-            dp = UserLevelDP.from_config(
-                cfg.privacy,
-                _sampling(cfg, data.num_clients),
-                fed.rounds,
-                secure=cfg.secagg.enabled,
-                reporting=fed.clients_per_round,
-            )
-            secagg = plan_secagg(cfg, dp)
-        except ValueError as e:  # the messages name their key
-            raise ConfigError(str(e)) from None
+        dp, secagg = _resolve_privacy(cfg, data.num_clients)
         if cfg.data.drift.joiners >= data.num_clients - canaries:
             raise ConfigError(
                 f"data.drift.joiners: {cfg.data.drift.joiners} leaves nobody in the federation before "
@@ -183,6 +161,40 @@ class FederationPlan:
             return panel_secagg(self.cfg, len(self.eval_ids))
         except ValueError as e:
             raise ConfigError(f"eval.num_individuals: the secure tuning metric sums the panel: {e}") from None
+
+
+def _check_data(cfg: ExperimentConfig, data: FederatedDataset) -> None:
+    """The cohort fits the population, and a drift rotation has images to rotate."""
+    fed = cfg.federation
+    if fed.clients_per_round > data.num_clients:
+        raise ConfigError(
+            f"federation.clients_per_round: {fed.clients_per_round} exceeds the "
+            f"{data.num_clients} clients in the data"
+        )
+    if cfg.data.drift.rotation and len(data.input_shape) != 3:
+        raise ConfigError(
+            f"data.drift.rotation: rotates images (channels, h, w); this data's inputs have shape "
+            f"{tuple(data.input_shape)}"
+        )
+
+
+def _resolve_privacy(cfg: ExperimentConfig, num_clients: int) -> tuple[UserLevelDP, SecAggParams | None]:
+    """User-level DP and the secure-aggregation parameters of a run over `num_clients` clients."""
+    fed = cfg.federation
+    # DP: how cohorts are drawn (what the accountant composes) and the noise multiplier,
+    # resolved once per run
+    try:
+        dp = UserLevelDP.from_config(
+            cfg.privacy,
+            _sampling(cfg, num_clients),
+            fed.rounds,
+            secure=cfg.secagg.enabled,
+            reporting=fed.clients_per_round,
+        )
+        secagg = plan_secagg(cfg, dp)
+    except ValueError as e:  # the messages name their key
+        raise ConfigError(str(e)) from None
+    return dp, secagg
 
 
 def _local_dp(cfg: ExperimentConfig) -> SampleLevelDP | None:

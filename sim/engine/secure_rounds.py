@@ -1,4 +1,4 @@
-"""Secure rounds of a federation: a round's cohort summed by SecAgg+ (secure_round.py drives the
+"""Secure rounds of a federation: a round's cohort summed by SecAgg+ (sum_phases.py drives the
 phases), with the survivor floor and the achieved bits logged per round; the same flow sums
 the secure tuning metric.
 """
@@ -17,7 +17,7 @@ from fedmeta.actors.secagg.policy import secagg_round_facts
 from fedmeta.actors.secagg.session import SecAggParams
 from fedmeta.sim.engine.faults import lost_actor
 from fedmeta.sim.engine.pool import survivors
-from fedmeta.sim.engine.secure_round import SecureSumRun
+from fedmeta.sim.engine.sum_phases import SecureSumRun
 from fedmeta.sim.seeding import client_keys
 
 
@@ -35,27 +35,7 @@ class SecureRounds:
         live = set(alive.tolist())
         sized = secagg_round_facts(self.cfg, self.plan.secagg, len(cohort))
         diagnostics = []  # to the driver only
-
-        quota_of = {}
-        deadline, cutoff = self._deadline()
-
-        def train(worker, shard, inbox):  # a client trains on the worker that holds its protocol state
-            clients = [c for c in shard if c in live]
-            msg, diag = worker.train.options(num_returns=2).remote(
-                round_index,
-                g_ref,
-                clients,
-                inbox,
-                quota=quota_of.get(tuple(shard)),
-                deadline=deadline,
-                keys=self._noise_keys(round_index, clients),
-            )
-            diagnostics.append(diag)
-            return msg
-
-        def placed(shards):  # the ring placement is known before training: split the quota by it
-            quota_of.update({tuple(s): q for s, q in zip(shards, self._quotas(shards, live))})
-
+        train, placed, cutoff = self._secure_training(round_index, g_ref, live, diagnostics)
         try:
             (new, metrics), lost = self._secure_sum(
                 round_index,
@@ -82,6 +62,34 @@ class SecureRounds:
         self._note_restarts(round_index, diags)
         return new, {**metrics, **round_diagnostics(diags), "lost_clients": lost, **sized}
 
+    def _secure_training(
+        self, round_index: int, g_ref, live: set[int], diagnostics: list
+    ) -> tuple[Callable, Callable, float | None]:
+        """A secure round's `contribute` (a worker trains its shard's live clients; their diagnostics
+        ref goes to `diagnostics`) and `placed` (the over-selection quota split by the ring
+        placement) for `_secure_sum`, and the round's cutoff."""
+        quota_of = {}
+        deadline, cutoff = self._deadline()
+
+        def train(worker, shard, inbox):  # a client trains on the worker that holds its protocol state
+            clients = [c for c in shard if c in live]
+            msg, diag = worker.train.options(num_returns=2).remote(
+                round_index,
+                g_ref,
+                clients,
+                inbox,
+                quota=quota_of.get(tuple(shard)),
+                deadline=deadline,
+                keys=self._noise_keys(round_index, clients),
+            )
+            diagnostics.append(diag)
+            return msg
+
+        def placed(shards):  # the ring placement is known before training: split the quota by it
+            quota_of.update({tuple(s): q for s, q in zip(shards, self._quotas(shards, live))})
+
+        return train, placed, cutoff
+
     def _secure_sum(
         self,
         round_index: int,
@@ -95,7 +103,7 @@ class SecureRounds:
         placed: Callable | None = None,
         cutoff: float | None = None,
     ):
-        """One secure sum over `clients` (sim/engine/secure_round.py); `contribute(worker, shard, inbox)`
+        """One secure sum over `clients` (sim/engine/sum_phases.py); `contribute(worker, shard, inbox)`
         submits a worker's masked message, `finish(summed)` the aggregator's call on the unmasked
         sum. Returns its result and the clients of the workers lost on the way or left behind at
         the deadline: they are dropouts of this sum (lost workers are brought back, or replaced,

@@ -172,9 +172,7 @@ def run_table(
         raise ConfigError(
             f"personalization.individuals: {p.individuals} exceeds data.num_clients ({data.num_clients})"
         )
-    run_dir = run_dir or Path(cfg.run.out_dir) / f"table-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    run_dir = _make_run_dir(cfg, run_dir)
     raw_json = json.dumps(cfg.model_dump(mode="json"))
     dg = split_global(data, p.global_test_fraction, cfg.seed)
     start = torch.from_numpy(plan.init_params)
@@ -186,49 +184,16 @@ def run_table(
         # server: the auto-encoder and the D_G-only model TL starts from, in parallel
         ae_ref = _autoencoder_task.remote(raw_json)
         dg_ref = _global_model_task.remote(raw_json, start)
-        shards = split_even(np.array(_pool(cfg, individuals)), cfg.ray.num_workers)
-        latents = {
-            k: v
-            for part in ray.get([_encode_task.remote(raw_json, ae_ref, s) for s in shards])
-            for k, v in part.items()
-        }
-        store = ProfileStoreActor.remote(
-            run_dir / "profiles.sqlite", key_file=store_key_path(run_dir / "profiles.sqlite", run_dir)
-        )
+        latents = _encode_pool(raw_json, ae_ref, cfg, individuals)
+        store = _profile_store(run_dir)
         candidates = _store_latents(store, cfg, individuals, latents)
         _check_sizes(cfg, len(dg.y_train), len(candidates))
         z_global = encode(ray.get(ae_ref), dg.x_train) if any(s.method == "sg" for s in p.methods) else None
         tl_start = ray.get(dg_ref)
-
-        refs = []
-        for spec in p.methods:
-            jobs = _jobs(spec, cfg, individuals, latents, candidates, z_global, len(dg.y_train))
-            begin = tl_start if spec.method == "tl" else start
-            by_id = {j.individual: j for j in jobs}
-            for shard in split_even(np.arange(len(jobs)), cfg.ray.num_workers):
-                shard_jobs = [jobs[i] for i in shard]
-                refs.append(
-                    (spec, by_id, _personalize_task.remote(raw_json, spec.model_dump(), shard_jobs, begin))
-                )
-        rows = []
-        for done, (spec, by_id, ref) in enumerate(refs, 1):
-            res = ray.get(ref)
-            if progress:
-                progress(done, len(refs))
-            for i, ind in enumerate(res["individual"]):
-                job = by_id[ind]
-                rows.append(
-                    {
-                        "group": spec.group,
-                        "method": spec.label,
-                        "individual": ind,
-                        "acc_DI": float(res["acc_DI"][i]),
-                        "acc_DG": float(res["acc_DG"][i]),
-                        "transfers": res["transfers"][i],
-                        "added_samples": 0 if job.extra is None else len(job.extra),
-                        "group_members": " ".join(map(str, job.group)),
-                    }
-                )
+        refs = _submit_methods(
+            raw_json, cfg, individuals, latents, candidates, z_global, len(dg.y_train), start, tl_start
+        )
+        rows = _collect_rows(refs, progress)
     finally:
         if store is not None:
             ray.get(store.close.remote())
@@ -243,32 +208,136 @@ def run_table(
     return run_dir, table, per_individual
 
 
+def _make_run_dir(cfg: ExperimentConfig, run_dir: Path | None) -> Path:
+    """The run's folder (a new timestamped one under run.out_dir unless given), with its config."""
+    run_dir = run_dir or Path(cfg.run.out_dir) / f"table-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    return run_dir
+
+
+def _encode_pool(raw_json: str, ae_ref, cfg: ExperimentConfig, individuals: np.ndarray) -> dict:
+    """Devices: the pool's (per-sample latents, class-mean latents) by client id, a task per shard."""
+    shards = split_even(np.array(_pool(cfg, individuals)), cfg.ray.num_workers)
+    return {
+        k: v
+        for part in ray.get([_encode_task.remote(raw_json, ae_ref, s) for s in shards])
+        for k, v in part.items()
+    }
+
+
+def _profile_store(run_dir: Path):
+    """The encrypted profile store actor of the run, its key kept in the run's state folder."""
+    return ProfileStoreActor.remote(
+        run_dir / "profiles.sqlite", key_file=store_key_path(run_dir / "profiles.sqlite", run_dir)
+    )
+
+
+def _submit_methods(
+    raw_json: str,
+    cfg: ExperimentConfig,
+    individuals: np.ndarray,
+    latents: dict,
+    candidates: dict[int, torch.Tensor],
+    z_global: torch.Tensor | None,
+    n_global: int,
+    start: torch.Tensor,
+    tl_start: torch.Tensor,
+) -> list[tuple[MethodSpec, dict[int, Job], ray.ObjectRef]]:
+    """Every method's jobs, a task per shard of them: (spec, its jobs by individual, the task's ref)."""
+    refs = []
+    for spec in cfg.personalization.methods:
+        jobs = _jobs(spec, cfg, individuals, latents, candidates, z_global, n_global)
+        begin = tl_start if spec.method == "tl" else start
+        by_id = {j.individual: j for j in jobs}
+        for shard in split_even(np.arange(len(jobs)), cfg.ray.num_workers):
+            shard_jobs = [jobs[i] for i in shard]
+            refs.append(
+                (spec, by_id, _personalize_task.remote(raw_json, spec.model_dump(), shard_jobs, begin))
+            )
+    return refs
+
+
+def _collect_rows(refs: list, progress: Callable[[int, int], None] | None) -> list[dict]:
+    """The tasks' results in submission order, one row per (method, individual)."""
+    rows = []
+    for done, (spec, by_id, ref) in enumerate(refs, 1):
+        res = ray.get(ref)
+        if progress:
+            progress(done, len(refs))
+        for i, ind in enumerate(res["individual"]):
+            job = by_id[ind]
+            rows.append(
+                {
+                    "group": spec.group,
+                    "method": spec.label,
+                    "individual": ind,
+                    "acc_DI": float(res["acc_DI"][i]),
+                    "acc_DG": float(res["acc_DG"][i]),
+                    "transfers": res["transfers"][i],
+                    "added_samples": 0 if job.extra is None else len(job.extra),
+                    "group_members": " ".join(map(str, job.group)),
+                }
+            )
+    return rows
+
+
+TABLE_COLUMNS = [
+    "group",
+    "method",
+    "acc_DI",
+    "rank_acc_DI",
+    "sd_acc_DI",
+    "min_acc_DI",
+    "max_acc_DI",
+    "acc_DG",
+    "rank_acc_DG",
+    "sd_acc_DG",
+    "min_acc_DG",
+    "max_acc_DG",
+    "p_DI_vs_baseline",
+    "transfers",
+]
+
+
 def summarize(rows: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     """One line per method: acc(D_I) and acc(D_G) as mean (rank within the block) / sd / min / max,
     the paired t-test p-value of acc(D_I) against the block's first baseline, and model transfers."""
-    from scipy.stats import ttest_rel
-
-    out = []
-    for (group, method), g in rows.groupby(["group", "method"], sort=False):
-        g = g.sort_values("individual")
-        line = {"group": group, "method": method}
-        for m in ("acc_DI", "acc_DG"):
-            v = g[m].to_numpy()
-            line.update(
-                {
-                    m: v.mean(),
-                    f"sd_{m}": v.std(ddof=1) if len(v) > 1 else 0.0,
-                    f"min_{m}": v.min(),
-                    f"max_{m}": v.max(),
-                }
-            )
-        line["transfers"] = float(g["transfers"].mean())
-        out.append(line)
+    out = [
+        _method_line(group, method, g) for (group, method), g in rows.groupby(["group", "method"], sort=False)
+    ]
     table = pd.DataFrame(out)
     table["order"] = table["method"].map({m: i for i, m in enumerate(order)})
     table = table.sort_values(["order"]).drop(columns="order").reset_index(drop=True)
     for m in ("acc_DI", "acc_DG"):
         table[f"rank_{m}"] = table.groupby("group")[m].rank(ascending=False, method="min").astype(int)
+    table["p_DI_vs_baseline"] = _p_values(table, rows)
+    return table[TABLE_COLUMNS]
+
+
+def _method_line(group: str, method: str, g: pd.DataFrame) -> dict:
+    """A method's acc(D_I) and acc(D_G) over its individuals (mean, sd, min, max) and mean transfers."""
+    g = g.sort_values("individual")
+    line = {"group": group, "method": method}
+    for m in ("acc_DI", "acc_DG"):
+        v = g[m].to_numpy()
+        line.update(
+            {
+                m: v.mean(),
+                f"sd_{m}": v.std(ddof=1) if len(v) > 1 else 0.0,
+                f"min_{m}": v.min(),
+                f"max_{m}": v.max(),
+            }
+        )
+    line["transfers"] = float(g["transfers"].mean())
+    return line
+
+
+def _p_values(table: pd.DataFrame, rows: pd.DataFrame) -> list[float]:
+    """Each line's paired t-test p-value of acc(D_I) against its block's first baseline (NaN for the
+    baseline itself, or where the two are alike)."""
+    from scipy.stats import ttest_rel
+
     p_values = []
     for _, line in table.iterrows():
         base = table[(table.group == line.group) & table.method.str.startswith("BaseLine")].iloc[0]
@@ -276,24 +345,7 @@ def summarize(rows: pd.DataFrame, order: list[str]) -> pd.DataFrame:
         b = rows[(rows.method == base.method) & (rows.group == line.group)].sort_values("individual").acc_DI
         same = line.method == base.method or np.allclose(a.to_numpy(), b.to_numpy())
         p_values.append(math.nan if same else float(ttest_rel(a.to_numpy(), b.to_numpy()).pvalue))
-    table["p_DI_vs_baseline"] = p_values
-    cols = [
-        "group",
-        "method",
-        "acc_DI",
-        "rank_acc_DI",
-        "sd_acc_DI",
-        "min_acc_DI",
-        "max_acc_DI",
-        "acc_DG",
-        "rank_acc_DG",
-        "sd_acc_DG",
-        "min_acc_DG",
-        "max_acc_DG",
-        "p_DI_vs_baseline",
-        "transfers",
-    ]
-    return table[cols]
+    return p_values
 
 
 def to_markdown(table: pd.DataFrame) -> str:

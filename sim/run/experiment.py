@@ -180,7 +180,7 @@ def finish(fed: Federation, state: RunState, hooks: list[Hook], run_dir: Path) -
     """summary.json (with what hooks add, e.g. the auto-tuner's result) and the plots."""
     summary = run_summary(fed.plan, state, run_dir, fed.peak_rss_mib())
     for h in hooks:
-        summary.update(getattr(h, "summary", dict)())
+        summary.update(h.summary())
     write_atomic(
         run_dir / "summary.json", json.dumps(summary, indent=2)
     )  # a crash never leaves half a summary

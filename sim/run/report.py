@@ -64,7 +64,6 @@ def model_card(
     to produce it. Refreshed at every checkpoint. `released`: under DP, the input profile and panel
     quality as released (sim/run/card_stats.py); only those ship, never the exact ones."""
     cfg = plan.cfg
-    a, e = cfg.algorithm, cfg.eval
     ev = log.latest_eval()
     stats = card_statistics(plan, ev, released)
     facts, sa = accounting.facts(), secagg_facts(plan)
@@ -72,34 +71,13 @@ def model_card(
     return {
         "format": MODEL_CARD_FORMAT,
         "supports_federated_meta_learning": True,
-        "algorithm": a.name,
+        "algorithm": cfg.algorithm.name,
         "model": {"config": cfg.model.model_dump(mode="json"), "n_params": plan.n_params},
-        "data_schema": {
-            "kind": cfg.data.kind,
-            "input_shape": list(plan.input_shape),
-            "num_classes": plan.num_classes,
-            "dtype": "float32",
-            "layout": "NCHW" if len(plan.input_shape) == 3 else "features",
-            "value_range": [0.0, 1.0] if cfg.data.kind == "writers" else None,
-        },
+        "data_schema": _data_schema(plan),
         "input_profile": stats["input_profile"],
         "quality": stats["quality"],
         "statistics_privacy": stats["statistics_privacy"],
-        "adaptation": {
-            "method": "sgd_finetune",
-            "lr": e.finetune_lr,
-            "steps": e.finetune_steps,
-            "batch_size": e.batch_size,
-            "local_lr": a.lr,
-            "inner_lr": a.inner_lr,
-            "server_lr": a.server_lr,
-            "local_epochs": a.local_epochs,
-            "local_steps": a.local_steps,
-            "local_batch_size": a.batch_size,
-            "privacy_lambda": a.privacy_lambda,
-            # the personalization's proximal privacy weight: learned (sim/run/leakage.py) or the algorithm's own
-            "privacy_weight": learned if learned is not None else build_algorithm(a).privacy_weight,
-        },
+        "adaptation": _adaptation(cfg, learned),
         "privacy": {
             **{k: v for k, v in facts.items() if k != "local_dp"},
             **{k: v for k, v in sa.items() if k != "secagg_bits"},
@@ -113,6 +91,40 @@ def model_card(
             "clients_per_round": cfg.federation.clients_per_round,
             "num_clients": plan.num_clients,
         },
+    }
+
+
+def _data_schema(plan: FederationPlan) -> dict:
+    """The model card's description of the inputs the model expects."""
+    cfg = plan.cfg
+    return {
+        "kind": cfg.data.kind,
+        "input_shape": list(plan.input_shape),
+        "num_classes": plan.num_classes,
+        "dtype": "float32",
+        "layout": "NCHW" if len(plan.input_shape) == 3 else "features",
+        "value_range": [0.0, 1.0] if cfg.data.kind == "writers" else None,
+    }
+
+
+def _adaptation(cfg: ExperimentConfig, learned: float | None) -> dict:
+    """How to adapt the model to a user: the evaluation's fine-tuning and the algorithm's local
+    training, with the privacy weight `learned` over the run (None: the algorithm's own)."""
+    a, e = cfg.algorithm, cfg.eval
+    return {
+        "method": "sgd_finetune",
+        "lr": e.finetune_lr,
+        "steps": e.finetune_steps,
+        "batch_size": e.batch_size,
+        "local_lr": a.lr,
+        "inner_lr": a.inner_lr,
+        "server_lr": a.server_lr,
+        "local_epochs": a.local_epochs,
+        "local_steps": a.local_steps,
+        "local_batch_size": a.batch_size,
+        "privacy_lambda": a.privacy_lambda,
+        # the personalization's proximal privacy weight: learned (sim/run/leakage.py) or the algorithm's own
+        "privacy_weight": learned if learned is not None else build_algorithm(a).privacy_weight,
     }
 
 

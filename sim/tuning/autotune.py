@@ -28,7 +28,7 @@ from fedmeta.sim.sampling import eval_individuals
 
 class AutoTune(Hook):
     def __init__(self, fed: Federation, run_dir: Path, save: Callable[[RunState], None]):
-        from fedmeta.sim.tuning.tune import check_fits
+        from fedmeta.sim.tuning.trial import check_fits
 
         check_fits(fed.cfg)  # before any round: a search this cluster can never place is an error now
         self.fed, self.run_dir, self.save = fed, run_dir, save
@@ -87,11 +87,9 @@ class AutoTune(Hook):
 
     def _tune(self, state: RunState):
         """Checkpoint, free the actors (the trials get the CPUs), search from the checkpoint; the config to continue with."""
-        from fedmeta.sim.tuning.tune import (
-            TuningBudgetSpent,
-            apply_params,
-            run_tune,
-        )  # Ray Tune only when a drift calls for it
+        # Ray Tune only when a drift calls for it
+        from fedmeta.sim.tuning.trial import TuningBudgetSpent, apply_params
+        from fedmeta.sim.tuning.tune import run_tune
 
         done = state.rounds_done
         self.save(state)

@@ -49,7 +49,7 @@ from fedmeta.sim.config import (
 from fedmeta.sim.engine.cluster import init_ray
 from fedmeta.sim.tuning.autotune import run_experiment
 from fedmeta.sim.tuning.study_plots import ID_COLUMNS, METRICS, plot_study
-from fedmeta.sim.tuning.tune import check_fits
+from fedmeta.sim.tuning.trial import check_fits
 
 TRIALS = "trials"  # the Tune experiment's folder inside the study directory
 SPEC_FILE = "study.yaml"

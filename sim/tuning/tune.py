@@ -22,37 +22,30 @@ finishes an interrupted one with its privacy budget continued from the ledger th
 
 from __future__ import annotations
 
-import copy
-import csv
 import json
-import math
-import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
 import ray
-import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from fedmeta.actors.privacy import PrivacyBudget, make_accountant
+from fedmeta.actors.privacy import PrivacyBudget
 from fedmeta.sim import checkpoint as ckpt
-from fedmeta.sim.algorithms import build_algorithm
 from fedmeta.sim.artifacts.durable import write_atomic
 from fedmeta.sim.artifacts.usercode import artifact_config
 from fedmeta.sim.config import ConfigError, ExperimentConfig, TuneParam, from_dict
-from fedmeta.sim.engine.cluster import init_ray, worker_resources
-from fedmeta.sim.engine.federation import Federation
-from fedmeta.sim.engine.plan import FederationPlan, input_profile
-from fedmeta.sim.metrics import pareto_front
-from fedmeta.sim.models import build_model, inference_ms
-from fedmeta.sim.run.card_stats import exact_statistics
-from fedmeta.sim.seeding import Secrets
-
-METRIC_KEYS = ("acc_personalized_DI", "acc_global_DI")
+from fedmeta.sim.engine.cluster import init_ray
+from fedmeta.sim.engine.plan import FederationPlan
+from fedmeta.sim.tuning.results import (
+    summarize,
+)
+from fedmeta.sim.tuning.trial import (
+    check_fits,
+    make_trainable,
+)
 
 # the budget's thin actor: it only composes accountant histories
 BudgetActor = ray.remote(num_cpus=0)(PrivacyBudget)
@@ -60,7 +53,6 @@ SEARCH_FILE = "search.json"  # in the experiment directory: what `fedmeta tune -
 # each sitting's budget entries, written at every reservation and settlement: one file per sitting,
 # as Tune copies the experiment directory it restores and writes that copy back over it
 LEDGER = "privacy_ledger-{}.json"
-TRIAL_STATE = "trial.json"  # in each trial checkpoint: rounds done and the trial's own accountant
 
 
 def search_space(params: list[TuneParam]) -> dict:
@@ -74,227 +66,6 @@ def search_space(params: list[TuneParam]) -> dict:
         else:
             space[p.key] = tune.uniform(p.low, p.high)
     return space
-
-
-def apply_params(raw: dict, params: dict) -> dict:
-    """A copy of the raw experiment config with dotted keys (e.g. 'algorithm.lr', or
-    'model.hidden.0' for a list entry) set."""
-    raw = copy.deepcopy(raw)
-    for dotted, value in params.items():
-        node = raw
-        *path, last = dotted.split(".")
-        for part in path:
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        value = int(value) if isinstance(value, (np.integer,)) else value
-        if isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = value
-    return raw
-
-
-class TuningBudgetSpent(RuntimeError):
-    """No trial could run a round: privacy.target_epsilon leaves no budget for tuning."""
-
-
-def worst_round_noise(plan: FederationPlan) -> float:
-    """The smallest noise multiplier a round of this plan can release with: in the distributed
-    mode only the survivors' shares reach the sum, at worst the secure-aggregation threshold."""
-    dp = plan.dp
-    if dp.mode == "distributed" and plan.secagg is not None:
-        return dp.round_noise(min(plan.secagg.threshold, dp.expected_clients))
-    return dp.noise_multiplier
-
-
-def trial_objectives(
-    fed: Federation, objectives: set[str], rounds_done: int, g: np.ndarray, weight: float | None = None
-) -> dict:
-    """The objectives that are not the private accuracies, for the trial's model after a round:
-    its inference time per batch and the membership-inference AUC. Under DP the AUC is computed
-    from users' data, so it is a release like the accuracies: the panel's mean per-individual AUC
-    of the personalized models, noised by the aggregator's `private_metric` (noise `metric_noise`, an individual
-    adds at most 1) and accounted in `trial_release_noise`. Without DP, the audit's exact AUC (the
-    larger of the global and the personalized models': the attacker picks)."""
-    cfg, out, dp = fed.cfg, {}, fed.plan.dp
-    model = build_model(cfg.model, fed.plan.input_shape, fed.plan.num_classes)
-    out["latency_ms"] = inference_ms(
-        model, torch.tensor(g), tuple(fed.plan.input_shape), cfg.tune.latency_batch
-    )
-    if "mia_auc" in objectives and dp.enabled:
-        out["mia_auc"] = fed.private_metric(rounds_done, g, "leakage", weight, dp.metric_noise)["mia_auc_DI"]
-    elif "mia_auc" in objectives:
-        ev = fed.evaluate(rounds_done, g, weight=weight)
-        out["mia_auc"] = max(ev["mia_auc_global"], ev["mia_auc_personalized"])
-    return out
-
-
-def trial_release_noise(dp, objectives: set[str]) -> float:
-    """The noise multiplier of one trial round's reports as one Gaussian release: the two private
-    accuracies (`metric_release_noise`) and, with the `mia_auc` objective, the private leakage at
-    noise `metric_noise`. Gaussian releases compose exactly into one whose 1/z^2 is the sum of theirs (GDP)."""
-    if "mia_auc" not in objectives:
-        return dp.metric_release_noise
-    return 1.0 / math.sqrt(dp.metric_release_noise**-2 + dp.metric_noise**-2)
-
-
-def federation_trial(
-    params: dict,
-    plan: FederationPlan,
-    start: str | None,
-    rounds: int,
-    start_round: int,
-    budget=None,
-    weight: float | None = None,
-) -> None:
-    """Tune's function trainable: a few rounds of the federation under `params`, from the base
-    plan (data, initial model and noise decided once on the driver). Under DP each round is
-    reserved with the tuning's `budget` first: a refused round ends the trial (the privacy
-    budget is spent), and the trial reports the epsilon its own rounds and reports spent.
-    `weight`: the personalization's privacy weight the run had learned (None: the algorithm's own)."""
-    cfg = from_dict(apply_params(plan.cfg.model_dump(mode="json"), params))
-    # Each trial draws its cohorts, keys and noise from its own secrets: trials sample independently,
-    # which is what composing their rounds as separate subsampled releases assumes (a fresh run
-    # secret; seeded, the seed's streams under the trial's id)
-    seed = plan.cfg.seed
-    base = Secrets.seeded(seed) if cfg.run.seeded_secrets else Secrets.fresh(seed)
-    secrets = base.for_trial(tune.get_context().get_trial_id() or "trial")
-    fed = Federation(plan.with_config(cfg), secrets=secrets)
-    dp = fed.plan.dp
-    own = make_accountant(dp.accountant, dp.sampling) if dp.enabled else None  # this trial's own spending
-    objectives = {o.metric for o in cfg.tune.objectives}
-    release_z = trial_release_noise(dp, objectives) if dp.enabled else 0.0
-    try:
-        first, resumed = 0, tune.get_checkpoint()
-        if resumed is not None:  # a restored search: this trial continues after its last report
-            with resumed.as_directory() as d:
-                g, done = np.load(Path(d) / "global.npy"), json.loads((Path(d) / TRIAL_STATE).read_text())
-            first = done["round"]
-            if own is not None:
-                own.load_state_dict(done["own"])
-        else:
-            g = ckpt.load(Path(start)).global_params if start else fed.plan.init_params
-        every, pending, reported = cfg.tune.report_every, False, first > 0
-        for r in range(first, rounds):
-            reports = (r + 1) % every == 0 or r + 1 == rounds  # a round that ends with a (released) report
-            rid = None
-            if budget is not None:
-                rid = ray.get(
-                    budget.reserve.remote(worst_round_noise(fed.plan), release_z if reports else 0.0)
-                )
-                # refused: one more round would take the run past privacy.target_epsilon. Rounds trained
-                # since the last report are reported now if the budget still has room for the release
-                if rid is None:
-                    last = ray.get(budget.reserve.remote(0.0, release_z)) if pending else None
-                    if last is not None:
-                        _report(fed, own, budget, last, release_z, objectives, start_round, r, g, weight, 0.0)
-                    elif not reported:  # Tune wants the metrics once: NaN marks a trial that never reported
-                        tune.report(
-                            {k: float("nan") for k in (*METRIC_KEYS, *objectives)}
-                            | {"round": r, "budget_stopped": True}
-                        )
-                    break
-            res = fed.train_round(start_round + r, g)
-            g = res.global_params
-            released = 0.0
-            if dp.enabled:
-                released = (
-                    0.0 if res.metrics.get("skipped") else dp.round_noise(res.metrics.get("secagg_survivors"))
-                )
-                if released > 0:
-                    own.step(released, dp.sample_rate)
-            if reports:
-                _report(fed, own, budget, rid, release_z, objectives, start_round, r + 1, g, weight, released)
-                pending, reported = False, True
-            else:
-                pending = True
-                if rid is not None:
-                    ray.get(budget.settle.remote(rid, released, 0.0))
-    finally:
-        fed.shutdown()
-
-
-def _report(
-    fed: Federation,
-    own,
-    budget,
-    rid: int | None,
-    release_z: float,
-    objectives: set[str],
-    start_round: int,
-    done: int,
-    g: np.ndarray,
-    weight: float | None,
-    released: float,
-) -> None:
-    """Release the trial's metrics after its `done`-th round (the panel's noised accuracies and the
-    other objectives), settle reservation `rid` with what the round (`released`: its z, 0 for
-    none) and the report spent, and report them to Tune with the model as the trial's checkpoint."""
-    rounds_done = start_round + done
-    metric = fed.private_metric(rounds_done, g, weight=weight)
-    report = {
-        **{k: metric[k] for k in METRIC_KEYS},
-        "round": done,
-        **trial_objectives(fed, objectives, rounds_done, g, weight),
-    }
-    if own is not None:
-        own.release(release_z)
-        if rid is not None:
-            ray.get(budget.settle.remote(rid, released, release_z))
-        report["epsilon"] = own.epsilon(fed.plan.dp.delta)
-    with tempfile.TemporaryDirectory() as d:
-        np.save(Path(d) / "global.npy", g)
-        (Path(d) / TRIAL_STATE).write_text(
-            json.dumps({"round": done, "own": own.state_dict() if own else None})
-        )
-        tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
-
-
-def trial_resources(cfg: ExperimentConfig) -> tune.PlacementGroupFactory:
-    """The trial function (a sliver of CPU) plus one bundle per worker actor of its federation;
-    the aggregator needs no CPU."""
-    cpus, gpus = worker_resources(cfg)
-    worker = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-    return tune.PlacementGroupFactory([{"CPU": 0.01}] + [worker] * cfg.ray.num_workers)
-
-
-def check_fits(
-    cfg: ExperimentConfig, pgf: tune.PlacementGroupFactory | None = None
-) -> tune.PlacementGroupFactory:
-    """The trial's placement group, or a ConfigError when this Ray cluster can never place it
-    (Tune would wait for it forever)."""
-    pgf = pgf or trial_resources(cfg)
-    cpus = ray.cluster_resources().get("CPU", 0.0)
-    need = sum(b.get("CPU", 0.0) for b in pgf.bundles)
-    if need > cpus + 1e-9:
-        raise ConfigError(
-            f"ray.num_cpus_per_worker: a trial needs {need:g} CPUs ({cfg.ray.num_workers} workers x "
-            f"{cfg.ray.num_cpus_per_worker:g} + 0.01 for the trial) but the Ray cluster has {cpus:g}; "
-            f"use fractional CPUs per worker"
-        )
-    return pgf
-
-
-def make_trainable(
-    cfg: ExperimentConfig,
-    start: str | None = None,
-    start_round: int = 0,
-    budget=None,
-    plan: FederationPlan | None = None,
-    weight: float | None = None,
-):
-    """The trial function with its fixed arguments and resources (also what `Tuner.restore` needs:
-    `resume_tune` passes a budget that continues the experiment's ledger). `plan`: the config's
-    plan when the caller has built it already; `weight`: the learned privacy weight."""
-    trainable = tune.with_parameters(
-        federation_trial,
-        plan=plan or FederationPlan.from_config(cfg),
-        start=start,
-        rounds=cfg.tune.rounds_per_trial,
-        start_round=start_round,
-        budget=budget,
-        weight=weight,
-    )
-    return tune.with_resources(trainable, trial_resources(cfg))
 
 
 def current_values(cfg: ExperimentConfig) -> dict:
@@ -505,146 +276,3 @@ def learned_weight(cfg: ExperimentConfig, begun: ckpt.Checkpoint | None) -> floa
     if begun is None or cfg.privacy.leakage_control.target_auc is None:
         return None
     return begun.model_card.get("adaptation", {}).get("privacy_weight")
-
-
-def summarize(
-    cfg: ExperimentConfig, results, experiment: Path, spent: dict | None, weight: float | None = None
-) -> dict:
-    """The best trial by `tune.metric` (or by the first objective) as the candidate; the Pareto
-    front of a multi-objective search; the privacy the search spent."""
-    t = cfg.tune
-    rank_by, rank_mode = (
-        (t.objectives[0].metric, t.objectives[0].direction) if t.objectives else (t.metric, "max")
-    )
-    done = [
-        r
-        for r in results
-        if r.checkpoint is not None and r.metrics and np.isfinite(r.metrics.get(rank_by, np.nan))
-    ]
-    if not done and spent and not spent["reserved_rounds"]:
-        raise TuningBudgetSpent(
-            f"tune: privacy.target_epsilon {cfg.privacy.target_epsilon} leaves no budget for a "
-            f"single trial round (spent so far: epsilon {spent['epsilon_total']:.3f})"
-        )
-    if not done:
-        raise RuntimeError(f"tune: no trial reported a result; first error: {results.errors[:1]}")
-    best = (max if rank_mode == "max" else min)(done, key=lambda r: r.metrics[rank_by])
-    total = spent["epsilon_total"] if spent else None  # the run's, training and tuning: on every card
-    candidate = _candidate(cfg, best, experiment / "candidate", weight, total)
-    curves = [
-        [float(v) for v in r.metrics_dataframe[t.metric]]
-        for r in results
-        if r.metrics_dataframe is not None and t.metric in r.metrics_dataframe
-    ]
-    summary = {
-        "experiment": str(experiment),
-        "best_config": best.config,
-        "best_metric": float(best.metrics[t.metric]),
-        "metric": t.metric,
-        "trials": len(results),
-        "candidate": str(candidate),
-        "curves": curves,
-        "epsilon_tuning": spent["epsilon_tuning"] if spent else None,
-        "epsilon_total": spent["epsilon_total"] if spent else None,
-        "privacy_state": spent["accountant_state"] if spent else None,
-        "privacy_weight": weight,
-    }
-    if t.objectives:
-        summary.update(
-            objectives=[{"metric": o.metric, "mode": o.direction} for o in t.objectives],
-            pareto=write_pareto(cfg, done, experiment, weight, total),
-        )
-    return summary
-
-
-def write_pareto(
-    cfg: ExperimentConfig,
-    done: list,
-    experiment: Path,
-    weight: float | None = None,
-    epsilon_total: float | None = None,
-) -> list[dict]:
-    """The non-dominated trials (their configs, objective values and candidate members), also as
-    `pareto.csv` in the experiment directory."""
-    objectives = cfg.tune.objectives
-    points = np.array([[r.metrics.get(o.metric, np.nan) for o in objectives] for r in done], dtype=np.float64)
-    front = []
-    for i in pareto_front(points, [o.direction for o in objectives]):
-        r = done[i]
-        member = _candidate(cfg, r, experiment / "pareto" / Path(r.path).name, weight, epsilon_total)
-        front.append(
-            {
-                "trial": Path(r.path).name,
-                **{o.metric: float(r.metrics[o.metric]) for o in objectives},
-                "config": r.config,
-                "candidate": str(member),
-            }
-        )
-    keys = sorted({k for row in front for k in row["config"]})
-    with open(experiment / "pareto.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["trial", *[o.metric for o in objectives], *keys, "candidate"])
-        for row in front:
-            w.writerow(
-                [
-                    row["trial"],
-                    *[row[o.metric] for o in objectives],
-                    *[row["config"].get(k) for k in keys],
-                    row["candidate"],
-                ]
-            )
-    return front
-
-
-def _candidate(
-    cfg: ExperimentConfig, result, out: Path, weight: float | None = None, epsilon_total: float | None = None
-) -> Path:
-    params = np.load(Path(result.checkpoint.path) / "global.npy")
-    tuned = from_dict(apply_params(cfg.model_dump(mode="json"), result.config))
-    metrics = {**result.metrics, **({"epsilon_total": epsilon_total} if epsilon_total is not None else {})}
-    return write_candidate(tuned, params, out, metrics, result.config, weight)
-
-
-CANDIDATE_STATISTICS = (
-    "input_profile: exact statistics of the profile clients' training inputs, outside epsilon; "
-    "quality: the trial's reported metrics (under DP the tuning's noised, accounted releases)"
-)
-
-
-def write_candidate(
-    cfg: ExperimentConfig,
-    params: np.ndarray,
-    out: Path,
-    metrics: dict,
-    config: dict,
-    weight: float | None = None,
-) -> Path:
-    """The tuned model as a member checkpoint whose card records the tuned hyperparameters and how
-    to personalize it (`weight`: the learned privacy weight the trials used, else the algorithm's)."""
-    from fedmeta.sim.data import build_dataset
-
-    data = build_dataset(cfg.data, cfg.seed)
-    shape, classes = list(data.input_shape), data.num_classes
-    # epsilon: the trial's own rounds and reports; epsilon_total: the whole run's, training and tuning
-    quality = {
-        k: float(metrics[k])
-        for k in (*METRIC_KEYS, "latency_ms", "mia_auc", "epsilon", "epsilon_total")
-        if k in metrics
-    }
-    return ckpt.save_member(
-        out,
-        cfg.model.model_dump(mode="json"),
-        params,
-        shape,
-        classes,
-        input_profile(data, cfg.seed),
-        quality,
-        tuned=config,
-        statistics_privacy=exact_statistics(CANDIDATE_STATISTICS),
-        adaptation={
-            "lr": cfg.eval.finetune_lr,
-            "steps": cfg.eval.finetune_steps,
-            "local_lr": cfg.algorithm.lr,
-            "privacy_weight": build_algorithm(cfg.algorithm).privacy_weight if weight is None else weight,
-        },
-    ).parent

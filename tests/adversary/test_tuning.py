@@ -42,7 +42,7 @@ def test_a_trial_rounds_reports_compose_as_one_gaussian_release():
     1/z^2 = 2/z^2 + 1/z^2, which is exactly their composition (compare with RDP of the parts)."""
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-    from fedmeta.sim.tuning.tune import trial_release_noise
+    from fedmeta.sim.tuning.trial import trial_release_noise
 
     dp = UserLevelDP("central", 1.0, 1.5, 40, SAMPLING)
     z = trial_release_noise(dp, {"acc_personalized_DI", "mia_auc"})

@@ -113,3 +113,74 @@ def test_serve_refuses_a_public_host_without_auth_and_a_bad_token_file(tmp_path,
         and written["http_options"]["request_timeout_s"] == 30
     )
     assert "bearer tokens (one per scope)" in out.out and str(tmp_path) not in out.out.split("tokens")[1]
+
+
+@pytest.mark.slow
+def test_the_written_config_deploys_with_serve_run(tmp_path):
+    """`fedmeta serve --write-config` output is what Ray's own `serve run CONFIG` deploys (on a Ray
+    instance of its own): liveness open, answers only with a token."""
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    import requests
+
+    from fedmeta.sim.checkpoint import save_member
+
+    member = save_member(
+        tmp_path / "m",
+        {"kind": "mlp", "hidden": [4]},
+        [0.0] * (4 * 4 + 4 + 4 * 2 + 2),
+        [4],
+        2,
+        {"mean": [0.0] * 4, "var": [1.0] * 4, "n": 10},
+    ).parent
+    (tmp_path / "tokens.json").write_text(json.dumps({TOKEN: ["predict"]}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "serve.yaml"
+    written = subprocess.run(
+        [sys.executable, "-m", "fedmeta", "serve", str(member), "--auth", str(tmp_path / "tokens.json")]
+        + ["--port", str(port), "--write-config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert written.returncode == 0, written.stderr
+    serve_cli = shutil.which("serve", path=os.path.dirname(sys.executable)) or shutil.which("serve")
+    proc = subprocess.Popen(
+        [serve_cli, "run", "--address", "local", str(config)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, "serve run exited"
+            try:
+                if requests.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "the deployment never became healthy"
+            time.sleep(1)
+        body = {"inputs": [[0.0, 0.0, 0.0, 0.0]]}
+        assert requests.post(url + "/predict", json=body, timeout=30).status_code == 401
+        answer = requests.post(
+            url + "/predict", json=body, timeout=30, headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        assert answer.status_code == 200 and len(answer.json()["predictions"]) == 1
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # serve run tears its applications and Ray down on Ctrl-C
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

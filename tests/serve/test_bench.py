@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 @pytest.mark.slow
 def test_serve_bench_reports_noop_single_and_ensemble(ray_session):
-    from fedmeta.sim.cli.bench import SERVE_TARGETS, run_serve_bench
+    from fedmeta.sim.cli.bench_serve import SERVE_TARGETS, run_serve_bench
 
     res = run_serve_bench(concurrency=(2,), seconds=0.5, warmup_s=0.2)
     for label in SERVE_TARGETS:
@@ -24,7 +24,7 @@ def test_serve_bench_reports_noop_single_and_ensemble(ray_session):
 
 def test_serve_bench_prints_p99_of_all_three_and_json(monkeypatch):
     """The report's lines from a canned result (no Ray): p99 of each target, the ratios, the JSON."""
-    import fedmeta.sim.cli.bench as bench
+    import fedmeta.sim.cli.bench_serve as bench
     from fedmeta.sim.cli.main import app
 
     def level(rps):

@@ -11,6 +11,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedmeta.sim.detector_eval import (
+    evaluate_detectors,
+    evaluate_stream,
+    make_stream,
+    rotate_images,
+    writers_drift_data,
+)
 from fedmeta.sim.detectors import (
     AutoencoderDetector,
     Detector,
@@ -18,13 +25,8 @@ from fedmeta.sim.detectors import (
     IsolationForestDetector,
     TwoSampleDrift,
     bootstrap_batches,
-    evaluate_detectors,
-    evaluate_stream,
-    make_stream,
-    rotate_images,
     split_reference,
     threshold_from_signals,
-    writers_drift_data,
 )
 from fedmeta.sim.seeding import np_rng
 
@@ -278,7 +280,7 @@ def test_bad_arguments_name_the_field():
 
 def test_false_alarm_summary_intervals():
     """The across-seed t interval and the pooled exact binomial interval, and the target check."""
-    from fedmeta.sim.detectors import false_alarm_summary
+    from fedmeta.sim.detector_eval import false_alarm_summary
 
     s = false_alarm_summary([0.04, 0.06, 0.05, 0.05], alarms=200, batches=4000, target=0.05)
     assert s["mean"] == pytest.approx(0.05) and s["within_target"]

@@ -1,9 +1,8 @@
 """The privacy-regularized local objective's penalty term."""
 
-import pytest
 import torch
 
-from fedmeta.sim.algorithms.penalty import privacy_penalty, regularized_loss
+from fedmeta.sim.algorithms.penalty import privacy_penalty
 from fedmeta.sim.seeding import torch_gen
 
 
@@ -15,7 +14,7 @@ def test_privacy_penalty_per_sample_grads_under_vmap():
 
     def loss(w, xi, yi):
         logits = xi @ w
-        return regularized_loss(torch.nn.functional.cross_entropy(logits, yi), logits, 0.5)
+        return torch.nn.functional.cross_entropy(logits, yi) + 0.5 * privacy_penalty(logits)
 
     per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(w, x, y)
     looped = torch.stack([torch.func.grad(loss)(w, x[i], y[i]) for i in range(b)])
@@ -34,12 +33,3 @@ def test_minimizing_privacy_penalty_lowers_confidence():
     assert (after < before).all()
     # argmax is kept: the penalty softens predictions rather than changing them
     assert torch.equal(logits.argmax(-1), torch.tensor([0, 1]))
-
-
-def test_regularized_loss_is_task_plus_lambda_penalty():
-    logits = torch.tensor([[2.0, 0.0]])
-    task = torch.tensor(0.3)
-    assert regularized_loss(task, logits, 0.0) == task
-    torch.testing.assert_close(regularized_loss(task, logits, 2.0), task + 2 * privacy_penalty(logits))
-    with pytest.raises(ValueError, match="lam"):
-        regularized_loss(task, logits, -1.0)

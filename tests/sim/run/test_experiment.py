@@ -11,6 +11,7 @@ from fedmeta.sim import checkpoint as ckpt
 from fedmeta.sim.config import from_dict
 from fedmeta.sim.run.experiment import run_experiment
 from fedmeta.sim.seeding import Secrets
+from fedmeta.sim.tuning.autotune import run_experiment as autotune_run
 from tests.conftest import tiny_raw
 
 pytestmark = pytest.mark.slow
@@ -387,7 +388,7 @@ def test_newcomers_joining_raise_the_alarm_and_the_run_tunes_within_its_epsilon(
         },
         ray={"num_workers": 1},
     )  # one worker actor per federation and trial: faster starts
-    run_dir, s = run_experiment(from_dict(raw))
+    run_dir, s = autotune_run(from_dict(raw))
     assert s["rounds"] == 6 and s["drift_alarm_round"] == 5
     assert set(s["tuned_config"]) == {"algorithm.lr", "algorithm.local_epochs", "eval.finetune_lr"}
     assert Path(s["tune_experiment"]).is_dir() and (run_dir / "tune").is_dir()
@@ -429,11 +430,11 @@ def test_auto_tuning_without_budget_goes_on_untuned(ray_session, tmp_path):
     dp = FederationPlan.from_config(from_dict(raw)).dp
     five, six = (epsilon_for(3.0, dp.sample_rate, n, dp.delta, sampling=dp.sampling) for n in (5, 6))
     raw["privacy"]["target_epsilon"] = six * 1.001
-    run_dir, s = run_experiment(from_dict(raw))
+    run_dir, s = autotune_run(from_dict(raw))
     assert s["drift_alarm_round"] == 5 and s["tuned_config"] is None and "no budget" in s["tune_skipped"]
     assert s["rounds"] == 6 and s["epsilon"] == pytest.approx(six) and s["epsilon_tuning"] == 0.0
     raw["privacy"]["target_epsilon"] = five * 1.001
-    run_dir, s = run_experiment(from_dict(raw))
+    run_dir, s = autotune_run(from_dict(raw))
     assert s["drift_alarm_round"] == 5 and s["tuned_config"] is None and s["rounds"] == 5
     assert "stopped before the search" in s["tune_skipped"] and "privacy budget" in s["tune_skipped"]
     assert s["epsilon"] == pytest.approx(five) and s["epsilon_tuning"] is None
@@ -600,3 +601,11 @@ def test_joiners_train_only_from_the_drift_round_on(ray_session, tmp_path, mode)
         assert not (trained[0] | trained[1] | trained[2]) & joiners and all(t & joiners for t in trained[3:])
     else:  # clients started before the drift step may still arrive after it: none of them is a joiner
         assert not (trained[0] | trained[1]) & joiners and (trained[4] | trained[5]) & joiners
+
+
+def test_the_run_layer_refuses_tune_auto_without_the_tuning_hook(tmp_path):
+    """tune.auto needs the hook the tuning layer adds: the bare run refuses before any side effect."""
+    raw = tiny_raw(tmp_path / "runs", tune={"auto": True})
+    with pytest.raises(ValueError, match="tune.auto: the auto-tuning hook is missing"):
+        run_experiment(from_dict(raw))
+    assert not (tmp_path / "runs").exists()

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from fedmeta.sim.cli.main import app
 from fedmeta.sim.config import ConfigError, from_dict
-from fedmeta.sim.tuning.tune import apply_params, search_space
+from fedmeta.sim.tuning.trial import apply_params
+from fedmeta.sim.tuning.tune import search_space
 from tests.conftest import tiny_raw
 
 
@@ -67,7 +68,7 @@ def test_tune_search_end_to_end(ray_session, tmp_path):
     model, card = load_model(lines[-1])
     assert card["tuned"] == out["best_config"] and card["data_schema"]["input_shape"] == [1, 8, 8]
     assert out["privacy_weight"] == card["adaptation"]["privacy_weight"] == learned
-    from fedmeta.sim.tuning.tune import make_trainable
+    from fedmeta.sim.tuning.trial import make_trainable
 
     trainable = make_trainable(from_dict(raw), str(run_dir), 2, weight=learned)
     restored = tune.Tuner.restore(out["experiment"], trainable=trainable)
@@ -224,7 +225,7 @@ def test_a_known_warm_result_is_told_to_the_searcher_not_rerun():
 
 def test_tune_bench_reports_across_seeds(monkeypatch):
     """`bench --tune --seeds N` aggregates one whole comparison per seed (stubbed here)."""
-    import fedmeta.sim.cli.bench as B
+    import fedmeta.sim.cli.bench_tune as B
 
     def fake(cfg, **kwargs):
         s = cfg.seed
@@ -249,7 +250,7 @@ def test_tune_bench_reports_across_seeds(monkeypatch):
 def test_a_trial_the_cluster_can_never_place_is_a_config_error(ray_session, tmp_path):
     """2 workers x 1 CPU + the trial's sliver does not fit 2 CPUs: Tune would wait forever, so
     `fedmeta tune` and a `tune.auto` run refuse it up front, naming the key."""
-    from fedmeta.sim.tuning.tune import check_fits
+    from fedmeta.sim.tuning.trial import check_fits
 
     raw = tiny_raw(tmp_path, ray={"num_workers": 2, "num_cpus_per_worker": 1.0})
     with pytest.raises(
@@ -337,16 +338,17 @@ def _run_trial(monkeypatch, raw, budget_target=None):
     import ray
 
     from fedmeta.sim.engine.plan import FederationPlan
+    from fedmeta.sim.tuning import trial
     from fedmeta.sim.tuning import tune as tuning
 
     reports = []
-    monkeypatch.setattr(tuning.tune, "report", lambda metrics, checkpoint=None: reports.append(dict(metrics)))
-    monkeypatch.setattr(tuning.tune, "get_checkpoint", lambda: None)
-    monkeypatch.setattr(tuning.tune, "get_context", lambda: _Context())
+    monkeypatch.setattr(trial.tune, "report", lambda metrics, checkpoint=None: reports.append(dict(metrics)))
+    monkeypatch.setattr(trial.tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(trial.tune, "get_context", lambda: _Context())
     plan = FederationPlan.from_config(from_dict(raw))
     budget = tuning.BudgetActor.remote(plan.dp, None, budget_target)
     try:
-        tuning.federation_trial({}, plan, None, plan.cfg.tune.rounds_per_trial, 0, budget)
+        trial.federation_trial({}, plan, None, plan.cfg.tune.rounds_per_trial, 0, budget)
         return reports, ray.get(budget.epsilon.remote()), plan
     finally:
         ray.kill(budget)
@@ -370,7 +372,7 @@ def test_a_trial_reports_every_few_rounds_and_spends_only_on_its_reports(ray_ses
     """tune.report_every 2 over 3 rounds: reports after rounds 2 and 3 (the last), so the budget
     composes 3 subsampled rounds and 2 metric releases, at the metric noise, not 3."""
     from fedmeta.actors.privacy import make_accountant
-    from fedmeta.sim.tuning.tune import trial_release_noise
+    from fedmeta.sim.tuning.trial import trial_release_noise
 
     reports, spent, plan = _run_trial(monkeypatch, _trial_raw(report_every=2))
     assert [r["round"] for r in reports] == [2, 3]
@@ -392,7 +394,7 @@ def test_a_trial_stopped_by_the_budget_reports_its_unreported_rounds(ray_session
     1 (no report due), is refused round 2, and releases round 1's model instead of losing it."""
     from fedmeta.actors.privacy import make_accountant
     from fedmeta.sim.engine.plan import FederationPlan
-    from fedmeta.sim.tuning.tune import trial_release_noise
+    from fedmeta.sim.tuning.trial import trial_release_noise
 
     raw = _trial_raw(metric_noise=12.0, report_every=3)
     dp = FederationPlan.from_config(from_dict(raw)).dp
