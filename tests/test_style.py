@@ -1,7 +1,6 @@
 """The code is formatted (`ruff format`, 110 columns) and lint-clean (`ruff check`: pyflakes,
 pycodestyle, import order), so a change shows as its own diff, not as reformatting."""
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +13,9 @@ pytest.importorskip("ruff")
 
 @pytest.mark.parametrize("args", [["check", "."], ["format", "--check", "."]], ids=["check", "format"])
 def test_ruff(args):
-    ruff = shutil.which("ruff") or sys.executable
-    cmd = [ruff, *args] if ruff != sys.executable else [ruff, "-m", "ruff", *args]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "ruff", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, (
         f"ruff {' '.join(args)} (run `ruff format . && ruff check --fix .`):\n{out.stdout[-3000:]}"
     )
