@@ -45,9 +45,10 @@ def init_ray(address: str | None, timeout_s: float = 60.0) -> bool:
 def package_folder() -> str:
     """A folder named `fedmeta` holding the whole package, for Ray's `py_modules` (which names the
     module after the folder). An installed wheel is one already; an editable install is the
-    checkout, whose folder has any name, so its package folders are copied once per process."""
+    checkout (any folder name; with its tests, docs and .git), so its package folders are copied,
+    once per process."""
     here = Path(__file__).resolve().parents[2]  # the package: sim/engine/cluster.py -> the root
-    if here.name == "fedmeta":
+    if here.name == "fedmeta" and not (here / "pyproject.toml").is_file():
         return str(here)
     global _STAGED
     if _STAGED is None:

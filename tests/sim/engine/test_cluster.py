@@ -70,3 +70,16 @@ def test_fedmeta_run_against_an_unreachable_address_exits_2_with_one_line(tmp_pa
     assert out.returncode == 2 and time.monotonic() - t0 < 60
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ray.address: no Ray cluster answers at 127.0.0.1:")
+
+
+def test_a_checkout_ships_only_the_package_to_a_cluster():
+    """From a checkout (editable install), `py_modules` gets a staged folder named `fedmeta` with
+    the package's folders, not the checkout with its tests and .git."""
+    import os
+
+    from fedmeta.sim.engine.cluster import package_folder
+
+    staged = Path(package_folder())
+    assert staged.name == "fedmeta" and staged == Path(package_folder())  # staged once per process
+    assert {"sim", "actors", "serve", "configs", "__init__.py"} <= set(os.listdir(staged))
+    assert not {"tests", "docs", ".git", "pyproject.toml"} & set(os.listdir(staged))
